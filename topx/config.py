@@ -1,0 +1,109 @@
+"""Configuration: hyperparameters and environment variable names.
+
+One precedence everywhere: explicit argument > environment variable > default.
+Environment variable names are constants here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from topx.errors import ConfigError
+from topx.params import PREDICTOR_TYPES
+
+# Environment variables read by topx, the Lambda handlers and the Batch jobs.
+ENV_BUCKET = "TOPX_BUCKET"
+ENV_TABLE = "TOPX_TABLE"
+ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"
+ENV_TOP_X = "TOPX_TOP_X"
+ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"
+ENV_EPOCHS = "TOPX_EPOCHS"
+ENV_SHARDS = "TOPX_SHARDS"
+ENV_DEVICE = "TOPX_DEVICE"
+ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
+ENV_ENDPOINT_URL = "TOPX_ENDPOINT_URL"
+ENV_ARRAY_INDEX = "AWS_BATCH_JOB_ARRAY_INDEX"
+
+DEFAULT_TOP_X = 10
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    """Factorization machine hyperparameters, named as SageMaker's FM names them."""
+
+    num_factors: int = 64
+    predictor_type: str = "regressor"
+    epochs: int = 30
+    mini_batch_size: int = 1024
+    bias_lr: float = 0.05
+    linear_lr: float = 0.01
+    factors_lr: float = 0.01
+    bias_wd: float = 0.0
+    linear_wd: float = 1e-4
+    factors_wd: float = 1e-4
+    bias_init_sigma: float = 0.0
+    linear_init_sigma: float = 0.0
+    factors_init_sigma: float = 0.01
+    # Negatives sampled per positive for binary_classifier on implicit data.
+    negative_samples: int = 4
+    # Early stopping: fraction of the training rows held for validation, and epochs without gain.
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 3
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        positive_ints = ("num_factors", "epochs", "mini_batch_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.predictor_type not in PREDICTOR_TYPES:
+            raise ConfigError(f"predictor_type must be one of {PREDICTOR_TYPES}, got {self.predictor_type!r}")
+        for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
+                     "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1e6):
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.negative_samples, int) or self.negative_samples < 1:
+            raise ConfigError(f"negative_samples must be a positive integer, got {self.negative_samples!r}")
+        if not (0.0 <= self.validation_fraction < 0.5):
+            raise ConfigError(f"validation_fraction must be in [0, 0.5), got {self.validation_fraction!r}")
+        if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
+            raise ConfigError(
+                f"early_stopping_patience must be a positive integer, got {self.early_stopping_patience!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HyperParameters:
+        """Build from a mapping (e.g. SageMaker-style hyperparameters, values possibly strings)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown hyperparameter(s): {', '.join(unknown)}")
+        base = cls()
+        coerced: dict[str, Any] = {}
+        for name, value in values.items():
+            default = getattr(base, name)
+            try:
+                coerced[name] = type(default)(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"hyperparameter {name}: cannot read {value!r} as {type(default).__name__}") from exc
+        return replace(base, **coerced)
+
+
+def env_or(name: str, explicit: Any, default: Any, cast: type = str) -> Any:
+    """Resolve one setting: explicit argument > environment variable ``name`` > default."""
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from exc
