@@ -38,8 +38,8 @@ class HyperParameters:
     epochs: int = 30
     mini_batch_size: int = 1024
     bias_lr: float = 0.05
-    linear_lr: float = 0.01
-    factors_lr: float = 0.01
+    linear_lr: float = 0.05
+    factors_lr: float = 0.05
     bias_wd: float = 0.0
     linear_wd: float = 1e-4
     factors_wd: float = 1e-4

@@ -62,9 +62,9 @@ class FactorizationMachine(nn.Module):
         self.linear = nn.Embedding(n_features, 1, sparse=True)
         self.factors = nn.Embedding(n_features, hp.num_factors, sparse=True)
         with torch.no_grad():
-            self.bias.normal_(0.0, hp.bias_init_sigma, generator=generator) if hp.bias_init_sigma else None
-            self.linear.weight.normal_(0.0, hp.linear_init_sigma, generator=generator) if hp.linear_init_sigma else self.linear.weight.zero_()
-            self.factors.weight.normal_(0.0, hp.factors_init_sigma, generator=generator)
+            _init_normal(self.bias, hp.bias_init_sigma, generator)
+            _init_normal(self.linear.weight, hp.linear_init_sigma, generator)
+            _init_normal(self.factors.weight, hp.factors_init_sigma, generator)
 
     def forward(self, index: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """index, value: (B, width). Returns (y (B,), squared norm of the touched parameters (B,))."""
@@ -86,6 +86,14 @@ class FactorizationMachine(nn.Module):
             factors=self.factors.weight.detach().cpu().numpy().copy(),
             predictor_type=predictor_type,
         )
+
+
+def _init_normal(tensor: torch.Tensor, sigma: float, generator: torch.Generator) -> None:
+    """N(0, sigma^2) initialisation; sigma 0 means zeros (SageMaker's convention for init_sigma)."""
+    if sigma > 0:
+        tensor.normal_(0.0, sigma, generator=generator)
+    else:
+        tensor.zero_()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,362 @@
+"""The ``topx`` command line.
+
+Every user error (a ``TopxError``) is printed as one line on stderr with exit code 2 and no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from topx import __version__
+from topx.config import DEFAULT_TOP_X, HyperParameters
+from topx.errors import TopxError
+
+EXIT_USER_ERROR = 2
+
+
+def _column(value: str) -> str | int:
+    """Column names are names; a bare number is a 0-based position (for --no-header files)."""
+    return int(value) if value.isdigit() else value
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--interactions", required=True, metavar="FILE",
+                   help="interactions file: CSV, TSV or Parquet (optionally .gz), a local path or s3:// URI")
+    g.add_argument("--users", metavar="FILE", help="optional user feature table keyed by user id")
+    g.add_argument("--items", metavar="FILE", help="optional item feature table keyed by item id")
+    g.add_argument("--user-col", type=_column, default="user_id", metavar="COL",
+                   help="user id column (default: user_id; 0 without a header)")
+    g.add_argument("--item-col", type=_column, default="item_id", metavar="COL",
+                   help="item id column (default: item_id; 1 without a header)")
+    g.add_argument("--rating-col", type=_column, default="rating", metavar="COL",
+                   help="rating (or, with --implicit, strength) column (default: rating; 2 without a header)")
+    g.add_argument("--user-key", type=_column, metavar="COL",
+                   help="key column of the --users table (default: the --user-col name)")
+    g.add_argument("--item-key", type=_column, metavar="COL",
+                   help="key column of the --items table (default: the --item-col name)")
+    g.add_argument("--no-header", action="store_true",
+                   help="files have no header row: columns are given by 0-based position")
+    g.add_argument("--sep", metavar="SEP", help=r"field separator (default: sniffed among , \t ; |)")
+    g.add_argument("--implicit", action="store_true",
+                   help="implicit feedback: the rating column (or its absence) is interaction strength; "
+                        "trains a binary classifier with sampled negatives")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (names as SageMaker's factorization machines)")
+    defaults = HyperParameters()
+    g.add_argument("--num-factors", type=int, metavar="K", help=f"latent dimension k (default {defaults.num_factors})")
+    g.add_argument("--epochs", type=int, help=f"maximum epochs (default {defaults.epochs}; early stopping may end sooner)")
+    g.add_argument("--mini-batch-size", type=int, help=f"samples per step (default {defaults.mini_batch_size})")
+    g.add_argument("--predictor-type", choices=("regressor", "binary_classifier"),
+                   help="default: regressor, or binary_classifier with --implicit")
+    for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
+                 "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
+                       help=f"default {getattr(defaults, name)}")
+    g.add_argument("--negative-samples", type=int,
+                   help=f"negatives per positive in implicit mode (default {defaults.negative_samples})")
+    g.add_argument("--seed", type=int, help=f"random seed for splits, initialisation and sampling (default {defaults.seed})")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    g.add_argument("--holdout", type=float, default=0.2,
+                   help="per-user fraction of interactions held out for evaluation (default 0.2; 0 = none)")
+
+
+def _add_ranking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X",
+                   help=f"how many items to recommend per user (default {DEFAULT_TOP_X})")
+    p.add_argument("--include-seen", action="store_true",
+                   help="keep items the user already interacted with (default: exclude them)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relevance-threshold", type=float, metavar="R",
+                   help="count a held-out item as relevant only when its rating is >= R (default: all)")
+    p.add_argument("--eval-users", type=int, default=20000,
+                   help="rank at most this many users (a seeded sample) for the ranking metrics (default 20000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topx",
+        description="Batch top-x recommendations: a factorization machine, repackaged into user and item "
+                    "vectors, and exact inner-product search for every user.",
+    )
+    parser.add_argument("--version", action="version", version=f"topx {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="all stages: ingest, train, vectors, recommend, evaluate",
+                       description="Run every stage and write the outputs into --out, replacing it only on success.")
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_ranking_options(p)
+    _add_eval_options(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: recommendations.parquet, model/, vectors/, metrics.json")
+
+    p = sub.add_parser("train", help="ingest and train; writes model/ and data/ into --out",
+                       description="Read and validate the data, train the FM, write the model artifact "
+                                   "(SageMaker FM layout) and the feature index.")
+    _add_data_options(p)
+    _add_model_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to create (replaced only on success)")
+
+    p = sub.add_parser("vectors", help="repackage a model into the recipe's user and item vectors",
+                       description="From a run directory (--run), or from any SageMaker FM model.tar.gz "
+                                   "(--model) with its feature index, write a_u, a_i and c_u.")
+    p.add_argument("--run", metavar="DIR", help="run directory written by `topx train` (writes DIR/vectors)")
+    p.add_argument("--model", metavar="PATH", help="model.tar.gz (or a directory holding it)")
+    p.add_argument("--feature-index", metavar="PATH",
+                   help="feature index (feature_index.json or its directory); default: beside --model")
+    p.add_argument("--one-hot-users", metavar="FILE",
+                   help="instead of --feature-index: a file of user ids, one per line, for a model whose rows are "
+                        "the users' one-hot then the items' (as SageMaker examples build it)")
+    p.add_argument("--one-hot-items", metavar="FILE", help="the item ids, one per line, with --one-hot-users")
+    p.add_argument("--out", metavar="DIR", help="where to write the vectors (default: RUN/vectors)")
+
+    p = sub.add_parser("recommend", help="exact top-x for every user from the vectors",
+                       description="Search the top-x items of every user by inner product and write recommendations.parquet.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
+    _add_ranking_options(p)
+
+    p = sub.add_parser("evaluate", help="hold-out metrics of a run against a popularity baseline",
+                       description="RMSE (regressor) or AUC and log loss (classifier), and recall, NDCG, MAP and "
+                                   "coverage at x, beside popularity; writes metrics.json.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory written by `topx train` and `topx vectors`")
+    p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"x of the ranking metrics (default {DEFAULT_TOP_X})")
+    _add_eval_options(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a generated catalogue",
+                       description="Generate a synthetic catalogue (power-law popularity, user and item features, "
+                                   "planted tastes), run every stage and print some recommendations and the metrics.")
+    p.add_argument("--out", metavar="DIR", help="keep the outputs here (default: a temporary directory)")
+    p.add_argument("--users", type=int, default=3000, dest="n_users", help="number of users (default 3000)")
+    p.add_argument("--items", type=int, default=1500, dest="n_items", help="number of items (default 1500)")
+    p.add_argument("--explicit", action="store_true", help="generate 1-5 ratings instead of play counts")
+    p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"default {DEFAULT_TOP_X}")
+    p.add_argument("--seed", type=int, default=7, help="seed of the generated data (default 7)")
+    return parser
+
+
+def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameters:
+    from topx.pipeline import default_hyperparameters
+
+    names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
+             "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",
+             "negative_samples", "seed")
+    return default_hyperparameters(implicit, **{n: getattr(args, n, None) for n in names})
+
+
+def _data_options(args: argparse.Namespace):
+    from topx.pipeline import DataOptions
+
+    header = not args.no_header
+    user_col, item_col, rating_col = args.user_col, args.item_col, args.rating_col
+    if not header:
+        # Without a header the default names mean the first three positions.
+        user_col = 0 if user_col == "user_id" else user_col
+        item_col = 1 if item_col == "item_id" else item_col
+        rating_col = 2 if rating_col == "rating" else rating_col
+    return DataOptions(
+        interactions=args.interactions, users=args.users, items=args.items,
+        user_col=user_col, item_col=item_col, rating_col=rating_col,
+        user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep, implicit=args.implicit,
+    )
+
+
+def _run_options(args: argparse.Namespace):
+    from topx.pipeline import RunOptions
+
+    return RunOptions(
+        top_x=getattr(args, "top_x", DEFAULT_TOP_X),
+        holdout=getattr(args, "holdout", 0.2),
+        include_seen=getattr(args, "include_seen", False),
+        device=getattr(args, "device", None),
+        relevance_threshold=getattr(args, "relevance_threshold", None),
+        eval_users=getattr(args, "eval_users", 20000),
+        progress=False if args.quiet else None,
+    )
+
+
+def _print_metrics(metrics: dict[str, Any], x: int) -> None:
+    keys = ["rmse", "rmse_global_mean", "auc", "log_loss", f"recall_at_{x}", f"ndcg_at_{x}", f"map_at_{x}",
+            f"coverage_at_{x}", f"popularity_recall_at_{x}", f"popularity_ndcg_at_{x}", f"popularity_map_at_{x}",
+            f"popularity_coverage_at_{x}"]
+    shown = {k: metrics[k] for k in keys if k in metrics}
+    width = max(len(k) for k in shown) if shown else 0
+    print("metrics (hold-out):")
+    for k, v in shown.items():
+        print(f"  {k:<{width}}  {v:.4f}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from topx.pipeline import Reporter, run_all
+
+    data = _data_options(args)
+    metrics = run_all(data, _hyperparameters(args, data.implicit), _run_options(args), args.out,
+                      reporter=Reporter(not args.quiet))
+    _print_metrics(metrics, args.top_x)
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from topx.pipeline import Reporter, atomic_output_dir, load_dataset, train_stage, write_json
+
+    data = _data_options(args)
+    hp = _hyperparameters(args, data.implicit)
+    reporter = Reporter(not args.quiet)
+    with atomic_output_dir(Path(args.out)) as tmp:
+        with reporter.step("ingest", f"reading {data.interactions}"):
+            ds = load_dataset(data)
+        _, holdout, result = train_stage(ds, hp, _run_options(args), tmp, reporter)
+        write_json(tmp / "metrics.json", {
+            "predictor_type": hp.predictor_type, "holdout_fraction": args.holdout, "data": ds.report,
+            "hyperparameters": hp.to_dict(),
+            "training": {"device": result.device, "best_epoch": result.best_epoch,
+                         "epochs_run": len(result.history), "history": result.history},
+            "timings_s": reporter.timings,
+        })
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from topx.errors import ConfigError
+    from topx.feature_index import FeatureIndex
+    from topx.pipeline import MODEL_DIR, VECTORS_DIR, read_model, vectors_stage
+
+    if bool(args.run) == bool(args.model):
+        raise ConfigError("give exactly one of --run DIR or --model PATH")
+    if args.run:
+        params, feature_index = read_model(Path(args.run) / MODEL_DIR)
+        out = Path(args.out) if args.out else Path(args.run) / VECTORS_DIR
+    else:
+        from topx.artifact import read_model_artifact
+
+        if not args.out:
+            raise ConfigError("--out is required with --model")
+        params = read_model_artifact(args.model)
+        feature_index = _external_feature_index(args, FeatureIndex)
+        out = Path(args.out)
+    vectors = vectors_stage(params, feature_index, out)
+    print(f"wrote {vectors.user_vectors.shape[0]:,} user and {vectors.item_vectors.shape[0]:,} item vectors "
+          f"(d = {vectors.item_vectors.shape[1]}) to {out.resolve()}")
+    return 0
+
+
+def _external_feature_index(args: argparse.Namespace, feature_index_cls):
+    from topx.errors import ConfigError, InputDataError
+
+    if args.one_hot_users or args.one_hot_items:
+        if not (args.one_hot_users and args.one_hot_items):
+            raise ConfigError("--one-hot-users and --one-hot-items go together")
+        ids = []
+        for path in (args.one_hot_users, args.one_hot_items):
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputDataError(f"cannot read the id list: {exc}", source=path) from exc
+            ids.append([line.strip() for line in lines if line.strip()])
+        return feature_index_cls.one_hot(ids[0], ids[1])
+    location = Path(args.feature_index) if args.feature_index else Path(args.model)
+    if location.is_file() and location.suffix != ".json":
+        location = location.parent
+    return feature_index_cls.load(location)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from topx.feature_index import FeatureIndex
+    from topx.pipeline import (
+        DATA_DIR,
+        INTERACTIONS_FILE,
+        MODEL_DIR,
+        RECOMMENDATIONS,
+        VECTORS_DIR,
+        load_ids,
+        load_interactions,
+        write_recommendations,
+    )
+    from topx.vectors import RecipeVectors
+
+    run = Path(args.run)
+    vectors = RecipeVectors.load(run / VECTORS_DIR)
+    user_ids, item_ids = load_ids(run / VECTORS_DIR)
+    seen = None
+    if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
+        ds, _ = load_interactions(run, FeatureIndex.load(run / MODEL_DIR))
+        seen = ds.matrix()
+    tmp = run / f".{RECOMMENDATIONS}.tmp"
+    n = write_recommendations(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen)
+    tmp.replace(run / RECOMMENDATIONS)
+    print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from topx.pipeline import (
+        METRICS,
+        MODEL_DIR,
+        VECTORS_DIR,
+        evaluate_model,
+        load_interactions,
+        read_model,
+        write_json,
+    )
+    from topx.vectors import RecipeVectors
+
+    run = Path(args.run)
+    params, feature_index = read_model(run / MODEL_DIR)
+    vectors = RecipeVectors.load(run / VECTORS_DIR)
+    ds, holdout = load_interactions(run, feature_index)
+    existing: dict[str, Any] = {}
+    if (run / METRICS).exists():
+        existing = json.loads((run / METRICS).read_text(encoding="utf-8"))
+    seed = existing.get("hyperparameters", {}).get("seed", HyperParameters().seed)
+    options = dataclasses.replace(_run_options(args), top_x=args.top_x)
+    metrics = evaluate_model(params, vectors, ds, holdout, options, seed)
+    existing.update(metrics)
+    write_json(run / METRICS, existing)
+    _print_metrics(metrics, args.top_x)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from topx.demo import run_demo
+
+    return run_demo(out=args.out, n_users=args.n_users, n_items=args.n_items, implicit=not args.explicit,
+                    top_x=args.top_x, seed=args.seed, quiet=args.quiet)
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
+            "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TopxError as exc:
+        print(f"topx: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("topx: interrupted; outputs were left as they were", file=sys.stderr)
+        return 130
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The local pipeline: ingest -> train -> vectors -> recommend -> evaluate, over a run directory.
+
+A run directory holds:
+
+    model/            model.tar.gz (SageMaker FM layout), feature_index.json, design.npz
+    data/             interactions.npz: the aggregated (user row, item row, rating) and hold-out mask
+    vectors/          user_vectors.npy, item_vectors.npy, user_constants.npy, ids.json
+    recommendations.parquet   user_id, rank (1..x), item_id, score
+    metrics.json
+
+``run_all`` builds everything in a temporary directory beside ``--out`` and moves it into place
+only when every stage succeeded, so an existing output is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from topx import evaluate as ev
+from topx.config import HyperParameters
+from topx.encode import encode_features
+from topx.errors import ArtifactFormatError, ConfigError, InputDataError
+from topx.feature_index import FeatureIndex
+from topx.fm import PaddedRows, TrainingData, TrainResult, train_fm
+from topx.ingest import read_feature_table, read_interactions
+from topx.params import FMParams
+from topx.search import iter_top_x
+from topx.vectors import RecipeVectors, export_vectors
+
+MODEL_DIR = "model"
+DATA_DIR = "data"
+VECTORS_DIR = "vectors"
+RECOMMENDATIONS = "recommendations.parquet"
+METRICS = "metrics.json"
+INTERACTIONS_FILE = "interactions.npz"
+IDS_FILE = "ids.json"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data are and how to read them (the CLI's data options)."""
+
+    interactions: str
+    users: str | None = None
+    items: str | None = None
+    user_col: str | int = "user_id"
+    item_col: str | int = "item_id"
+    rating_col: str | int | None = "rating"
+    user_key: str | int | None = None
+    item_key: str | int | None = None
+    header: bool = True
+    sep: str | None = None
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    top_x: int = 10
+    holdout: float = 0.2
+    include_seen: bool = False
+    device: str | None = None
+    relevance_threshold: float | None = None
+    eval_users: int = 20000
+    progress: bool | None = None
+
+
+@dataclass
+class Dataset:
+    """Interactions over integer rows. user_rows/item_rows: (n,) int64; rating: (n,) float32."""
+
+    feature_index: FeatureIndex
+    user_rows: np.ndarray
+    item_rows: np.ndarray
+    rating: np.ndarray
+    implicit: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_ids(self) -> tuple[str, ...]:
+        return self.feature_index.user_ids
+
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        return self.feature_index.item_ids
+
+    def matrix(self, mask: np.ndarray | None = None) -> sp.csr_matrix:
+        """(n_users, n_items) CSR of the interactions (optionally a subset)."""
+        rows = self.user_rows if mask is None else self.user_rows[mask]
+        cols = self.item_rows if mask is None else self.item_rows[mask]
+        data = np.ones(len(rows), dtype=np.float32)
+        shape = (self.feature_index.n_users, self.feature_index.n_items)
+        out = sp.csr_matrix((data, (rows, cols)), shape=shape)
+        out.sum_duplicates()
+        return out
+
+
+class Reporter:
+    """One line per step on stderr, with its wall time."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str, message: str) -> Iterator[dict[str, str]]:
+        detail: dict[str, str] = {}
+        start = time.perf_counter()
+        if self.enabled:
+            print(f"[topx] {message} ...", file=sys.stderr, flush=True)
+        yield detail
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(self.timings.get(name, 0.0) + elapsed, 3)
+        if self.enabled:
+            extra = f" {detail['result']}" if "result" in detail else ""
+            print(f"[topx]   done in {elapsed:.1f} s.{extra}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def load_dataset(opts: DataOptions) -> Dataset:
+    """Read, validate and index the interactions and the optional feature tables."""
+    header = opts.header
+    frame = read_interactions(
+        opts.interactions,
+        user_col=opts.user_col,
+        item_col=opts.item_col,
+        rating_col=opts.rating_col,
+        header=header,
+        sep=opts.sep,
+        implicit=opts.implicit,
+    )
+    report: dict[str, Any] = {"rows_read": int(len(frame))}
+    if opts.implicit:
+        zero = frame["rating"].to_numpy() == 0
+        report["zero_strength_rows_dropped"] = int(zero.sum())
+        frame = frame.loc[~zero]
+        if frame.empty:
+            raise InputDataError("every row has strength 0: there are no interactions", source=opts.interactions)
+    frame, duplicates = _aggregate(frame, opts.implicit)
+    report["duplicate_pairs_merged"] = duplicates
+    user_codes, user_ids = pd.factorize(frame["user_id"], sort=True)
+    item_codes, item_ids = pd.factorize(frame["item_id"], sort=True)
+    user_ids = [str(u) for u in user_ids]
+    item_ids = [str(i) for i in item_ids]
+    user_matrix, user_names = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep, user_ids, report, "users")
+    item_matrix, item_names = _side_features(opts.items, opts.item_key, opts.item_col, header, opts.sep, item_ids, report, "items")
+    feature_index = FeatureIndex.build(user_ids, item_ids, user_matrix, user_names, item_matrix, item_names)
+    report.update(n_users=len(user_ids), n_items=len(item_ids), n_interactions=int(len(frame)),
+                  n_features=feature_index.n_features)
+    return Dataset(
+        feature_index=feature_index,
+        user_rows=user_codes.astype(np.int64),
+        item_rows=item_codes.astype(np.int64),
+        rating=frame["rating"].to_numpy(dtype=np.float32),
+        implicit=opts.implicit,
+        report=report,
+    )
+
+
+def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
+    """One row per (user, item): strengths add up in implicit mode; repeated ratings average."""
+    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)["rating"]
+    merged = grouped.sum() if implicit else grouped.mean()
+    duplicates = int(len(frame) - len(merged))
+    if duplicates == 0:
+        return frame.reset_index(drop=True), 0
+    out = merged.reset_index()
+    out["rating"] = out["rating"].astype(np.float32)
+    return out, duplicates
+
+
+def _side_features(
+    source: str | None,
+    key: str | int | None,
+    id_col: str | int,
+    header: bool,
+    sep: str | None,
+    ids: list[str],
+    report: dict[str, Any],
+    name: str,
+) -> tuple[sp.csr_matrix | None, tuple[str, ...]]:
+    if source is None:
+        return None, ()
+    key_col = key if key is not None else (id_col if header else 0)
+    table = read_feature_table(source, key_col=key_col, header=header, sep=sep)
+    encoded = encode_features(table, ids, source=source)
+    report[f"{name}_features"] = {
+        "source": source,
+        "columns": len(encoded.names),
+        "rows_for_unknown_ids": encoded.unknown_ids,
+        "unknown_id_examples": list(encoded.unknown_examples),
+        "ids_without_features": encoded.missing_ids,
+    }
+    if encoded.unknown_ids:
+        print(
+            f"[topx] note: {source}: {encoded.unknown_ids} row(s) describe {name} with no interactions "
+            f"(e.g. {', '.join(encoded.unknown_examples)}); they are ignored.",
+            file=sys.stderr,
+        )
+    return encoded.matrix, tuple(encoded.names)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
+    """The FM's samples for the rows selected by ``mask`` (all when None).
+
+    Implicit strengths become positive weights log1p(s), normalised to mean 1, so heavier
+    interactions count more without a few huge counts dominating.
+    """
+    sel = slice(None) if mask is None else mask
+    label = ds.rating[sel]
+    weight = None
+    if ds.implicit:
+        strength = np.log1p(np.maximum(label, 0).astype(np.float64))
+        mean = strength.mean() if len(strength) else 1.0
+        weight = None if np.allclose(strength, mean) else (strength / mean).astype(np.float32)
+        label = np.ones(len(label), dtype=np.float32)
+    return TrainingData(
+        user_table=PaddedRows.from_csr(ds.feature_index.user_x),
+        item_table=PaddedRows.from_csr(ds.feature_index.item_x),
+        user_rows=ds.user_rows[sel],
+        item_rows=ds.item_rows[sel],
+        label=label,
+        weight=weight,
+    )
+
+
+def default_hyperparameters(implicit: bool, **overrides: Any) -> HyperParameters:
+    """Defaults by mode; ``overrides`` (None values ignored) win."""
+    base = HyperParameters(predictor_type="binary_classifier" if implicit else "regressor")
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return replace(base, **chosen)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def train_stage(
+    ds: Dataset, hp: HyperParameters, run: RunOptions, out: Path, reporter: Reporter
+) -> tuple[FMParams, np.ndarray, TrainResult]:
+    """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result."""
+    holdout = ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
+    with reporter.step("train", f"training the FM ({hp.predictor_type}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
+        result = train_fm(training_data(ds, ~holdout), ds.feature_index.n_features, hp,
+                          device=run.device, progress=run.progress)
+        d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
+    write_model(out / MODEL_DIR, result.params, ds.feature_index)
+    save_interactions(out / DATA_DIR, ds, holdout)
+    return result.params, holdout, result
+
+
+def write_model(directory: Path, params: FMParams, feature_index: FeatureIndex) -> None:
+    from topx.artifact import write_model_artifact
+
+    write_model_artifact(directory, params, feature_index)
+
+
+def read_model(directory: Path) -> tuple[FMParams, FeatureIndex]:
+    from topx.artifact import read_model_artifact
+
+    return read_model_artifact(directory), FeatureIndex.load(directory)
+
+
+def save_interactions(directory: Path, ds: Dataset, holdout: np.ndarray) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / INTERACTIONS_FILE, "wb") as fh:
+        np.savez_compressed(fh, user_rows=ds.user_rows, item_rows=ds.item_rows, rating=ds.rating,
+                            holdout=holdout, implicit=np.array(ds.implicit))
+
+
+def load_interactions(run_dir: Path, feature_index: FeatureIndex) -> tuple[Dataset, np.ndarray]:
+    path = run_dir / DATA_DIR / INTERACTIONS_FILE
+    try:
+        with np.load(path) as z:
+            ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]))
+            return ds, z["holdout"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ArtifactFormatError(f"{path}: cannot read the run's interactions ({exc}); run `topx train` first") from exc
+
+
+# --------------------------------------------------------------------------- vectors and recommendations
+
+
+def vectors_stage(params: FMParams, feature_index: FeatureIndex, out: Path) -> RecipeVectors:
+    vectors = export_vectors(params, feature_index)
+    vectors.save(out)
+    (out / IDS_FILE).write_text(
+        json.dumps({"user_ids": list(feature_index.user_ids), "item_ids": list(feature_index.item_ids)},
+                   ensure_ascii=False),
+        encoding="utf-8",
+    )
+    return vectors
+
+
+def load_ids(vectors_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    path = vectors_dir / IDS_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return np.asarray(doc["user_ids"], dtype=object), np.asarray(doc["item_ids"], dtype=object)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ArtifactFormatError(f"{path}: cannot read the ids beside the vectors ({exc})") from exc
+
+
+RECOMMENDATION_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+)
+
+
+def write_recommendations(
+    path: Path,
+    vectors: RecipeVectors,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    top_x: int,
+    seen: sp.csr_matrix | None,
+) -> int:
+    """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
+
+    The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
+    regressor, a logit for a classifier.
+    """
+    rows_written = 0
+    with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
+        for rows, items, scores in iter_top_x(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen):
+            valid = items >= 0
+            n_valid = valid.sum(axis=1)
+            user_col = np.repeat(user_ids[rows], n_valid)
+            rank_col = np.concatenate([np.arange(1, k + 1, dtype=np.int32) for k in n_valid]) if len(rows) else []
+            item_col = item_ids[items[valid]]
+            score_col = (scores + vectors.user_constants[rows][:, None].astype(np.float32))[valid]
+            table = pa.table(
+                {"user_id": pa.array(user_col, pa.string()), "rank": pa.array(rank_col, pa.int32()),
+                 "item_id": pa.array(item_col, pa.string()), "score": pa.array(score_col, pa.float32())},
+                schema=RECOMMENDATION_SCHEMA,
+            )
+            writer.write_table(table)
+            rows_written += table.num_rows
+    return rows_written
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(
+    params: FMParams,
+    vectors: RecipeVectors,
+    ds: Dataset,
+    holdout: np.ndarray,
+    run: RunOptions,
+    seed: int,
+) -> dict[str, Any]:
+    """Hold-out error and ranking at x, beside the popularity baseline, by the same code."""
+    metrics: dict[str, Any] = {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum())}
+    if not holdout.any():
+        metrics["note"] = "no hold-out (holdout fraction 0 or too little data): nothing to evaluate"
+        return metrics
+    users, items = ds.user_rows[holdout], ds.item_rows[holdout]
+    pair_scores = (vectors.user_vectors[users] * vectors.item_vectors[items]).sum(axis=1) + vectors.user_constants[users]
+    if params.predictor_type == "regressor":
+        metrics["rmse"] = ev.rmse(pair_scores, ds.rating[holdout])
+        metrics["rmse_global_mean"] = ev.rmse(np.full(len(users), ds.rating[~holdout].mean()), ds.rating[holdout])
+    else:
+        rng = np.random.default_rng(seed + 1)
+        neg_items = rng.integers(0, ds.feature_index.n_items, size=len(users))
+        neg_scores = (vectors.user_vectors[users] * vectors.item_vectors[neg_items]).sum(axis=1) + vectors.user_constants[users]
+        logits = np.concatenate([pair_scores, neg_scores])
+        labels = np.concatenate([np.ones(len(users)), np.zeros(len(users))])
+        metrics["auc"] = ev.auc(logits, labels)
+        metrics["log_loss"] = ev.log_loss(logits, labels)
+
+    relevant_mask = holdout.copy()
+    if run.relevance_threshold is not None:
+        relevant_mask &= ds.rating >= run.relevance_threshold
+    train = ds.matrix(~holdout)
+    relevant = ds.matrix(relevant_mask)
+    eval_users = _sample_users(relevant, run.eval_users, seed)
+    x = run.top_x
+    sub_vectors = RecipeVectors(vectors.user_vectors[eval_users], vectors.item_vectors, vectors.user_constants[eval_users])
+    top = np.full((len(eval_users), x), -1, dtype=np.int64)
+    for rows, batch_items, _ in iter_top_x(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users]):
+        top[rows] = batch_items
+    model_rank = ev.ranking_metrics(top, relevant[eval_users], ds.feature_index.n_items)
+    popular = ev.popularity_top_x(train, x)[eval_users]
+    pop_rank = ev.ranking_metrics(popular, relevant[eval_users], ds.feature_index.n_items)
+    metrics.update(model_rank.as_dict("", x))
+    metrics.update(pop_rank.as_dict("popularity_", x))
+    metrics["ranking_users"] = model_rank.users
+    metrics["relevance"] = ("held-out items" if run.relevance_threshold is None
+                            else f"held-out items rated >= {run.relevance_threshold}")
+    return metrics
+
+
+def _sample_users(relevant: sp.csr_matrix, limit: int, seed: int) -> np.ndarray:
+    """Users with at least one relevant item; a seeded sample of ``limit`` of them when there are more."""
+    candidates = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if len(candidates) > limit:
+        candidates = np.sort(np.random.default_rng(seed + 2).choice(candidates, size=limit, replace=False))
+    return candidates
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+@contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out`` whole.
+
+    On any error the temporary directory is removed and ``out`` is left exactly as it was.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def run_all(
+    data: DataOptions,
+    hp: HyperParameters,
+    run: RunOptions,
+    out: str | os.PathLike[str],
+    *,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Every stage, into ``out`` atomically. Returns the metrics written to metrics.json."""
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    with atomic_output_dir(Path(out)) as tmp:
+        with reporter.step("ingest", f"reading {data.interactions}") as d:
+            ds = load_dataset(data)
+            d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
+                           f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
+        params, holdout, result = train_stage(ds, hp, run, tmp, reporter)
+        with reporter.step("vectors", "building the recipe's user and item vectors"):
+            vectors = vectors_stage(params, ds.feature_index, tmp / VECTORS_DIR)
+        with reporter.step("recommend", f"exact top-{run.top_x} for {ds.feature_index.n_users:,} users") as d:
+            seen = None if run.include_seen else ds.matrix()
+            user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
+            n_rows = write_recommendations(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen)
+            d["result"] = f"{n_rows:,} rows."
+        with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
+            metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed)
+        metrics.update(_run_summary(ds, hp, run, result))
+        metrics["timings_s"] = dict(reporter.timings)
+        metrics["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+        write_json(tmp / METRICS, metrics)
+    return metrics
+
+
+def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: TrainResult) -> dict[str, Any]:
+    return {
+        "predictor_type": hp.predictor_type,
+        "top_x": run.top_x,
+        "holdout_fraction": run.holdout,
+        "include_seen": run.include_seen,
+        "data": ds.report,
+        "hyperparameters": hp.to_dict(),
+        "training": {"device": result.device, "best_epoch": result.best_epoch,
+                     "epochs_run": len(result.history), "history": result.history},
+    }
