@@ -1,0 +1,595 @@
+"""Reading and validating interaction files and side-feature tables.
+
+Accepted formats: delimited text (CSV, TSV or any other one-character separator, sniffed when not
+given; optionally gzipped) and Parquet (recognised by its ``PAR1`` magic). Files are read from a
+local path or ``s3://bucket/key`` through :func:`topx.io.read_bytes`.
+
+Ids are strings end to end: id columns are read as text and never pass through a float, so
+``"007"`` stays ``"007"``; integer id columns in Parquet become their decimal text.
+
+Every validation error is an :class:`~topx.errors.InputDataError` naming the file, the row as a
+spreadsheet shows it and the column. For delimited text the header is row 1, so the first data
+row is row 2 (row 1 when ``header=False``); a record whose quoted value spans several lines still
+counts as one row. For Parquet, rows are the 1-based data row numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from topx.errors import ConfigError, InputDataError
+from topx.io import read_bytes
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+RATING = "rating"
+INTERACTION_COLUMNS = (USER_ID, ITEM_ID, RATING)
+
+# Separators tried when none is given, in order of preference when several fit equally well:
+# tabs rarely occur inside values; ';' and '|' do (lists of genres), and a space most of all.
+CANDIDATE_SEPARATORS = ("\t", ",", ";", "|", " ")
+SNIFF_BYTES = 64 * 1024
+SNIFF_RECORDS = 50
+# Feature-table cells that mean "no value" (compared case-insensitively, after stripping).
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+UTF8_BOM = b"\xef\xbb\xbf"
+PARQUET_MAGIC = b"PAR1"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A quoted value may hold newlines, so a record can be long; one record must fit in one block.
+CSV_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A file's data rows. ``data`` columns are strings for delimited text, as stored for Parquet.
+
+    Data position ``p`` (0-based) is row ``p + row_offset`` as a user sees it. ``positional`` is
+    true when the columns are named by their 0-based positions (delimited text without a header);
+    ``delimited`` is false for Parquet.
+    """
+
+    data: pa.Table
+    source: str
+    row_offset: int
+    positional: bool
+    delimited: bool
+
+    def row(self, position: int) -> int:
+        return position + self.row_offset
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.data.column_names)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_interactions(
+    source: str,
+    *,
+    user_col: str | int = USER_ID,
+    item_col: str | int = ITEM_ID,
+    rating_col: str | int | None = RATING,
+    header: bool = True,
+    sep: str | None = None,
+    implicit: bool = False,
+    s3_client: Any = None,
+) -> pd.DataFrame:
+    """Read (user, item, rating) rows from ``source`` (a path or ``s3://`` URI; CSV/TSV/Parquet).
+
+    Returns a DataFrame with exactly the columns ``user_id`` (str), ``item_id`` (str) and
+    ``rating`` (float32), one row per file row in file order, with ``attrs["source"]`` and
+    ``attrs["row_offset"]`` (add it to a 0-based position to get the file row). Ids are stripped of
+    surrounding whitespace. Duplicate (user, item) pairs are kept as they are: aggregating them is
+    the caller's choice.
+
+    Columns are named, or given as 0-based positions (ints). With ``header=False`` the columns are
+    positional and the default names mean positions 0, 1 and 2; digit strings are positions too.
+
+    ``implicit=False``: ``rating_col`` must exist and hold finite numbers. ``implicit=True``: the
+    rating column is an interaction strength (finite, >= 0); with ``rating_col=None``, or with the
+    default rating column absent from the file, every row gets strength 1.0. An explicitly named
+    rating column that is absent is an error in both modes, so a typo is not silently ignored.
+
+    ``sep``: a one-character separator (``"\\t"`` may be written as a backslash and ``t``); sniffed
+    among tab, comma, semicolon, pipe and space when ``None``. Ignored for Parquet.
+    """
+    if rating_col is None and not implicit:
+        raise ConfigError("explicit ratings need a rating column; pass rating_col or implicit=True")
+    # Only the default rating column may be absent (implicit mode): a name the caller chose must exist.
+    rating_optional = implicit and rating_col == RATING
+    if not header:
+        user_col, item_col = _positional_default(user_col, USER_ID, 0), _positional_default(item_col, ITEM_ID, 1)
+        rating_col = _positional_default(rating_col, RATING, 2)
+    table = _load_table(source, header=header, sep=sep, s3_client=s3_client)
+
+    user_name = _resolve_column(table, user_col, "user id")
+    item_name = _resolve_column(table, item_col, "item id")
+    if user_name == item_name:
+        raise ConfigError(f"user_col and item_col both name column {user_name!r}")
+    rating_name = _resolve_rating_column(table, rating_col, implicit=implicit, optional=rating_optional)
+    if rating_name is not None and rating_name in (user_name, item_name):
+        raise ConfigError(f"rating_col names column {rating_name!r}, which is also an id column")
+
+    users = _id_column(table, user_name, "user id")
+    items = _id_column(table, item_name, "item id")
+    if rating_name is None:
+        ratings = np.ones(table.data.num_rows, dtype=np.float32)
+    else:
+        what = "interaction strength" if implicit else "rating"
+        ratings = _rating_column(table, rating_name, what, allow_negative=not implicit)
+
+    frame = pd.DataFrame(
+        {
+            USER_ID: pd.Series(users.to_pandas(), dtype="str"),
+            ITEM_ID: pd.Series(items.to_pandas(), dtype="str"),
+            RATING: ratings,
+        }
+    )
+    frame.attrs["source"] = source
+    frame.attrs["row_offset"] = table.row_offset
+    return frame
+
+
+def read_feature_table(
+    source: str,
+    *,
+    key_col: str | int,
+    header: bool = True,
+    sep: str | None = None,
+    s3_client: Any = None,
+) -> pd.DataFrame:
+    """Read a side-feature table (one row per user or per item) from ``source``.
+
+    Returns a DataFrame indexed by the key (str, stripped; the index is named ``key_col`` as given)
+    whose columns are the file's other columns in file order. For delimited text a column whose
+    present values all parse as numbers becomes numeric (int64, or float64 when some are missing);
+    any other column stays text (str, stripped). Empty cells and ``NA``/``N/A``/``NaN``/``null``/
+    ``None`` are missing (NaN). Parquet columns are kept as stored. A table holding only the key
+    column is valid and has no features.
+
+    ``attrs``: ``source``, and ``row_offset`` (data position + row_offset = file row), which
+    :func:`topx.encode.encode_features` uses to name rows in its errors. Key, format and
+    separator handling are as for :func:`read_interactions`; a duplicate or empty key is an error.
+    """
+    table = _load_table(source, header=header, sep=sep, s3_client=s3_client)
+    key_name = _resolve_column(table, key_col, "key")
+    keys = _id_column(table, key_name, "key")
+    _check_unique_keys(table, keys, key_name)
+
+    index = pd.Index(pd.Series(keys.to_pandas(), dtype="str"), name=key_col)
+    columns: dict[str, pd.Series] = {}
+    for name in table.columns:
+        if name == key_name:
+            continue
+        column = table.data.column(name)
+        series = _typed_text_column(column) if table.delimited else column.to_pandas()
+        columns[name] = series.set_axis(index)
+    frame = pd.DataFrame(columns, index=index)
+    frame.attrs["source"] = source
+    frame.attrs["row_offset"] = table.row_offset
+    return frame
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -> _Table:
+    separator = _check_separator(sep)
+    raw = read_bytes(source, s3_client=s3_client)
+    if not raw:
+        raise InputDataError("file is empty", source=source)
+    if _looks_like_parquet(raw):
+        return _parquet_table(raw, source)
+    if _named_parquet(source):
+        raise InputDataError("is named .parquet but is not a Parquet file (no PAR1 magic at both ends)",
+                             source=source)
+    return _text_table(raw, source, header=header, sep=separator)
+
+
+def _check_separator(sep: str | None) -> str | None:
+    if sep is None:
+        return None
+    if sep == "\\t":
+        return "\t"
+    if len(sep) != 1 or sep in "\"\r\n":
+        raise ConfigError(f"sep must be one character other than a quote or newline, got {sep!r}")
+    return sep
+
+
+def _looks_like_parquet(raw: bytes) -> bool:
+    # A Parquet file starts and ends with PAR1; checking both keeps a text file whose first value
+    # happens to start with "PAR1" from being taken for Parquet.
+    return len(raw) >= 12 and raw.startswith(PARQUET_MAGIC) and raw.endswith(PARQUET_MAGIC)
+
+
+def _named_parquet(source: str) -> bool:
+    name = source.lower().removesuffix(".gz")
+    return name.endswith(".parquet") or name.endswith(".pq")
+
+
+def _parquet_table(raw: bytes, source: str) -> _Table:
+    try:
+        data = pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as exc:
+        raise InputDataError(f"not a readable Parquet file ({exc})", source=source) from exc
+    if data.num_rows == 0:
+        raise InputDataError("Parquet file has no data rows", source=source)
+    return _Table(data=data, source=source, row_offset=1, positional=False, delimited=False)
+
+
+def _text_table(raw: bytes, source: str, *, header: bool, sep: str | None) -> _Table:
+    _check_utf8(raw, source)
+    start = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
+    end = len(raw)
+    # Trailing blank lines are dropped; blank lines elsewhere stay rows so row numbers stay true.
+    while end > start and raw[end - 1] in b"\r\n":
+        end -= 1
+    if end == start:
+        raise InputDataError("file is empty", source=source)
+    head = _head_text(raw, start, end)
+    # The parser needs the last record to end in a newline; keep the file's own when it has one.
+    if end < len(raw):
+        body = pa.py_buffer(raw).slice(start, end + 1 - start)
+    else:
+        body = pa.py_buffer(raw[start:] + b"\n")
+    separator = sep if sep is not None else sniff_separator(head)
+
+    data = _read_delimited(body, separator, _first_record_width(head, separator), source)
+    if header:
+        names = _header_names(data, source)
+        data = data.slice(1).rename_columns(names)
+        if data.num_rows == 0:
+            raise InputDataError("has a header but no data rows", source=source)
+        return _Table(data=data, source=source, row_offset=2, positional=False, delimited=True)
+    data = data.rename_columns([str(i) for i in range(data.num_columns)])
+    return _Table(data=data, source=source, row_offset=1, positional=True, delimited=True)
+
+
+def _check_utf8(raw: bytes, source: str) -> None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = raw[exc.start:exc.start + 1].hex()
+        raise InputDataError(
+            f"not valid UTF-8 (byte 0x{bad} at line {line}, character {column}); save the file as UTF-8",
+            source=source,
+            row=line,
+        ) from exc
+
+
+def _head_text(raw: bytes, start: int, end: int) -> str:
+    """The first complete lines of the file (at most SNIFF_BYTES), for sniffing."""
+    stop = min(end, start + SNIFF_BYTES)
+    head = raw[start:stop]
+    if stop < end:
+        head = head[: head.rfind(b"\n") + 1] or head
+    return head.decode("utf-8", errors="ignore")
+
+
+def sniff_separator(text: str) -> str:
+    """Pick the separator that splits the first records of ``text`` into the same number (> 1) of
+    fields most consistently; ties go to the earlier of ``CANDIDATE_SEPARATORS``. Text no candidate
+    splits (a single column) gets ``","``."""
+    best: tuple[float, int] | None = None
+    chosen = ","
+    for rank, candidate in enumerate(CANDIDATE_SEPARATORS):
+        counts = _field_counts(text, candidate)
+        if not counts:
+            continue
+        width, hits = Counter(counts).most_common(1)[0]
+        if width < 2:
+            continue
+        score = (hits / len(counts), -rank)
+        if best is None or score > best:
+            best, chosen = score, candidate
+    return chosen
+
+
+def _field_counts(text: str, separator: str) -> list[int]:
+    counts: list[int] = []
+    try:
+        for record in csv.reader(io.StringIO(text), delimiter=separator):
+            if record:
+                counts.append(len(record))
+            if len(counts) >= SNIFF_RECORDS:
+                break
+    except csv.Error:
+        return []
+    return counts
+
+
+def _first_record_width(head: str, separator: str) -> int:
+    try:
+        record = next(csv.reader(io.StringIO(head), delimiter=separator), [])
+    except csv.Error:
+        record = []
+    return max(len(record), 1)
+
+
+def _read_delimited(body: pa.Buffer, separator: str, width_hint: int, source: str) -> pa.Table:
+    """Parse delimited text into string columns ``f0..``; the header, if any, is row 0."""
+    data = _read_delimited_once(body, separator, width_hint, source)
+    if any(not pa.types.is_string(t) for t in data.schema.types):
+        # The quick look at the first record under-counted its fields: read again, all as text.
+        data = _read_delimited_once(body, separator, data.num_columns, source)
+    return data
+
+
+def _read_delimited_once(body: pa.Buffer, separator: str, width: int, source: str) -> pa.Table:
+    first_bad: list[Any] = []
+
+    def stop_at_invalid_row(row: Any) -> str:
+        first_bad.append(row)
+        return "error"
+
+    read_options = pa_csv.ReadOptions(
+        autogenerate_column_names=True, use_threads=False, block_size=CSV_BLOCK_BYTES
+    )
+    parse_options = pa_csv.ParseOptions(
+        delimiter=separator,
+        newlines_in_values=True,
+        ignore_empty_lines=False,
+        invalid_row_handler=stop_at_invalid_row,
+    )
+    # Every column is read as text: nothing is inferred, so ids keep their leading zeros.
+    convert_options = pa_csv.ConvertOptions(
+        column_types={f"f{i}": pa.string() for i in range(width)},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    try:
+        return pa_csv.read_csv(
+            pa.BufferReader(body),
+            read_options=read_options,
+            parse_options=parse_options,
+            convert_options=convert_options,
+        )
+    except (pa.ArrowException, OSError) as exc:
+        if first_bad:
+            raise _ragged_row_error(first_bad[0], separator, source) from exc
+        hint = ""
+        if body.to_pybytes().count(b'"') % 2:
+            hint = "; an unbalanced quote makes a value run to the end of the file"
+        raise InputDataError(f"cannot be parsed as delimited text ({exc}){hint}", source=source) from exc
+
+
+def _ragged_row_error(row: Any, separator: str, source: str) -> InputDataError:
+    number = row.number if row.number is not None and row.number > 0 else None
+    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+    hint = "; check for an unbalanced quote" if row.text.count('"') % 2 else ""
+    return InputDataError(
+        f"has {row.actual_columns} field(s) but the first row has {row.expected_columns} "
+        f"(separator {separator!r}): {text!r}{hint}",
+        source=source,
+        row=number,
+    )
+
+
+def _header_names(data: pa.Table, source: str) -> list[str]:
+    # Spreadsheet exports often end lines with empty cells; such columns get a placeholder name.
+    names = [str(data.column(i)[0].as_py()).strip() or f"unnamed_{i}" for i in range(data.num_columns)]
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names):
+        if name in seen:
+            raise InputDataError(
+                f"column name {name!r} appears twice in the header (columns {seen[name] + 1} and {position + 1})",
+                source=source,
+                row=1,
+                column=name,
+            )
+        seen[name] = position
+    return names
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def _positional_default(spec: str | int | None, default: str, position: int) -> str | int | None:
+    return position if spec == default else spec
+
+
+def _resolve_column(table: _Table, spec: str | int, role: str) -> str:
+    """The name of the column ``spec`` means: a name, or a 0-based position (an int, or a digit
+    string when the file has no header)."""
+    columns = table.columns
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise ConfigError(f"{role} column must be a name or a 0-based position, got {spec!r}")
+    if isinstance(spec, str) and table.positional and spec.strip().isdigit():
+        spec = int(spec)
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"{role} column position must be >= 0, got {spec}")
+        if spec >= len(columns):
+            raise InputDataError(
+                f"no column at position {spec} for the {role}; the file has {len(columns)} column(s)",
+                source=table.source,
+                column=str(spec),
+            )
+        return columns[spec]
+    if spec not in columns:
+        raise InputDataError(_missing_column_message(table, spec, role), source=table.source, column=spec)
+    return spec
+
+
+def _missing_column_message(table: _Table, name: str, role: str) -> str:
+    found = ", ".join(repr(c) for c in table.columns)
+    if table.positional:
+        return (f"no column {name!r} for the {role}: the file has no header, so columns are 0-based "
+                f"positions ({found})")
+    return f"no column {name!r} for the {role}; columns found: {found}"
+
+
+def _resolve_rating_column(
+    table: _Table, spec: str | int | None, *, implicit: bool, optional: bool
+) -> str | None:
+    if spec is None or (optional and not _has_column(table, spec)):
+        return None
+    return _resolve_column(table, spec, "interaction strength" if implicit else "rating")
+
+
+def _has_column(table: _Table, spec: str | int) -> bool:
+    if isinstance(spec, int):
+        return 0 <= spec < table.data.num_columns
+    return spec in table.columns
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
+    position = pc.index(mask, True).as_py()
+    return None if position < 0 else position
+
+
+def _id_column(table: _Table, name: str, what: str) -> pa.ChunkedArray:
+    """Column ``name`` as stripped, non-empty strings; integer ids become their decimal text."""
+    column = table.data.column(name)
+    data_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if not (pa.types.is_integer(data_type) or _is_text(data_type)):
+        raise InputDataError(
+            f"{what} column has type {data_type}; ids must be text or integers",
+            source=table.source,
+            column=name,
+        )
+    if not _is_text(column.type):
+        column = column.cast(pa.string())
+    column = pc.utf8_trim_whitespace(column)
+    empty = pc.fill_null(pc.equal(column, ""), True)
+    position = _first_true(empty)
+    if position is not None:
+        raise InputDataError(f"{what} is empty", source=table.source, row=table.row(position), column=name)
+    return column
+
+
+def _number_column(table: _Table, name: str, what: str) -> np.ndarray:
+    """Column ``name`` as finite float64 values: (n_rows,). Text must parse as numbers."""
+    column = table.data.column(name)
+    if _is_text(column.type):
+        values = _parse_numbers(pc.utf8_trim_whitespace(column))
+    elif pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_decimal(
+        column.type
+    ) or pa.types.is_boolean(column.type):
+        values = column.cast(pa.float64()).to_numpy()
+    else:
+        raise InputDataError(
+            f"{what} column has type {column.type}; expected numbers", source=table.source, column=name
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise InputDataError(
+            _bad_number_reason(column[position].as_py(), values[position], what),
+            source=table.source,
+            row=table.row(position),
+            column=name,
+        )
+    return values
+
+
+def _parse_numbers(text: pa.ChunkedArray) -> np.ndarray:
+    """Text to float64; a value that is not a number becomes NaN. (n,) float64."""
+    try:
+        return pc.cast(text, pa.float64()).to_numpy()
+    except pa.ArrowInvalid:
+        # Some value does not parse; pandas marks each such value NaN so the first can be found.
+        return pd.to_numeric(text.to_pandas(), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _bad_number_reason(original: Any, value: float, what: str) -> str:
+    if original is None or (isinstance(original, str) and not original.strip()):
+        return f"{what} is empty"
+    if np.isinf(value):
+        return f"{what} {original!r} is not finite"
+    return f"{what} {original!r} is not a number"
+
+
+def _rating_column(table: _Table, name: str, what: str, *, allow_negative: bool) -> np.ndarray:
+    """Finite ratings or strengths that fit float32: (n_rows,) float32."""
+    values = _number_column(table, name, what)
+    _raise_at_first(table, name, np.abs(values) > FLOAT32_MAX,
+                    lambda v: f"{what} {v!r} is too large (beyond float32)", values)
+    if not allow_negative:
+        _raise_at_first(table, name, values < 0,
+                        lambda v: f"{what} {v!r} is negative; implicit strengths must be >= 0", values)
+    return values.astype(np.float32)
+
+
+def _raise_at_first(
+    table: _Table, name: str, mask: np.ndarray, reason: Callable[[float], str], values: np.ndarray
+) -> None:
+    if mask.any():
+        position = int(np.argmax(mask))
+        raise InputDataError(
+            reason(float(values[position])), source=table.source, row=table.row(position), column=name
+        )
+
+
+def _check_unique_keys(table: _Table, keys: pa.ChunkedArray, name: str) -> None:
+    series = pd.Series(keys.to_pandas(), dtype="str")
+    duplicated = series.duplicated(keep="first").to_numpy()
+    if not duplicated.any():
+        return
+    second = int(np.argmax(duplicated))
+    key = series.iloc[second]
+    first = int(np.argmax((series == key).to_numpy()))
+    raise InputDataError(
+        f"duplicate key {key!r} in rows {table.row(first)} and {table.row(second)}",
+        source=table.source,
+        row=table.row(second),
+        column=name,
+    )
+
+
+def _typed_text_column(column: pa.ChunkedArray) -> pd.Series:
+    """A text feature column: numeric when every present value parses as a number, else stripped
+    text; missing cells (``MISSING_TOKENS``) become NaN either way."""
+    text = missing_to_null(column)
+    if text.null_count == 0 and _casts(text, pa.int64()):
+        return pd.Series(pc.cast(text, pa.int64()).to_numpy(), dtype=np.int64)
+    numbers = numbers_or_none(text)
+    if numbers is not None:
+        return pd.Series(numbers, dtype=np.float64)
+    return pd.Series(text.to_pandas(), dtype="str")
+
+
+def missing_to_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Text cells stripped of surrounding whitespace, with ``MISSING_TOKENS`` cells made null."""
+    stripped = pc.utf8_trim_whitespace(text)
+    missing = pc.is_in(pc.utf8_lower(stripped), value_set=pa.array(sorted(MISSING_TOKENS), pa.string()))
+    return pc.if_else(missing, pa.scalar(None, stripped.type), stripped)
+
+
+def numbers_or_none(text: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """(n,) float64 when every non-null cell parses as a number (nulls become NaN), else None."""
+    if not _casts(text, pa.float64()):
+        return None
+    return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _casts(text: pa.Array | pa.ChunkedArray, target: pa.DataType) -> bool:
+    # A failing cast of a whole column is slow (tens of ms per 100k cells), and text columns
+    # usually fail on their first values, so a short head is tried first.
+    for candidate in (text.drop_null().slice(0, 64), text):
+        try:
+            pc.cast(candidate, target)
+        except pa.ArrowInvalid:
+            return False
+    return True
