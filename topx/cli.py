@@ -91,9 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"topx {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    # --quiet is accepted before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
 
-    p = sub.add_parser("run", help="all stages: ingest, train, vectors, recommend, evaluate",
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kwargs)
+
+    p = add_command("run", help="all stages: ingest, train, vectors, recommend, evaluate",
                        description="Run every stage and write the outputs into --out, replacing it only on success.")
     _add_data_options(p)
     _add_model_options(p)
@@ -102,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: recommendations.parquet, model/, vectors/, metrics.json")
 
-    p = sub.add_parser("train", help="ingest and train; writes model/ and data/ into --out",
+    p = add_command("train", help="ingest and train; writes model/ and data/ into --out",
                        description="Read and validate the data, train the FM, write the model artifact "
                                    "(SageMaker FM layout) and the feature index.")
     _add_data_options(p)
     _add_model_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to create (replaced only on success)")
 
-    p = sub.add_parser("vectors", help="repackage a model into the recipe's user and item vectors",
+    p = add_command("vectors", help="repackage a model into the recipe's user and item vectors",
                        description="From a run directory (--run), or from any SageMaker FM model.tar.gz "
                                    "(--model) with its feature index, write a_u, a_i and c_u.")
     p.add_argument("--run", metavar="DIR", help="run directory written by `topx train` (writes DIR/vectors)")
@@ -122,19 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-hot-items", metavar="FILE", help="the item ids, one per line, with --one-hot-users")
     p.add_argument("--out", metavar="DIR", help="where to write the vectors (default: RUN/vectors)")
 
-    p = sub.add_parser("recommend", help="exact top-x for every user from the vectors",
+    p = add_command("recommend", help="exact top-x for every user from the vectors",
                        description="Search the top-x items of every user by inner product and write recommendations.parquet.")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
     _add_ranking_options(p)
 
-    p = sub.add_parser("evaluate", help="hold-out metrics of a run against a popularity baseline",
+    p = add_command("evaluate", help="hold-out metrics of a run against a popularity baseline",
                        description="RMSE (regressor) or AUC and log loss (classifier), and recall, NDCG, MAP and "
                                    "coverage at x, beside popularity; writes metrics.json.")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory written by `topx train` and `topx vectors`")
     p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"x of the ranking metrics (default {DEFAULT_TOP_X})")
     _add_eval_options(p)
 
-    p = sub.add_parser("demo", help="the whole pipeline on a generated catalogue",
+    p = add_command("demo", help="the whole pipeline on a generated catalogue",
                        description="Generate a synthetic catalogue (power-law popularity, user and item features, "
                                    "planted tastes), run every stage and print some recommendations and the metrics.")
     p.add_argument("--out", metavar="DIR", help="keep the outputs here (default: a temporary directory)")

@@ -1,0 +1,173 @@
+"""The command line as a user runs it: whole runs, stages, errors, and outputs never half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from topx.cli import build_parser, main
+from topx.synth import generate
+
+FAST = ["--epochs", "3", "--num-factors", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def explicit_csv(tmp_path_factory) -> Path:
+    """A header CSV with other column names and float ratings."""
+    data = generate(300, 120, mean_interactions=15, implicit=False, seed=1)
+    frame = data.interactions.rename(columns={"user_id": "customer", "item_id": "sku", "rating": "stars"})
+    frame["stars"] = frame["stars"] - 0.25
+    path = tmp_path_factory.mktemp("explicit") / "ratings.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def implicit_files(tmp_path_factory) -> dict[str, Path]:
+    return generate(300, 120, mean_interactions=15, implicit=True, seed=2).write(tmp_path_factory.mktemp("implicit"))
+
+
+def read_recs(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "recommendations.parquet")
+
+
+def test_run_on_renamed_columns_and_float_ratings(explicit_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", "--top-x", "5", "--out", str(out), *FAST])
+    assert code == 0
+    recs = read_recs(out)
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+    ratings = pd.read_csv(explicit_csv, dtype={"customer": str, "sku": str})
+    assert recs["user_id"].nunique() == ratings["customer"].nunique()
+    assert (recs.groupby("user_id")["rank"].apply(list) == pd.Series([[1, 2, 3, 4, 5]] * recs["user_id"].nunique(),
+            index=sorted(recs["user_id"].unique()))).all()
+    seen = set(zip(ratings["customer"], ratings["sku"], strict=True))
+    assert not any((u, i) in seen for u, i in zip(recs["user_id"], recs["item_id"], strict=True))
+    assert (recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["predictor_type"] == "regressor" and metrics["rmse"] > 0
+    assert {"recall_at_5", "popularity_recall_at_5", "ndcg_at_5", "map_at_5", "coverage_at_5"} <= set(metrics)
+    for part in ("model/model.tar.gz", "model/feature_index.json", "vectors/item_vectors.npy"):
+        assert (out / part).exists(), part
+    assert "rmse" in capsys.readouterr().out
+
+
+def test_run_on_implicit_play_counts_with_features(implicit_files, tmp_path):
+    out = tmp_path / "out"
+    code = main(["run", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
+                 "--implicit", "--users", str(implicit_files["users"]), "--items", str(implicit_files["items"]),
+                 "--out", str(out), *FAST])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["predictor_type"] == "binary_classifier"
+    assert 0.5 < metrics["auc"] <= 1.0
+    assert metrics["data"]["n_features"] > 300 + 120
+    assert len(read_recs(out)) == 300 * 10
+
+
+def test_headerless_tsv_with_positional_columns(tmp_path):
+    rows = ["a\tx\t5", "a\ty\t3", "b\tx\t4", "b\tz\t1", "c\ty\t2", "c\tz\t5"]
+    path = tmp_path / "r.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(path), "--no-header", "--top-x", "1", "--holdout", "0",
+                 "--out", str(out), *FAST]) == 0
+    recs = read_recs(out)
+    # Each user has seen two of the three items: the one left is recommended.
+    assert dict(zip(recs["user_id"], recs["item_id"], strict=True)) == {"a": "z", "b": "y", "c": "x"}
+
+
+def test_ids_stay_strings(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("user_id,item_id,rating\n007,1,5\n7,01,3\n007,2,4\n7,2,1\n")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(path), "--holdout", "0", "--top-x", "2", "--out", str(out), *FAST]) == 0
+    recs = read_recs(out)
+    assert set(recs["user_id"]) == {"007", "7"}
+    assert set(recs["item_id"]) <= {"1", "01", "2"}
+
+
+def test_stages_reproduce_the_whole_run(implicit_files, tmp_path):
+    args = ["--interactions", str(implicit_files["interactions"]), "--rating-col", "plays", "--implicit", *FAST]
+    whole, staged = tmp_path / "whole", tmp_path / "staged"
+    assert main(["run", *args, "--out", str(whole)]) == 0
+    assert main(["train", *args, "--out", str(staged)]) == 0
+    assert main(["--quiet", "vectors", "--run", str(staged)]) == 0
+    assert main(["--quiet", "recommend", "--run", str(staged)]) == 0
+    assert main(["--quiet", "evaluate", "--run", str(staged)]) == 0
+    pd.testing.assert_frame_equal(read_recs(whole), read_recs(staged))
+    m1 = json.loads((whole / "metrics.json").read_text())
+    m2 = json.loads((staged / "metrics.json").read_text())
+    assert m1["recall_at_10"] == pytest.approx(m2["recall_at_10"])
+
+
+def test_vectors_from_a_bare_model_and_one_hot_id_lists(implicit_files, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
+                 "--implicit", "--out", str(run), *FAST]) == 0
+    index = json.loads((run / "model" / "feature_index.json").read_text())
+    (tmp_path / "users.txt").write_text("\n".join(index["user_ids"]))
+    (tmp_path / "items.txt").write_text("\n".join(index["item_ids"]))
+    out = tmp_path / "vec"
+    assert main(["--quiet", "vectors", "--model", str(run / "model" / "model.tar.gz"),
+                 "--one-hot-users", str(tmp_path / "users.txt"), "--one-hot-items", str(tmp_path / "items.txt"),
+                 "--out", str(out)]) == 0
+    assert main(["--quiet", "vectors", "--run", str(run)]) == 0
+    np.testing.assert_allclose(np.load(out / "item_vectors.npy"), np.load(run / "vectors" / "item_vectors.npy"),
+                               rtol=1e-6)
+
+
+def test_bad_input_is_one_clear_line_and_leaves_the_old_output(explicit_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", "--out", str(out), *FAST]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,rating\nu1,i1,4\nu2,i2,lots\n")
+    capsys.readouterr()
+    code = main(["run", "--interactions", str(bad), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.csv" in err and "row 3" in err and "rating" in err
+    assert "Traceback" not in err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_missing_column_and_missing_file_are_user_errors(tmp_path, capsys):
+    path = tmp_path / "r.csv"
+    path.write_text("user,item,rating\na,b,1\n")
+    assert main(["run", "--interactions", str(path), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "user_id" in capsys.readouterr().err
+    assert main(["run", "--interactions", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+    assert main(["vectors", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_every_command_explains_its_options(capsys):
+    import argparse
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) >= {"run", "train", "vectors", "recommend", "evaluate", "demo"}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"topx {name}: {action.option_strings} has no help text"
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: topx {name}" in capsys.readouterr().out
+
+
+def test_demo_runs_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quiet", "demo", "--users", "200", "--items", "80", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recall_at_10" in text and "popularity" in text
+    assert (out / "recommendations.parquet").exists()
