@@ -198,6 +198,9 @@ def _print_metrics(metrics: dict[str, Any], x: int) -> None:
             f"coverage_at_{x}", f"popularity_recall_at_{x}", f"popularity_ndcg_at_{x}", f"popularity_map_at_{x}",
             f"popularity_coverage_at_{x}"]
     shown = {k: metrics[k] for k in keys if k in metrics}
+    if not shown:
+        print(f"metrics: {metrics.get('note', 'none')}")
+        return
     width = max(len(k) for k in shown) if shown else 0
     print("metrics (hold-out):")
     for k, v in shown.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,6 +171,9 @@ def train_fm(
     """Train an FM. Early-stops on ``validation`` (or on a ``hp.validation_fraction`` split of
     ``data`` when none is given and the fraction is > 0) and returns the best epoch's parameters."""
     dev = pick_device(device)
+    # Adagrad's sparse update builds COO tensors from indices it made itself; the notice about
+    # skipped invariant checks is noise to a user.
+    warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
     torch.manual_seed(hp.seed)
     generator = torch.Generator(device="cpu").manual_seed(hp.seed)
     rng = np.random.default_rng(hp.seed)
