@@ -83,7 +83,7 @@ def model_algo_bytes(params: FMParams) -> bytes:
     members = {
         META_MEMBER: _meta_json(params).encode("utf-8"),
         PARAMS_MEMBER: dump_ndarrays({f"arg:{name}": array for name, array in fm_arrays(params).items()}),
-        SYMBOL_MEMBER: fm_symbol_json(params.predictor_type).encode("utf-8"),
+        SYMBOL_MEMBER: fm_symbol_json(params.predictor_type, params.n_features, params.num_factors).encode("utf-8"),
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -157,20 +157,20 @@ def params_from_arrays(
     return FMParams(float(bias.reshape(-1)[0]), linear, factors, predictor_type)
 
 
-def fm_symbol_json(predictor_type: str) -> str:
+def fm_symbol_json(predictor_type: str, n_features: int, num_factors: int) -> str:
     """The FM as an MXNet symbol graph: score = w0 + x.w1 + 0.5 * sum((x v)^2 - x^2 v^2).
 
-    The head is ``LinearRegressionOutput`` for a regressor (forward gives the score) and
+    The parameters carry their shapes (``__shape__``), so binding needs only the data shape. The head is ``LinearRegressionOutput`` for a regressor (forward gives the score) and
     ``LogisticRegressionOutput`` for a binary classifier (forward gives sigmoid(score)); its label
     is ``out_label``, the name SageMaker's FM uses.
     """
     graph = _SymbolGraph()
     data = graph.variable("data")
-    w1 = graph.variable("w1_weight")
+    w1 = graph.variable("w1_weight", (n_features, 1))
     linear = graph.op("dot", "linear", [data, w1])
-    w0 = graph.variable("w0_weight")
+    w0 = graph.variable("w0_weight", (1,))
     linear = graph.op("broadcast_add", "linear_plus_bias", [linear, w0])
-    v = graph.variable("v")
+    v = graph.variable("v", (n_features, num_factors))
     xv = graph.op("dot", "xv", [data, v])
     sum_sq = graph.op("sum", "sum_xv_squared", [graph.op("square", "xv_squared", [xv])], axis="1", keepdims="True")
     x_sq = graph.op("square", "x_squared", [data])
@@ -191,8 +191,12 @@ class _SymbolGraph:
     def __init__(self) -> None:
         self.nodes: list[dict[str, Any]] = []
 
-    def variable(self, name: str) -> int:
-        self.nodes.append({"op": "null", "name": name, "inputs": []})
+    def variable(self, name: str, shape: tuple[int, ...] | None = None) -> int:
+        node: dict[str, Any] = {"op": "null", "name": name, "inputs": []}
+        if shape is not None:
+            # MXNet's own spelling of a declared float32 parameter: type flag 0 and a tuple string.
+            node["attrs"] = {"__dtype__": "0", "__shape__": str(shape)}
+        self.nodes.append(node)
         return len(self.nodes) - 1
 
     def op(self, op: str, name: str, inputs: list[int], **attrs: str) -> int:
