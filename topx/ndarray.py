@@ -116,7 +116,9 @@ def load_ndarrays(source: str | os.PathLike[str] | bytes | bytearray | memoryvie
     count = reader.uint64("array count")
     # Every array takes at least 8 bytes (magic + ndim), so a larger count is a corrupt header.
     if count > reader.remaining // 8:
-        raise reader.error(f"array count {count} is larger than the {reader.remaining} bytes left can hold", 16)
+        raise reader.error(
+            f"truncated or corrupt: {count} arrays need at least {8 * count} bytes, only {reader.remaining} left", 16
+        )
     arrays = [_read_array(reader, index) for index in range(count)]
     names = _read_names(reader)
     if not names:
@@ -265,7 +267,9 @@ def _read_dense_body(reader: _Reader, index: int, shape: tuple[int, ...]) -> np.
 def _read_names(reader: _Reader) -> list[str]:
     count = reader.uint64("name count")
     if count > reader.remaining // 8:
-        raise reader.error(f"name count {count} is larger than the {reader.remaining} bytes left can hold")
+        raise reader.error(
+            f"truncated or corrupt: {count} names need at least {8 * count} bytes, only {reader.remaining} left"
+        )
     names = []
     for index in range(count):
         length = reader.uint64(f"length of name #{index}")
