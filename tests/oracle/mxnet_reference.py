@@ -146,8 +146,9 @@ def write_sagemaker_models(out: Path, rng: np.random.Generator) -> dict[str, dic
 
 
 def write_sagemaker_records(out: Path, rng: np.random.Generator) -> dict[str, dict]:
-    sparse = sp.random(40, 30, density=0.15, format="csr", dtype=np.float32, random_state=7)
+    sparse = sp.random(40, 30, density=0.15, format="lil", dtype=np.float32, random_state=7)
     sparse[3, :] = 0  # an all-zero row: values and keys empty, only the shape is written
+    sparse = sparse.tocsr()
     sparse.eliminate_zeros()
     labels = rng.standard_normal(40).astype("float32")
     with open(out / "sm_sparse.rec", "wb") as fh:
