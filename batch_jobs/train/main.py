@@ -1,0 +1,42 @@
+"""Batch job: train the factorization machine of one run (GPU queue).
+
+    python -m batch_jobs.train.main --bucket BUCKET --run-id RUN_ID
+
+The job definition passes ``--bucket Ref::bucket --run-id Ref::run_id``; the state machine submits the
+job with those parameters. Exit status 0 on success, 2 on a TopxError (the job's retry strategy does not
+retry that status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from batch_jobs.args import bucket_name, run_id
+from topx import stages
+from topx.errors import TopxError
+
+TOPX_ERROR_EXIT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch_jobs.train.main", description=__doc__.splitlines()[0])
+    parser.add_argument("--bucket", help="data bucket (default: $TOPX_BUCKET)")
+    parser.add_argument("--run-id", required=True, help="run prepared under runs/<run_id>/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = stages.train_run(bucket_name(args.bucket), run_id(args.run_id))
+    except TopxError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return TOPX_ERROR_EXIT
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Lambda handlers of the topx pipeline (see handlers.py)."""

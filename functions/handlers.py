@@ -1,0 +1,204 @@
+"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.stages`` function, returns a dict.
+
+The image CMD picks the handler (``functions.handlers.prepare`` and so on). Events come from the state
+machine (statemachine/pipeline.asl.json); bucket and table names may also come from ``TOPX_BUCKET`` /
+``TOPX_TABLE`` (an explicit event value wins). A missing or malformed field raises ``EventError`` naming
+the field; Step Functions sees it as the error name ``EventError`` and does not retry it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from topx import stages
+from topx.config import ENV_BUCKET, ENV_TABLE, env_or
+from topx.errors import TopxError
+
+logger = logging.getLogger(__name__)
+logger.setLevel(logging.INFO)
+
+# Batch array jobs need at least two children, so prepare must report at least two shards.
+MIN_SHARDS = 2
+
+
+class EventError(TopxError):
+    """A Lambda event, or a stage's reply to one, lacks a field the pipeline contract needs."""
+
+
+def _object(event: Any) -> Mapping[str, Any]:
+    if not isinstance(event, Mapping):
+        raise EventError(f"event must be a JSON object, got {type(event).__name__}")
+    return event
+
+
+def _field(event: Mapping[str, Any], name: str) -> Any:
+    if name not in _object(event):
+        raise EventError(f"event has no {name!r} field (fields present: {sorted(event)})")
+    return event[name]
+
+
+def _str(event: Mapping[str, Any], name: str) -> str:
+    value = _field(event, name)
+    if not isinstance(value, str) or not value:
+        raise EventError(f"event field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_str(event: Mapping[str, Any], name: str) -> str | None:
+    value = _object(event).get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise EventError(f"event field {name!r} must be a non-empty string or null, got {value!r}")
+    return value
+
+
+def _int(event: Mapping[str, Any], name: str, *, minimum: int = 0) -> int:
+    value = _field(event, name)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise EventError(f"event field {name!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _named(event: Mapping[str, Any], name: str, env_name: str) -> str:
+    """A resource name: the event's value, else the environment variable, else an error."""
+    value = env_or(env_name, _optional_str(event, name), None)
+    if not value:
+        raise EventError(f"event has no {name!r} field and {env_name} is not set")
+    return value
+
+
+@dataclass(frozen=True)
+class PrepareEvent:
+    """``{"bucket": str, "key": str | null}``; key null means "the latest data under incoming/"."""
+
+    bucket: str
+    key: str | None
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> PrepareEvent:
+        return cls(bucket=_named(event, "bucket", ENV_BUCKET), key=_optional_str(event, "key"))
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """``{"bucket": str, "run_id": str}``."""
+
+    bucket: str
+    run_id: str
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> RunEvent:
+        return cls(bucket=_named(event, "bucket", ENV_BUCKET), run_id=_str(event, "run_id"))
+
+
+@dataclass(frozen=True)
+class TableRunEvent:
+    """``{"bucket": str, "run_id": str, "table": str}``."""
+
+    bucket: str
+    run_id: str
+    table: str
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> TableRunEvent:
+        return cls(
+            bucket=_named(event, "bucket", ENV_BUCKET),
+            run_id=_str(event, "run_id"),
+            table=_named(event, "table", ENV_TABLE),
+        )
+
+
+@dataclass(frozen=True)
+class LoadShardEvent:
+    """``{"bucket": str, "run_id": str, "shard": int, "table": str}``."""
+
+    bucket: str
+    run_id: str
+    shard: int
+    table: str
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> LoadShardEvent:
+        return cls(
+            bucket=_named(event, "bucket", ENV_BUCKET),
+            run_id=_str(event, "run_id"),
+            shard=_int(event, "shard"),
+            table=_named(event, "table", ENV_TABLE),
+        )
+
+
+@dataclass(frozen=True)
+class PublishEvent:
+    """``{"bucket": str, "run_id": str, "table": str, "expected_shards": int}``."""
+
+    bucket: str
+    run_id: str
+    table: str
+    expected_shards: int
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> PublishEvent:
+        return cls(
+            bucket=_named(event, "bucket", ENV_BUCKET),
+            run_id=_str(event, "run_id"),
+            table=_named(event, "table", ENV_TABLE),
+            expected_shards=_int(event, "expected_shards", minimum=1),
+        )
+
+
+def _check_prepared(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The state machine sizes the search array job and the load Map from these fields."""
+    shards = _int(result, "shards", minimum=MIN_SHARDS)
+    _str(result, "run_id")
+    _str(result, "bucket")
+    if _field(result, "shard_ids") != list(range(shards)):
+        raise EventError(f"prepare returned shard_ids {result['shard_ids']!r}; expected 0..{shards - 1}")
+    for name in ("n_users", "n_items", "n_interactions"):
+        _int(result, name)
+    return dict(result)
+
+
+def _log(handler: str, parsed: Any) -> None:
+    logger.info("%s %s", handler, asdict(parsed))
+
+
+def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """-> ``{"run_id", "bucket", "shards" (>= 2), "shard_ids" [0..shards-1], "n_users", "n_items", "n_interactions"}``."""
+    parsed = PrepareEvent.parse(event)
+    _log("prepare", parsed)
+    return _check_prepared(stages.prepare_run(parsed.bucket, parsed.key))
+
+
+def quality_gate(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """-> ``{"passed": bool, "reason": str, "metrics": {...}}``."""
+    parsed = TableRunEvent.parse(event)
+    _log("quality_gate", parsed)
+    result = stages.quality_gate(parsed.bucket, parsed.run_id, parsed.table)
+    if not isinstance(_field(result, "passed"), bool):
+        raise EventError(f"quality_gate returned passed={result['passed']!r}; expected true or false")
+    return dict(result)
+
+
+def repackage(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    parsed = RunEvent.parse(event)
+    _log("repackage", parsed)
+    return dict(stages.repackage_run(parsed.bucket, parsed.run_id))
+
+
+def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """-> ``{"shard": int, "written": int}``."""
+    parsed = LoadShardEvent.parse(event)
+    _log("load_shard", parsed)
+    return dict(stages.load_shard(parsed.bucket, parsed.run_id, parsed.shard, parsed.table))
+
+
+def publish(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    parsed = PublishEvent.parse(event)
+    _log("publish", parsed)
+    return dict(stages.publish_version(parsed.bucket, parsed.run_id, parsed.table, parsed.expected_shards))
