@@ -1,0 +1,1 @@
+"""The topx CDK app. Never imports topx: synthesis must not need torch or faiss."""

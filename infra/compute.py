@@ -1,0 +1,291 @@
+"""Compute: a NAT-free VPC, AWS Batch environments and queues, and the train and search job definitions.
+
+Cost choice (see docs/DEPLOY.md): public subnets only, no NAT gateway and no interface endpoints.
+Batch instances and Fargate tasks get public IPs so they can reach ECR, CloudWatch Logs and STS; the
+security group admits no inbound traffic and lets out HTTPS only. S3 and DynamoDB traffic goes through
+the free gateway endpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy, Size
+from aws_cdk import aws_batch as batch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from infra.access import acknowledge_run_objects, list_bucket, read_write_runs
+from infra.images import SEARCH_DOCKERFILE, TRAIN_DOCKERFILE, batch_image
+from infra.nag import acknowledge
+from infra.settings import DeploySettings
+
+# Entry points, as `python -m` modules. The job definitions' commands name them; the Dockerfiles' CMDs
+# name the same modules (checked in tests). Batch fills `Ref::<name>` from the SubmitJob parameters the
+# state machine sends: bucket and run_id, plus shards for search. The shard index itself comes from
+# AWS_BATCH_JOB_ARRAY_INDEX, set by Batch on every array child.
+TRAIN_MODULE = "batch_jobs.train.main"
+SEARCH_MODULE = "batch_jobs.search.main"
+TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE, "--bucket", "Ref::bucket", "--run-id", "Ref::run_id"]
+SEARCH_COMMAND = [
+    "python", "-m", SEARCH_MODULE,
+    "--bucket", "Ref::bucket", "--run-id", "Ref::run_id", "--shards", "Ref::shards",
+]  # fmt: skip
+
+# The train container fits the smallest default GPU instances (g5.xlarge / g6.xlarge: 4 vCPU, 16 GiB,
+# of which ECS keeps some for itself). Larger instance types also fit it.
+TRAIN_VCPUS = 4
+TRAIN_MEMORY = Size.gibibytes(14)
+TRAIN_TIMEOUT = Duration.hours(6)
+# A Fargate size (4 vCPU allows 8-30 GiB); one array child holds all item vectors and its users' vectors.
+SEARCH_VCPUS = 4
+SEARCH_MEMORY = Size.gibibytes(16)
+SEARCH_TIMEOUT = Duration.hours(2)
+# Exit code the entry points return on a TopxError (bad input, bad artifact): retrying cannot help.
+TOPX_ERROR_EXIT_CODE = "2"
+GPU_ROOT_VOLUME_GIB = 100
+# Status reason AWS Batch reports when Fargate Spot takes a task back.
+FARGATE_SPOT_INTERRUPTED = "Your Spot Task was interrupted*"
+
+
+@dataclass(frozen=True)
+class Job:
+    queue: batch.JobQueue
+    definition: batch.EcsJobDefinition
+
+
+class Compute(Construct):
+    """The VPC, a GPU managed EC2 environment for training and a Fargate environment for search."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: DeploySettings,
+        bucket: s3.IBucket,
+        log_bucket: s3.IBucket,
+        environment: dict[str, str],
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.vpc = self._vpc(log_bucket)
+        self.security_group = ec2.SecurityGroup(
+            self,
+            "JobSecurityGroup",
+            vpc=self.vpc,
+            description="topx Batch jobs: no inbound; HTTPS out to ECR, S3, DynamoDB, CloudWatch Logs, STS",
+            allow_all_outbound=False,
+        )
+        self.security_group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs")
+        subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
+
+        gpu_environment = batch.ManagedEc2EcsComputeEnvironment(
+            self,
+            "GpuEnvironment",
+            vpc=self.vpc,
+            vpc_subnets=subnets,
+            security_groups=[self.security_group],
+            instance_types=[ec2.InstanceType(name) for name in settings.gpu_instance_types],
+            use_optimal_instance_classes=False,
+            images=[batch.EcsMachineImage(image_type=batch.EcsMachineImageType.ECS_AL2023_NVIDIA)],
+            minv_cpus=0,
+            maxv_cpus=settings.max_vcpus,
+            spot=settings.spot,
+            allocation_strategy=(
+                batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED
+                if settings.spot
+                else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE
+            ),
+            launch_template=self._gpu_launch_template(),
+            update_to_latest_image_version=True,
+        )
+        acknowledge(
+            gpu_environment,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AmazonEC2ContainerServiceforEC2Role]",
+            "The ECS container-instance policy AWS Batch documents for its instances; it tracks the "
+            "ECS agent's needs better than a hand-copied policy would.",
+        )
+        cpu_environment = batch.FargateComputeEnvironment(
+            self,
+            "CpuEnvironment",
+            vpc=self.vpc,
+            vpc_subnets=subnets,
+            security_groups=[self.security_group],
+            maxv_cpus=settings.max_vcpus,
+            spot=settings.spot,
+        )
+
+        job_role = self._job_role(bucket)
+        self.train = Job(
+            queue=self._queue("TrainQueue", gpu_environment),
+            definition=batch.EcsJobDefinition(
+                self,
+                "TrainJob",
+                container=batch.EcsEc2ContainerDefinition(
+                    self,
+                    "TrainContainer",
+                    image=batch_image(TRAIN_DOCKERFILE),
+                    cpu=TRAIN_VCPUS,
+                    memory=TRAIN_MEMORY,
+                    gpu=1,
+                    command=TRAIN_COMMAND,
+                    environment=environment,
+                    job_role=job_role,
+                    logging=self._logging("train"),
+                    # PyTorch data loader workers exchange batches through /dev/shm.
+                    linux_parameters=batch.LinuxParameters(
+                        self, "TrainLinuxParameters", shared_memory_size=Size.gibibytes(2)
+                    ),
+                ),
+                parameters={"bucket": bucket.bucket_name},
+                timeout=TRAIN_TIMEOUT,
+                retry_attempts=2,
+                retry_strategies=_retry_strategies(batch.Reason.SPOT_INSTANCE_RECLAIMED),
+                propagate_tags=True,
+            ),
+        )
+        self.search = Job(
+            queue=self._queue("SearchQueue", cpu_environment),
+            definition=batch.EcsJobDefinition(
+                self,
+                "SearchJob",
+                container=batch.EcsFargateContainerDefinition(
+                    self,
+                    "SearchContainer",
+                    image=batch_image(SEARCH_DOCKERFILE),
+                    cpu=SEARCH_VCPUS,
+                    memory=SEARCH_MEMORY,
+                    command=SEARCH_COMMAND,
+                    environment=environment,
+                    job_role=job_role,
+                    logging=self._logging("search"),
+                    assign_public_ip=True,
+                    fargate_platform_version=ecs.FargatePlatformVersion.LATEST,
+                ),
+                parameters={"bucket": bucket.bucket_name, "shards": str(settings.shards)},
+                timeout=SEARCH_TIMEOUT,
+                retry_attempts=3,
+                retry_strategies=_retry_strategies(
+                    batch.Reason.custom(on_status_reason=FARGATE_SPOT_INTERRUPTED),
+                    batch.Reason.custom(on_status_reason="ResourceInitializationError*"),
+                ),
+                propagate_tags=True,
+            ),
+        )
+
+        for container in (self.train.definition.container, self.search.definition.container):
+            acknowledge(
+                container,
+                "AwsSolutions-IAM5[Resource::*]",
+                "The execution role's ecr:GetAuthorizationToken has no resource-level permissions; image "
+                "pulls themselves are limited to the CDK assets repository.",
+            )
+
+    @property
+    def jobs(self) -> tuple[Job, Job]:
+        return (self.train, self.search)
+
+    def _vpc(self, log_bucket: s3.IBucket) -> ec2.Vpc:
+        vpc = ec2.Vpc(
+            self,
+            "Vpc",
+            max_azs=2,
+            nat_gateways=0,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=22)
+            ],
+            restrict_default_security_group=False,
+            gateway_endpoints={
+                "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3),
+                "DynamoDB": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.DYNAMODB),
+            },
+        )
+        vpc.add_flow_log(
+            "FlowLog",
+            destination=ec2.FlowLogDestination.to_s3(log_bucket, "vpc-flow-logs/"),
+            traffic_type=ec2.FlowLogTrafficType.ALL,
+        )
+        return vpc
+
+    def _gpu_launch_template(self) -> ec2.LaunchTemplate:
+        return ec2.LaunchTemplate(
+            self,
+            "GpuLaunchTemplate",
+            # IMDSv2 only, and one hop: containers cannot reach the instance's credentials; jobs use
+            # their job role through the ECS credential endpoint instead.
+            http_tokens=ec2.LaunchTemplateHttpTokens.REQUIRED,
+            http_endpoint=True,
+            http_put_response_hop_limit=1,
+            # The CUDA PyTorch image is several GB unpacked; the AMI's default root volume is 30 GiB.
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/xvda",
+                    volume=ec2.BlockDeviceVolume.ebs(
+                        GPU_ROOT_VOLUME_GIB,
+                        encrypted=True,
+                        volume_type=ec2.EbsDeviceVolumeType.GP3,
+                        delete_on_termination=True,
+                    ),
+                )
+            ],
+        )
+
+    def _queue(self, construct_id: str, environment: batch.IComputeEnvironment) -> batch.JobQueue:
+        return batch.JobQueue(
+            self,
+            construct_id,
+            compute_environments=[batch.OrderedComputeEnvironment(compute_environment=environment, order=1)],
+            # Cancel a job that can never start (no instance type fits it, maxvCpus too small) instead
+            # of leaving the pipeline waiting on it; give scarce GPU capacity a few hours.
+            job_state_time_limit_actions=[
+                batch.JobStateTimeLimitAction(
+                    max_time=Duration.minutes(30),
+                    reason=batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT,
+                ),
+                batch.JobStateTimeLimitAction(
+                    max_time=Duration.minutes(30),
+                    reason=batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE,
+                ),
+                batch.JobStateTimeLimitAction(
+                    max_time=Duration.hours(4),
+                    reason=batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY,
+                ),
+            ],
+        )
+
+    def _job_role(self, bucket: s3.IBucket) -> iam.Role:
+        role = iam.Role(
+            self,
+            "JobRole",
+            assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+            description="topx train and search jobs: read and write runs/ in the data bucket",
+        )
+        role.add_to_policy(list_bucket(bucket))
+        role.add_to_policy(read_write_runs(bucket))
+        acknowledge_run_objects(role, bucket)
+        return role
+
+    def _logging(self, name: str) -> ecs.LogDriver:
+        log_group = logs.LogGroup(
+            self,
+            f"{name.capitalize()}Logs",
+            retention=logs.RetentionDays.ONE_MONTH,
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        return ecs.LogDrivers.aws_logs(stream_prefix=name, log_group=log_group)
+
+
+def _retry_strategies(*infrastructure_failures: batch.Reason) -> list[batch.RetryStrategy]:
+    """Retry what the infrastructure broke (capacity reclaimed, image pull); never a TopxError or a bug."""
+    return [
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_exit_code=TOPX_ERROR_EXIT_CODE)),
+        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.CANNOT_PULL_CONTAINER),
+        *(batch.RetryStrategy.of(batch.Action.RETRY, reason) for reason in infrastructure_failures),
+        # Without this catch-all, Batch retries every other failure too.
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_reason="*")),
+    ]

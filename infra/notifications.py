@@ -1,0 +1,92 @@
+"""Operations: the SNS topic for successes and failures, and the alarms that feed it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_batch as batch
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+ALARM_PERIOD = Duration.minutes(5)
+
+
+class Notifications(Construct):
+    """A KMS-encrypted topic that the state machine, the alarms and the Batch failure rule publish to."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, email: str | None) -> None:
+        super().__init__(scope, construct_id)
+        # A customer-managed key: the AWS-managed SNS key cannot be granted to CloudWatch alarms or to
+        # EventBridge, which both publish to this topic. (The EventBridge target grants itself below.)
+        self.key = kms.Key(
+            self,
+            "TopicKey",
+            description="topx notifications topic",
+            enable_key_rotation=True,
+        )
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                resources=["*"],  # in a key policy, "*" means this key
+                conditions={"StringEquals": {"aws:SourceAccount": Stack.of(self).account}},
+            )
+        )
+        self.topic = sns.Topic(
+            self,
+            "Topic",
+            display_name="topx pipeline",
+            master_key=self.key,
+            enforce_ssl=True,
+        )
+        if email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(email))
+
+    def add_alarms(self, state_machine: sfn.IStateMachine, queues: Sequence[batch.IJobQueue]) -> None:
+        """Alarm on failed or timed-out executions, and forward failed Batch jobs of our queues."""
+        action = cloudwatch_actions.SnsAction(self.topic)
+        for name, metric in (
+            ("ExecutionsFailed", state_machine.metric_failed(period=ALARM_PERIOD)),
+            ("ExecutionsTimedOut", state_machine.metric_timed_out(period=ALARM_PERIOD)),
+        ):
+            alarm = cloudwatch.Alarm(
+                self,
+                f"{name}Alarm",
+                alarm_description=f"topx pipeline: {name} >= 1 in {ALARM_PERIOD.to_minutes()} minutes",
+                metric=metric,
+                threshold=1,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            )
+            alarm.add_alarm_action(action)
+
+        rule = events.Rule(
+            self,
+            "BatchJobFailed",
+            description="Forward failed topx Batch jobs (train, search and each search shard) to the topic",
+            event_pattern=events.EventPattern(
+                source=["aws.batch"],
+                detail_type=["Batch Job State Change"],
+                detail={"status": ["FAILED"], "jobQueue": [queue.job_queue_arn for queue in queues]},
+            ),
+        )
+        rule.add_target(
+            targets.SnsTopic(
+                self.topic,
+                message=events.RuleTargetInput.from_text(
+                    f"topx: AWS Batch job {events.EventField.from_path('$.detail.jobName')} "
+                    f"({events.EventField.from_path('$.detail.jobId')}) failed: "
+                    f"{events.EventField.from_path('$.detail.statusReason')}"
+                ),
+            )
+        )

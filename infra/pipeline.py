@@ -1,0 +1,199 @@
+"""The Step Functions state machine (statemachine/pipeline.asl.json) and the rules that start it.
+
+The ASL file is the single definition: CDK loads it as text and CloudFormation fills its ``${Name}``
+placeholders from ``DefinitionSubstitutions``; an offline runner fills the same names with local ARNs.
+Because CDK cannot see which services a text definition calls, every permission is granted here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.compute import Job
+from infra.nag import acknowledge
+from infra.settings import ASL_PATH, TRIGGER_PATH
+
+PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z][A-Za-z0-9]*)\}")
+# Step Functions manages this EventBridge rule itself to learn when a submitJob.sync job finishes.
+BATCH_SYNC_RULE = "StepFunctionsGetEventsForBatchJobsRule"
+
+
+class DefinitionError(ValueError):
+    """The ASL file and the substitutions the stack provides do not match."""
+
+
+def placeholders(definition: str) -> set[str]:
+    """The ``${Name}`` placeholder names used in an ASL text."""
+    return set(PLACEHOLDER_RE.findall(definition))
+
+
+def load_trigger() -> dict[str, Any]:
+    """The upload trigger's fixed parts, shared with offline runners (statemachine/trigger.json)."""
+    return json.loads(TRIGGER_PATH.read_text(encoding="utf-8"))
+
+
+class Pipeline(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        functions: Mapping[str, lambda_.IFunction],
+        train: Job,
+        search: Job,
+        topic: sns.ITopic,
+        topic_key: kms.IKey,
+        bucket: s3.IBucket,
+        table_name: str,
+        schedule: str | None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        substitutions = {
+            "PrepareFunctionArn": functions["prepare"].function_arn,
+            "QualityGateFunctionArn": functions["quality_gate"].function_arn,
+            "RepackageFunctionArn": functions["repackage"].function_arn,
+            "LoadShardFunctionArn": functions["load_shard"].function_arn,
+            "PublishFunctionArn": functions["publish"].function_arn,
+            "TrainJobQueueArn": train.queue.job_queue_arn,
+            "TrainJobDefinitionArn": train.definition.job_definition_arn,
+            "SearchJobQueueArn": search.queue.job_queue_arn,
+            "SearchJobDefinitionArn": search.definition.job_definition_arn,
+            "TopicArn": topic.topic_arn,
+            "TableName": table_name,
+        }
+        definition = ASL_PATH.read_text(encoding="utf-8")
+        used = placeholders(definition)
+        if used != set(substitutions):
+            raise DefinitionError(
+                f"{ASL_PATH.name}: placeholders without a value: {sorted(used - set(substitutions))}; "
+                f"values without a placeholder: {sorted(set(substitutions) - used)}"
+            )
+
+        stack = Stack.of(self)
+        log_group = logs.LogGroup(
+            self,
+            "ExecutionLogs",
+            # The /aws/vendedlogs/ prefix keeps Step Functions from growing the account's log resource policy.
+            log_group_name=f"/aws/vendedlogs/states/{stack.stack_name}-pipeline",
+            retention=logs.RetentionDays.ONE_MONTH,
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        self.state_machine = sfn.StateMachine(
+            self,
+            "StateMachine",
+            definition_body=sfn.DefinitionBody.from_string(definition),
+            definition_substitutions=substitutions,
+            state_machine_type=sfn.StateMachineType.STANDARD,
+            logs=sfn.LogOptions(destination=log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
+            tracing_enabled=True,
+        )
+        self._grant(functions, train, search, topic, topic_key)
+        self._add_triggers(bucket, schedule)
+
+    def _grant(
+        self,
+        functions: Mapping[str, lambda_.IFunction],
+        train: Job,
+        search: Job,
+        topic: sns.ITopic,
+        topic_key: kms.IKey,
+    ) -> None:
+        stack = Stack.of(self)
+        machine = self.state_machine
+        machine.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["lambda:InvokeFunction"],
+                resources=[function.function_arn for function in functions.values()],
+            )
+        )
+        machine.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["batch:SubmitJob"],
+                resources=[
+                    train.queue.job_queue_arn,
+                    train.definition.job_definition_arn,
+                    search.queue.job_queue_arn,
+                    search.definition.job_definition_arn,
+                ],
+            )
+        )
+        job_arns = stack.format_arn(service="batch", resource="job", resource_name="*")
+        machine.add_to_role_policy(iam.PolicyStatement(actions=["batch:TerminateJob"], resources=[job_arns]))
+        machine.add_to_role_policy(iam.PolicyStatement(actions=["batch:DescribeJobs"], resources=["*"]))
+        machine.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["events:PutTargets", "events:PutRule", "events:DescribeRule"],
+                resources=[
+                    stack.format_arn(service="events", resource="rule", resource_name=BATCH_SYNC_RULE)
+                ],
+            )
+        )
+        machine.add_to_role_policy(iam.PolicyStatement(actions=["sns:Publish"], resources=[topic.topic_arn]))
+        machine.add_to_role_policy(
+            iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=[topic_key.key_arn])
+        )
+        acknowledge(
+            machine,
+            "AwsSolutions-IAM5[Resource::*]",
+            "batch:DescribeJobs (polled by submitJob.sync), the X-Ray trace actions and the CloudWatch Logs "
+            "delivery actions Step Functions logging needs have no resource-level permissions.",
+        )
+        acknowledge(
+            machine,
+            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:batch:<AWS::Region>:<AWS::AccountId>:job/*]",
+            "Job ids are minted by AWS Batch at submit time; TerminateJob (used when an execution stops) can "
+            "only be scoped to this account's jobs.",
+        )
+
+    def _add_triggers(self, bucket: s3.IBucket, schedule: str | None) -> None:
+        trigger = load_trigger()
+        on_upload = events.Rule(
+            self,
+            "OnUpload",
+            description=f"Start the topx pipeline when an object lands under {trigger['key_prefix']}",
+            event_pattern=events.EventPattern(
+                source=[trigger["source"]],
+                detail_type=[trigger["detail_type"]],
+                detail={
+                    "bucket": {"name": [bucket.bucket_name]},
+                    "object": {"key": [{"prefix": trigger["key_prefix"]}]},
+                },
+            ),
+        )
+        on_upload.add_target(
+            targets.SfnStateMachine(
+                self.state_machine,
+                input=events.RuleTargetInput.from_object(
+                    {name: events.EventField.from_path(path) for name, path in trigger["input_paths"].items()}
+                ),
+            )
+        )
+        if schedule:
+            scheduled = events.Rule(
+                self,
+                "OnSchedule",
+                description="Retrain the topx model on the latest data under incoming/",
+                schedule=events.Schedule.expression(schedule),
+            )
+            scheduled.add_target(targets.SfnStateMachine(self.state_machine))
+            # {"bucket": <bucket>, "key": null}. RuleTargetInput.from_object would drop the null, and the
+            # state machine reads $.key, so the input text is written out here.
+            rest = json.dumps(trigger["schedule_input"], separators=(",", ":"))
+            scheduled.node.default_child.add_property_override(  # type: ignore[union-attr]
+                "Targets.0.Input", Fn.join("", ['{"bucket":"', bucket.bucket_name, '",', rest[1:]])
+            )

@@ -1,0 +1,164 @@
+"""Deploy-time settings: CDK context parameters, their defaults, and the environment variable names.
+
+Context values arrive as strings from ``cdk deploy -c name=value`` and as JSON values from
+``cdk.json``; both are accepted. Every parameter and its default is documented in docs/DEPLOY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# infra/ must not import topx (it would drag torch and faiss into `cdk synth`), so the environment
+# variable names the functions and jobs read are repeated here. They are defined in topx/config.py;
+# tests/test_infra.py checks that both modules agree.
+ENV_BUCKET = "TOPX_BUCKET"
+ENV_TABLE = "TOPX_TABLE"
+ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"
+ENV_TOP_X = "TOPX_TOP_X"
+ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"
+ENV_EPOCHS = "TOPX_EPOCHS"
+ENV_SHARDS = "TOPX_SHARDS"
+ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASL_PATH = REPO_ROOT / "statemachine" / "pipeline.asl.json"
+TRIGGER_PATH = REPO_ROOT / "statemachine" / "trigger.json"
+
+# AWS Batch rejects array jobs with fewer than 2 children, and caps them at 10,000.
+MIN_SHARDS = 2
+MAX_SHARDS = 10_000
+# The train job asks for 4 vCPUs (see infra/compute.py); a smaller ceiling would leave it RUNNABLE forever.
+MIN_MAX_VCPUS = 4
+
+_SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
+_INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+
+
+class SettingsError(ValueError):
+    """A context parameter has a value the stack cannot be built with."""
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Deploy-time choices. Hyperparameters other than these live in topx, not in CDK context."""
+
+    top_x: int = 10
+    num_factors: int = 64
+    epochs: int = 30
+    shards: int = 4
+    gpu_instance_types: tuple[str, ...] = ("g5.xlarge", "g6.xlarge")
+    spot: bool = False
+    max_vcpus: int = 16
+    schedule: str | None = None
+    notification_email: str | None = None
+    retention_days: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("top_x", "num_factors", "epochs", "retention_days"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"context {name} must be at least 1, got {getattr(self, name)}")
+        if not MIN_SHARDS <= self.shards <= MAX_SHARDS:
+            raise SettingsError(
+                f"context shards must be in [{MIN_SHARDS}, {MAX_SHARDS}] (AWS Batch array size), got {self.shards}"
+            )
+        if self.max_vcpus < MIN_MAX_VCPUS:
+            raise SettingsError(f"context max_vcpus must be at least {MIN_MAX_VCPUS}, got {self.max_vcpus}")
+        if not self.gpu_instance_types:
+            raise SettingsError("context gpu_instance_types must name at least one instance type")
+        for instance_type in self.gpu_instance_types:
+            if not _INSTANCE_TYPE_RE.match(instance_type):
+                raise SettingsError(f"context gpu_instance_types: {instance_type!r} is not an instance type")
+        if self.schedule is not None and not _SCHEDULE_RE.match(self.schedule):
+            raise SettingsError(
+                f"context schedule must be an EventBridge cron(...) or rate(...) expression, got {self.schedule!r}"
+            )
+        if self.notification_email is not None and "@" not in self.notification_email:
+            raise SettingsError(
+                f"context notification_email is not an e-mail address: {self.notification_email!r}"
+            )
+
+    @classmethod
+    def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
+        """Read every parameter with ``get(name)`` (e.g. ``node.try_get_context``); absent means default."""
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name, parse in _PARSERS.items():
+            raw = get(name)
+            if raw is None:
+                continue
+            try:
+                values[name] = parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise SettingsError(f"context {name}: cannot read {raw!r}: {exc}") from exc
+        return cls(**{**_as_kwargs(defaults), **values})
+
+    def job_environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
+        """Environment every function and job gets: resource names and the deploy-time knobs."""
+        return {
+            ENV_BUCKET: bucket,
+            ENV_TABLE: table,
+            ENV_TOPIC_ARN: topic_arn,
+            ENV_TOP_X: str(self.top_x),
+            ENV_NUM_FACTORS: str(self.num_factors),
+            ENV_EPOCHS: str(self.epochs),
+            ENV_SHARDS: str(self.shards),
+            ENV_RETENTION_DAYS: str(self.retention_days),
+        }
+
+
+def _as_kwargs(settings: DeploySettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in _PARSERS}
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
+        return int(raw)
+    raise ValueError("expected an integer")
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in {"true", "false"}:
+        return raw.strip().lower() == "true"
+    raise ValueError("expected true or false")
+
+
+def _parse_optional_str(raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        raise ValueError("expected a string")
+    # `-c schedule=` (empty) turns the feature off, like leaving it unset.
+    return raw.strip() or None
+
+
+def _parse_instance_types(raw: Any) -> tuple[str, ...]:
+    """A JSON list (cdk.json, or `-c 'gpu_instance_types=["g5.xlarge"]'`) or a comma-separated string."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        raw = json.loads(text) if text.startswith("[") else [part for part in text.split(",")]
+    if not isinstance(raw, list | tuple) or not all(isinstance(item, str) for item in raw):
+        raise ValueError("expected a list of instance type names")
+    return tuple(item.strip() for item in raw if item.strip())
+
+
+_PARSERS: Mapping[str, Callable[[Any], Any]] = {
+    "top_x": _parse_int,
+    "num_factors": _parse_int,
+    "epochs": _parse_int,
+    "shards": _parse_int,
+    "gpu_instance_types": _parse_instance_types,
+    "spot": _parse_bool,
+    "max_vcpus": _parse_int,
+    "schedule": _parse_optional_str,
+    "notification_email": _parse_optional_str,
+    "retention_days": _parse_int,
+}

@@ -1,0 +1,64 @@
+"""The topx stack: storage, notifications, compute, functions, the pipeline and its alarms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import CfnOutput, Stack, Tags
+from constructs import Construct
+
+from infra.compute import Compute
+from infra.lambdas import Functions
+from infra.notifications import Notifications
+from infra.pipeline import Pipeline
+from infra.settings import DeploySettings
+from infra.storage import Storage
+
+
+class TopxStack(Stack):
+    def __init__(
+        self, scope: Construct, construct_id: str, *, settings: DeploySettings, **kwargs: Any
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        Tags.of(self).add("project", "topx")
+
+        storage = Storage(self, "Storage", retention_days=settings.retention_days)
+        notifications = Notifications(self, "Notifications", email=settings.notification_email)
+        environment = settings.job_environment(
+            bucket=storage.bucket.bucket_name,
+            table=storage.table.table_name,
+            topic_arn=notifications.topic.topic_arn,
+        )
+        compute = Compute(
+            self,
+            "Compute",
+            settings=settings,
+            bucket=storage.bucket,
+            log_bucket=storage.log_bucket,
+            environment=environment,
+        )
+        functions = Functions(
+            self, "Functions", bucket=storage.bucket, table=storage.table, environment=environment
+        )
+        pipeline = Pipeline(
+            self,
+            "Pipeline",
+            functions=functions.by_handler,
+            train=compute.train,
+            search=compute.search,
+            topic=notifications.topic,
+            topic_key=notifications.key,
+            bucket=storage.bucket,
+            table_name=storage.table.table_name,
+            schedule=settings.schedule,
+        )
+        notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs])
+
+        self.storage = storage
+        self.state_machine = pipeline.state_machine
+        CfnOutput(
+            self, "BucketName", value=storage.bucket.bucket_name, description="Upload data under incoming/"
+        )
+        CfnOutput(self, "TableName", value=storage.table.table_name, description="Recommendations table")
+        CfnOutput(self, "StateMachineArn", value=pipeline.state_machine.state_machine_arn)
+        CfnOutput(self, "TopicArn", value=notifications.topic.topic_arn, description="Pipeline notifications")
