@@ -1,0 +1,760 @@
+"""CDK assertion tests: the stack synthesizes offline and each piece is what DESIGN.md asks for.
+
+The app is synthesized twice per module (jsii is slow): once with default context, once with every
+optional context parameter set.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk import App
+from aws_cdk import aws_s3 as s3
+from aws_cdk.assertions import Match, Template
+from cdk_nag import AwsSolutionsChecks
+
+from infra import settings as infra_settings
+from infra.app import build_app
+from infra.compute import SEARCH_COMMAND, TRAIN_COMMAND
+from infra.images import (
+    BATCH_EXCLUDE,
+    FUNCTIONS_DOCKERFILE,
+    FUNCTIONS_EXCLUDE,
+    SEARCH_DOCKERFILE,
+    TRAIN_DOCKERFILE,
+)
+from infra.pipeline import PLACEHOLDER_RE, load_trigger, placeholders
+from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
+
+HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish")
+MAIN_PATH = [
+    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
+    "NotifySuccess", "Succeed",
+]  # fmt: skip
+CUSTOM_CONTEXT = {
+    "top_x": "20",
+    "num_factors": "32",
+    "epochs": "5",
+    "shards": "6",
+    "gpu_instance_types": '["g6.2xlarge"]',
+    "spot": "true",
+    "max_vcpus": "32",
+    "schedule": "cron(0 3 * * ? *)",
+    "notification_email": "ops@example.com",
+    "retention_days": "14",
+}
+
+
+class Synth:
+    def __init__(self, app: App, stack: Any, outdir: Path) -> None:
+        self.app = app
+        self.stack = stack
+        self.outdir = outdir
+        self.template = Template.from_stack(stack)
+        self.json: dict[str, Any] = self.template.to_json()
+
+    def resources(self, resource_type: str) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.json["Resources"].items() if v["Type"] == resource_type}
+
+    def only_with(self, resource_type: str, key: str) -> dict[str, Any]:
+        found = [r["Properties"] for r in self.resources(resource_type).values() if key in r["Properties"]]
+        assert len(found) == 1, f"expected one {resource_type} with {key}, found {len(found)}"
+        return found[0]
+
+    def only(self, resource_type: str) -> dict[str, Any]:
+        found = list(self.resources(resource_type).values())
+        assert len(found) == 1, f"expected one {resource_type}, found {len(found)}"
+        return found[0]["Properties"]
+
+
+def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, context: dict[str, Any] | None) -> Synth:
+    outdir = tmp_path_factory.mktemp(name)
+    app, stack = build_app(context=context, outdir=str(outdir))
+    app.synth()  # runs the AwsSolutions plugin too; any finding fails here
+    return Synth(app, stack, outdir)
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return _synth(tmp_path_factory, "default", None)
+
+
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory: pytest.TempPathFactory) -> Synth:
+    return _synth(tmp_path_factory, "custom", CUSTOM_CONTEXT)
+
+
+def _definition(synth: Synth) -> tuple[str, dict[str, Any]]:
+    props = synth.only("AWS::StepFunctions::StateMachine")
+    definition = props["DefinitionString"]
+    assert isinstance(definition, str), (
+        "the definition should be inline text with CloudFormation substitutions"
+    )
+    return definition, props["DefinitionSubstitutions"]
+
+
+def _states(synth: Synth) -> dict[str, Any]:
+    return json.loads(_definition(synth)[0])["States"]
+
+
+def _env(container_or_function: dict[str, Any]) -> dict[str, Any]:
+    if "Environment" in container_or_function and isinstance(container_or_function["Environment"], list):
+        return {item["Name"]: item["Value"] for item in container_or_function["Environment"]}
+    return container_or_function["Environment"]["Variables"]
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+def test_data_bucket_is_private_encrypted_versioned_and_expires_old_runs(
+    default: Synth, custom: Synth
+) -> None:
+    default.template.has_resource_properties(
+        "AWS::S3::Bucket",
+        {
+            "BucketEncryption": {
+                "ServerSideEncryptionConfiguration": [
+                    {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+                ]
+            },
+            "PublicAccessBlockConfiguration": {
+                "BlockPublicAcls": True,
+                "BlockPublicPolicy": True,
+                "IgnorePublicAcls": True,
+                "RestrictPublicBuckets": True,
+            },
+            "VersioningConfiguration": {"Status": "Enabled"},
+            "NotificationConfiguration": {"EventBridgeConfiguration": {"EventBridgeEnabled": True}},
+            "LoggingConfiguration": Match.object_like({"DestinationBucketName": Match.any_value()}),
+            "LifecycleConfiguration": {
+                "Rules": Match.array_with(
+                    [
+                        Match.object_like({"Prefix": "runs/", "ExpirationInDays": 30, "Status": "Enabled"}),
+                        Match.object_like(
+                            {"NoncurrentVersionExpiration": Match.object_like({"NoncurrentDays": 7})}
+                        ),
+                    ]
+                )
+            },
+        },
+    )
+    custom.template.has_resource_properties(
+        "AWS::S3::Bucket",
+        {
+            "LifecycleConfiguration": {
+                "Rules": Match.array_with([Match.object_like({"Prefix": "runs/", "ExpirationInDays": 14})])
+            }
+        },
+    )
+
+
+def test_every_bucket_denies_plain_http(default: Synth) -> None:
+    buckets = default.resources("AWS::S3::Bucket")
+    policies = default.resources("AWS::S3::BucketPolicy").values()
+    secured = set()
+    for policy in policies:
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            if statement.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}:
+                assert statement["Effect"] == "Deny"
+                secured.add(policy["Properties"]["Bucket"]["Ref"])
+    assert secured == set(buckets)
+
+
+def test_table_keys_billing_recovery_encryption_and_ttl(default: Synth) -> None:
+    default.template.has_resource_properties(
+        "AWS::DynamoDB::Table",
+        {
+            "KeySchema": [
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            "AttributeDefinitions": Match.array_with(
+                [{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}]
+            ),
+            "BillingMode": "PAY_PER_REQUEST",
+            "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+            "SSESpecification": {"SSEEnabled": True},
+            "TimeToLiveSpecification": {"AttributeName": "expires_at", "Enabled": True},
+        },
+    )
+
+
+# --- network and compute ---------------------------------------------------------------------------
+
+
+def test_vpc_has_no_nat_gateway_and_free_gateway_endpoints_only(default: Synth) -> None:
+    default.template.resource_count_is("AWS::EC2::NatGateway", 0)
+    endpoints = default.resources("AWS::EC2::VPCEndpoint").values()
+    assert {e["Properties"].get("VpcEndpointType", "Gateway") for e in endpoints} == {"Gateway"}
+    assert len(endpoints) == 2
+    for subnet in default.resources("AWS::EC2::Subnet").values():
+        assert subnet["Properties"]["MapPublicIpOnLaunch"] is True
+    group = default.only("AWS::EC2::SecurityGroup")
+    assert "SecurityGroupIngress" not in group
+    assert [rule["FromPort"] for rule in group["SecurityGroupEgress"]] == [443]
+
+
+def test_gpu_environment_scales_to_zero_on_the_configured_instance_types(
+    default: Synth, custom: Synth
+) -> None:
+    default.template.has_resource_properties(
+        "AWS::Batch::ComputeEnvironment",
+        {
+            "Type": "managed",
+            "ComputeResources": Match.object_like(
+                {
+                    "Type": "EC2",
+                    "InstanceTypes": ["g5.xlarge", "g6.xlarge"],
+                    "MinvCpus": 0,
+                    "MaxvCpus": 16,
+                    "Ec2Configuration": [{"ImageType": "ECS_AL2023_NVIDIA"}],
+                }
+            ),
+        },
+    )
+    custom.template.has_resource_properties(
+        "AWS::Batch::ComputeEnvironment",
+        {
+            "ComputeResources": Match.object_like(
+                {"Type": "SPOT", "InstanceTypes": ["g6.2xlarge"], "MinvCpus": 0, "MaxvCpus": 32}
+            )
+        },
+    )
+    default.template.has_resource_properties(
+        "AWS::Batch::ComputeEnvironment", {"ComputeResources": Match.object_like({"Type": "FARGATE"})}
+    )
+
+
+def test_train_job_needs_one_gpu_and_has_timeout_and_retries(default: Synth) -> None:
+    default.template.has_resource_properties(
+        "AWS::Batch::JobDefinition",
+        {
+            "PlatformCapabilities": ["EC2"],
+            "ContainerProperties": Match.object_like(
+                {
+                    "Command": TRAIN_COMMAND,
+                    "ResourceRequirements": Match.array_with([{"Type": "GPU", "Value": "1"}]),
+                }
+            ),
+            "Timeout": {"AttemptDurationSeconds": Match.any_value()},
+            "RetryStrategy": Match.object_like(
+                {"EvaluateOnExit": Match.array_with([{"Action": "EXIT", "OnExitCode": "2"}])}
+            ),
+        },
+    )
+
+
+def test_search_job_runs_on_fargate_with_a_public_ip(default: Synth) -> None:
+    default.template.has_resource_properties(
+        "AWS::Batch::JobDefinition",
+        {
+            "PlatformCapabilities": ["FARGATE"],
+            "ContainerProperties": Match.object_like(
+                {"Command": SEARCH_COMMAND, "NetworkConfiguration": {"AssignPublicIp": "ENABLED"}}
+            ),
+            "Timeout": {"AttemptDurationSeconds": Match.any_value()},
+            "RetryStrategy": Match.object_like({"Attempts": Match.any_value()}),
+        },
+    )
+
+
+def test_functions_are_container_images_one_handler_each(default: Synth) -> None:
+    functions = [f["Properties"] for f in default.resources("AWS::Lambda::Function").values()]
+    commands = sorted(f["ImageConfig"]["Command"][0] for f in functions)
+    assert commands == sorted(f"functions.handlers.{name}" for name in HANDLERS)
+    defined = _top_level_functions(REPO_ROOT / "functions" / "handlers.py")
+    for function in functions:
+        assert function["PackageType"] == "Image"
+        assert function["ImageConfig"]["Command"][0].rsplit(".", 1)[1] in defined
+        assert function["TracingConfig"] == {"Mode": "Active"}
+        assert 128 <= function["MemorySize"] <= 3008 and function["Timeout"] <= 900
+
+
+def test_context_reaches_every_job_and_function_as_environment(default: Synth, custom: Synth) -> None:
+    expected = {
+        "TOPX_TOP_X": "20",
+        "TOPX_NUM_FACTORS": "32",
+        "TOPX_EPOCHS": "5",
+        "TOPX_SHARDS": "6",
+        "TOPX_RETENTION_DAYS": "14",
+    }
+    names = {"TOPX_BUCKET", "TOPX_TABLE", "TOPX_TOPIC_ARN", *expected}
+    carriers = [f["Properties"] for f in custom.resources("AWS::Lambda::Function").values()] + [
+        j["Properties"]["ContainerProperties"] for j in custom.resources("AWS::Batch::JobDefinition").values()
+    ]
+    assert len(carriers) == len(HANDLERS) + 2
+    for carrier in carriers:
+        env = _env(carrier)
+        assert names <= set(env)
+        assert {name: env[name] for name in expected} == expected
+    for function in default.resources("AWS::Lambda::Function").values():
+        assert _env(function["Properties"])["TOPX_TOP_X"] == "10"
+
+
+def test_env_names_match_topx_config() -> None:
+    config = pytest.importorskip("topx.config")
+    for name in dir(infra_settings):
+        if name.startswith("ENV_"):
+            assert getattr(infra_settings, name) == getattr(config, name), name
+
+
+def test_infra_never_imports_topx() -> None:
+    for path in (REPO_ROOT / "infra").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m == "topx" or m.startswith("topx.") for m in modules), path
+
+
+# --- state machine ---------------------------------------------------------------------------------
+
+
+def test_state_machine_runs_the_states_in_order(default: Synth) -> None:
+    states = _states(default)
+    definition = json.loads(_definition(default)[0])
+    path, name = [], definition["StartAt"]
+    while name:
+        path.append(name)
+        state = states[name]
+        if state["Type"] == "Choice":
+            assert state["Choices"] == [
+                {"Variable": "$.gate.passed", "BooleanEquals": True, "Next": "Repackage"}
+            ]
+            assert state["Default"] == "NotifyRejected"
+            name = state["Choices"][0]["Next"]
+        else:
+            name = state.get("Next")
+    assert path == MAIN_PATH
+    assert (
+        states["Train"]["Resource"] == states["Search"]["Resource"] == "arn:aws:states:::batch:submitJob.sync"
+    )
+    assert states["Search"]["Parameters"]["ArrayProperties"] == {"Size.$": "$.prepare.shards"}
+    assert states["Load"]["Type"] == "Map"
+    assert states["Load"]["ItemsPath"] == "$.prepare.shard_ids"
+    assert states["NotifySuccess"]["Resource"] == "arn:aws:states:::sns:publish"
+    assert (states["NotifyRejected"]["Next"], states["Rejected"]["Type"]) == ("Rejected", "Fail")
+    assert (states["NotifyFailure"]["Next"], states["Fail"]["Type"]) == ("Fail", "Fail")
+
+
+def test_every_task_retries_and_every_step_is_caught(default: Synth) -> None:
+    states = _states(default)
+    tasks = {name: state for name, state in states.items() if state["Type"] in ("Task", "Map")}
+    inner = states["Load"]["ItemProcessor"]["States"]
+    for name, state in {**tasks, **inner}.items():
+        if state["Type"] == "Task":
+            assert state["Retry"], f"{name} has no Retry"
+            retried = {
+                error
+                for retrier in state["Retry"]
+                if retrier["MaxAttempts"] > 0
+                for error in retrier["ErrorEquals"]
+            }
+            assert "InputDataError" not in retried and "States.ALL" not in retried, name
+            if state["Resource"] == "arn:aws:states:::lambda:invoke":
+                assert state["Retry"][0] == {"ErrorEquals": ["InputDataError"], "MaxAttempts": 0}, name
+                assert "States.TaskFailed" not in retried, f"{name} would retry project errors"
+        if name in inner:
+            continue  # the Map state catches for its iterations
+        expected_next = {"NotifySuccess": "Succeed", "NotifyRejected": "Rejected", "NotifyFailure": "Fail"}
+        (catcher,) = state["Catch"]
+        assert catcher["ErrorEquals"] == ["States.ALL"]
+        assert catcher["Next"] == expected_next.get(name, "NotifyFailure"), name
+        if name not in expected_next:
+            assert catcher["ResultPath"] == "$.error"
+    assert {s["Retry"][-1]["MaxAttempts"] for s in (states["Train"], states["Search"])} == {1}
+
+
+def test_every_placeholder_is_filled_by_a_cloudformation_reference(default: Synth) -> None:
+    definition, substitutions = _definition(default)
+    assert placeholders(definition) == set(substitutions)
+    for name, value in substitutions.items():
+        assert isinstance(value, dict) and set(value) <= {"Ref", "Fn::GetAtt"}, name
+    filled = PLACEHOLDER_RE.sub(lambda m: f"arn:aws:test:::{m.group(1)}", definition)
+    assert "${" not in filled
+    json.loads(filled)
+
+
+def test_asl_file_is_plain_json_with_whole_string_placeholders() -> None:
+    text = ASL_PATH.read_text(encoding="utf-8")
+    names = placeholders(text)
+    assert {
+        "PrepareFunctionArn",
+        "TrainJobQueueArn",
+        "SearchJobDefinitionArn",
+        "TopicArn",
+        "TableName",
+    } <= names
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and "${" in node:
+            assert PLACEHOLDER_RE.fullmatch(node), f"placeholder inside a longer string: {node!r}"
+
+    walk(json.loads(text))
+
+
+def test_state_machine_logs_everything_and_traces(default: Synth) -> None:
+    default.template.has_resource_properties(
+        "AWS::StepFunctions::StateMachine",
+        {
+            "LoggingConfiguration": Match.object_like({"Level": "ALL", "IncludeExecutionData": True}),
+            "TracingConfiguration": {"Enabled": True},
+        },
+    )
+    default.template.has_resource_properties(
+        "AWS::Logs::LogGroup",
+        {"LogGroupName": Match.string_like_regexp("^/aws/vendedlogs/states/"), "RetentionInDays": 30},
+    )
+
+
+def test_state_machine_role_is_granted_each_integration(default: Synth) -> None:
+    (policy,) = [
+        p["Properties"]["PolicyDocument"]["Statement"]
+        for name, p in default.resources("AWS::IAM::Policy").items()
+        if name.startswith("PipelineStateMachineRole")
+    ]
+    by_action: dict[str, list[Any]] = {}
+    for statement in policy:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = (
+            statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        )
+        for action in actions:
+            by_action.setdefault(action, []).extend(resources)
+    functions = {k for k in default.resources("AWS::Lambda::Function")}
+    assert {r["Fn::GetAtt"][0] for r in by_action["lambda:InvokeFunction"]} == functions
+    submit = json.dumps(by_action["batch:SubmitJob"])
+    for logical_id in [
+        *default.resources("AWS::Batch::JobQueue"),
+        *default.resources("AWS::Batch::JobDefinition"),
+    ]:
+        assert logical_id in submit
+    for action in ("batch:DescribeJobs", "batch:TerminateJob", "sns:Publish", "kms:GenerateDataKey"):
+        assert action in by_action
+    for action in ("events:PutTargets", "events:PutRule", "events:DescribeRule"):
+        assert "rule/StepFunctionsGetEventsForBatchJobsRule" in json.dumps(by_action[action])
+
+
+# --- triggers --------------------------------------------------------------------------------------
+
+
+def test_upload_rule_is_built_from_the_shared_trigger_file(default: Synth) -> None:
+    trigger = load_trigger()
+    default.template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "EventPattern": {
+                "source": [trigger["source"]],
+                "detail-type": [trigger["detail_type"]],
+                "detail": {
+                    "bucket": {"name": [Match.any_value()]},
+                    "object": {"key": [{"prefix": trigger["key_prefix"]}]},
+                },
+            },
+            "Targets": [
+                Match.object_like(
+                    {
+                        "InputTransformer": {
+                            "InputPathsMap": Match.object_like({}),
+                            "InputTemplate": Match.string_like_regexp(
+                                r'^\{"bucket":<[^>]+>,"key":<[^>]+>\}$'
+                            ),
+                        }
+                    }
+                )
+            ],
+        },
+    )
+    assert trigger["key_prefix"] == "incoming/"
+    rule = next(
+        r["Properties"]
+        for r in default.resources("AWS::Events::Rule").values()
+        if r["Properties"].get("EventPattern", {}).get("source") == ["aws.s3"]
+    )
+    paths = rule["Targets"][0]["InputTransformer"]["InputPathsMap"]
+    assert sorted(paths.values()) == sorted(trigger["input_paths"].values())
+
+
+def test_schedule_rule_exists_only_when_context_sets_it(default: Synth, custom: Synth) -> None:
+    def scheduled(synth: Synth) -> list[dict[str, Any]]:
+        return [
+            r["Properties"]
+            for r in synth.resources("AWS::Events::Rule").values()
+            if "ScheduleExpression" in r["Properties"]
+        ]
+
+    assert scheduled(default) == []
+    (rule,) = scheduled(custom)
+    assert rule["ScheduleExpression"] == "cron(0 3 * * ? *)"
+    join = rule["Targets"][0]["Input"]["Fn::Join"]
+    text = join[0].join(part if isinstance(part, str) else "my-bucket" for part in join[1])
+    assert json.loads(text) == {"bucket": "my-bucket", "key": None}
+    assert join[1][1] == {
+        "Ref": next(iter(custom.resources("AWS::S3::Bucket").keys() - {_log_bucket(custom)}))
+    }
+
+
+def _log_bucket(synth: Synth) -> str:
+    """The logical id of the access-log bucket (the one other buckets log into)."""
+    data = synth.only_with("AWS::S3::Bucket", "LoggingConfiguration")
+    return data["LoggingConfiguration"]["DestinationBucketName"]["Ref"]
+
+
+# --- operations ------------------------------------------------------------------------------------
+
+
+def test_topic_is_encrypted_and_alarms_feed_it(default: Synth, custom: Synth) -> None:
+    default.template.has_resource_properties("AWS::SNS::Topic", {"KmsMasterKeyId": Match.any_value()})
+    default.template.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    default.template.has_resource_properties(
+        "AWS::SNS::TopicPolicy",
+        {
+            "PolicyDocument": Match.object_like(
+                {
+                    "Statement": Match.array_with(
+                        [
+                            Match.object_like(
+                                {"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+                            )
+                        ]
+                    )
+                }
+            )
+        },
+    )
+    default.template.has_resource_properties(
+        "AWS::CloudWatch::Alarm",
+        {"MetricName": "ExecutionsFailed", "Namespace": "AWS/States", "AlarmActions": [Match.any_value()]},
+    )
+    default.template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "EventPattern": {
+                "source": ["aws.batch"],
+                "detail-type": ["Batch Job State Change"],
+                "detail": {"status": ["FAILED"], "jobQueue": Match.any_value()},
+            }
+        },
+    )
+    default.template.resource_count_is("AWS::SNS::Subscription", 0)
+    custom.template.has_resource_properties(
+        "AWS::SNS::Subscription", {"Protocol": "email", "Endpoint": "ops@example.com"}
+    )
+
+
+def test_named_outputs(default: Synth) -> None:
+    for name in ("BucketName", "TableName", "StateMachineArn", "TopicArn"):
+        default.template.has_output(name, {"Value": Match.any_value()})
+
+
+# --- whole-template checks -------------------------------------------------------------------------
+
+
+def test_cdk_nag_reports_nothing(default: Synth, custom: Synth) -> None:
+    for synth in (default, custom):
+        # The app's own AwsSolutions plugin ran during synth (a finding would have failed it) ...
+        report = json.loads((synth.outdir / "validation-report.json").read_text(encoding="utf-8"))
+        assert all(r["conclusion"] == "success" and r["violations"] == [] for r in report["pluginReports"])
+        # ... and the same checks, run directly, leave no error and no warning unacknowledged.
+        direct = AwsSolutionsChecks().validate_scope(synth.app)
+        findings = [
+            (v.rule_name, v.severity, [r.construct_path for r in v.violating_resources])
+            for v in direct.violations
+        ]
+        assert findings == []
+
+
+def test_cdk_nag_checks_are_live(tmp_path: Path) -> None:
+    """A control: the same checks flag a bare bucket, and the app's synth refuses it."""
+    app, stack = build_app(outdir=str(tmp_path))
+    s3.Bucket(stack, "Unhardened")
+    found = {v.rule_name for v in AwsSolutionsChecks().validate_scope(app).violations}
+    assert {"AwsSolutions-S1", "AwsSolutions-S10"} <= found
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+
+
+def test_cfn_lint_finds_no_errors(default: Synth, custom: Synth) -> None:
+    from cfnlint.api import ManualArgs, lint_file
+
+    for synth in (default, custom):
+        matches = lint_file(
+            synth.outdir / "Topx.template.json", config=ManualArgs(regions=["us-east-1", "eu-west-1"])
+        )
+        # W3005 is the redundant DependsOn CDK writes next to a GetAtt; everything else must be clean.
+        assert [f"{m.rule.id} {m.message}" for m in matches if m.rule.id != "W3005"] == []
+
+
+def test_synth_needs_no_docker_and_stages_lean_build_contexts(default: Synth) -> None:
+    manifest = json.loads((default.outdir / "Topx.assets.json").read_text(encoding="utf-8"))
+    images = manifest["dockerImages"].values()
+    files = sorted(image["source"]["dockerFile"] for image in images)
+    assert files == sorted([FUNCTIONS_DOCKERFILE, SEARCH_DOCKERFILE, TRAIN_DOCKERFILE])
+    assert all(image["source"].get("platform") == "linux/amd64" for image in images)
+    for image in images:
+        staged = default.outdir / image["source"]["directory"]
+        assert (staged / "topx").is_dir() and (staged / "requirements.txt").is_file()
+        for absent in (".venv", ".git", "tests", "infra", "cdk.out", "docs", "benchmarks"):
+            assert not (staged / absent).exists(), f"{absent} staged into {staged.name}"
+        assert not list(staged.rglob("__pycache__"))
+    # No file assets besides the template: nothing is bundled, so nothing needs Docker at synth time.
+    bundles = [
+        f for f in manifest.get("files", {}).values() if not f["source"]["path"].endswith(".template.json")
+    ]
+    assert bundles == []
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------------
+
+
+def _dockerfile(path: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined, comments dropped."""
+    lines, current = [], ""
+    for raw in (REPO_ROOT / path).read_text(encoding="utf-8").splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        current += " " + stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            instruction, _, rest = current.strip().partition(" ")
+            lines.append((instruction.upper(), rest.strip()))
+            current = ""
+    return lines
+
+
+def _exec_form(path: str, instruction: str) -> list[str]:
+    (args,) = [rest for name, rest in _dockerfile(path) if name == instruction]
+    return json.loads(args)
+
+
+def _arg_default(path: str, name: str) -> str:
+    (value,) = [
+        rest.split("=", 1)[1]
+        for inst, rest in _dockerfile(path)
+        if inst == "ARG" and rest.startswith(f"{name}=")
+    ]
+    return value.strip('"')
+
+
+def _top_level_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def _has_main_guard(path: Path) -> bool:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
+def test_functions_image_cmd_names_an_existing_handler() -> None:
+    (handler,) = _exec_form(FUNCTIONS_DOCKERFILE, "CMD")
+    module, function = handler.rsplit(".", 1)
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    assert path.is_file(), path
+    assert function in _top_level_functions(path)
+    assert set(HANDLERS) <= _top_level_functions(path)
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "command"), [(TRAIN_DOCKERFILE, TRAIN_COMMAND), (SEARCH_DOCKERFILE, SEARCH_COMMAND)]
+)
+def test_batch_image_cmd_and_job_command_name_an_existing_main(dockerfile: str, command: list[str]) -> None:
+    cmd = _exec_form(dockerfile, "CMD")
+    assert cmd[:2] == ["python", "-m"] and cmd == command[:3]
+    path = REPO_ROOT / (cmd[2].replace(".", "/") + ".py")
+    assert path.is_file(), path
+    assert "main" in _top_level_functions(path) and _has_main_guard(path)
+    for package in Path(cmd[2].replace(".", "/")).parents:
+        if str(package) != ".":
+            assert (REPO_ROOT / package / "__init__.py").is_file(), package
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "exclude"),
+    [
+        (FUNCTIONS_DOCKERFILE, FUNCTIONS_EXCLUDE),
+        (TRAIN_DOCKERFILE, BATCH_EXCLUDE),
+        (SEARCH_DOCKERFILE, BATCH_EXCLUDE),
+    ],
+)
+def test_dockerfile_copies_only_what_the_staged_context_holds(
+    dockerfile: str, exclude: tuple[str, ...]
+) -> None:
+    copies = [shlex.split(rest) for name, rest in _dockerfile(dockerfile) if name == "COPY"]
+    assert copies
+    for *sources, _destination in copies:
+        for source in sources:
+            assert (REPO_ROOT / source).exists(), f"{dockerfile} copies missing {source}"
+            assert source.split("/")[0] not in exclude, f"{dockerfile} copies excluded {source}"
+
+
+@pytest.mark.parametrize("dockerfile", [FUNCTIONS_DOCKERFILE, TRAIN_DOCKERFILE, SEARCH_DOCKERFILE])
+def test_dockerfile_installs_pinned_runtime_dependencies(dockerfile: str) -> None:
+    pins = {}
+    for line in (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==", line.strip())
+        if match:
+            pins[match.group(1).lower()] = line
+    packages = set(_arg_default(dockerfile, "RUNTIME_PACKAGES").split())
+    assert packages <= set(pins), f"not pinned in requirements.txt: {packages - set(pins)}"
+    text = (REPO_ROOT / dockerfile).read_text(encoding="utf-8")
+    assert "--constraint /tmp/requirements.txt" in text
+    torch_from_base = dockerfile == TRAIN_DOCKERFILE and "pytorch/pytorch:" in _arg_default(
+        dockerfile, "BASE_IMAGE"
+    )
+    torch_installed = re.search(r"--index-url \$\{TORCH_INDEX_URL\} torch\b", text) is not None
+    assert torch_from_base or torch_installed
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    required = {re.split(r"[<>=!~ \[;]", dep)[0].lower() for dep in project["dependencies"]}
+    assert required <= packages | {"torch"}
+
+
+# --- context parsing (no synthesis) ----------------------------------------------------------------
+
+
+def test_settings_defaults_and_command_line_strings() -> None:
+    assert DeploySettings.from_context(lambda name: None) == DeploySettings()
+    settings = DeploySettings.from_context(CUSTOM_CONTEXT.get)
+    assert settings.top_x == 20 and settings.shards == 6 and settings.spot is True
+    assert settings.gpu_instance_types == ("g6.2xlarge",)
+    assert DeploySettings.from_context(
+        {"gpu_instance_types": "g5.xlarge, g6.xlarge"}.get
+    ).gpu_instance_types == (
+        "g5.xlarge",
+        "g6.xlarge",
+    )
+    assert DeploySettings.from_context({"schedule": ""}.get).schedule is None
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"shards": "1"},
+        {"top_x": "ten"},
+        {"spot": "maybe"},
+        {"max_vcpus": "2"},
+        {"schedule": "every day"},
+        {"gpu_instance_types": "[]"},
+        {"notification_email": "nobody"},
+        {"retention_days": "0"},
+    ],
+)
+def test_settings_reject_values_the_stack_cannot_use(context: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match=next(iter(context))):
+        DeploySettings.from_context(context.get)
