@@ -61,6 +61,14 @@ def test_sparse_round_trip_with_empty_rows(tmp_path) -> None:
     np.testing.assert_array_equal(y, labels)
 
 
+def test_long_rows_decode_their_packed_keys_vectorised() -> None:
+    # Hundreds of multi-byte varint keys per row take the vectorised path, a few take the loop.
+    matrix = sp.random(6, 70000, density=0.004, format="csr", dtype=np.float32, random_state=2)
+    x, _ = read_recordio_protobuf(recordio_protobuf_bytes(matrix))
+    assert matrix.getnnz(axis=1).min() > 100
+    assert (x != matrix).nnz == 0
+
+
 def test_dense_rows_and_missing_labels() -> None:
     dense = np.float32([[1, 0, 3], [0, 0, 0], [4, 5, 6]])
     buffer = io.BytesIO()

@@ -53,6 +53,7 @@ _TENSOR_VALUES, _TENSOR_KEYS, _TENSOR_SHAPE = 1, 2, 3
 
 _TENSOR_KINDS = {_VALUE_FLOAT32: "float32", _VALUE_FLOAT64: "float64", _VALUE_INT32: "int32"}
 _VALUES_KEY = "values"
+_SHORT_PACKED_BYTES = 32
 
 
 class _DecodeError(Exception):
@@ -294,7 +295,17 @@ def _varints(payload: bytes, wire: int, lo: int, hi: int) -> np.ndarray:
 
 
 def _decode_packed_varints(payload: bytes, lo: int, hi: int) -> np.ndarray:
-    """Vectorised: each varint ends at a byte below 0x80; 7 bits per byte, least significant first."""
+    """Each varint ends at a byte below 0x80; 7 bits per byte, least significant first.
+
+    Vectorised for long runs; a plain loop for the few keys of a typical row, where NumPy's
+    per-call overhead would dominate.
+    """
+    if hi - lo <= _SHORT_PACKED_BYTES:
+        values, position = [], lo
+        while position < hi:
+            value, position = _read_varint(payload, position, hi)
+            values.append(value)
+        return np.array(values, dtype=np.uint64)
     raw = np.frombuffer(payload, dtype=np.uint8, count=hi - lo, offset=lo)
     if raw.size == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -311,6 +322,8 @@ def _decode_packed_varints(payload: bytes, lo: int, hi: int) -> np.ndarray:
 
 
 def _concat(chunks: list[np.ndarray], dtype: type) -> np.ndarray:
+    if len(chunks) == 1:
+        return chunks[0].astype(dtype, copy=False)
     return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
 
 
