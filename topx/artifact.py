@@ -275,24 +275,15 @@ def _params_from_bytes(data: bytes, label: str, predictor_type: str) -> FMParams
     if kind == "zip":
         params_bytes, meta = _read_algo_zip(data, label)
         params_label = f"{label}:{PARAMS_MEMBER}"
-        arrays = load_ndarrays_labeled(params_bytes, params_label)
+        arrays = load_ndarrays(params_bytes, label=params_label)
         return _apply_meta(params_from_arrays(arrays, _meta_predictor_type(meta, predictor_type, label), params_label),
                            meta, label)
     if kind == "ndarray":
-        return params_from_arrays(load_ndarrays_labeled(data, label), predictor_type, label)
+        return params_from_arrays(load_ndarrays(data, label=label), predictor_type, label)
     raise ArtifactFormatError(
         f"{label}: not a model artifact: expected a gzip'd tar, a zip or an MXNet NDArray file, "
         f"found {len(data)} bytes starting {data[:8].hex() or '(empty)'}"
     )
-
-
-def load_ndarrays_labeled(data: bytes, label: str) -> NDArrays:
-    """``load_ndarrays`` with errors naming ``label`` (e.g. ``model.tar.gz:model_algo-1:params``)."""
-    try:
-        return load_ndarrays(data)
-    except ArtifactFormatError as exc:
-        message = str(exc).removeprefix("NDArray bytes: ")
-        raise ArtifactFormatError(f"{label}: {message}") from exc
 
 
 def _sniff(data: bytes) -> str:

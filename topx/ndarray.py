@@ -98,15 +98,18 @@ class _Reader:
         return self.unpack("<Q", what)[0]
 
 
-def load_ndarrays(source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO) -> NDArrays:
+def load_ndarrays(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO, *, label: str | None = None
+) -> NDArrays:
     """Read an MXNet NDArray list file: a dict name -> array when names are stored, else a list.
 
     ``source`` is a path, the file's bytes, or a binary file object. Arrays come back in their
-    stored dtype and shape, native byte order. Raises ``ArtifactFormatError`` naming the array
-    and the byte offset for anything that is not a dense MXNet NDArray list.
+    stored dtype and shape, native byte order. Raises ``ArtifactFormatError`` naming the file
+    (``label`` when given, e.g. a member of an archive), the array and the byte offset for
+    anything that is not a dense MXNet NDArray list.
     """
     data, name = _read_source(source)
-    reader = _Reader(data, name)
+    reader = _Reader(data, label or name)
     list_magic = reader.uint64("list magic")
     if list_magic != LIST_MAGIC:
         raise reader.error(
