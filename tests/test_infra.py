@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aws_cdk import App
 from aws_cdk import aws_s3 as s3
-from aws_cdk.assertions import Match, Template
+from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks
 
 from infra import settings as infra_settings
@@ -578,6 +578,16 @@ def test_cdk_nag_reports_nothing(default: Synth, custom: Synth) -> None:
             for v in direct.violations
         ]
         assert findings == []
+
+
+def test_no_error_or_warning_annotations(default: Synth, custom: Synth) -> None:
+    """Neither CDK (deprecations, unsupported settings) nor a rule pack left an error or a warning."""
+    for synth in (default, custom):
+        annotations = Annotations.from_stack(synth.stack)
+        assert annotations.find_error("*", Match.string_like_regexp("AwsSolutions-.*")) == []
+        assert annotations.find_warning("*", Match.string_like_regexp("AwsSolutions-.*")) == []
+        assert annotations.find_error("*", Match.any_value()) == []
+        assert annotations.find_warning("*", Match.any_value()) == []
 
 
 def test_cdk_nag_checks_are_live(tmp_path: Path) -> None:
