@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 20
 
-.PHONY: demo test lint synth bench clean
+.PHONY: demo test lint clean
+
+LINT_PATHS := $(wildcard topx tests functions batch_jobs infra benchmarks)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +20,11 @@ demo: $(STAMP)
 	$(VENV)/bin/topx demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check topx tests functions batch_jobs infra benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check topx tests functions batch_jobs infra benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) cdk.out .pytest_cache .ruff_cache

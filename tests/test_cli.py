@@ -171,3 +171,44 @@ def test_demo_runs_small(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "recall_at_10" in text and "popularity" in text
     assert (out / "recommendations.parquet").exists()
+
+
+def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path):
+    from topx.artifact import read_model_artifact
+    from topx.feature_index import FeatureIndex
+    from topx.recordio import write_recordio_protobuf
+
+    data = generate(120, 60, mean_interactions=8, implicit=False, seed=3).interactions
+    data = data.drop_duplicates(["user_id", "item_id"]).reset_index(drop=True)
+    csv = tmp_path / "ratings.csv"
+    data.to_csv(csv, index=False)
+    # SageMaker's usual layout: user one-hot rows first, then items; one record per interaction.
+    index = FeatureIndex.one_hot(sorted(data["user_id"].unique()), sorted(data["item_id"].unique()))
+    users = data["user_id"].map({u: k for k, u in enumerate(index.user_ids)}).to_numpy()
+    items = data["item_id"].map({i: k for k, i in enumerate(index.item_ids)}).to_numpy()
+    recordio = tmp_path / "train.recordio"
+    write_recordio_protobuf(recordio, index.user_x[users] + index.item_x[items], data["rating"].to_numpy(np.float32))
+    index.save(tmp_path / "index")
+
+    args = ["--holdout", "0", "--epochs", "4", "--num-factors", "4", "--quiet"]
+    assert main(["train", "--interactions", str(csv), "--out", str(tmp_path / "from_csv"), *args]) == 0
+    assert main(["train", "--interactions", str(recordio), "--feature-index", str(tmp_path / "index"),
+                 "--out", str(tmp_path / "from_recordio"), *args]) == 0
+    a = read_model_artifact(tmp_path / "from_csv" / "model")
+    b = read_model_artifact(tmp_path / "from_recordio" / "model")
+    np.testing.assert_allclose(b.factors, a.factors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.linear, a.linear, rtol=1e-5, atol=1e-6)
+    assert b.bias == pytest.approx(a.bias, rel=1e-6)
+    # The feature index travels with the model, so the run goes on to vectors as usual.
+    assert main(["--quiet", "vectors", "--run", str(tmp_path / "from_recordio")]) == 0
+
+
+def test_corrupt_recordio_is_a_clear_error(tmp_path, capsys):
+    from topx.recordio import write_recordio_protobuf
+
+    path = tmp_path / "train.recordio"
+    write_recordio_protobuf(path, np.eye(3, dtype=np.float32), np.ones(3, np.float32))
+    path.write_bytes(path.read_bytes()[:-7])
+    assert main(["train", "--interactions", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.recordio" in err and "offset" in err

@@ -7,6 +7,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -111,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command("train", help="ingest and train; writes model/ and data/ into --out",
                        description="Read and validate the data, train the FM, write the model artifact "
-                                   "(SageMaker FM layout) and the feature index.")
+                                   "(SageMaker FM layout) and the feature index. --interactions may also be "
+                                   "SageMaker's recordIO-protobuf training data (detected by its magic number).")
     _add_data_options(p)
     _add_model_options(p)
+    p.add_argument("--feature-index", metavar="PATH",
+                   help="with recordIO-protobuf input: the feature index of its columns, kept beside the model")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to create (replaced only on success)")
 
     p = add_command("vectors", help="repackage a model into the recipe's user and item vectors",
@@ -219,8 +223,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from topx.pipeline import Reporter, atomic_output_dir, load_dataset, train_stage, write_json
+    from topx.io import read_bytes
+    from topx.pipeline import (
+        Reporter,
+        atomic_output_dir,
+        load_dataset,
+        train_stage,
+        write_json,
+    )
 
+    if _starts_like_recordio(args.interactions):
+        return _train_recordio(args, read_bytes(args.interactions))
     data = _data_options(args)
     hp = _hyperparameters(args, data.implicit)
     reporter = Reporter(not args.quiet)
@@ -230,6 +243,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, holdout, result = train_stage(ds, hp, _run_options(args), tmp, reporter)
         write_json(tmp / "metrics.json", {
             "predictor_type": hp.predictor_type, "holdout_fraction": args.holdout, "data": ds.report,
+            "hyperparameters": hp.to_dict(),
+            "training": {"device": result.device, "best_epoch": result.best_epoch,
+                         "epochs_run": len(result.history), "history": result.history},
+            "timings_s": reporter.timings,
+        })
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def _starts_like_recordio(source: str) -> bool:
+    """Peek at a local file's first bytes (S3 objects are read whole later anyway)."""
+    from topx.io import read_bytes
+    from topx.pipeline import is_recordio_protobuf
+
+    if source.startswith("s3://"):
+        return is_recordio_protobuf(read_bytes(source))
+    try:
+        with open(source, "rb") as fh:
+            return is_recordio_protobuf(fh.read(4))
+    except OSError:
+        return False  # the reader reports a missing or unreadable file with its own clear error
+
+
+def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
+    """SageMaker's recordIO-protobuf training data: rows of x with labels, trained as given."""
+    from topx.feature_index import FeatureIndex
+    from topx.pipeline import Reporter, atomic_output_dir, train_rows_stage, write_json
+    from topx.recordio import read_recordio_protobuf
+
+    hp = _hyperparameters(args, implicit=False)
+    reporter = Reporter(not args.quiet)
+    with reporter.step("ingest", f"reading recordIO-protobuf {args.interactions}"):
+        stream = io.BytesIO(raw)
+        stream.name = args.interactions  # errors name the file, not "<bytes>"
+        x, y = read_recordio_protobuf(stream)
+    feature_index = None
+    if args.feature_index:
+        location = Path(args.feature_index)
+        feature_index = FeatureIndex.load(location.parent if location.suffix == ".json" else location)
+    with atomic_output_dir(Path(args.out)) as tmp:
+        result = train_rows_stage(x, y, hp, _run_options(args), tmp, reporter, source=args.interactions,
+                                  feature_index=feature_index)
+        write_json(tmp / "metrics.json", {
+            "predictor_type": hp.predictor_type, "data": {"rows": int(x.shape[0]), "n_features": int(x.shape[1]),
+                                                          "format": "recordio-protobuf"},
             "hyperparameters": hp.to_dict(),
             "training": {"device": result.device, "best_epoch": result.best_epoch,
                          "epochs_run": len(result.history), "history": result.history},

@@ -102,8 +102,9 @@ class TrainingData:
     """Samples as (user row, item row) pairs over two design tables.
 
     user_rows, item_rows: (n,) int64 indices into user_table / item_table; label: (n,) float32;
-    weight: (n,) float32 or None. For ``binary_classifier`` the labels are the positives (1.0);
-    negatives are sampled each epoch from the item table.
+    weight: (n,) float32 or None. For ``binary_classifier`` with ``sample_negatives`` the rows are
+    the positives and negatives are sampled each epoch from the item table; without it the labels
+    are taken as given (0 or 1), as in SageMaker's training data.
     """
 
     user_table: PaddedRows
@@ -112,6 +113,7 @@ class TrainingData:
     item_rows: np.ndarray
     label: np.ndarray
     weight: np.ndarray | None = None
+    sample_negatives: bool = True
 
     def __post_init__(self) -> None:
         n = len(self.label)
@@ -207,7 +209,8 @@ def train_fm(
     best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
     for epoch in range(1, hp.epochs + 1):
         model.train()
-        train_loss = _run_epoch(model, optimizer, train_dev, users, items, labels, weights, hp, generator, dev, show, epoch)
+        train_loss = _run_epoch(model, optimizer, train_dev, users, items, labels, weights, hp, generator, dev, show,
+                                epoch, classifier and data.sample_negatives)
         record = {"epoch": float(epoch), "train_loss": train_loss}
         if val_batches is not None:
             record["validation_loss"] = _evaluate_loss(model, val_batches, classifier)
@@ -241,6 +244,7 @@ def _run_epoch(
     dev: torch.device,
     show: bool,
     epoch: int,
+    sample_negatives: bool,
 ) -> float:
     from tqdm import tqdm
 
@@ -255,7 +259,7 @@ def _run_epoch(
         sel = order[start:start + batch]
         u, i, y = users[sel], items[sel], labels[sel]
         w = None if weights is None else weights[sel]
-        if classifier:
+        if sample_negatives:
             u, i, y, w = _with_negatives(u, i, y, w, dd.n_items, hp.negative_samples, generator, dev)
         index, value = dd.rows(u, i)
         pred, sq = model(index, value)
@@ -312,7 +316,7 @@ def _split_validation(
     def take(idx: np.ndarray) -> TrainingData:
         return TrainingData(
             data.user_table, data.item_table, data.user_rows[idx], data.item_rows[idx], data.label[idx],
-            None if data.weight is None else data.weight[idx],
+            None if data.weight is None else data.weight[idx], data.sample_negatives,
         )
 
     return take(np.sort(train)), take(np.sort(val))
@@ -323,7 +327,7 @@ def _validation_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fixed validation rows (with one fixed draw of negatives for a classifier), batched."""
     users, items, labels = validation.user_rows, validation.item_rows, validation.label.astype(np.float32)
-    if hp.predictor_type == "binary_classifier":
+    if hp.predictor_type == "binary_classifier" and validation.sample_negatives:
         n_items = validation.item_table.index.shape[0]
         neg_users = np.repeat(users, hp.negative_samples)
         neg_items = rng.integers(0, n_items, size=neg_users.shape[0])

@@ -268,7 +268,48 @@ def train_stage(
     return result.params, holdout, result
 
 
-def write_model(directory: Path, params: FMParams, feature_index: FeatureIndex) -> None:
+def is_recordio_protobuf(raw: bytes) -> bool:
+    from topx.recordio import RECORDIO_MAGIC
+
+    return len(raw) >= 4 and int.from_bytes(raw[:4], "little") == RECORDIO_MAGIC
+
+
+def train_rows_stage(
+    x: sp.csr_matrix,
+    y: np.ndarray,
+    hp: HyperParameters,
+    run: RunOptions,
+    out: Path,
+    reporter: Reporter,
+    *,
+    source: str,
+    feature_index: FeatureIndex | None = None,
+) -> TrainResult:
+    """Train on design rows given whole, as SageMaker's recordIO-protobuf data carry them.
+
+    x: (n, N) CSR; y: (n,) labels (ratings for a regressor, 0/1 for a classifier). Each row is its
+    own sample, so the FM sees exactly the x it would see from the equivalent interactions file.
+    """
+    if not np.all(np.isfinite(y)):
+        row = int(np.flatnonzero(~np.isfinite(y))[0]) + 1
+        raise InputDataError("label is missing or not finite", source=source, row=row, column="label")
+    if hp.predictor_type == "binary_classifier" and not np.isin(y, (0.0, 1.0)).all():
+        row = int(np.flatnonzero(~np.isin(y, (0.0, 1.0)))[0]) + 1
+        raise InputDataError("a binary_classifier needs labels 0 or 1", source=source, row=row, column="label")
+    if feature_index is not None and feature_index.n_features != x.shape[1]:
+        raise InputDataError(f"rows have {x.shape[1]} features but the feature index names {feature_index.n_features}",
+                             source=source)
+    empty_item = PaddedRows(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    data = TrainingData(PaddedRows.from_csr(x), empty_item, np.arange(x.shape[0], dtype=np.int64),
+                        np.zeros(x.shape[0], dtype=np.int64), np.asarray(y, np.float32), sample_negatives=False)
+    with reporter.step("train", f"training the FM on {x.shape[0]:,} rows x {x.shape[1]:,} features ({hp.predictor_type})") as d:
+        result = train_fm(data, x.shape[1], hp, device=run.device, progress=run.progress)
+        d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
+    write_model(out / MODEL_DIR, result.params, feature_index)
+    return result
+
+
+def write_model(directory: Path, params: FMParams, feature_index: FeatureIndex | None) -> None:
     from topx.artifact import write_model_artifact
 
     write_model_artifact(directory, params, feature_index)
