@@ -38,10 +38,19 @@ class OracleEnvError(RuntimeError):
     """The oracle environment could not be built."""
 
 
-def expected_stamp() -> dict[str, str]:
+DIRECT_REQUIREMENTS = ("mxnet", "numpy", "scipy", "sagemaker")
+# libmxnet.so ships its own OpenBLAS and libgfortran but takes these from the system (Debian:
+# libgomp1 and libquadmath0, both pulled in by gcc).
+SYSTEM_LIBRARIES = ("libgomp", "libquadmath")
+
+
+def expected_stamp() -> dict[str, object]:
+    text = REQUIREMENTS.read_text()
+    pins = dict(line.split("==", 1) for line in text.splitlines() if "==" in line and not line.startswith("#"))
     return {
-        "requirements_sha256": hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest(),
+        "requirements_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "versions": {name: pins.get(name) for name in DIRECT_REQUIREMENTS},
     }
 
 
@@ -101,7 +110,9 @@ def _run(command: list[str], what: str, log: bool) -> None:
         raise OracleEnvError(f"could not {what}: {exc}") from exc
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-4000:]
-        raise OracleEnvError(f"could not {what} (exit {done.returncode}):\n{tail}")
+        missing = [lib for lib in SYSTEM_LIBRARIES if f"{lib}.so" in tail]
+        hint = f"\nmissing system libraries {missing}: apt-get install libgomp1 libquadmath0" if missing else ""
+        raise OracleEnvError(f"could not {what} (exit {done.returncode}):\n{tail}{hint}")
 
 
 if __name__ == "__main__":
