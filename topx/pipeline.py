@@ -328,8 +328,10 @@ def save_interactions(directory: Path, ds: Dataset, holdout: np.ndarray) -> None
                             holdout=holdout, implicit=np.array(ds.implicit))
 
 
-def load_interactions(run_dir: Path, feature_index: FeatureIndex) -> tuple[Dataset, np.ndarray]:
-    path = run_dir / DATA_DIR / INTERACTIONS_FILE
+def load_interactions(
+    run_dir: Path, feature_index: FeatureIndex, data_dir: str = DATA_DIR
+) -> tuple[Dataset, np.ndarray]:
+    path = run_dir / data_dir / INTERACTIONS_FILE
     try:
         with np.load(path) as z:
             ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]))

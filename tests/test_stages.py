@@ -1,0 +1,152 @@
+"""The AWS stages under moto, run in the state machine's order: upload -> recommendations read
+from DynamoDB through the pointer, equal to what `topx run` computes locally from the same data."""
+
+from __future__ import annotations
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+from moto import mock_aws
+
+from topx import stages, store
+from topx.errors import InputDataError, StoreError
+from topx.pipeline import DataOptions, RunOptions, default_hyperparameters, run_all
+from topx.synth import generate
+
+BUCKET, TABLE = "topx-test-bucket", "topx-test-table"
+
+
+@pytest.fixture()
+def aws(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("TOPX_EPOCHS", "3")
+    monkeypatch.setenv("TOPX_NUM_FACTORS", "8")
+    monkeypatch.setenv("TOPX_TOP_X", "5")
+    monkeypatch.setenv("TOPX_SHARDS", "3")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        ddb = boto3.client("dynamodb")
+        s3.create_bucket(Bucket=BUCKET)
+        ddb.create_table(
+            TableName=TABLE, BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
+                                  {"AttributeName": "sk", "AttributeType": "S"}],
+        )
+        stages.use_clients(s3=s3, dynamodb=ddb)
+        yield s3, ddb
+        stages.use_clients(s3=None, dynamodb=None)
+
+
+def run_pipeline(key: str) -> str:
+    prepared = stages.prepare_run(BUCKET, key)
+    run_id = prepared["run_id"]
+    stages.train_run(BUCKET, run_id)
+    gate = stages.quality_gate(BUCKET, run_id, TABLE)
+    assert gate["passed"], gate
+    stages.repackage_run(BUCKET, run_id)
+    for shard in prepared["shard_ids"]:
+        stages.search_shard(BUCKET, run_id, shard, prepared["shards"])
+    for shard in prepared["shard_ids"]:
+        stages.load_shard(BUCKET, run_id, shard, TABLE)
+    result = stages.publish_version(BUCKET, run_id, TABLE, prepared["shards"])
+    assert result["published"]
+    return run_id
+
+
+def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):
+    s3, ddb = aws
+    data = generate(150, 80, mean_interactions=10, implicit=False, seed=11)
+    csv = tmp_path / "ratings.csv"
+    data.interactions.to_csv(csv, index=False)
+    s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
+
+    run_id = run_pipeline("incoming/ratings.csv")
+    assert store.active_version(TABLE, client=ddb) == run_id
+
+    local = tmp_path / "local"
+    run_all(DataOptions(str(csv)), default_hyperparameters(False, num_factors=8, epochs=3),
+            RunOptions(top_x=5, progress=False), local)
+    expected = pd.read_parquet(local / "recommendations.parquet")
+    for user, group in expected.groupby("user_id"):
+        rec = store.get_recommendations(TABLE, user, client=ddb)
+        assert rec is not None and rec.items == list(group.sort_values("rank")["item_id"]), user
+        np.testing.assert_allclose(rec.scores, group.sort_values("rank")["score"], rtol=1e-5)
+    assert store.get_recommendations(TABLE, "nobody", client=ddb) is None
+
+
+def test_a_failed_run_leaves_the_live_version(aws, tmp_path):
+    s3, ddb = aws
+    data = generate(60, 40, mean_interactions=8, implicit=False, seed=12)
+    csv = tmp_path / "ratings.csv"
+    data.interactions.to_csv(csv, index=False)
+    s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
+    live = run_pipeline("incoming/ratings.csv")
+    before = store.get_recommendations(TABLE, data.interactions["user_id"].iloc[0], client=ddb)
+
+    s3.put_object(Bucket=BUCKET, Key="incoming/bad.csv", Body=b"user_id,item_id,rating\nu1,i1,oops\n")
+    with pytest.raises(InputDataError, match="row 2"):
+        stages.prepare_run(BUCKET, "incoming/bad.csv")
+    # A run whose load stopped after one shard cannot publish.
+    prepared = stages.prepare_run(BUCKET, "incoming/ratings.csv")
+    run_id = prepared["run_id"]
+    stages.train_run(BUCKET, run_id)
+    stages.repackage_run(BUCKET, run_id)
+    for shard in prepared["shard_ids"]:
+        stages.search_shard(BUCKET, run_id, shard, prepared["shards"])
+    stages.load_shard(BUCKET, run_id, 0, TABLE)
+    with pytest.raises(StoreError):
+        stages.publish_version(BUCKET, run_id, TABLE, prepared["shards"])
+    assert store.active_version(TABLE, client=ddb) == live
+    assert store.get_recommendations(TABLE, before.user_id, client=ddb) == before
+
+
+def test_pointer_never_goes_backwards(aws):
+    _, ddb = aws
+    assert store.publish_version(TABLE, "20260101T000000Z-b", users=1, client=ddb)
+    assert not store.publish_version(TABLE, "20250101T000000Z-a", users=1, client=ddb)
+    assert store.active_version(TABLE, client=ddb) == "20260101T000000Z-b"
+
+
+def test_unprocessed_items_are_retried():
+    calls = []
+
+    class Throttled:
+        def batch_write_item(self, RequestItems):
+            calls.append(len(RequestItems["t"]))
+            pending = RequestItems["t"]
+            # The first reply leaves three items unprocessed, as DynamoDB does under throttling.
+            return {"UnprocessedItems": {"t": pending[:3]}} if len(calls) == 1 else {}
+
+    rows = [store.Recommendation(f"u{i}", ["a"], [1.0]) for i in range(30)]
+    written = store.write_recommendations("t", "v1", rows, expires_at=1, client=Throttled(), sleep=lambda s: None)
+    assert written == 30
+    assert calls == [25, 3, 5]
+
+
+def test_shards_partition_the_users():
+    parts = [stages.shard_users(10, s, 3) for s in range(3)]
+    assert np.array_equal(np.concatenate(parts), np.arange(10))
+    with pytest.raises(InputDataError):
+        stages.shard_users(10, 3, 3)
+
+
+def test_quality_gate_rejects_a_model_worse_than_its_baseline_or_the_live_one(aws):
+    s3, ddb = aws
+
+    def put(run_id, **metrics):
+        stages._put_json(BUCKET, f"runs/{run_id}/metrics.json", {"predictor_type": "regressor", **metrics})
+
+    put("20260101T000000Z-live", rmse=0.90, rmse_global_mean=1.10)
+    store.publish_version(TABLE, "20260101T000000Z-live", users=1, client=ddb)
+    put("20260102T000000Z-bad", rmse=1.30, rmse_global_mean=1.10)
+    put("20260103T000000Z-worse", rmse=1.00, rmse_global_mean=1.10)
+    put("20260104T000000Z-good", rmse=0.91, rmse_global_mean=1.10)
+    bad = stages.quality_gate(BUCKET, "20260102T000000Z-bad", TABLE)
+    assert not bad["passed"] and "baseline" in bad["reason"]
+    worse = stages.quality_gate(BUCKET, "20260103T000000Z-worse", TABLE)
+    assert not worse["passed"] and "live" in worse["reason"]
+    assert stages.quality_gate(BUCKET, "20260104T000000Z-good", TABLE)["passed"]

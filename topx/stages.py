@@ -1,0 +1,337 @@
+"""The pipeline's stages on AWS, one function per state of statemachine/pipeline.asl.json.
+
+Each stage reads its inputs from the run's S3 prefix, does its work with the same core functions
+the local CLI uses, writes its outputs under the run's prefix, and returns a small JSON-able dict
+(Step Functions passes references, not data). S3 layout, under one bucket::
+
+    incoming/...                         uploads (the trigger)
+    features/users.*, features/items.*   optional side tables used by every run
+    runs/<run_id>/prepared/              feature index + indexed interactions + hold-out mask
+    runs/<run_id>/model/                 model.tar.gz (+ feature index beside it)
+    runs/<run_id>/metrics.json
+    runs/<run_id>/vectors/
+    runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
+    runs/<run_id>/loaded/shard=NNNN.json  rows written to DynamoDB by that shard's load
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from botocore.exceptions import ClientError
+
+from topx import store
+from topx.config import (
+    DEFAULT_TOP_X,
+    ENV_ENDPOINT_URL,
+    ENV_EPOCHS,
+    ENV_NUM_FACTORS,
+    ENV_RETENTION_DAYS,
+    ENV_SHARDS,
+    ENV_TOP_X,
+    env_or,
+)
+from topx.errors import InputDataError, StoreError
+from topx.feature_index import FeatureIndex
+
+INCOMING_PREFIX = "incoming/"
+FEATURES_PREFIX = "features/"
+MIN_SHARDS = 2  # an AWS Batch array job has at least two children
+
+_clients: dict[str, Any] = {}
+
+
+def s3_client() -> Any:
+    """A lazily created S3 client (tests and the local runner may set one with ``use_clients``)."""
+    if "s3" not in _clients:
+        import boto3
+
+        _clients["s3"] = boto3.client("s3", endpoint_url=os.environ.get(ENV_ENDPOINT_URL) or None)
+    return _clients["s3"]
+
+
+def dynamodb_client() -> Any:
+    if "dynamodb" not in _clients:
+        _clients["dynamodb"] = store.dynamodb_client()
+    return _clients["dynamodb"]
+
+
+def use_clients(**clients: Any) -> None:
+    """Inject clients (``s3=..., dynamodb=...``); None removes one so it is created again lazily."""
+    for name, client in clients.items():
+        if client is None:
+            _clients.pop(name, None)
+        else:
+            _clients[name] = client
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/"
+
+
+# ----------------------------------------------------------------------------- S3 helpers
+
+
+def _upload_dir(local: Path, bucket: str, prefix: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3_client().upload_file(str(path), bucket, prefix + path.relative_to(local).as_posix())
+
+
+def _download_prefix(bucket: str, prefix: str, local: Path) -> int:
+    count = 0
+    paginator = s3_client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            target = local / obj["Key"][len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3_client().download_file(bucket, obj["Key"], str(target))
+            count += 1
+    if count == 0:
+        raise StoreError(f"s3://{bucket}/{prefix} holds nothing: an earlier stage did not write it")
+    return count
+
+
+def _get_json(bucket: str, key: str) -> dict[str, Any]:
+    try:
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3_client().exceptions.NoSuchKey as exc:
+        raise StoreError(f"s3://{bucket}/{key} does not exist") from exc
+    return json.loads(body)
+
+
+def _put_json(bucket: str, key: str, doc: dict[str, Any]) -> None:
+    s3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(doc, sort_keys=True, default=_plain).encode())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="topx-stage-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _latest_key(bucket: str, prefix: str) -> str | None:
+    latest = None
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/"):
+                continue
+            if latest is None or (obj["LastModified"], obj["Key"]) > (latest["LastModified"], latest["Key"]):
+                latest = obj
+    return None if latest is None else latest["Key"]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
+    """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
+    from topx.config import HyperParameters
+    from topx.evaluate import holdout_split
+    from topx.pipeline import DataOptions, RunOptions, load_dataset, save_interactions
+
+    if key is None:
+        key = _latest_key(bucket, INCOMING_PREFIX)
+        if key is None:
+            raise InputDataError(f"s3://{bucket}/{INCOMING_PREFIX} holds no data to train on")
+    head = s3_client().head_object(Bucket=bucket, Key=key)
+    implicit = _is_implicit(head)
+    options = DataOptions(
+        interactions=f"s3://{bucket}/{key}",
+        users=_optional_table(bucket, "users"),
+        items=_optional_table(bucket, "items"),
+        rating_col="rating",
+        implicit=implicit,
+    )
+    ds = load_dataset(options)
+    digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{digest}"
+    shards = max(MIN_SHARDS, min(int(env_or(ENV_SHARDS, None, 4, int)), max(ds.feature_index.n_users, 1)))
+    # The same seeded hold-out that training draws (RunOptions/HyperParameters defaults).
+    holdout = holdout_split(ds.user_rows, RunOptions().holdout, HyperParameters().seed)
+    with _workdir() as work:
+        ds.feature_index.save(work / "prepared")
+        save_interactions(work / "prepared", ds, holdout)
+        _upload_dir(work / "prepared", bucket, run_prefix(run_id) + "prepared/")
+    _put_json(bucket, run_prefix(run_id) + "run.json", {"source": f"s3://{bucket}/{key}", "implicit": implicit,
+                                                         "shards": shards, "report": ds.report})
+    return {
+        "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
+        "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
+        "n_interactions": int(len(ds.rating)),
+    }
+
+
+def _is_implicit(head: dict[str, Any]) -> bool:
+    """Uploads are explicit ratings unless the object's metadata says ``topx-mode: implicit``."""
+    return head.get("Metadata", {}).get("topx-mode", "explicit").lower() == "implicit"
+
+
+def _optional_table(bucket: str, name: str) -> str | None:
+    key = _latest_key(bucket, f"{FEATURES_PREFIX}{name}")
+    return None if key is None else f"s3://{bucket}/{key}"
+
+
+def _load_prepared(bucket: str, run_id: str, work: Path):
+    from topx.pipeline import load_interactions
+
+    _download_prefix(bucket, run_prefix(run_id) + "prepared/", work / "prepared")
+    feature_index = FeatureIndex.load(work / "prepared")
+    ds, holdout = load_interactions(work / "prepared", feature_index, data_dir="")
+    return ds, holdout
+
+
+def train_run(bucket: str, run_id: str) -> dict[str, Any]:
+    """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
+    from topx.pipeline import (
+        MODEL_DIR,
+        Reporter,
+        RunOptions,
+        default_hyperparameters,
+        evaluate_model,
+        train_stage,
+    )
+    from topx.vectors import export_vectors
+
+    with _workdir() as work:
+        ds, holdout = _load_prepared(bucket, run_id, work)
+        hp = default_hyperparameters(
+            ds.implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
+        )
+        run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False)
+        out = work / "out"
+        params, _, result = train_stage(ds, hp, run, out, Reporter(False))
+        metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed)
+        metrics.update(predictor_type=hp.predictor_type, top_x=run.top_x, best_epoch=result.best_epoch,
+                       epochs_run=len(result.history), device=result.device)
+        _upload_dir(out / MODEL_DIR, bucket, run_prefix(run_id) + "model/")
+        _put_json(bucket, run_prefix(run_id) + "metrics.json", metrics)
+    return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
+
+
+def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
+    """Pass a model unless it loses to its baseline, or is clearly worse than the live model.
+
+    A regressor must beat the global-mean rating's RMSE and stay within 5 % of the live RMSE; a
+    classifier must beat popularity's recall@x and keep 90 % of the live recall@x.
+    """
+    metrics = _get_json(bucket, run_prefix(run_id) + "metrics.json")
+    x = metrics.get("top_x", DEFAULT_TOP_X)
+    regressor = metrics.get("predictor_type") == "regressor"
+    name, baseline_name = ("rmse", "rmse_global_mean") if regressor else (f"recall_at_{x}", f"popularity_recall_at_{x}")
+    value, baseline = metrics.get(name), metrics.get(baseline_name)
+    summary = {k: metrics[k] for k in (name, baseline_name) if k in metrics}
+    if value is None:
+        return {"passed": True, "reason": f"no {name} to judge (too little data for a hold-out)", "metrics": summary}
+    worse = (lambda a, b: a > b) if regressor else (lambda a, b: a < b)
+    if baseline is not None and worse(value, baseline):
+        return {"passed": False, "reason": f"{name} {value:.4f} is worse than the baseline's {baseline:.4f}",
+                "metrics": summary}
+    live = store.active_version(table, client=dynamodb_client())
+    if live is not None and live != run_id:
+        try:
+            live_value = _get_json(bucket, run_prefix(live) + "metrics.json").get(name)
+        except StoreError:
+            live_value = None
+        if live_value is not None and worse(value, live_value * (1.05 if regressor else 0.9)):
+            return {"passed": False, "reason": f"{name} {value:.4f} is clearly worse than the live model's "
+                                               f"{live_value:.4f} ({live})", "metrics": summary}
+    return {"passed": True, "reason": "metrics within thresholds", "metrics": summary}
+
+
+def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
+    """Model artifact -> the recipe's user and item vectors under runs/<run_id>/vectors/."""
+    from topx.pipeline import read_model, vectors_stage
+
+    with _workdir() as work:
+        _download_prefix(bucket, run_prefix(run_id) + "model/", work / "model")
+        params, feature_index = read_model(work / "model")
+        vectors = vectors_stage(params, feature_index, work / "vectors")
+        _upload_dir(work / "vectors", bucket, run_prefix(run_id) + "vectors/")
+    return {"run_id": run_id, "n_users": int(vectors.user_vectors.shape[0]),
+            "n_items": int(vectors.item_vectors.shape[0]), "dimension": int(vectors.item_vectors.shape[1])}
+
+
+def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
+    """The user rows of one shard: contiguous, near-equal ranges, so shards partition the users."""
+    if not 0 <= shard < shards:
+        raise InputDataError(f"shard {shard} is outside 0..{shards - 1}")
+    bounds = np.linspace(0, n_users, shards + 1).astype(np.int64)
+    return np.arange(bounds[shard], bounds[shard + 1])
+
+
+def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
+    """Exact top-x for one shard of users, seen items excluded, written as Parquet."""
+    from topx.pipeline import load_ids, write_recommendations
+    from topx.vectors import RecipeVectors
+
+    top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
+    with _workdir() as work:
+        ds, _ = _load_prepared(bucket, run_id, work)
+        _download_prefix(bucket, run_prefix(run_id) + "vectors/", work / "vectors")
+        vectors = RecipeVectors.load(work / "vectors")
+        user_ids, item_ids = load_ids(work / "vectors")
+        rows = shard_users(len(user_ids), shard, shards)
+        part = RecipeVectors(vectors.user_vectors[rows], vectors.item_vectors, vectors.user_constants[rows])
+        seen = ds.matrix()[rows]
+        path = work / "part-0.parquet"
+        written = write_recommendations(path, part, np.asarray(user_ids, object)[rows], np.asarray(item_ids, object),
+                                        top_x, seen)
+        s3_client().upload_file(str(path), bucket, f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet")
+    return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(written)}
+
+
+def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, Any]:
+    """Write one shard's recommendations to DynamoDB under the run's version, and count them."""
+    retention_days = int(env_or(ENV_RETENTION_DAYS, None, 30, int))
+    key = f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet"
+    with _workdir() as work:
+        local = work / "part.parquet"
+        try:
+            s3_client().download_file(bucket, key, str(local))
+        except ClientError as exc:
+            raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        frame = pd.read_parquet(local)
+    rows = (
+        store.Recommendation(str(user), list(group["item_id"]), [float(s) for s in group["score"]])
+        for user, group in frame.sort_values(["user_id", "rank"]).groupby("user_id", sort=False)
+    )
+    expires_at = int(time.time()) + retention_days * 86400
+    written = store.write_recommendations(table, run_id, rows, expires_at=expires_at, client=dynamodb_client())
+    _put_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json", {"shard": shard, "written": written})
+    return {"shard": shard, "written": int(written)}
+
+
+def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) -> dict[str, Any]:
+    """Flip the pointer once every shard is loaded and the counts add up to every user."""
+    run = _get_json(bucket, run_prefix(run_id) + "run.json")
+    written = 0
+    for shard in range(expected_shards):
+        marker = _get_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json")
+        written += int(marker["written"])
+    expected_users = int(run["report"]["n_users"])
+    if written != expected_users:
+        raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
+    published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
+    return {"run_id": run_id, "published": published, "users": written}
