@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jsii
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_batch as batch
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
-from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
@@ -18,6 +18,23 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 ALARM_PERIOD = Duration.minutes(5)
+EVENTS = "events.amazonaws.com"
+
+
+@jsii.implements(events.IRuleTarget)
+class TopicTarget:
+    """An EventBridge target that publishes to ``topic`` and grants nothing by itself.
+
+    CDK's ``targets.SnsTopic`` lets events.amazonaws.com publish to the topic with no condition, which lets
+    a rule in any account publish to it. The grant is made by ``Notifications`` instead, for our rule only.
+    """
+
+    def __init__(self, topic: sns.ITopic, message: events.RuleTargetInput) -> None:
+        self._topic = topic
+        self._message = message
+
+    def bind(self, rule: events.IRule, id: str | None = None) -> events.RuleTargetConfig:
+        return events.RuleTargetConfig(arn=self._topic.topic_arn, input=self._message)
 
 
 class Notifications(Construct):
@@ -26,7 +43,7 @@ class Notifications(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, email: str | None) -> None:
         super().__init__(scope, construct_id)
         # A customer-managed key: the AWS-managed SNS key cannot be granted to CloudWatch alarms or to
-        # EventBridge, which both publish to this topic. (The EventBridge target grants itself below.)
+        # EventBridge, which both publish to this topic. (EventBridge's grant is made in add_alarms.)
         self.key = kms.Key(
             self,
             "TopicKey",
@@ -81,12 +98,31 @@ class Notifications(Construct):
             ),
         )
         rule.add_target(
-            targets.SnsTopic(
+            TopicTarget(
                 self.topic,
                 message=events.RuleTargetInput.from_text(
                     f"topx: AWS Batch job {events.EventField.from_path('$.detail.jobName')} "
                     f"({events.EventField.from_path('$.detail.jobId')}) failed: "
                     f"{events.EventField.from_path('$.detail.statusReason')}"
                 ),
+            )
+        )
+        # EventBridge publishes to SNS under a resource policy (AWS advises against a target role for SNS,
+        # above all for encrypted topics); the source-ARN condition keeps it to this one rule.
+        self.topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal(EVENTS)],
+                actions=["sns:Publish"],
+                resources=[self.topic.topic_arn],
+                conditions={"ArnEquals": {"aws:SourceArn": rule.rule_arn}},
+            )
+        )
+        # SNS encrypts what EventBridge publishes with the topic key on EventBridge's behalf. AWS documents
+        # this statement without conditions: the KMS request carries no source ARN or account to test.
+        self.key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal(EVENTS)],
+                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                resources=["*"],  # in a key policy, "*" means this key
             )
         )
