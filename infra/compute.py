@@ -10,18 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy, Size
+from aws_cdk import Duration, Size
 from aws_cdk import aws_batch as batch
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_logs as logs
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from infra.access import acknowledge_run_objects, list_bucket, read_write_runs
+from infra.access import (
+    ECS_INSTANCE_POLICY,
+    acknowledge_managed_policy,
+    acknowledge_run_objects,
+    acknowledge_unscoped,
+    list_bucket,
+    read_runs,
+    write_runs,
+)
 from infra.images import SEARCH_DOCKERFILE, TRAIN_DOCKERFILE, batch_image
-from infra.nag import acknowledge
+from infra.logs import log_group
 from infra.settings import DeploySettings
 
 # Entry points, as `python -m` modules. The job definitions' commands name them; the Dockerfiles' CMDs
@@ -70,8 +78,10 @@ class Compute(Construct):
         bucket: s3.IBucket,
         log_bucket: s3.IBucket,
         environment: dict[str, str],
+        logs_key: kms.IKey,
     ) -> None:
         super().__init__(scope, construct_id)
+        self._logs_key = logs_key
         self.vpc = self._vpc(log_bucket)
         self.security_group = ec2.SecurityGroup(
             self,
@@ -103,13 +113,7 @@ class Compute(Construct):
             launch_template=self._gpu_launch_template(),
             update_to_latest_image_version=True,
         )
-        acknowledge(
-            gpu_environment,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
-            "AmazonEC2ContainerServiceforEC2Role]",
-            "The ECS container-instance policy AWS Batch documents for its instances; it tracks the "
-            "ECS agent's needs better than a hand-copied policy would.",
-        )
+        acknowledge_managed_policy(gpu_environment, ECS_INSTANCE_POLICY)
         cpu_environment = batch.FargateComputeEnvironment(
             self,
             "CpuEnvironment",
@@ -179,12 +183,8 @@ class Compute(Construct):
         )
 
         for container in (self.train.definition.container, self.search.definition.container):
-            acknowledge(
-                container,
-                "AwsSolutions-IAM5[Resource::*]",
-                "The execution role's ecr:GetAuthorizationToken has no resource-level permissions; image "
-                "pulls themselves are limited to the CDK assets repository.",
-            )
+            # The execution role CDK makes for pulling the image and writing the job's log group.
+            acknowledge_unscoped(container, ["ecr:GetAuthorizationToken"])
 
     @property
     def jobs(self) -> tuple[Job, Job]:
@@ -266,18 +266,14 @@ class Compute(Construct):
             description="topx train and search jobs: read and write runs/ in the data bucket",
         )
         role.add_to_policy(list_bucket(bucket))
-        role.add_to_policy(read_write_runs(bucket))
+        role.add_to_policy(read_runs(bucket))
+        role.add_to_policy(write_runs(bucket))
         acknowledge_run_objects(role, bucket)
         return role
 
     def _logging(self, name: str) -> ecs.LogDriver:
-        log_group = logs.LogGroup(
-            self,
-            f"{name.capitalize()}Logs",
-            retention=logs.RetentionDays.ONE_MONTH,
-            removal_policy=RemovalPolicy.DESTROY,
-        )
-        return ecs.LogDrivers.aws_logs(stream_prefix=name, log_group=log_group)
+        logs = log_group(self, f"{name.capitalize()}Logs", key=self._logs_key)
+        return ecs.LogDrivers.aws_logs(stream_prefix=name, log_group=logs)
 
 
 def _retry_strategies(*infrastructure_failures: batch.Reason) -> list[batch.RetryStrategy]:

@@ -3,24 +3,48 @@
 Each function's image CMD is overridden with its handler, ``functions.handlers.<name>``. Sizes follow the
 work: prepare and repackage hold a dataset or a model in memory; the gate and publish read small objects
 and a few table items. 3008 MB is the largest memory a new account's default quota allows.
+
+Each function has a role of its own: writing to its own log group, the S3 prefixes it reads and writes,
+and only the DynamoDB actions and partition keys it uses (see topx/store.py), nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy, Size
+from aws_cdk import Duration, Size
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from infra.access import acknowledge_run_objects, list_bucket, read_incoming, read_write_runs
+from infra import checkov
+from infra.access import (
+    acknowledge_run_objects,
+    acknowledge_unscoped,
+    list_bucket,
+    read_inputs,
+    read_runs,
+    table_items,
+    write_runs,
+)
 from infra.images import function_code
-from infra.nag import LAMBDA_BASIC_EXECUTION, acknowledge
+from infra.logs import log_group
+from infra.storage import POINTER_PARTITION, USER_PARTITION_PREFIX
 
 HANDLER_MODULE = "functions.handlers"
+# Active tracing adds these to every function's role; X-Ray offers no narrower resource.
+TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
+
+
+@dataclass(frozen=True)
+class TableAccess:
+    """The DynamoDB item actions a function calls (topx/store.py) and the partition keys it touches."""
+
+    actions: tuple[str, ...]
+    leading_keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -30,8 +54,9 @@ class FunctionSpec:
     memory_mb: int
     timeout: Duration
     ephemeral_gib: int = 1
-    reads_incoming: bool = False
-    table_access: str | None = None  # None, "read" or "write"
+    reads_inputs: bool = False  # incoming/ and features/
+    writes_runs: bool = True
+    table: TableAccess | None = None
 
 
 SPECS: tuple[FunctionSpec, ...] = (
@@ -41,14 +66,16 @@ SPECS: tuple[FunctionSpec, ...] = (
         memory_mb=3008,
         timeout=Duration.minutes(15),
         ephemeral_gib=4,
-        reads_incoming=True,
+        reads_inputs=True,
     ),
     FunctionSpec(
         "quality_gate",
         "Compare a run's metrics with the thresholds and with the live version",
         memory_mb=1024,
         timeout=Duration.minutes(2),
-        table_access="read",
+        writes_runs=False,
+        # store.active_version: the pointer item only.
+        table=TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),
     ),
     FunctionSpec(
         "repackage",
@@ -63,14 +90,17 @@ SPECS: tuple[FunctionSpec, ...] = (
         memory_mb=1769,  # one full vCPU
         timeout=Duration.minutes(15),
         ephemeral_gib=2,
-        table_access="write",
+        # store.write_recommendations: the run's user items, never the pointer.
+        table=TableAccess(("dynamodb:BatchWriteItem",), (f"{USER_PARTITION_PREFIX}*",)),
     ),
     FunctionSpec(
         "publish",
         "Check every shard is loaded, then flip the active-version pointer",
         memory_mb=1024,
         timeout=Duration.minutes(5),
-        table_access="write",
+        writes_runs=False,
+        # store.publish_version: one conditional write of the pointer item.
+        table=TableAccess(("dynamodb:PutItem",), (POINTER_PARTITION,)),
     ),
 )
 
@@ -86,22 +116,13 @@ class Functions(Construct):
         bucket: s3.IBucket,
         table: dynamodb.ITable,
         environment: dict[str, str],
+        logs_key: kms.IKey,
     ) -> None:
         super().__init__(scope, construct_id)
         self.by_handler: dict[str, lambda_.DockerImageFunction] = {}
         for spec in SPECS:
-            self.by_handler[spec.handler] = self._function(spec, bucket, table, environment)
-        acknowledge(
-            self,
-            f"AwsSolutions-IAM4[{LAMBDA_BASIC_EXECUTION}]",
-            "AWSLambdaBasicExecutionRole only lets a function write its own CloudWatch Logs streams.",
-        )
-        acknowledge(
-            self,
-            "AwsSolutions-IAM5[Resource::*]",
-            "X-Ray tracing: xray:PutTraceSegments and xray:PutTelemetryRecords have no resource-level "
-            "permissions, so AWS requires Resource '*' for them.",
-        )
+            self.by_handler[spec.handler] = self._function(spec, bucket, table, environment, logs_key)
+        acknowledge_unscoped(self, TRACING_ACTIONS)
 
     def _function(
         self,
@@ -109,14 +130,18 @@ class Functions(Construct):
         bucket: s3.IBucket,
         table: dynamodb.ITable,
         environment: dict[str, str],
+        logs_key: kms.IKey,
     ) -> lambda_.DockerImageFunction:
         construct_id = "".join(part.capitalize() for part in spec.handler.split("_"))
-        log_group = logs.LogGroup(
+        logs = log_group(self, f"{construct_id}Logs", key=logs_key)
+        # Its own role instead of AWSLambdaBasicExecutionRole, whose logs actions are on every log group.
+        role = iam.Role(
             self,
-            f"{construct_id}Logs",
-            retention=logs.RetentionDays.ONE_MONTH,
-            removal_policy=RemovalPolicy.DESTROY,
+            f"{construct_id}ServiceRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"topx {spec.handler} function",
         )
+        logs.grant_write(role)
         function = lambda_.DockerImageFunction(
             self,
             construct_id,
@@ -128,15 +153,25 @@ class Functions(Construct):
             ephemeral_storage_size=Size.gibibytes(spec.ephemeral_gib),
             environment=environment,
             tracing=lambda_.Tracing.ACTIVE,
-            log_group=log_group,
+            log_group=logs,
+            role=role,
         )
-        function.add_to_role_policy(list_bucket(bucket))
-        function.add_to_role_policy(read_write_runs(bucket))
-        if spec.reads_incoming:
-            function.add_to_role_policy(read_incoming(bucket))
-        acknowledge_run_objects(function, bucket, incoming=spec.reads_incoming)
-        if spec.table_access == "read":
-            table.grant_read_data(function)
-        elif spec.table_access == "write":
-            table.grant_read_write_data(function)
+        role.add_to_policy(list_bucket(bucket))
+        role.add_to_policy(read_runs(bucket))
+        if spec.writes_runs:
+            role.add_to_policy(write_runs(bucket))
+        if spec.reads_inputs:
+            role.add_to_policy(read_inputs(bucket))
+        acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs)
+        if spec.table is not None:
+            role.add_to_policy(table_items(table, spec.table.actions, spec.table.leading_keys))
+        checkov.skip_checks(
+            function,
+            {
+                "CKV_AWS_115": checkov.LAMBDA_CONCURRENCY,
+                "CKV_AWS_116": checkov.LAMBDA_DLQ,
+                "CKV_AWS_117": checkov.LAMBDA_VPC,
+                "CKV_AWS_173": checkov.LAMBDA_ENV_ENCRYPTION,
+            },
+        )
         return function

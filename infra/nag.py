@@ -12,10 +12,6 @@ from aws_cdk import Acknowledgment, Validations
 from cdk_nag import AwsSolutionsChecks
 from constructs import IConstruct
 
-LAMBDA_BASIC_EXECUTION = (
-    "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
-)
-
 
 def acknowledge(scope: IConstruct, rule_id: str, reason: str) -> None:
     """Acknowledge one cdk-nag finding on ``scope`` and everything below it."""

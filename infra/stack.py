@@ -9,6 +9,7 @@ from constructs import Construct
 
 from infra.compute import Compute
 from infra.lambdas import Functions
+from infra.logs import logs_key
 from infra.notifications import Notifications
 from infra.pipeline import Pipeline
 from infra.settings import DeploySettings
@@ -23,6 +24,7 @@ class TopxStack(Stack):
         Tags.of(self).add("project", "topx")
 
         storage = Storage(self, "Storage", retention_days=settings.retention_days)
+        log_key = logs_key(self, "LogsKey")
         notifications = Notifications(self, "Notifications", email=settings.notification_email)
         environment = settings.job_environment(
             bucket=storage.bucket.bucket_name,
@@ -36,9 +38,15 @@ class TopxStack(Stack):
             bucket=storage.bucket,
             log_bucket=storage.log_bucket,
             environment=environment,
+            logs_key=log_key,
         )
         functions = Functions(
-            self, "Functions", bucket=storage.bucket, table=storage.table, environment=environment
+            self,
+            "Functions",
+            bucket=storage.bucket,
+            table=storage.table,
+            environment=environment,
+            logs_key=log_key,
         )
         pipeline = Pipeline(
             self,
@@ -51,6 +59,7 @@ class TopxStack(Stack):
             bucket=storage.bucket,
             table_name=storage.table.table_name,
             schedule=settings.schedule,
+            logs_key=log_key,
         )
         notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs])
 
