@@ -27,4 +27,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) cdk.out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-mxnet .venv-mxnet-build .venv-checkov .venv-checkov-build cdk.out .pytest_cache .ruff_cache
