@@ -84,6 +84,20 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="rank at most this many users (a seeded sample) for the ranking metrics (default 20000)")
 
 
+def _add_stack_options(p: argparse.ArgumentParser, *, table: bool = False, bucket: bool = False,
+                       state_machine: bool = False) -> None:
+    g = p.add_argument_group("deployed stack")
+    g.add_argument("--stack", metavar="NAME", help="CloudFormation stack whose outputs name the resources (default Topx)")
+    if table:
+        g.add_argument("--table", metavar="NAME", help="recommendations table (default: from the stack)")
+    if bucket:
+        g.add_argument("--bucket", metavar="NAME", help="data bucket (default: from the stack)")
+    if state_machine:
+        g.add_argument("--state-machine-arn", metavar="ARN", help="the pipeline (default: from the stack)")
+    g.add_argument("--endpoint-url", metavar="URL",
+                   help="AWS endpoint, e.g. moto server or LocalStack (default: $TOPX_ENDPOINT_URL, else AWS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topx",
@@ -154,6 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explicit", action="store_true", help="generate 1-5 ratings instead of play counts")
     p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"default {DEFAULT_TOP_X}")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated data (default 7)")
+    p = add_command("recs", help="a user's live recommendations, read from a deployed stack's table",
+                       description="Follow the active-version pointer in DynamoDB and print the user's top-x, "
+                                   "best first. The table is --table, else the --stack's TableName output, else "
+                                   "$TOPX_TABLE, else the output of the stack Topx.")
+    p.add_argument("user_id", metavar="USER_ID", help="the user's id, as in the uploaded data")
+    _add_stack_options(p, table=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = add_command("upload", help="put a data file under incoming/ of a deployed stack (starts a run)",
+                       description="Upload interactions (CSV, TSV or Parquet, optionally gzipped; columns user_id, "
+                                   "item_id, rating) under incoming/ of the stack's bucket; the upload rule starts "
+                                   "the pipeline. The bucket is --bucket, else the --stack's BucketName output, else "
+                                   "$TOPX_BUCKET, else the output of the stack Topx.")
+    p.add_argument("file", metavar="FILE", help="local file to upload")
+    p.add_argument("--implicit", action="store_true",
+                   help="the data is implicit feedback (marks the object with metadata topx-mode: implicit)")
+    p.add_argument("--key", metavar="NAME", help="object name under incoming/ (default: the file's name)")
+    _add_stack_options(p, bucket=True)
+
+    p = add_command("status", help="the pipeline's latest executions and the live version",
+                       description="List the state machine's most recent executions, newest first, and the version "
+                                   "readers currently see.")
+    p.add_argument("--limit", type=int, default=10, help="how many executions (default 10)")
+    _add_stack_options(p, table=True, state_machine=True)
     return parser
 
 
@@ -408,8 +446,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     top_x=args.top_x, seed=args.seed, quiet=args.quiet)
 
 
+def cmd_recs(args: argparse.Namespace) -> int:
+    from topx import client
+
+    table = client.resolve_table(args.table, stack=args.stack, endpoint_url=args.endpoint_url)
+    rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
+    if args.json:
+        print(json.dumps({"user_id": args.user_id, "items": rec.items if rec else [],
+                          "scores": rec.scores if rec else []}))
+        return 0 if rec else 1
+    if rec is None:
+        print(f"no recommendations for {args.user_id!r} in {table} (unknown user, or nothing published yet)")
+        return 1
+    print(f"recommendations for {args.user_id} ({table}):")
+    for rank, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True), start=1):
+        print(f"  {rank:>3}. {item}  {score:+.4f}")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from topx import client
+
+    uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
+                        endpoint_url=args.endpoint_url)
+    print(f"uploaded {uri}{' (implicit feedback)' if args.implicit else ''}; the upload rule starts a run "
+          f"(follow it with `topx status`)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from topx import client
+    from topx.errors import ConfigError
+
+    found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
+                                     endpoint_url=args.endpoint_url)
+    if not found:
+        print("no executions yet: upload data with `topx upload FILE`")
+    for execution in found:
+        took = "" if execution.duration_s is None else f"{execution.duration_s:8.1f} s"
+        print(f"  {execution.started:%Y-%m-%d %H:%M:%S}  {execution.status:<10} {took:>10}  {execution.name}")
+    try:
+        live = client.live_version(table=args.table, stack=args.stack, endpoint_url=args.endpoint_url)
+    except ConfigError as exc:  # the executions were found; the table may simply not be named
+        print(f"live version: unknown ({exc})")
+        return 0
+    if live is None:
+        print("live version: none published yet")
+    else:
+        when = "" if live.published_at is None else f", published {live.published_at:%Y-%m-%d %H:%M:%S}"
+        users = "" if live.users is None else f", {live.users:,} users"
+        print(f"live version: {live.version}{users}{when}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
-            "evaluate": cmd_evaluate, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,140 @@
+"""Reading recommendations, uploading and following runs of a deployed stack: topx.client and its commands.
+
+Name resolution is tested with a stand-in CloudFormation client; the commands run against the offline
+pipeline (topx.local), which the client cannot tell from a deployed stack once the names are given.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from topx import client, local, stages, store
+from topx.cli import main
+from topx.errors import ConfigError, StoreError
+from topx.synth import generate
+
+
+class FakeCloudFormation:
+    def __init__(self, stacks: dict[str, dict[str, str]]) -> None:
+        self.stacks = stacks
+        self.asked: list[str] = []
+
+    def describe_stacks(self, StackName: str) -> dict[str, Any]:
+        self.asked.append(StackName)
+        if StackName not in self.stacks:
+            raise ClientError({"Error": {"Code": "ValidationError", "Message": f"Stack with id {StackName} does "
+                                                                              "not exist"}}, "DescribeStacks")
+        outputs = [{"OutputKey": k, "OutputValue": v} for k, v in self.stacks[StackName].items()]
+        return {"Stacks": [{"StackName": StackName, "Outputs": outputs}]}
+
+
+def test_names_shared_with_the_stack() -> None:
+    """infra/ must not import topx, so the stack's name and output ids are written twice; they must agree."""
+    from infra.app import STACK_ID
+    from infra.settings import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "infra" / "stack.py").read_text(encoding="utf-8"))
+    outputs = {node.args[1].value for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "CfnOutput"}
+    assert client.DEFAULT_STACK == STACK_ID
+    assert outputs == {client.OUTPUT_BUCKET, client.OUTPUT_TABLE, client.OUTPUT_STATE_MACHINE, client.OUTPUT_TOPIC}
+    assert client.INCOMING_PREFIX == stages.INCOMING_PREFIX
+
+
+OUTPUTS = {"BucketName": "data-bucket", "TableName": "recs-table", "StateMachineArn": "arn:sm", "TopicArn": "arn:t"}
+
+
+def test_stack_outputs_name_the_resources() -> None:
+    fake = FakeCloudFormation({"Topx": OUTPUTS, "Staging": {**OUTPUTS, "TableName": "staging-table"}})
+    outputs = client.stack_outputs(client=fake)
+    assert (outputs.bucket, outputs.table, outputs.state_machine_arn, outputs.topic_arn) == (
+        "data-bucket", "recs-table", "arn:sm", "arn:t")
+    assert client.stack_outputs("Staging", client=fake).table == "staging-table"
+    assert fake.asked == ["Topx", "Staging"]
+
+
+def test_names_resolve_explicit_then_stack_then_environment_then_default_stack(monkeypatch) -> None:
+    fake = FakeCloudFormation({"Topx": OUTPUTS, "Staging": {**OUTPUTS, "TableName": "staging-table"}})
+    monkeypatch.setenv("TOPX_TABLE", "env-table")
+    assert client.resolve_table("mine", stack="Staging", cloudformation=fake) == "mine"
+    assert client.resolve_table(stack="Staging", cloudformation=fake) == "staging-table"
+    assert client.resolve_table(cloudformation=fake) == "env-table"
+    monkeypatch.delenv("TOPX_TABLE")
+    assert client.resolve_table(cloudformation=fake) == "recs-table"
+    assert client.resolve_state_machine(cloudformation=fake) == "arn:sm"
+
+
+def test_a_missing_stack_or_output_says_what_to_do() -> None:
+    with pytest.raises(ConfigError, match="stack 'Nope' not found.*--table"):
+        client.resolve_table(stack="Nope", cloudformation=FakeCloudFormation({}))
+    with pytest.raises(ConfigError, match="has no output 'BucketName'"):
+        client.resolve_bucket(stack="Topx", cloudformation=FakeCloudFormation({"Topx": {"TableName": "t"}}))
+
+
+def test_the_endpoint_comes_from_the_argument_then_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("TOPX_ENDPOINT_URL", "http://localhost:4566")
+    assert client.endpoint() == "http://localhost:4566"
+    assert client.endpoint("http://localhost:5000") == "http://localhost:5000"
+    monkeypatch.delenv("TOPX_ENDPOINT_URL")
+    assert client.endpoint() is None
+
+
+def test_upload_marks_implicit_feedback_as_prepare_reads_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    path = tmp_path / "plays.csv"
+    path.write_text("user_id,item_id,rating\nu1,i1,3\n")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="data")
+        assert client.upload(path, bucket="data", implicit=True) == "s3://data/incoming/plays.csv"
+        assert client.upload(path, bucket="data", key="incoming/other.csv") == "s3://data/incoming/other.csv"
+        implicit = s3.head_object(Bucket="data", Key="incoming/plays.csv")
+        explicit = s3.head_object(Bucket="data", Key="incoming/other.csv")
+    assert implicit["Metadata"] == {"topx-mode": "implicit"}
+    assert stages._is_implicit(implicit) and not stages._is_implicit(explicit)
+    with pytest.raises(ConfigError, match="no such file"):
+        client.upload(tmp_path / "missing.csv", bucket="data")
+
+
+def test_reading_a_table_that_does_not_exist_is_a_store_error(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws(), pytest.raises(StoreError, match="table 'nope' does not exist"):
+        client.get_recommendations("u1", table="nope")
+
+
+def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "ratings.csv"
+    generate(120, 60, mean_interactions=10, implicit=False, seed=5).interactions.to_csv(path, index=False)
+    with local.offline():
+        pipeline = local.deploy(local.LocalSettings(top_x=4, num_factors=8, epochs=3, shards=2))
+        assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0
+        assert "no executions yet" in capsys.readouterr().out
+
+        assert main(["upload", str(path), "--bucket", pipeline.bucket]) == 0
+        assert f"uploaded s3://{pipeline.bucket}/incoming/ratings.csv" in capsys.readouterr().out
+        (execution,) = local.executions(pipeline.state_machine_arn)
+        assert local.wait_for_execution(execution["executionArn"])["status"] == "SUCCEEDED"
+        live = store.active_version(pipeline.table, client=boto3.client("dynamodb"))
+
+        assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0
+        status = capsys.readouterr().out
+        assert "SUCCEEDED" in status and execution["name"] in status
+        assert f"live version: {live}, 120 users" in status
+
+        assert main(["recs", "u00003", "--table", pipeline.table]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"recommendations for u00003 ({pipeline.table}):" and len(lines) == 5
+        assert main(["recs", "u00003", "--table", pipeline.table, "--json"]) == 0
+        reply = json.loads(capsys.readouterr().out)
+        rec = client.get_recommendations("u00003", table=pipeline.table)
+        assert reply == {"user_id": "u00003", "items": rec.items, "scores": rec.scores}
+        assert main(["recs", "nobody", "--table", pipeline.table]) == 1
+        assert "no recommendations for 'nobody'" in capsys.readouterr().out

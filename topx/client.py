@@ -1,0 +1,217 @@
+"""Using a deployed topx stack: read a user's recommendations, upload data, follow the pipeline's runs.
+
+Works against AWS, or against moto server or LocalStack when ``endpoint_url`` (or ``TOPX_ENDPOINT_URL``)
+points there. Resources are named explicitly, or found in the CloudFormation stack's outputs::
+
+    from topx.client import get_recommendations
+    rec = get_recommendations("u00042", stack="Topx")   # or table="...", endpoint_url="http://localhost:5000"
+    rec.items, rec.scores                                # best first
+
+Reads follow the active-version pointer (``topx.store``), so a reader sees one whole published version,
+never a half-loaded one. Every name has one precedence: explicit argument > stack output > environment
+variable (``TOPX_TABLE``, ``TOPX_BUCKET``) > the outputs of the default stack ``Topx``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from topx import store
+from topx.config import ENV_BUCKET, ENV_ENDPOINT_URL, ENV_TABLE, env_or
+from topx.errors import ConfigError, StoreError
+
+# The stack infra/app.py deploys, and the names of its outputs (infra/stack.py; tests/test_client.py
+# checks that the synthesized template carries exactly these). infra/ must not import topx, so the
+# names are written in both places.
+DEFAULT_STACK = "Topx"
+OUTPUT_BUCKET = "BucketName"
+OUTPUT_TABLE = "TableName"
+OUTPUT_STATE_MACHINE = "StateMachineArn"
+OUTPUT_TOPIC = "TopicArn"
+
+# Uploads go under this prefix (the trigger's, statemachine/trigger.json) and carry this metadata when
+# they hold implicit feedback (read by topx.stages.prepare_run).
+INCOMING_PREFIX = "incoming/"
+MODE_METADATA_KEY = "topx-mode"
+IMPLICIT_MODE = "implicit"
+
+
+@dataclass(frozen=True)
+class StackOutputs:
+    stack: str
+    bucket: str | None
+    table: str | None
+    state_machine_arn: str | None
+    topic_arn: str | None
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    name: str
+    status: str
+    started: datetime
+    stopped: datetime | None
+    arn: str
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.stopped is None else (self.stopped - self.started).total_seconds()
+
+
+@dataclass(frozen=True)
+class LiveVersion:
+    version: str
+    users: int | None
+    published_at: datetime | None
+
+
+def endpoint(endpoint_url: str | None = None) -> str | None:
+    """The AWS endpoint to talk to: the argument, else ``TOPX_ENDPOINT_URL``, else AWS itself."""
+    return env_or(ENV_ENDPOINT_URL, endpoint_url, None) or None
+
+
+def aws_client(service: str, endpoint_url: str | None = None) -> Any:
+    import boto3
+
+    with aws_errors():
+        return boto3.client(service, endpoint_url=endpoint(endpoint_url))
+
+
+@contextmanager
+def aws_errors() -> Iterator[None]:
+    """Turn "cannot reach AWS at all" into one clear ConfigError (no region, no credentials, no endpoint)."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, NoRegionError
+
+    try:
+        yield
+    except NoRegionError as exc:
+        raise ConfigError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION (or a profile's region)") from exc
+    except NoCredentialsError as exc:
+        raise ConfigError("no AWS credentials: configure a profile or set AWS_ACCESS_KEY_ID") from exc
+    except EndpointConnectionError as exc:
+        raise ConfigError(f"cannot reach {exc.kwargs.get('endpoint_url', 'the AWS endpoint')} "
+                          f"(is {ENV_ENDPOINT_URL} right?)") from exc
+
+
+def stack_outputs(stack: str | None = None, *, endpoint_url: str | None = None, client: Any = None) -> StackOutputs:
+    """The named outputs of a deployed stack (``Topx`` unless named)."""
+    from botocore.exceptions import ClientError
+
+    name = stack or DEFAULT_STACK
+    cloudformation = client or aws_client("cloudformation", endpoint_url)
+    with aws_errors():
+        try:
+            stacks = cloudformation.describe_stacks(StackName=name)["Stacks"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ValidationError":
+                raise ConfigError(f"stack {name!r} not found: deploy it (docs/DEPLOY.md) or name "
+                                  f"the resource yourself (--table, --bucket, --state-machine-arn)") from exc
+            raise
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
+    return StackOutputs(stack=name, bucket=outputs.get(OUTPUT_BUCKET), table=outputs.get(OUTPUT_TABLE),
+                        state_machine_arn=outputs.get(OUTPUT_STATE_MACHINE), topic_arn=outputs.get(OUTPUT_TOPIC))
+
+
+def _from_stack(value: str | None, stack: str | None, env_name: str | None, output: str,
+                endpoint_url: str | None, client: Any) -> str:
+    if value:
+        return value
+    if not stack and env_name and os.environ.get(env_name):
+        return os.environ[env_name]
+    outputs = stack_outputs(stack, endpoint_url=endpoint_url, client=client)
+    found = {OUTPUT_BUCKET: outputs.bucket, OUTPUT_TABLE: outputs.table,
+             OUTPUT_STATE_MACHINE: outputs.state_machine_arn, OUTPUT_TOPIC: outputs.topic_arn}[output]
+    if not found:
+        raise ConfigError(f"stack {outputs.stack!r} has no output {output!r}")
+    return found
+
+
+def resolve_table(table: str | None = None, *, stack: str | None = None, endpoint_url: str | None = None,
+                  cloudformation: Any = None) -> str:
+    return _from_stack(table, stack, ENV_TABLE, OUTPUT_TABLE, endpoint_url, cloudformation)
+
+
+def resolve_bucket(bucket: str | None = None, *, stack: str | None = None, endpoint_url: str | None = None,
+                   cloudformation: Any = None) -> str:
+    return _from_stack(bucket, stack, ENV_BUCKET, OUTPUT_BUCKET, endpoint_url, cloudformation)
+
+
+def resolve_state_machine(arn: str | None = None, *, stack: str | None = None, endpoint_url: str | None = None,
+                          cloudformation: Any = None) -> str:
+    return _from_stack(arn, stack, None, OUTPUT_STATE_MACHINE, endpoint_url, cloudformation)
+
+
+@contextmanager
+def _table_errors(table: str) -> Iterator[None]:
+    from botocore.exceptions import ClientError
+
+    with aws_errors():
+        try:
+            yield
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                raise StoreError(f"table {table!r} does not exist") from exc
+            raise
+
+
+def get_recommendations(user_id: str, *, table: str | None = None, stack: str | None = None,
+                        endpoint_url: str | None = None, client: Any = None) -> store.Recommendation | None:
+    """The live top-x of ``user_id`` (items best first, with scores), or None when the user has none."""
+    name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
+    ddb = client or aws_client("dynamodb", endpoint_url)
+    with _table_errors(name):
+        return store.get_recommendations(name, str(user_id), client=ddb)
+
+
+def live_version(*, table: str | None = None, stack: str | None = None, endpoint_url: str | None = None,
+                 client: Any = None) -> LiveVersion | None:
+    """The published version the pointer names, with its user count and time; None before the first."""
+    name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
+    ddb = client or aws_client("dynamodb", endpoint_url)
+    with _table_errors(name):
+        item = ddb.get_item(TableName=name, Key={k: {"S": v} for k, v in store.POINTER_KEY.items()},
+                            ConsistentRead=True).get("Item")
+    if item is None:
+        return None
+    published = item.get("published_at", {}).get("N")
+    return LiveVersion(
+        version=item["version"]["S"],
+        users=int(item["users"]["N"]) if "users" in item else None,
+        published_at=None if published is None else datetime.fromtimestamp(int(published)).astimezone(),
+    )
+
+
+def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,
+           implicit: bool = False, endpoint_url: str | None = None, client: Any = None) -> str:
+    """Put a local file under ``incoming/`` (which starts a run); returns its ``s3://`` URI.
+
+    ``implicit`` marks the data as implicit feedback (object metadata ``topx-mode: implicit``).
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"{source}: no such file")
+    name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
+    target = INCOMING_PREFIX + (key or source.name).removeprefix(INCOMING_PREFIX)
+    s3 = client or aws_client("s3", endpoint_url)
+    extra = {"Metadata": {MODE_METADATA_KEY: IMPLICIT_MODE}} if implicit else {}
+    with aws_errors():
+        s3.upload_file(str(source), name, target, ExtraArgs=extra)
+    return f"s3://{name}/{target}"
+
+
+def latest_executions(*, state_machine_arn: str | None = None, stack: str | None = None, limit: int = 10,
+                      endpoint_url: str | None = None, client: Any = None) -> list[ExecutionSummary]:
+    """The pipeline's most recent executions, newest first."""
+    arn = resolve_state_machine(state_machine_arn, stack=stack, endpoint_url=endpoint_url)
+    sfn = client or aws_client("stepfunctions", endpoint_url)
+    with aws_errors():
+        found = sfn.list_executions(stateMachineArn=arn, maxResults=max(1, limit))["executions"]
+    summaries = [ExecutionSummary(name=e["name"], status=e["status"], started=e["startDate"],
+                                  stopped=e.get("stopDate"), arn=e["executionArn"]) for e in found]
+    return sorted(summaries, key=lambda s: s.started, reverse=True)[:limit]
