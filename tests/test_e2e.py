@@ -1,0 +1,293 @@
+"""Offline end to end: an upload to S3 becomes recommendations in DynamoDB, through the state machine CDK
+deploys (statemachine/pipeline.asl.json) running under moto, every step doing its real work (topx.local).
+
+Nothing here calls a stage by hand: each test drops a file under incoming/ and reads what the execution
+left behind: the execution history, the notification, the table.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pandas as pd
+import pytest
+
+from topx import client, local, stages, store
+from topx.cli import main
+from topx.synth import generate
+
+TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
+MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
+             "NotifySuccess", "Succeed"]
+
+
+@dataclass
+class Offline:
+    pipeline: local.LocalPipeline
+    s3: Any
+    ddb: Any
+    executions_seen: set[str] = field(default_factory=set)
+
+    def upload(self, key: str, body: bytes, **extra: Any) -> dict[str, Any] | None:
+        """Put an object; return the execution it started (None if none), after it ended."""
+        self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body, **extra)
+        started = [e for e in local.executions(self.pipeline.state_machine_arn)
+                   if e["executionArn"] not in self.executions_seen]
+        self.executions_seen.update(e["executionArn"] for e in started)
+        assert len(started) <= 1, started
+        if not started:
+            return None
+        described = local.wait_for_execution(started[0]["executionArn"], timeout_s=300)
+        described["history"] = local.history(started[0]["executionArn"])
+        return described
+
+
+@pytest.fixture()
+def offline() -> Iterator[Offline]:
+    with local.offline():
+        pipeline = local.deploy(local.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
+                                                    retention_days=RETENTION_DAYS))
+        yield Offline(pipeline, boto3.client("s3"), boto3.client("dynamodb"))
+
+
+@pytest.fixture(scope="module")
+def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "ratings.csv"
+    generate(150, 80, mean_interactions=10, implicit=False, seed=11).interactions.to_csv(path, index=False)
+    return path
+
+
+def exited_states(history: list[dict[str, Any]]) -> list[str]:
+    top = set(local.top_level_states())
+    return [e.state for e in local.state_events(history) if e.outcome == "done" and e.state in top]
+
+
+def task_events(history: list[dict[str, Any]], state: str) -> list[dict[str, Any]]:
+    """The Task* events of one top-level state, in order."""
+    found, current = [], None
+    for event in history:
+        if event["type"].endswith("StateEntered"):
+            current = event["stateEnteredEventDetails"]["name"]
+        elif event["type"].startswith("Task") and not event["type"].startswith("TaskState") and current == state:
+            found.append(event)
+    return found
+
+
+def table_items(ddb: Any, table: str) -> list[dict[str, Any]]:
+    items, start = [], None
+    while True:
+        reply = ddb.scan(TableName=table, ConsistentRead=True, **({"ExclusiveStartKey": start} if start else {}))
+        items.extend(reply["Items"])
+        start = reply.get("LastEvaluatedKey")
+        if not start:
+            return items
+
+
+def seed_live_version(ddb: Any, table: str, users: list[str]) -> str:
+    """A version already live before a test's run, as a previous successful run would have left it."""
+    version = "20000101T000000000000Z-previous"
+    rows = [store.Recommendation(u, ["i-old-1", "i-old-2"], [2.0, 1.0]) for u in users]
+    store.write_recommendations(table, version, rows, expires_at=int(time.time()) + 86400, client=ddb)
+    assert store.publish_version(table, version, users=len(users), client=ddb)
+    return version
+
+
+# --------------------------------------------------------------------------- the promise
+
+
+def test_an_upload_becomes_the_recommendations_topx_run_computes(offline: Offline, ratings: Path,
+                                                                   tmp_path: Path) -> None:
+    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+
+    assert execution is not None and execution["status"] == "SUCCEEDED", execution
+    assert json.loads(execution["input"]) == {"bucket": offline.pipeline.bucket, "key": "incoming/ratings.csv"}
+    assert exited_states(execution["history"]) == MAIN_PATH
+    run_id = json.loads(execution["output"])["prepare"]["run_id"]
+    assert store.active_version(offline.pipeline.table, client=offline.ddb) == run_id
+    metrics = json.loads(offline.s3.get_object(Bucket=offline.pipeline.bucket,
+                                               Key=f"runs/{run_id}/metrics.json")["Body"].read())
+    assert metrics["predictor_type"] == "regressor" and metrics["top_x"] == TOP_X
+
+    out = tmp_path / "local"
+    assert main(["run", "--interactions", str(ratings), "--top-x", str(TOP_X), "--num-factors", str(FACTORS),
+                 "--epochs", str(EPOCHS), "--out", str(out), "--quiet"]) == 0
+    expected = pd.read_parquet(out / "recommendations.parquet").sort_values(["user_id", "rank"])
+    assert expected["user_id"].nunique() == 150
+    for user, group in expected.groupby("user_id"):
+        rec = client.get_recommendations(user, table=offline.pipeline.table)
+        assert rec is not None, user
+        assert rec.items == list(group["item_id"]), user
+        assert rec.scores == pytest.approx(list(group["score"]), rel=1e-5)
+
+    (note,) = local.notifications(offline.pipeline)
+    assert note.subject == "topx: new recommendations published"
+    assert run_id in note.message and "150 users" in note.message
+
+
+# --------------------------------------------------------------------------- publishing is atomic
+
+
+@dataclass
+class Observation:
+    pointer: str | None
+    complete: bool  # the pointer's version holds every user, each with a full, duplicate-free list
+    other_versions: dict[str, int]  # user items under versions the pointer does not name
+
+
+def watch(ddb: Any, table: str, users: set[str], stop: threading.Event, seen: list[Observation]) -> None:
+    """A reader polling while the pipeline runs, and once more after it ended."""
+    while True:
+        finished = stop.is_set()
+        pointer = store.active_version(table, client=ddb)
+        by_version: dict[str, dict[str, list[str]]] = {}
+        for item in table_items(ddb, table):
+            if item["pk"]["S"].startswith("user#"):
+                by_version.setdefault(item["version"]["S"], {})[item["user_id"]["S"]] = [
+                    v["S"] for v in item["items"]["L"]]
+        live = by_version.get(pointer, {}) if pointer else {}
+        complete = set(live) == users and all(len(v) == TOP_X and len(set(v)) == TOP_X for v in live.values())
+        others = {v: len(u) for v, u in by_version.items() if v != pointer}
+        seen.append(Observation(pointer, complete, others))
+        if finished:
+            return
+        time.sleep(0.01)
+
+
+def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline: Offline, ratings: Path,
+                                                                         monkeypatch) -> None:
+    users = set(pd.read_csv(ratings, dtype=str)["user_id"])
+    first = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+    assert first is not None and first["status"] == "SUCCEEDED"
+    first_run = json.loads(first["output"])["prepare"]["run_id"]
+    before = {u: client.get_recommendations(u, table=offline.pipeline.table) for u in users}
+
+    # Slow the load down between shards, so the reader surely polls while the new version is half written.
+    load_shard = stages.load_shard
+
+    def slow_load_shard(*args: Any) -> dict[str, Any]:
+        result = load_shard(*args)
+        time.sleep(0.3)
+        return result
+
+    monkeypatch.setattr(stages, "load_shard", slow_load_shard)
+    stop, seen = threading.Event(), []
+    reader = threading.Thread(target=watch, args=(boto3.client("dynamodb"), offline.pipeline.table, users, stop, seen))
+    reader.start()
+    try:
+        second = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+    finally:
+        stop.set()
+        reader.join()
+
+    assert second is not None and second["status"] == "SUCCEEDED"
+    second_run = json.loads(second["output"])["prepare"]["run_id"]
+    assert second_run != first_run
+    assert all(o.complete for o in seen), [o for o in seen if not o.complete][:3]
+    assert {o.pointer for o in seen} == {first_run, second_run}
+    pointers = [o.pointer for o in seen]
+    assert pointers == sorted(pointers), "the pointer went back"
+    half_loaded = [o for o in seen if o.pointer == first_run and 0 < o.other_versions.get(second_run, 0) < len(users)]
+    assert half_loaded, "the reader never polled during the load"
+
+    # The same upload gives the same recommendations; each (user, version) is one item; old versions expire.
+    after = {u: client.get_recommendations(u, table=offline.pipeline.table) for u in users}
+    assert after == before
+    items = [i for i in table_items(offline.ddb, offline.pipeline.table) if i["pk"]["S"].startswith("user#")]
+    assert len(items) == 2 * len(users)
+    assert len({(i["pk"]["S"], i["sk"]["S"]) for i in items}) == len(items)
+    now = time.time()
+    for item in items:
+        assert item["version"]["S"] in (first_run, second_run)
+        expires = int(item["expires_at"]["N"])
+        assert now + (RETENTION_DAYS - 1) * 86400 < expires < now + (RETENTION_DAYS + 1) * 86400
+
+
+# --------------------------------------------------------------------------- failure paths, as the ASL says
+
+
+def test_a_failing_training_job_is_retried_then_notified_and_the_live_version_stays(
+        offline: Offline, ratings: Path, monkeypatch) -> None:
+    users = sorted(set(pd.read_csv(ratings, dtype=str)["user_id"]))
+    live = seed_live_version(offline.ddb, offline.pipeline.table, users)
+    before = client.get_recommendations(users[0], table=offline.pipeline.table)
+    attempts = []
+
+    def broken_train(bucket: str, run_id: str) -> dict[str, Any]:
+        attempts.append(run_id)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(stages, "train_run", broken_train)
+    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+
+    assert execution is not None and execution["status"] == "FAILED"
+    assert execution["error"] == "PipelineFailed"
+    train = task_events(execution["history"], "Train")
+    assert [e["type"] for e in train].count("TaskSubmitted") == 2  # the ASL retries States.TaskFailed once
+    failures = [e["taskFailedEventDetails"] for e in train if e["type"] == "TaskFailed"]
+    assert [f["error"] for f in failures] == ["States.TaskFailed"] * 2
+    for cause in (json.loads(f["cause"]) for f in failures):  # the job as Batch describes it
+        assert cause["Status"] == "FAILED" and cause["Attempts"][-1]["Container"]["ExitCode"] == 1
+    assert len(attempts) == 2 and len(set(attempts)) == 1
+    assert exited_states(execution["history"]) == ["Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
+
+    (note,) = local.notifications(offline.pipeline)
+    assert note.subject == "topx: pipeline run failed"
+    assert "States.TaskFailed" in note.message and "stays live" in note.message
+    assert store.active_version(offline.pipeline.table, client=offline.ddb) == live
+    assert client.get_recommendations(users[0], table=offline.pipeline.table) == before
+
+
+def test_a_search_shard_that_fails_once_is_retried_and_the_run_publishes(offline: Offline, ratings: Path,
+                                                                         monkeypatch) -> None:
+    search_shard = stages.search_shard
+    calls: list[int] = []
+
+    def flaky_search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
+        calls.append(shard)
+        if shard == 1 and calls.count(1) == 1:
+            raise OSError("No space left on device")
+        return search_shard(bucket, run_id, shard, shards)
+
+    monkeypatch.setattr(stages, "search_shard", flaky_search_shard)
+    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+
+    assert execution is not None and execution["status"] == "SUCCEEDED"
+    search = task_events(execution["history"], "Search")
+    assert [e["type"] for e in search] == ["TaskScheduled", "TaskStarted", "TaskSubmitted", "TaskFailed",
+                                           "TaskScheduled", "TaskStarted", "TaskSubmitted", "TaskSucceeded"]
+    failed = json.loads(search[3]["taskFailedEventDetails"]["cause"])
+    assert failed["ArrayProperties"]["StatusSummary"]["FAILED"] == 1
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2]  # the retry resubmits the whole array job
+    assert exited_states(execution["history"]) == MAIN_PATH
+    run_id = json.loads(execution["output"])["prepare"]["run_id"]
+    assert store.active_version(offline.pipeline.table, client=offline.ddb) == run_id
+    for user in set(pd.read_csv(ratings, dtype=str)["user_id"]):
+        rec = client.get_recommendations(user, table=offline.pipeline.table)
+        assert rec is not None and len(rec.items) == TOP_X
+
+
+def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(offline: Offline) -> None:
+    assert offline.upload("features/users.csv", b"user_id,country\nu1,de\n") is None
+    assert offline.upload("runs/x/metrics.json", b"{}") is None
+    live = seed_live_version(offline.ddb, offline.pipeline.table, ["u1"])
+
+    execution = offline.upload("incoming/bad.csv", b"user_id,item_id,rating\nu1,i1,5\nu1,i2,lots\n")
+
+    assert execution is not None and execution["status"] == "FAILED"
+    assert json.loads(execution["input"]) == {"bucket": offline.pipeline.bucket, "key": "incoming/bad.csv"}
+    prepare = task_events(execution["history"], "Prepare")
+    assert [e["type"] for e in prepare].count("TaskScheduled") == 1  # InputDataError is not retried
+    (failure,) = [e["taskFailedEventDetails"] for e in prepare if e["type"] == "TaskFailed"]
+    assert failure["error"] == "InputDataError"
+    assert exited_states(execution["history"]) == ["Prepare", "NotifyFailure"]
+    (note,) = local.notifications(offline.pipeline)
+    assert note.subject == "topx: pipeline run failed"
+    assert "incoming/bad.csv, row 3, column 'rating'" in note.message
+    assert store.active_version(offline.pipeline.table, client=offline.ddb) == live
