@@ -217,24 +217,8 @@ def train_fm(
     val_batches = _validation_batches(validation, hp, rng, dev) if validation is not None else None
 
     show = sys.stderr.isatty() if progress is None else progress
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
-    for epoch in range(1, hp.epochs + 1):
-        with _intra_op_threads(1 if engine == "fused" and dev.type == "cpu" else None):
-            train_loss = trainer.run_epoch(epoch, show)
-        record = {"epoch": float(epoch), "train_loss": train_loss}
-        if val_batches is not None:
-            record["validation_loss"] = trainer.evaluate(val_batches, classifier)
-            if record["validation_loss"] < best_loss - 1e-6:
-                best_loss, best_epoch, stale = record["validation_loss"], epoch, 0
-                best_state = trainer.snapshot()
-            else:
-                stale += 1
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if val_batches is not None and stale >= hp.early_stopping_patience:
-            break
+    with _intra_op_threads(1 if engine == "fused" and dev.type == "cpu" else None):
+        history, best_epoch, best_state = _run_epochs(trainer, val_batches, hp, classifier, show, on_epoch)
     if best_state is not None:
         trainer.restore(best_state)
     else:
@@ -260,6 +244,35 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _run_epochs(
+    trainer: _AutogradTrainer | _FusedTrainer,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+    hp: HyperParameters,
+    classifier: bool,
+    show: bool,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> tuple[list[dict[str, float]], int, object]:
+    """Train epoch by epoch with early stopping. Returns the history, the best epoch and its state."""
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
+    for epoch in range(1, hp.epochs + 1):
+        train_loss = trainer.run_epoch(epoch, show)
+        record = {"epoch": float(epoch), "train_loss": train_loss}
+        if val_batches is not None:
+            record["validation_loss"] = trainer.evaluate(val_batches, classifier)
+            if record["validation_loss"] < best_loss - 1e-6:
+                best_loss, best_epoch, stale = record["validation_loss"], epoch, 0
+                best_state = trainer.snapshot()
+            else:
+                stale += 1
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if val_batches is not None and stale >= hp.early_stopping_patience:
+            break
+    return history, best_epoch, best_state
 
 
 def _progress_bar(total: int, epoch: int, hp: HyperParameters, show: bool):
@@ -621,9 +634,9 @@ class _FusedTrainer:
         params = _take_rows(self.table, rows)  # (U, k+1)
         acc = _take_rows(self.state, rows)
         s = _bag_sum(params, slot_segment, slots, value)  # (b, k+1): sum_j x_j v_j | sum_j x_j w_j
-        sq_norm = params[:, :k].pow(2).sum(1, keepdim=True)
+        sq_norm = torch.linalg.vector_norm(params[:, :k], dim=1, keepdim=True).square_()
         q = _bag_sum(sq_norm, slot_segment, slots, value * value).squeeze(1)  # sum_j x_j^2 |v_j|^2
-        pred = s[:, :k].pow(2).sum(1).sub_(q).mul_(0.5).add_(s[:, k]).add_(self.bias)
+        pred = torch.linalg.vector_norm(s[:, :k], dim=1).square_().sub_(q).mul_(0.5).add_(s[:, k]).add_(self.bias)
         if self.classifier:
             per_sample = F.binary_cross_entropy_with_logits(pred, y, reduction="none")
             d_pred = torch.sigmoid(pred).sub_(y)
@@ -638,7 +651,7 @@ class _FusedTrainer:
             loss, g = (per_sample * w).sum() / w_sum, d_pred.mul_(w).div_(w_sum)
         # dL/dv_j = sum g x_j s - (sum g x_j^2) v_j and dL/dw_j = sum g x_j: one gather-and-sum over
         # the batch's occurrences grouped by row, with the linear column's "s" set to 1.
-        s[:, k] = 1.0
+        s.select(1, k).fill_(1.0)
         grad = _bag_sum(s, sample, heads, g.index_select(0, sample).mul_(occ_value))  # (U, k+1)
         c = _bag_sum(g.unsqueeze(1), sample, heads, occ_value_sq)  # (U, 1): sum g x_j^2
         # The wd term is the gradient of wd * mean over the batch of sum_{j present} |v_j|^2.
