@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,24 @@ def test_every_command_explains_its_options(capsys):
 
 
 def test_demo_runs_small(tmp_path, capsys):
+    """`make demo`: upload to S3, the deployed state machine under moto, recommendations read from DynamoDB."""
     out = tmp_path / "demo"
-    assert main(["--quiet", "demo", "--users", "200", "--items", "80", "--out", str(out)]) == 0
+    assert main(["demo", "--users", "200", "--items", "80", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the upload rule started execution" in text
+    for state in ("Prepare", "Train", "QualityGate", "Repackage", "Search", "Load", "Publish", "NotifySuccess"):
+        assert re.search(rf"^  {state} +done in", text, re.MULTILINE), state
+    assert "read back from DynamoDB through the pointer" in text
+    assert re.search(r"^  u00000:\n +1\. i\d+", text, re.MULTILINE)
+    assert "recall_at_10" in text and "popularity" in text
+    # --out keeps the run's objects, as the pipeline wrote them to S3.
+    assert (out / "metrics.json").exists() and (out / "model" / "model.tar.gz").exists()
+    assert len(list(out.glob("recommendations/shard=*/part-0.parquet"))) == 4
+
+
+def test_demo_local_runs_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quiet", "demo", "--local", "--users", "200", "--items", "80", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "recall_at_10" in text and "popularity" in text
     assert (out / "recommendations.parquet").exists()

@@ -159,15 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"x of the ranking metrics (default {DEFAULT_TOP_X})")
     _add_eval_options(p)
 
-    p = add_command("demo", help="the whole pipeline on a generated catalogue",
+    p = add_command("demo", help="the deployed pipeline, offline: S3 upload -> state machine -> DynamoDB",
                        description="Generate a synthetic catalogue (power-law popularity, user and item features, "
-                                   "planted tastes), run every stage and print some recommendations and the metrics.")
-    p.add_argument("--out", metavar="DIR", help="keep the outputs here (default: a temporary directory)")
+                                   "planted tastes), start moto in this process, deploy the stack's resources and the "
+                                   "state machine from statemachine/pipeline.asl.json into it, upload the data under "
+                                   "incoming/, follow the execution state by state, and read recommendations back "
+                                   "from DynamoDB. TOPX_EPOCHS and TOPX_NUM_FACTORS set the model size. With --local, "
+                                   "run the same stages as plain local functions instead.")
+    p.add_argument("--local", action="store_true",
+                   help="run the stages locally (no AWS, no moto) and write the outputs of `topx run`")
+    p.add_argument("--out", metavar="DIR",
+                   help="keep the outputs here: the run's objects (runs/<run_id>/), or with --local the outputs "
+                        "of `topx run` (default: not kept)")
     p.add_argument("--users", type=int, default=3000, dest="n_users", help="number of users (default 3000)")
     p.add_argument("--items", type=int, default=1500, dest="n_items", help="number of items (default 1500)")
     p.add_argument("--explicit", action="store_true", help="generate 1-5 ratings instead of play counts")
     p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"default {DEFAULT_TOP_X}")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated data (default 7)")
+
     p = add_command("recs", help="a user's live recommendations, read from a deployed stack's table",
                        description="Follow the active-version pointer in DynamoDB and print the user's top-x, "
                                    "best first. The table is --table, else the --stack's TableName output, else "
@@ -443,7 +452,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from topx.demo import run_demo
 
     return run_demo(out=args.out, n_users=args.n_users, n_items=args.n_items, implicit=not args.explicit,
-                    top_x=args.top_x, seed=args.seed, quiet=args.quiet)
+                    top_x=args.top_x, seed=args.seed, quiet=args.quiet, local=args.local)
 
 
 def cmd_recs(args: argparse.Namespace) -> int:

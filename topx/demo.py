@@ -1,16 +1,30 @@
-"""``topx demo``: the whole pipeline on a catalogue the project generates itself."""
+"""``topx demo``: the product's promise, offline. Data dropped into S3 comes back as recommendations
+read from DynamoDB, through the state machine CDK deploys, with every step doing its real work under moto
+(``topx.local``). ``topx demo --local`` runs the same stages as plain local functions instead.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from topx.pipeline import DataOptions, Reporter, RunOptions, default_hyperparameters, run_all
-from topx.synth import generate
+from topx.config import ENV_EPOCHS, ENV_NUM_FACTORS, env_or
+from topx.synth import SyntheticData, generate
+
+# The demo's model size: small enough for a laptop CPU, big enough to beat popularity clearly.
+# TOPX_EPOCHS / TOPX_NUM_FACTORS override them.
+DEMO_EPOCHS = 12
+DEMO_NUM_FACTORS = 32
+DEMO_SHARDS = 4
+SHOWN_USERS = 3
+SHOWN_ITEMS = 5
 
 
 def run_demo(
@@ -22,46 +36,157 @@ def run_demo(
     top_x: int = 10,
     seed: int = 7,
     quiet: bool = False,
+    local: bool = False,
 ) -> int:
+    runner = _run_local if local else _run_offline
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="topx-demo-"))
     try:
         data = generate(n_users, n_items, implicit=implicit, seed=seed)
-        paths = data.write(work / "input")
         print(f"generated {len(data.interactions):,} interactions from {n_users:,} users on {n_items:,} items "
-              f"(with user and item features) in {paths['interactions'].parent}")
-        options = DataOptions(
-            interactions=str(paths["interactions"]), users=str(paths["users"]), items=str(paths["items"]),
-            rating_col="plays" if implicit else "rating", implicit=implicit,
-        )
-        hp = default_hyperparameters(implicit, num_factors=32, epochs=12)
-        result_dir = Path(out) if out else work / "out"
-        metrics = run_all(options, hp, RunOptions(top_x=top_x, progress=False if quiet else None), result_dir,
-                          reporter=Reporter(not quiet))
-        _show(result_dir, metrics, top_x, data.items)
-        print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; outputs in {result_dir.resolve()}"
-              + ("" if out else " (temporary; pass --out DIR to keep them)"))
-        return 0
+              f"(with user and item features)")
+        code = runner(data, work, out=out, implicit=implicit, top_x=top_x, quiet=quiet)
+        kept = f"; outputs in {Path(out).resolve()}" if out and code == 0 else ""
+        print(f"\ndemo finished in {time.perf_counter() - start:.1f} s{kept}")
+        return code
     finally:
-        if not out:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _show(result_dir: Path, metrics: dict, top_x: int, items: pd.DataFrame) -> None:
+def _epochs() -> int:
+    return env_or(ENV_EPOCHS, None, DEMO_EPOCHS, int)
+
+
+def _num_factors() -> int:
+    return env_or(ENV_NUM_FACTORS, None, DEMO_NUM_FACTORS, int)
+
+
+# ----------------------------------------------------------------------------- the deployed pipeline, offline
+
+
+def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: bool, top_x: int,
+                 quiet: bool) -> int:
+    import boto3
+
+    from topx import client, local
+
+    # Uploads name their columns as the prepare stage reads them: user_id, item_id, rating.
+    frame = data.interactions.rename(columns={"plays": "rating"})
+    interactions = work / "interactions.csv"
+    frame.to_csv(interactions, index=False)
+    paths = data.write(work / "features")
+    settings = local.LocalSettings(top_x=top_x, num_factors=_num_factors(), epochs=_epochs(), shards=DEMO_SHARDS)
+
+    with local.offline():
+        pipeline = local.deploy(settings)
+        print(f"deployed to moto (in this process): bucket {pipeline.bucket}, table {pipeline.table}, "
+              f"state machine {pipeline.state_machine_arn.rsplit(':', 1)[-1]} from statemachine/pipeline.asl.json "
+              f"(k={settings.num_factors}, {settings.epochs} epochs, {settings.shards} search shards)")
+        s3 = boto3.client("s3", region_name=pipeline.region)
+        for name in ("users", "items"):
+            s3.upload_file(str(paths[name]), pipeline.bucket, f"features/{name}.csv")
+        uri = client.upload(interactions, bucket=pipeline.bucket, implicit=implicit)
+        executions = local.executions(pipeline.state_machine_arn, region=pipeline.region)
+        if not executions:
+            print(f"uploaded {uri}, but no execution started: the upload rule did not match")
+            return 1
+        execution = executions[0]
+        print(f"uploaded {uri}{' (implicit feedback)' if implicit else ''}; the upload rule started "
+              f"execution {execution['name']}\n")
+
+        states = set(local.top_level_states())
+        described = local.wait_for_execution(
+            execution["executionArn"], region=pipeline.region,
+            on_state=None if quiet else (lambda event: _progress(event, states)),
+        )
+        for note in local.notifications(pipeline):
+            print(f"\nnotification: {note.subject}\n  {_shorten(note.message)}")
+        if described["status"] != "SUCCEEDED":
+            print(f"\nexecution {described['status']}: {described.get('error', '')}: {described.get('cause', '')}")
+            return 1
+        run_id = json.loads(described["output"])["prepare"]["run_id"]
+        metrics = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=f"runs/{run_id}/metrics.json")["Body"].read())
+        live = client.live_version(table=pipeline.table)
+        print(f"\nrecommendations read back from DynamoDB through the pointer (live version {live.version if live else '-'}):")
+        for user in sorted(frame["user_id"].unique())[:SHOWN_USERS]:
+            rec = client.get_recommendations(user, table=pipeline.table)
+            if rec is None:
+                print(f"  {user}: none")
+                continue
+            _print_user(user, list(zip(rec.items, rec.scores, strict=True)), data.items)
+        _print_metrics(metrics, top_x, f"hold-out metrics from s3://{pipeline.bucket}/runs/{run_id}/metrics.json")
+        if out:
+            _download_run(s3, pipeline.bucket, run_id, Path(out))
+    return 0
+
+
+def _progress(event: Any, states: set[str]) -> None:
+    if event.state == "(execution)":
+        print(f"  {'execution':<14} {event.outcome} after {event.seconds:.1f} s")
+    elif event.state in states and event.outcome == "done":
+        print(f"  {event.state:<14} done in {event.seconds:5.1f} s")
+    elif event.outcome == "failed":
+        print(f"  {event.state:<14} failed ({event.error}) after {event.seconds:.1f} s")
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _download_run(s3: Any, bucket: str, run_id: str, out: Path) -> None:
+    """Keep the run's objects (model, vectors, recommendations, metrics) before moto goes away."""
+    prefix = f"runs/{run_id}/"
+    if out.exists():
+        shutil.rmtree(out)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            target = out / obj["Key"][len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+
+
+# ----------------------------------------------------------------------------- the same stages, locally
+
+
+def _run_local(data: SyntheticData, work: Path, *, out: str | None, implicit: bool, top_x: int,
+               quiet: bool) -> int:
+    from topx.pipeline import DataOptions, Reporter, RunOptions, default_hyperparameters, run_all
+
+    paths = data.write(work / "input")
+    options = DataOptions(
+        interactions=str(paths["interactions"]), users=str(paths["users"]), items=str(paths["items"]),
+        rating_col="plays" if implicit else "rating", implicit=implicit,
+    )
+    hp = default_hyperparameters(implicit, num_factors=_num_factors(), epochs=_epochs())
+    result_dir = Path(out) if out else work / "out"
+    metrics = run_all(options, hp, RunOptions(top_x=top_x, progress=False if quiet else None), result_dir,
+                      reporter=Reporter(not quiet))
     recs = pd.read_parquet(result_dir / "recommendations.parquet")
+    print(f"\nrecommendations for {SHOWN_USERS} users (of {recs['user_id'].nunique():,}):")
+    for user in recs["user_id"].drop_duplicates().head(SHOWN_USERS):
+        rows = recs[recs["user_id"] == user]
+        _print_user(user, list(zip(rows["item_id"], rows["score"], strict=True)), data.items)
+    _print_metrics(metrics, top_x, "hold-out metrics")
+    return 0
+
+
+# ----------------------------------------------------------------------------- shared output
+
+
+def _print_user(user: str, ranked: list[tuple[str, float]], items: pd.DataFrame) -> None:
     catalogue = items.set_index("item_id")
-    print(f"\nrecommendations for three users (of {recs['user_id'].nunique():,}):")
-    for user in recs["user_id"].drop_duplicates().head(3):
-        print(f"  {user}:")
-        for row in recs[recs["user_id"] == user].head(5).itertuples():
-            info = catalogue.loc[row.item_id]
-            print(f"    {row.rank:>2}. {row.item_id}  {info['category']:<8} {info['tags']:<24} score {row.score:+.3f}")
-    x = top_x
-    print("\nhold-out metrics (topx vs popularity baseline):")
+    print(f"  {user}:")
+    for rank, (item, score) in enumerate(ranked[:SHOWN_ITEMS], start=1):
+        info = catalogue.loc[item]
+        print(f"    {rank:>2}. {item}  {info['category']:<8} {info['tags']:<24} score {score:+.3f}")
+
+
+def _print_metrics(metrics: Mapping[str, Any], x: int, title: str) -> None:
+    print(f"\n{title} (topx vs popularity baseline):")
     for name in ("recall", "ndcg", "map", "coverage"):
         key = f"{name}_at_{x}"
         if key in metrics:
             print(f"  {key:<14} topx {metrics[key]:.4f}   popularity {metrics['popularity_' + key]:.4f}")
-    for key in ("rmse", "auc", "log_loss"):
+    for key in ("rmse", "rmse_global_mean", "auc", "log_loss"):
         if key in metrics:
             print(f"  {key:<14} {metrics[key]:.4f}")
