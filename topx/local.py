@@ -21,9 +21,10 @@ What the layer adds to moto, and why (moto 5.2.5; see docs/LOCAL.md):
 * **Step Functions -> Batch.** moto's interpreter hands a Batch task's parameters to boto3 as the ASL
   spells them (``JobName``), not as the Batch API does (``jobName``), and so fails with ``KeyError:
   'JobName'``; nor does it rename the reply (``jobId`` -> ``JobId``). ``MOTO_BATCH_PARAMS_FIXED_IN``
-  switches this patch off for moto releases that do both themselves. And a retried ``.sync`` task ends
-  at once with ``States.Timeout`` in moto (every attempt reuses the first attempt's task token, whose
-  callback endpoint that attempt closed); here each attempt gets a fresh one (``MOTO_SYNC_RETRY_FIXED_IN``).
+  switches this patch off for moto releases that do both themselves. And moto reports a ``.sync`` task
+  that succeeds on a retry as ``States.Timeout`` (every attempt reuses the first attempt's task token,
+  whose callback endpoint that attempt closed); here each attempt gets a fresh one
+  (``MOTO_SYNC_RETRY_FIXED_IN``).
 * **EventBridge -> Step Functions.** moto matches S3 events against rules but cannot deliver to a state
   machine. Here a rule target that is a state machine gets an execution, with the target's input
   transformer applied as EventBridge applies it.
