@@ -276,6 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         atomic_output_dir,
         load_dataset,
         train_stage,
+        training_summary,
         write_json,
     )
 
@@ -288,13 +289,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         with reporter.step("ingest", f"reading {data.interactions}"):
             ds = load_dataset(data)
         _, holdout, result = train_stage(ds, hp, _run_options(args), tmp, reporter)
-        write_json(tmp / "metrics.json", {
-            "predictor_type": hp.predictor_type, "holdout_fraction": args.holdout, "data": ds.report,
-            "hyperparameters": hp.to_dict(),
-            "training": {"device": result.device, "best_epoch": result.best_epoch,
-                         "epochs_run": len(result.history), "history": result.history},
-            "timings_s": reporter.timings,
-        })
+        write_json(tmp / "metrics.json", {**training_summary(hp, result, ds.report),
+                                          "holdout_fraction": args.holdout, "timings_s": reporter.timings})
     print(f"wrote {Path(args.out).resolve()}")
     return 0
 
@@ -316,7 +312,7 @@ def _starts_like_recordio(source: str) -> bool:
 def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
     """SageMaker's recordIO-protobuf training data: rows of x with labels, trained as given."""
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import Reporter, atomic_output_dir, train_rows_stage, write_json
+    from topx.pipeline import Reporter, atomic_output_dir, train_rows_stage, training_summary, write_json
     from topx.recordio import read_recordio_protobuf
 
     hp = _hyperparameters(args, implicit=False)
@@ -332,14 +328,8 @@ def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
     with atomic_output_dir(Path(args.out)) as tmp:
         result = train_rows_stage(x, y, hp, _run_options(args), tmp, reporter, source=args.interactions,
                                   feature_index=feature_index)
-        write_json(tmp / "metrics.json", {
-            "predictor_type": hp.predictor_type, "data": {"rows": int(x.shape[0]), "n_features": int(x.shape[1]),
-                                                          "format": "recordio-protobuf"},
-            "hyperparameters": hp.to_dict(),
-            "training": {"device": result.device, "best_epoch": result.best_epoch,
-                         "epochs_run": len(result.history), "history": result.history},
-            "timings_s": reporter.timings,
-        })
+        data = {"rows": int(x.shape[0]), "n_features": int(x.shape[1]), "format": "recordio-protobuf"}
+        write_json(tmp / "metrics.json", {**training_summary(hp, result, data), "timings_s": reporter.timings})
     print(f"wrote {Path(args.out).resolve()}")
     return 0
 

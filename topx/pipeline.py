@@ -535,14 +535,21 @@ def run_all(
     return metrics
 
 
-def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: TrainResult) -> dict[str, Any]:
+def training_summary(hp: HyperParameters, result: TrainResult, data: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json records of a training: the data report, the settings and the history."""
     return {
         "predictor_type": hp.predictor_type,
-        "top_x": run.top_x,
-        "holdout_fraction": run.holdout,
-        "include_seen": run.include_seen,
-        "data": ds.report,
+        "data": data,
         "hyperparameters": hp.to_dict(),
         "training": {"device": result.device, "best_epoch": result.best_epoch,
                      "epochs_run": len(result.history), "history": result.history},
+    }
+
+
+def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: TrainResult) -> dict[str, Any]:
+    return {
+        **training_summary(hp, result, ds.report),
+        "top_x": run.top_x,
+        "holdout_fraction": run.holdout,
+        "include_seen": run.include_seen,
     }
