@@ -1,0 +1,102 @@
+"""The quality benchmark's MovieLens 100k readers against the real files (skipped where the data are
+absent), and its small helpers on cases worked out by hand. Neither myfm nor implicit is needed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from benchmarks.common import (
+    DEFAULT_ML100K,
+    N_GENRES,
+    age_band,
+    genre_names,
+    json_line,
+    load_items,
+    load_ratings,
+    load_users,
+)
+from benchmarks.quality_ml100k import feature_index, per_user_count_split, top_x_dense
+
+needs_data = pytest.mark.skipif(not DEFAULT_ML100K.is_dir(), reason=f"MovieLens 100k not found at {DEFAULT_ML100K}")
+
+
+@needs_data
+def test_ratings_files_parse_whole_and_ua_splits_u_data():
+    every = load_ratings(DEFAULT_ML100K)
+    assert len(every) == 100_000
+    assert every["user_id"].nunique() == 943 and every["item_id"].nunique() == 1682
+    assert set(np.unique(every["rating"])) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    base, test = load_ratings(DEFAULT_ML100K, "ua.base"), load_ratings(DEFAULT_ML100K, "ua.test")
+    assert (len(base), len(test)) == (90_570, 9_430)
+    assert (test.groupby("user_id").size() == 10).all()  # ua.test: exactly 10 ratings of every user
+    pairs = lambda f: set(zip(f["user_id"], f["item_id"], strict=True))  # noqa: E731
+    assert pairs(base).isdisjoint(pairs(test))
+    assert pairs(base) | pairs(test) == pairs(every)
+
+
+@needs_data
+def test_users_parse_with_numeric_or_banded_age():
+    users = load_users(DEFAULT_ML100K)
+    assert len(users) == 943 and list(users.columns) == ["age", "gender", "occupation"]
+    assert users.loc["1"].tolist() == [24, "M", "technician"]
+    assert users["age"].between(7, 73).all()
+    assert set(users["gender"]) == {"M", "F"}
+    assert users["occupation"].nunique() == 21
+    banded = load_users(DEFAULT_ML100K, age="banded")
+    assert banded.loc["1", "age"] == "18-24" and banded.loc["2", "age"] == "50-55"
+
+
+@needs_data
+def test_items_parse_latin1_genres_and_release_year():
+    items = load_items(DEFAULT_ML100K)
+    assert len(items) == 1682 and list(items.columns) == ["genre", "year"]
+    assert items.loc["1", "genre"] == "Animation|Children's|Comedy" and items.loc["1", "year"] == 1995
+    assert items.loc["267", "genre"] == "unknown" and np.isnan(items.loc["267", "year"])  # no release date
+    assert items["year"].dropna().between(1922, 1998).all()
+    names = set(genre_names(DEFAULT_ML100K))
+    assert len(names) == N_GENRES
+    assert all(set(g.split("|")) <= names for g in items["genre"])
+
+
+@needs_data
+def test_side_features_encode_into_the_feature_index():
+    users, items = load_users(DEFAULT_ML100K), load_items(DEFAULT_ML100K)
+    fi = feature_index(users, items, side_features=True)
+    assert (fi.n_users, fi.n_items) == (943, 1682)
+    side = [n for n in fi.names if not n.startswith(("user_id=", "item_id="))]
+    assert "age" in side and "year" in side and "gender=F" in side and "genre=Film-Noir" in side
+    assert sum(n.startswith("genre=") for n in side) == N_GENRES
+    toy_story = fi.item_x[fi.item_ids.index("1")].toarray().ravel()
+    genres_set = {fi.names[j] for j in np.flatnonzero(toy_story) if fi.names[j].startswith("genre=")}
+    assert genres_set == {"genre=Animation", "genre=Children's", "genre=Comedy"}
+    ids_only = feature_index(users, items, side_features=False)
+    assert ids_only.n_features == 943 + 1682
+
+
+def test_age_bands_follow_movielens_1m():
+    assert age_band(np.array([7, 17, 18, 24, 25, 49, 50, 55, 56, 73])).tolist() == [
+        "under 18", "under 18", "18-24", "18-24", "25-34", "45-49", "50-55", "50-55", "56+", "56+"]
+
+
+def test_per_user_count_split_takes_n_per_user_and_keeps_half():
+    users = np.repeat(np.arange(3), [30, 12, 4])
+    mask = per_user_count_split(users, 10, seed=1)
+    assert [int(mask[users == u].sum()) for u in range(3)] == [10, 6, 2]
+    assert np.array_equal(mask, per_user_count_split(users, 10, seed=1))
+    assert not np.array_equal(mask, per_user_count_split(users, 10, seed=2))
+
+
+def test_top_x_dense_skips_seen_and_breaks_ties_by_item_row():
+    scores = np.array([[1.0, 3.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 1, 1, 0]], dtype=np.float32))
+    assert top_x_dense(scores, seen, 3).tolist() == [[2, 3, 0], [3, -1, -1]]
+
+
+def test_json_line_is_one_plain_line():
+    line = json_line({"a": np.float32(0.1234567), "b": float("nan"), "c": {"n": np.int64(3)}, "d": [np.bool_(True)]})
+    assert "\n" not in line
+    assert json.loads(line) == {"a": 0.12346, "b": None, "c": {"n": 3}, "d": [True]}
