@@ -52,19 +52,25 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (names as SageMaker's factorization machines)")
-    defaults = HyperParameters()
-    g.add_argument("--num-factors", type=int, metavar="K", help=f"latent dimension k (default {defaults.num_factors})")
-    g.add_argument("--epochs", type=int, help=f"maximum epochs (default {defaults.epochs}; early stopping may end sooner)")
-    g.add_argument("--mini-batch-size", type=int, help=f"samples per step (default {defaults.mini_batch_size})")
+    from topx.pipeline import default_hyperparameters
+
+    explicit, implicit = default_hyperparameters(False), default_hyperparameters(True)
+
+    def default(name: str) -> str:
+        a, b = getattr(explicit, name), getattr(implicit, name)
+        return f"default {a}" if a == b else f"default {a}; {b} with --implicit"
+
+    g.add_argument("--num-factors", type=int, metavar="K", help=f"latent dimension k ({default('num_factors')})")
+    g.add_argument("--epochs", type=int, help=f"maximum epochs ({default('epochs')}; early stopping may end sooner)")
+    g.add_argument("--mini-batch-size", type=int, help=f"samples per step ({default('mini_batch_size')})")
     g.add_argument("--predictor-type", choices=("regressor", "binary_classifier"),
                    help="default: regressor, or binary_classifier with --implicit")
     for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
                  "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
-        g.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
-                       help=f"default {getattr(defaults, name)}")
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name, help=default(name))
     g.add_argument("--negative-samples", type=int,
-                   help=f"negatives per positive in implicit mode (default {defaults.negative_samples})")
-    g.add_argument("--seed", type=int, help=f"random seed for splits, initialisation and sampling (default {defaults.seed})")
+                   help=f"negatives per positive in implicit mode (default {implicit.negative_samples})")
+    g.add_argument("--seed", type=int, help=f"random seed for splits, initialisation and sampling ({default('seed')})")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
     g.add_argument("--holdout", type=float, default=0.2,
                    help="per-user fraction of interactions held out for evaluation (default 0.2; 0 = none)")

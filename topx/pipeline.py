@@ -234,6 +234,8 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
         mean = strength.mean() if len(strength) else 1.0
         weight = None if np.allclose(strength, mean) else (strength / mean).astype(np.float32)
         label = np.ones(len(label), dtype=np.float32)
+    else:
+        label = np.array(label, dtype=np.float32)  # a private, writable copy for the trainer
     return TrainingData(
         user_table=PaddedRows.from_csr(ds.feature_index.user_x),
         item_table=PaddedRows.from_csr(ds.feature_index.item_x),
@@ -244,12 +246,24 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
     )
 
 
+# Defaults per predictor type, over HyperParameters' own. Chosen on validation carves of
+# MovieLens 100k's training data (benchmarks/quality_ml100k.py --tune; docs/PERFORMANCE.md):
+# the regressor wants far stronger weight decay than 1e-4, the classifier higher learning rates,
+# more negatives and more epochs (its best epoch there was 38-52); early stopping ends both sooner.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "regressor": {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
+    "binary_classifier": {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
+                          "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
+}
+
+
 def default_hyperparameters(implicit: bool, **overrides: Any) -> HyperParameters:
-    """Defaults by mode; ``overrides`` (None values ignored) win."""
-    base = HyperParameters(predictor_type="binary_classifier" if implicit else "regressor")
+    """The mode's defaults (``MODE_DEFAULTS``); ``overrides`` (None values ignored) win."""
     chosen = {k: v for k, v in overrides.items() if v is not None}
+    predictor_type = chosen.get("predictor_type", "binary_classifier" if implicit else "regressor")
+    values = {**MODE_DEFAULTS.get(predictor_type, {}), "predictor_type": predictor_type, **chosen}
     try:
-        return replace(base, **chosen)
+        return replace(HyperParameters(), **values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
 
