@@ -217,7 +217,7 @@ def train_fm(
     val_batches = _validation_batches(validation, hp, rng, dev) if validation is not None else None
 
     show = sys.stderr.isatty() if progress is None else progress
-    with _intra_op_threads(1 if engine == "fused" and dev.type == "cpu" else None):
+    with intra_op_threads(1 if engine == "fused" and dev.type == "cpu" else None):
         history, best_epoch, best_state = _run_epochs(trainer, val_batches, hp, classifier, show, on_epoch)
     if best_state is not None:
         trainer.restore(best_state)
@@ -227,7 +227,7 @@ def train_fm(
 
 
 @contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
+def intra_op_threads(n: int | None) -> Iterator[None]:
     """Run with torch's CPU intra-op threads set to ``n`` (None: leave them), then restore them.
 
     The fused step is a few dozen operations on arrays of ~100k elements: splitting each across
