@@ -13,19 +13,29 @@ Versions sort by their string (run ids begin with a UTC timestamp): the pointer 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from topx.config import ENV_ENDPOINT_URL
-from topx.errors import StoreError
+from topx.errors import ConfigError, StoreError
 
 POINTER_KEY = {"pk": "pointer", "sk": "active"}
 BATCH_LIMIT = 25  # DynamoDB BatchWriteItem takes at most 25 items per request
 MAX_ATTEMPTS = 8
+# Concurrent BatchWriteItem requests per load. One request of 25 items takes ~10-30 ms inside a
+# region, so a writer moves ~1,000-2,500 items/s; eight give one shard ~10-20k items/s, and the
+# Map state's 8 concurrent shards reach the default table quota of 40,000 write units/s (an item
+# under 1 KB is one unit) with room to spare. Beyond that, DynamoDB throttles and the unprocessed
+# items come back to the backoff below, so more writers cannot overload the table, only wait.
+# See docs/PERFORMANCE.md ("Loading") for the arithmetic.
+DEFAULT_WRITERS = 8
+SEQUENTIAL_BATCHES_PER_WRITER = 4  # smaller loads are written in order on the calling thread
 
 
 def dynamodb_client(client: Any = None) -> Any:
@@ -56,27 +66,65 @@ def write_recommendations(
     expires_at: int,
     client: Any = None,
     sleep: Any = time.sleep,
+    writers: int = DEFAULT_WRITERS,
 ) -> int:
     """Batch-write one version's recommendations, retrying unprocessed items with backoff and
-    jitter. Returns the number of items written. Rewriting the same version is idempotent."""
+    jitter. Returns the number of items written. Rewriting the same version is idempotent.
+
+    ``writers`` BatchWriteItem requests run at once (threads sharing the client, which boto3
+    allows); a load of fewer than a few batches per writer is written in order on this thread.
+    """
+    if writers < 1:
+        raise ConfigError(f"writers must be at least 1, got {writers}")
     ddb = dynamodb_client(client)
-    written = 0
+    batches = _batches(rows, version, expires_at)
+    head = list(itertools.islice(batches, SEQUENTIAL_BATCHES_PER_WRITER * writers))
+    if writers == 1 or len(head) < SEQUENTIAL_BATCHES_PER_WRITER * writers:
+        return sum(_flush(ddb, table, batch, sleep) for batch in itertools.chain(head, batches))
+    return _write_in_parallel(ddb, table, itertools.chain(head, batches), sleep, writers)
+
+
+def _item(rec: Recommendation, version: str, expires_at: int) -> dict[str, Any]:
+    return {
+        **user_key(rec.user_id, version),
+        "user_id": {"S": rec.user_id},
+        "version": {"S": version},
+        "items": {"L": [{"S": i} for i in rec.items]},
+        "scores": {"L": [{"N": repr(float(s))} for s in rec.scores]},
+        "expires_at": {"N": str(int(expires_at))},
+    }
+
+
+def _batches(rows: Iterable[Recommendation], version: str, expires_at: int) -> Iterator[list[dict[str, Any]]]:
+    """PutRequests in lists of at most BATCH_LIMIT."""
     batch: list[dict[str, Any]] = []
     for rec in rows:
-        item = {
-            **user_key(rec.user_id, version),
-            "user_id": {"S": rec.user_id},
-            "version": {"S": version},
-            "items": {"L": [{"S": i} for i in rec.items]},
-            "scores": {"L": [{"N": repr(float(s))} for s in rec.scores]},
-            "expires_at": {"N": str(int(expires_at))},
-        }
-        batch.append({"PutRequest": {"Item": item}})
+        batch.append({"PutRequest": {"Item": _item(rec, version, expires_at)}})
         if len(batch) == BATCH_LIMIT:
-            written += _flush(ddb, table, batch, sleep)
+            yield batch
             batch = []
     if batch:
-        written += _flush(ddb, table, batch, sleep)
+        yield batch
+
+
+def _write_in_parallel(ddb: Any, table: str, batches: Iterator[list[dict[str, Any]]], sleep: Any, writers: int) -> int:
+    """Keep ``writers`` batches in flight (and as many queued, so memory stays bounded); the first
+    failure stops the load and is raised once the requests already sent have finished."""
+    written = 0
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        pending: set[Future[int]] = set()
+        try:
+            for batch in batches:
+                pending.add(pool.submit(_flush, ddb, table, batch, sleep))
+                if len(pending) >= 2 * writers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    written += sum(f.result() for f in done)
+            done, pending = wait(pending)
+            written += sum(f.result() for f in done)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
     return written
 
 
