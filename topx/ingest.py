@@ -46,10 +46,20 @@ SNIFF_RECORDS = 50
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 
 UTF8_BOM = b"\xef\xbb\xbf"
+# Files people export by mistake, named by their first bytes, so the error can say what to do instead.
+NOT_TEXT_MAGIC = {
+    b"\xff\xfe": "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    b"\xfe\xff": "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    b"PK\x03\x04": "a ZIP archive, not delimited text (an Excel workbook?); export the sheet as CSV",
+    b"\xd0\xcf\x11\xe0": "an Office document, not delimited text (an .xls workbook?); export the sheet as CSV",
+}
 PARQUET_MAGIC = b"PAR1"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # A quoted value may hold newlines, so a record can be long; one record must fit in one block.
 CSV_BLOCK_BYTES = 16 * 1024 * 1024
+# Ids become DynamoDB keys (``user#<id>``, at most 2048 bytes) and entries of a user's item (at most
+# 400 KB for x recommendations): a longer id is a broken export, refused where it is read.
+MAX_ID_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,9 @@ def _named_parquet(source: str) -> bool:
 
 def _parquet_table(raw: bytes, source: str) -> _Table:
     try:
-        data = pq.read_table(pa.BufferReader(raw))
+        # Pages whose writer stored a CRC are checked: a flipped byte in the data is then an error
+        # instead of a silently different value. (Pages written without one cannot be checked.)
+        data = pq.read_table(pa.BufferReader(raw), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise InputDataError(f"not a readable Parquet file ({exc})", source=source) from exc
     if data.num_rows == 0:
@@ -233,7 +245,7 @@ def _parquet_table(raw: bytes, source: str) -> _Table:
 
 
 def _text_table(raw: bytes, source: str, *, header: bool, sep: str | None) -> _Table:
-    _check_utf8(raw, source)
+    _check_utf8(raw, source, header=header, sep=sep)
     start = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
     end = len(raw)
     # Trailing blank lines are dropped; blank lines elsewhere stay rows so row numbers stay true.
@@ -260,18 +272,39 @@ def _text_table(raw: bytes, source: str, *, header: bool, sep: str | None) -> _T
     return _Table(data=data, source=source, row_offset=1, positional=True, delimited=True)
 
 
-def _check_utf8(raw: bytes, source: str) -> None:
+def _check_utf8(raw: bytes, source: str, *, header: bool, sep: str | None) -> None:
+    for magic, what in NOT_TEXT_MAGIC.items():
+        if raw.startswith(magic):
+            raise InputDataError(f"is {what}", source=source)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
         bad = raw[exc.start:exc.start + 1].hex()
         raise InputDataError(
-            f"not valid UTF-8 (byte 0x{bad} at line {line}, character {column}); save the file as UTF-8",
+            f"not valid UTF-8 (byte 0x{bad} at line {line}, character {exc.start - line_start + 1}); "
+            f"save the file as UTF-8",
             source=source,
             row=line,
+            column=None if header and line == 1 else _column_at(raw, line_start, exc.start, header=header, sep=sep),
         ) from exc
+
+
+def _column_at(raw: bytes, line_start: int, offset: int, *, header: bool, sep: str | None) -> str | None:
+    """Best effort: the column holding byte ``offset`` of the line starting at ``line_start`` (its
+    header name, or its 0-based position without a header). Only for naming it in an error."""
+    first_line = raw[: raw.find(b"\n") if b"\n" in raw else len(raw)].decode("utf-8", "replace").lstrip("\ufeff")
+    separator = sep or sniff_separator(raw[:SNIFF_BYTES].decode("utf-8", "replace"))
+    prefix = raw[line_start:offset].decode("utf-8", "replace")
+    try:
+        position = len(next(csv.reader([prefix], delimiter=separator), [""])) - 1
+        names = next(csv.reader([first_line], delimiter=separator), []) if header else []
+    except csv.Error:
+        return None
+    if not header:
+        return str(max(position, 0))
+    return names[position].strip() if 0 <= position < len(names) else None
 
 
 def _head_text(raw: bytes, start: int, end: int) -> str:
@@ -363,23 +396,34 @@ def _read_delimited_once(body: pa.Buffer, separator: str, width: int, source: st
         )
     except (pa.ArrowException, OSError) as exc:
         if first_bad:
-            raise _ragged_row_error(first_bad[0], separator, source) from exc
+            first_line = body.slice(0, min(4096, body.size)).to_pybytes().split(b"\n", 1)[0].decode("utf-8", "ignore")
+            raise _ragged_row_error(first_bad[0], separator, source, first_line) from exc
         hint = ""
         if body.to_pybytes().count(b'"') % 2:
             hint = "; an unbalanced quote makes a value run to the end of the file"
         raise InputDataError(f"cannot be parsed as delimited text ({exc}){hint}", source=source) from exc
 
 
-def _ragged_row_error(row: Any, separator: str, source: str) -> InputDataError:
+def _ragged_row_error(row: Any, separator: str, source: str, first_line: str) -> InputDataError:
     number = row.number if row.number is not None and row.number > 0 else None
     text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
     hint = "; check for an unbalanced quote" if row.text.count('"') % 2 else ""
+    if not hint and row.expected_columns == 1:
+        other = _splitting_separator(first_line, exclude=separator)
+        if other is not None:
+            hint = (f"; the first row has no {separator!r} but has {other!r}: do the header and the rows "
+                    f"use different separators?")
     return InputDataError(
         f"has {row.actual_columns} field(s) but the first row has {row.expected_columns} "
         f"(separator {separator!r}): {text!r}{hint}",
         source=source,
         row=number,
     )
+
+
+def _splitting_separator(text: str, *, exclude: str) -> str | None:
+    """The first of ``CANDIDATE_SEPARATORS`` other than ``exclude`` that occurs in ``text``."""
+    return next((c for c in CANDIDATE_SEPARATORS if c != exclude and c in text), None)
 
 
 def _header_names(data: pa.Table, source: str) -> list[str]:
@@ -476,6 +520,15 @@ def _id_column(table: _Table, name: str, what: str) -> pa.ChunkedArray:
     position = _first_true(empty)
     if position is not None:
         raise InputDataError(f"{what} is empty", source=table.source, row=table.row(position), column=name)
+    position = _first_true(pc.greater(pc.binary_length(column), MAX_ID_BYTES))
+    if position is not None:
+        length = len(column[position].as_py().encode("utf-8"))
+        raise InputDataError(
+            f"{what} is {length:,} bytes long; ids may be at most {MAX_ID_BYTES:,} bytes (UTF-8)",
+            source=table.source,
+            row=table.row(position),
+            column=name,
+        )
     return column
 
 
