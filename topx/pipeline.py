@@ -20,6 +20,8 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -50,6 +52,7 @@ RECOMMENDATIONS = "recommendations.parquet"
 METRICS = "metrics.json"
 INTERACTIONS_FILE = "interactions.npz"
 IDS_FILE = "ids.json"
+MIN_DISTINCT_IDS = 2  # users and items an interactions file must name
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ def load_dataset(opts: DataOptions) -> Dataset:
     item_codes, item_ids = pd.factorize(frame["item_id"], sort=True)
     user_ids = [str(u) for u in user_ids]
     item_ids = [str(i) for i in item_ids]
+    _check_enough_ids(user_ids, "user", opts.interactions, opts.user_col)
+    _check_enough_ids(item_ids, "item", opts.interactions, opts.item_col)
     user_matrix, user_names = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep, user_ids, report, "users")
     item_matrix, item_names = _side_features(opts.items, opts.item_key, opts.item_col, header, opts.sep, item_ids, report, "items")
     feature_index = FeatureIndex.build(user_ids, item_ids, user_matrix, user_names, item_matrix, item_names)
@@ -172,6 +177,18 @@ def load_dataset(opts: DataOptions) -> Dataset:
         implicit=opts.implicit,
         report=report,
     )
+
+
+def _check_enough_ids(ids: list[str], role: str, source: str, column: str | int) -> None:
+    """One item leaves nothing to recommend (every user has it); one user leaves nothing to learn
+    from other users. Either is an incomplete export, refused before any training."""
+    if len(ids) < MIN_DISTINCT_IDS:
+        raise InputDataError(
+            f"only {len(ids)} distinct {role} id ({ids[0]!r}); a recommender needs at least "
+            f"{MIN_DISTINCT_IDS} users and {MIN_DISTINCT_IDS} items",
+            source=source,
+            column=str(column),
+        )
 
 
 def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
@@ -350,7 +367,9 @@ def load_interactions(
         with np.load(path) as z:
             ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]))
             return ds, z["holdout"]
-    except (OSError, KeyError, ValueError) as exc:
+    # A damaged .npz fails inside zipfile and zlib, with their own exceptions (as in topx.artifact).
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as exc:
         raise ArtifactFormatError(f"{path}: cannot read the run's interactions ({exc}); run `topx train` first") from exc
 
 
