@@ -25,6 +25,13 @@ ENV_DEVICE = "TOPX_DEVICE"
 ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
 ENV_ENDPOINT_URL = "TOPX_ENDPOINT_URL"
 ENV_ARRAY_INDEX = "AWS_BATCH_JOB_ARRAY_INDEX"
+# JSON object of HyperParameters fields for the pipeline's training, e.g. '{"factors_lr": 0.02}'; over
+# TOPX_EPOCHS / TOPX_NUM_FACTORS, under an upload's own ``topx-hyperparameters`` metadata.
+ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
+# Optional quality-gate thresholds on the hold-out metrics (unset: no threshold).
+ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
+ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
+ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
 
 DEFAULT_TOP_X = 10
 

@@ -11,12 +11,14 @@ the local CLI uses, writes its outputs under the run's prefix, and returns a sma
     runs/<run_id>/metrics.json
     runs/<run_id>/vectors/
     runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
-    runs/<run_id>/loaded/shard=NNNN.json  rows written to DynamoDB by that shard's load
+    runs/<run_id>/searched/shard=NNNN.json  the shard's users, and those left with nothing to recommend
+    runs/<run_id>/loaded/shard=NNNN.json  users written to DynamoDB by that shard's load
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,18 +40,35 @@ from topx.config import (
     DEFAULT_TOP_X,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
+    ENV_HYPERPARAMETERS,
+    ENV_MAX_RMSE,
+    ENV_MIN_AUC,
+    ENV_MIN_RECALL,
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
     ENV_TOP_X,
+    HyperParameters,
     env_or,
 )
-from topx.errors import InputDataError, StoreError
+from topx.errors import ConfigError, InputDataError, StoreError
 from topx.feature_index import FeatureIndex
 
 INCOMING_PREFIX = "incoming/"
 FEATURES_PREFIX = "features/"
 MIN_SHARDS = 2  # an AWS Batch array job has at least two children
+# Object metadata of an upload (S3 lower-cases user metadata keys).
+MODE_METADATA = "topx-mode"
+HYPERPARAMETERS_METADATA = "topx-hyperparameters"
+# The predictor type follows the upload's mode, never an override.
+NOT_OVERRIDABLE = frozenset({"predictor_type"})
+# Within this fraction of the live model's metric a new model still counts as "as good".
+LIVE_RMSE_SLACK = 1.05
+LIVE_RECALL_SLACK = 0.9
+
+
+class VersionSuperseded(StoreError):
+    """A run that finished after a newer run published: the pointer never goes backwards."""
 
 _clients: dict[str, Any] = {}
 
@@ -147,7 +167,6 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
-    from topx.config import HyperParameters
     from topx.evaluate import holdout_split
     from topx.pipeline import DataOptions, RunOptions, load_dataset, save_interactions
 
@@ -157,6 +176,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
             raise InputDataError(f"s3://{bucket}/{INCOMING_PREFIX} holds no data to train on")
     head = s3_client().head_object(Bucket=bucket, Key=key)
     implicit = _is_implicit(head)
+    overrides = _metadata_hyperparameters(head, f"s3://{bucket}/{key}")
     options = DataOptions(
         interactions=f"s3://{bucket}/{key}",
         users=_optional_table(bucket, "users"),
@@ -175,7 +195,8 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         save_interactions(work / "prepared", ds, holdout)
         _upload_dir(work / "prepared", bucket, run_prefix(run_id) + "prepared/")
     _put_json(bucket, run_prefix(run_id) + "run.json", {"source": f"s3://{bucket}/{key}", "implicit": implicit,
-                                                         "shards": shards, "report": ds.report})
+                                                         "shards": shards, "report": ds.report,
+                                                         "hyperparameters": overrides})
     return {
         "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
         "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
@@ -185,7 +206,47 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
 
 def _is_implicit(head: dict[str, Any]) -> bool:
     """Uploads are explicit ratings unless the object's metadata says ``topx-mode: implicit``."""
-    return head.get("Metadata", {}).get("topx-mode", "explicit").lower() == "implicit"
+    return head.get("Metadata", {}).get(MODE_METADATA, "explicit").lower() == "implicit"
+
+
+def _metadata_hyperparameters(head: dict[str, Any], source: str) -> dict[str, Any]:
+    """The upload's ``topx-hyperparameters`` metadata (a JSON object), checked now so that a typo fails
+    the run in Prepare instead of after the training job started."""
+    raw = head.get("Metadata", {}).get(HYPERPARAMETERS_METADATA)
+    return {} if raw is None else parse_hyperparameters(raw, f"{source} metadata {HYPERPARAMETERS_METADATA}")
+
+
+def parse_hyperparameters(raw: str, where: str) -> dict[str, Any]:
+    """A JSON object of HyperParameters fields, validated; returns the fields it sets."""
+    try:
+        values = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not JSON ({exc}): {raw!r}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a JSON object of hyperparameters, got {raw!r}")
+    fixed = sorted(NOT_OVERRIDABLE & set(values))
+    if fixed:
+        raise ConfigError(f"{where}: {', '.join(fixed)} follows the upload's {MODE_METADATA} and cannot be set")
+    try:
+        parsed = HyperParameters.from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return {name: getattr(parsed, name) for name in values}
+
+
+def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -> HyperParameters:
+    """Defaults by mode < TOPX_EPOCHS / TOPX_NUM_FACTORS < TOPX_HYPERPARAMETERS < the upload's metadata."""
+    from topx.pipeline import default_hyperparameters
+
+    hp = default_hyperparameters(
+        implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
+    )
+    from_env = env_or(ENV_HYPERPARAMETERS, None, None)
+    chosen = {**(parse_hyperparameters(from_env, ENV_HYPERPARAMETERS) if from_env else {}), **upload_overrides}
+    try:
+        return replace(hp, **chosen)
+    except TypeError as exc:
+        raise ConfigError(f"hyperparameters {chosen}: {exc}") from exc
 
 
 def _optional_table(bucket: str, name: str) -> str | None:
@@ -204,60 +265,73 @@ def _load_prepared(bucket: str, run_id: str, work: Path):
 
 def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
-    from topx.pipeline import (
-        MODEL_DIR,
-        Reporter,
-        RunOptions,
-        default_hyperparameters,
-        evaluate_model,
-        train_stage,
-    )
+    from topx.pipeline import MODEL_DIR, Reporter, RunOptions, evaluate_model, train_stage
     from topx.vectors import export_vectors
 
     with _workdir() as work:
         ds, holdout = _load_prepared(bucket, run_id, work)
-        hp = default_hyperparameters(
-            ds.implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
-        )
+        upload_overrides = _get_json(bucket, run_prefix(run_id) + "run.json").get("hyperparameters") or {}
+        hp = training_hyperparameters(ds.implicit, upload_overrides)
         run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False)
         out = work / "out"
         params, _, result = train_stage(ds, hp, run, out, Reporter(False))
         metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed)
         metrics.update(predictor_type=hp.predictor_type, top_x=run.top_x, best_epoch=result.best_epoch,
-                       epochs_run=len(result.history), device=result.device)
+                       epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict())
         _upload_dir(out / MODEL_DIR, bucket, run_prefix(run_id) + "model/")
         _put_json(bucket, run_prefix(run_id) + "metrics.json", metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
 
 
 def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
-    """Pass a model unless it loses to its baseline, or is clearly worse than the live model.
+    """Pass a model unless its metrics are not finite, miss a configured threshold, lose to their
+    baseline, or are clearly worse than the live model's.
 
     A regressor must beat the global-mean rating's RMSE and stay within 5 % of the live RMSE; a
-    classifier must beat popularity's recall@x and keep 90 % of the live recall@x.
+    classifier must beat popularity's recall@x and keep 90 % of the live recall@x. Thresholds, each
+    off unless set: ``TOPX_MAX_RMSE``, ``TOPX_MIN_AUC``, ``TOPX_MIN_RECALL``.
     """
     metrics = _get_json(bucket, run_prefix(run_id) + "metrics.json")
     x = metrics.get("top_x", DEFAULT_TOP_X)
     regressor = metrics.get("predictor_type") == "regressor"
     name, baseline_name = ("rmse", "rmse_global_mean") if regressor else (f"recall_at_{x}", f"popularity_recall_at_{x}")
     value, baseline = metrics.get(name), metrics.get(baseline_name)
-    summary = {k: metrics[k] for k in (name, baseline_name) if k in metrics}
+    judged = (name, baseline_name, "rmse", "auc", f"recall_at_{x}")
+    # A diverged model's NaN would make the reply invalid JSON: non-finite values travel as text.
+    summary = {k: metrics[k] if _finite(metrics[k]) else str(metrics[k]) for k in dict.fromkeys(judged) if k in metrics}
+
+    def rejected(reason: str) -> dict[str, Any]:
+        return {"passed": False, "reason": reason, "metrics": summary}
+
+    for metric in ("rmse", "auc", f"recall_at_{x}", "log_loss"):
+        if metric in metrics and not _finite(metrics[metric]):
+            return rejected(f"{metric} is {metrics[metric]!r}, not a finite number: the training diverged")
+    for metric, env_name, too_bad in ((f"recall_at_{x}", ENV_MIN_RECALL, lambda v, t: v < t),
+                                      ("rmse" if regressor else "auc", ENV_MAX_RMSE if regressor else ENV_MIN_AUC,
+                                       (lambda v, t: v > t) if regressor else (lambda v, t: v < t))):
+        threshold = env_or(env_name, None, None, float)
+        if threshold is not None and metrics.get(metric) is not None and too_bad(metrics[metric], threshold):
+            bound = "above" if env_name == ENV_MAX_RMSE else "below"
+            return rejected(f"{metric} {metrics[metric]:.4f} is {bound} the threshold {env_name}={threshold:g}")
     if value is None:
         return {"passed": True, "reason": f"no {name} to judge (too little data for a hold-out)", "metrics": summary}
     worse = (lambda a, b: a > b) if regressor else (lambda a, b: a < b)
     if baseline is not None and worse(value, baseline):
-        return {"passed": False, "reason": f"{name} {value:.4f} is worse than the baseline's {baseline:.4f}",
-                "metrics": summary}
+        return rejected(f"{name} {value:.4f} is worse than the baseline's {baseline:.4f}")
     live = store.active_version(table, client=dynamodb_client())
     if live is not None and live != run_id:
         try:
             live_value = _get_json(bucket, run_prefix(live) + "metrics.json").get(name)
         except StoreError:
             live_value = None
-        if live_value is not None and worse(value, live_value * (1.05 if regressor else 0.9)):
-            return {"passed": False, "reason": f"{name} {value:.4f} is clearly worse than the live model's "
-                                               f"{live_value:.4f} ({live})", "metrics": summary}
+        slack = LIVE_RMSE_SLACK if regressor else LIVE_RECALL_SLACK
+        if live_value is not None and _finite(live_value) and worse(value, live_value * slack):
+            return rejected(f"{name} {value:.4f} is clearly worse than the live model's {live_value:.4f} ({live})")
     return {"passed": True, "reason": "metrics within thresholds", "metrics": summary}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
@@ -296,16 +370,35 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         part = RecipeVectors(vectors.user_vectors[rows], vectors.item_vectors, vectors.user_constants[rows])
         seen = ds.matrix()[rows]
         path = work / "part-0.parquet"
-        written = write_recommendations(path, part, np.asarray(user_ids, object)[rows], np.asarray(item_ids, object),
-                                        top_x, seen)
-        s3_client().upload_file(str(path), bucket, f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet")
+        shard_user_ids = np.asarray(user_ids, object)[rows]
+        written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen)
+        with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
+        # A user who has seen every item gets no row; load still writes them (an empty list), so
+        # that publish can count every user of the run.
+        without = [str(u) for u in shard_user_ids if u not in with_items]
+        s3_client().upload_file(str(path), bucket, _recommendations_key(run_id, shard))
+    _put_json(bucket, _searched_key(run_id, shard),
+              {"shard": shard, "users": int(len(rows)), "rows": int(written), "users_without_items": without})
     return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(written)}
 
 
+def _recommendations_key(run_id: str, shard: int) -> str:
+    return f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet"
+
+
+def _searched_key(run_id: str, shard: int) -> str:
+    return f"{run_prefix(run_id)}searched/shard={shard:04d}.json"
+
+
 def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, Any]:
-    """Write one shard's recommendations to DynamoDB under the run's version, and count them."""
+    """Write one shard's recommendations to DynamoDB under the run's version, and count them.
+
+    Every user of the shard gets an item, those with nothing left to recommend an empty one, and the
+    count must match what the search wrote, so a shard that is half there is never counted whole.
+    """
     retention_days = int(env_or(ENV_RETENTION_DAYS, None, 30, int))
-    key = f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet"
+    searched = _get_json(bucket, _searched_key(run_id, shard))
+    key = _recommendations_key(run_id, shard)
     with _workdir() as work:
         local = work / "part.parquet"
         try:
@@ -313,9 +406,14 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
         except ClientError as exc:
             raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
         frame = pd.read_parquet(local)
-    rows = (
-        store.Recommendation(str(user), list(group["item_id"]), [float(s) for s in group["score"]])
-        for user, group in frame.sort_values(["user_id", "rank"]).groupby("user_id", sort=False)
+    without = [str(u) for u in searched.get("users_without_items", [])]
+    if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(searched["rows"]):
+        raise StoreError(f"s3://{bucket}/{key}: {frame['user_id'].nunique()} users and {len(frame)} rows, but the "
+                         f"search wrote {searched['users']} users and {searched['rows']} rows; not loading")
+    rows = itertools.chain(
+        store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
+                                           frame["item_id"].to_numpy(), frame["score"].to_numpy()),
+        (store.Recommendation(user, [], []) for user in without),
     )
     expires_at = int(time.time()) + retention_days * 86400
     written = store.write_recommendations(table, run_id, rows, expires_at=expires_at, client=dynamodb_client())
@@ -324,7 +422,12 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
 
 
 def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) -> dict[str, Any]:
-    """Flip the pointer once every shard is loaded and the counts add up to every user."""
+    """Flip the pointer once every shard is loaded and the counts add up to every user.
+
+    Safe to retry: when an earlier attempt flipped the pointer and then failed (a timeout after the
+    write), the pointer already names this run and the result says so (``already_live``). A run
+    older than the live version is never published: that raises ``VersionSuperseded``.
+    """
     run = _get_json(bucket, run_prefix(run_id) + "run.json")
     written = 0
     for shard in range(expected_shards):
@@ -334,4 +437,11 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     if written != expected_users:
         raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
     published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
-    return {"run_id": run_id, "published": published, "users": written}
+    if not published:
+        live = store.active_version(table, client=dynamodb_client())
+        if live != run_id:
+            raise VersionSuperseded(
+                f"run {run_id} was not published: the live version {live} is newer, and the pointer never "
+                f"goes backwards; its items stay unread and expire"
+            )
+    return {"run_id": run_id, "published": True, "users": written, "already_live": not published}
