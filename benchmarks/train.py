@@ -36,11 +36,17 @@ from topx.synth import generate  # noqa: E402
 _LOGNORMAL_MEAN = float(np.exp(0.6**2 / 2))
 
 
-def ml1m_like(users: int, items: int, interactions: int, seed: int) -> Dataset:
-    """Explicit 1-5 ratings with user (age band, country) and item (category, tags, price) features."""
+def ml1m_like_files(directory: str | Path, users: int, items: int, interactions: int, seed: int) -> dict[str, Path]:
+    """Write explicit 1-5 ratings (interactions.csv) with user (age band, country: users.csv) and
+    item (category, tags, price: items.csv) features; returns their paths."""
     data = generate(users, items, interactions / users / _LOGNORMAL_MEAN, implicit=False, seed=seed)
+    return data.write(directory)
+
+
+def ml1m_like(users: int, items: int, interactions: int, seed: int) -> Dataset:
+    """The same, read back as ``topx run`` reads it."""
     with tempfile.TemporaryDirectory(prefix="topx-bench-") as tmp:
-        paths = data.write(tmp)
+        paths = ml1m_like_files(tmp, users, items, interactions, seed)
         return load_dataset(DataOptions(str(paths["interactions"]), str(paths["users"]), str(paths["items"])))
 
 
