@@ -12,6 +12,8 @@ What the layer adds to moto, and why (moto 5.2.5; see docs/LOCAL.md):
   invocation imports the handler the function's image CMD names (``functions.handlers.<name>``) and calls
   it with the function's environment; an exception becomes a function error whose ``errorType`` is the
   exception's class name, as the Python runtime reports it, so the ASL's ``Retry``/``Catch`` match on it.
+  An invocation that ran longer than the function's timeout is answered as Lambda answers a timed-out
+  one (``Sandbox.Timedout``); it cannot be stopped in-process, so it runs to its end first.
 * **Batch.** moto's docker-free Batch marks every job succeeded without running it. Here ``SubmitJob``
   runs the job definition's command (``python -m batch_jobs.<job>.main ...``, ``Ref::name`` resolved from
   the submitted parameters over the definition's defaults) with the definition's environment; an array
@@ -125,6 +127,9 @@ SEARCH_COMMAND = [
 UNCAUGHT_EXIT = 1
 # What AWS Batch reports for a container that exited non-zero.
 CONTAINER_EXITED = "Essential container in task exited"
+# The errorType Lambda reports for an invocation that ran past the function's timeout; Step Functions
+# matches it as an error name.
+LAMBDA_TIMEOUT_ERROR = "Sandbox.Timedout"
 
 
 class DefinitionError(ConfigError):
@@ -514,6 +519,8 @@ def _invoke_function(backend: Any, function_name: str, qualifier: str | None, bo
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(function.memory_size),
     }
     with _RUN_LOCK, _environment(variables), _captured_output() as output:
+        # The clock starts when this invocation runs, not while it waited for another to finish.
+        context = replace(context, started=time.monotonic())
         try:
             handler = getattr(_import_entry_point(module_name), attribute)
             result = handler(event, context)
@@ -525,6 +532,13 @@ def _invoke_function(backend: Any, function_name: str, qualifier: str | None, bo
                 "errorMessage": str(exc), "errorType": type(exc).__name__, "requestId": request_id,
                 "stackTrace": traceback.format_tb(exc.__traceback__),
             }).encode("utf-8")
+        if context.get_remaining_time_in_millis() == 0:
+            # Lambda would have stopped the handler at its timeout; here it ran on, and its reply is
+            # replaced by the one Lambda gives for a timed-out invocation.
+            message = f"RequestId: {request_id} Error: Task timed out after {context.timeout_s:.2f} seconds"
+            print(message, file=sys.stderr)
+            response_headers["x-amz-function-error"] = "Unhandled"
+            payload = json.dumps({"errorType": LAMBDA_TIMEOUT_ERROR, "errorMessage": message}).encode("utf-8")
     _write_log(backend.region_name, context.log_group_name, request_id, output.getvalue())
     return payload
 
