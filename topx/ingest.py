@@ -477,7 +477,18 @@ def _missing_column_message(table: _Table, name: str, role: str) -> str:
     if table.positional:
         return (f"no column {name!r} for the {role}: the file has no header, so columns are 0-based "
                 f"positions ({found})")
-    return f"no column {name!r} for the {role}; columns found: {found}"
+    hint = ""
+    if any(_is_number(column) for column in table.columns):
+        hint = " (a column named by a number: is the header row missing?)"
+    return f"no column {name!r} for the {role}; columns found: {found}{hint}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolve_rating_column(
