@@ -1,0 +1,220 @@
+"""The offline stack the reliability tests share: deploy once per module, reset between cases, upload,
+follow the execution, and read what a reader reads.
+
+Imported by tests/test_bad_inputs.py, tests/test_faults.py and tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import pandas as pd
+
+from topx import local, store
+from topx.synth import generate
+
+TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 3, 4, 3, 2, 30
+SETTINGS = local.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
+                               retention_days=RETENTION_DAYS)
+# A version live before a case runs, as an earlier successful run would have left it. It has no
+# metrics.json, so the quality gate compares a case's model with its baseline only.
+SEEDED_VERSION = "20000101T000000000000Z-seeded"
+SEEDED_ITEMS = ["i-old-1", "i-old-2"]
+
+
+def base_ratings(n_users: int = 120, n_items: int = 40, seed: int = 3) -> pd.DataFrame:
+    """Explicit ratings a 3-epoch, k=4 model learns better than the global mean (the gate passes)."""
+    return generate(n_users, n_items, mean_interactions=10, implicit=False, seed=seed).interactions
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode("utf-8")
+
+
+@dataclass
+class Run:
+    """One execution, after it ended."""
+
+    arn: str
+    status: str
+    error: str | None
+    output: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    notes: list[local.Notification]
+
+    @property
+    def run_id(self) -> str | None:
+        if self.output is not None:
+            return self.output["prepare"]["run_id"]
+        for event in self.history:  # a failed execution has no output: Prepare's reply has the run id
+            details = event.get("taskSucceededEventDetails", {})
+            if '"run_id"' in details.get("output", "") and '"shard_ids"' in details.get("output", ""):
+                return json.loads(details["output"])["Payload"]["run_id"]
+        return None
+
+    def exited_states(self) -> list[str]:
+        top = set(local.top_level_states())
+        return [e.state for e in local.state_events(self.history) if e.outcome == "done" and e.state in top]
+
+    def failures(self, state: str | None = None) -> list[local.StateEvent]:
+        """Failed task attempts (Map iterations report under their inner state's name)."""
+        return [e for e in local.state_events(self.history)
+                if e.outcome == "failed" and e.state != "(execution)" and state in (None, e.state)]
+
+    def attempts(self, state: str) -> int:
+        """How many times ``state``'s task was scheduled (the first try and each retry)."""
+        count, current = 0, None
+        for event in self.history:
+            if event["type"].endswith("StateEntered"):
+                current = event["stateEnteredEventDetails"]["name"]
+            elif event["type"] == "TaskScheduled" and current == state:
+                count += 1
+        return count
+
+
+@dataclass
+class Stack:
+    pipeline: local.LocalPipeline
+    s3: Any
+    ddb: Any
+    seen: set[str] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ driving it
+
+    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> list[str]:
+        """Put an object; return the ARNs of the executions it started."""
+        self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body, **({"Metadata": metadata} if metadata else {}))
+        started = [e["executionArn"] for e in local.executions(self.pipeline.state_machine_arn)
+                   if e["executionArn"] not in self.seen]
+        self.seen.update(started)
+        return started
+
+    def wait(self, arn: str, *, notes: bool = True, timeout_s: float = 300.0) -> Run:
+        # Only the status is polled: reading the whole history on every poll slows the execution down.
+        sfn = boto3.client("stepfunctions", region_name=self.pipeline.region)
+        deadline = time.monotonic() + timeout_s
+        while (described := sfn.describe_execution(executionArn=arn))["status"] not in local.TERMINAL:
+            assert time.monotonic() < deadline, f"{arn} still {described['status']} after {timeout_s:.0f} s"
+            time.sleep(0.05)
+        output = json.loads(described["output"]) if described.get("output") else None
+        return Run(arn, described["status"], described.get("error"), output, local.history(arn),
+                   local.notifications(self.pipeline) if notes else [])
+
+    def upload(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> Run:
+        """Upload under incoming/ and follow the one execution it starts to its end."""
+        (arn,) = self.put(key, body, metadata)
+        return self.wait(arn)
+
+    def pipeline_environment(self) -> dict[str, str]:
+        """The environment every function and job of the stack runs with."""
+        return SETTINGS.environment(bucket=self.pipeline.bucket, table=self.pipeline.table,
+                                    topic_arn=self.pipeline.topic_arn)
+
+    # ------------------------------------------------------------------ state between cases
+
+    def reset(self) -> None:
+        """An empty table and bucket, and no notification left unread."""
+        keys = [{"DeleteRequest": {"Key": {"pk": i["pk"], "sk": i["sk"]}}} for i in self.items()]
+        for start in range(0, len(keys), 25):
+            self.ddb.batch_write_item(RequestItems={self.pipeline.table: keys[start:start + 25]})
+        bucket = self.pipeline.bucket
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            if page.get("Contents"):
+                self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
+        local.notifications(self.pipeline)
+
+    def seed_live_version(self, users: list[str]) -> str:
+        rows = [store.Recommendation(u, list(SEEDED_ITEMS), [2.0, 1.0]) for u in users]
+        store.write_recommendations(self.pipeline.table, SEEDED_VERSION, rows, expires_at=int(time.time()) + 86400,
+                                    client=self.ddb)
+        assert store.publish_version(self.pipeline.table, SEEDED_VERSION, users=len(users), client=self.ddb)
+        return SEEDED_VERSION
+
+    # ------------------------------------------------------------------ what readers see
+
+    def pointer(self) -> str | None:
+        return store.active_version(self.pipeline.table, client=self.ddb)
+
+    def view(self, users: list[str]) -> dict[str, Any]:
+        """What a reader gets: the pointer, and each user's recommendations through it."""
+        return {"pointer": self.pointer(),
+                **{u: store.get_recommendations(self.pipeline.table, u, client=self.ddb) for u in users}}
+
+    def items(self) -> list[dict[str, Any]]:
+        found, start = [], None
+        while True:
+            reply = self.ddb.scan(TableName=self.pipeline.table, ConsistentRead=True,
+                                  **({"ExclusiveStartKey": start} if start else {}))
+            found.extend(reply["Items"])
+            start = reply.get("LastEvaluatedKey")
+            if not start:
+                return found
+
+    def versions(self) -> dict[str, int]:
+        """User items per version."""
+        counts: dict[str, int] = {}
+        for item in self.items():
+            if item["pk"]["S"].startswith("user#"):
+                counts[item["version"]["S"]] = counts.get(item["version"]["S"], 0) + 1
+        return counts
+
+    def run_json(self, run_id: str, name: str) -> dict[str, Any]:
+        body = self.s3.get_object(Bucket=self.pipeline.bucket, Key=f"runs/{run_id}/{name}")["Body"].read()
+        return json.loads(body)
+
+    def run_prefixes(self) -> set[str]:
+        reply = self.s3.list_objects_v2(Bucket=self.pipeline.bucket, Prefix="runs/", Delimiter="/")
+        return {p["Prefix"].split("/")[1] for p in reply.get("CommonPrefixes", [])}
+
+
+@contextmanager
+def deployed(settings: local.LocalSettings = SETTINGS) -> Iterator[Stack]:
+    with local.offline():
+        pipeline = local.deploy(settings)
+        yield Stack(pipeline, boto3.client("s3"), boto3.client("dynamodb"))
+
+
+class Reader:
+    """A reader polling the table while runs go on: every version the pointer named, and every version
+    whose items it was served. Use as a context manager around the runs."""
+
+    def __init__(self, stack: Stack, users: list[str]) -> None:
+        self.table, self.users = stack.pipeline.table, users[:5]
+        self.ddb = boto3.client("dynamodb")
+        self.pointers: list[str | None] = []
+        self.served: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while True:
+            finished = self._stop.is_set()
+            pointer = store.active_version(self.table, client=self.ddb)
+            self.pointers.append(pointer)
+            if pointer is not None:
+                for user in self.users:
+                    reply = self.ddb.get_item(TableName=self.table, Key=store.user_key(user, pointer))
+                    if "Item" in reply:
+                        self.served.add(reply["Item"]["version"]["S"])
+            if finished:
+                return
+            time.sleep(0.02)
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def never_went_back(self) -> bool:
+        named = [p for p in self.pointers if p is not None]
+        return named == sorted(named)
