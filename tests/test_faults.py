@@ -1,0 +1,337 @@
+"""Faults injected into the offline pipeline: each run either retries to success or fails without
+publishing, and a rerun of the same upload then publishes exactly once.
+
+The faults, and how each is made (all in this process, see docs/LOCAL.md):
+
+- the training job dies mid-run: the FM's epoch callback raises ``SystemExit(137)`` (what a container
+  killed by SIGKILL, e.g. out of memory or a reclaimed Spot instance, exits with), on the first attempt
+  only, then on every attempt;
+- a search shard keeps failing (its entry point raises on every attempt);
+- DynamoDB throttles the load: the store's client answers some ``BatchWriteItem`` calls with
+  ``UnprocessedItems``, as DynamoDB does when it throttles, then every call;
+- a Lambda function runs past its timeout (its timeout set to 1 s, the handler made slower): the
+  offline layer reports it as Lambda does, ``Sandbox.Timedout``, in Prepare, Load and Publish;
+- a crash between the last shard and the pointer flip (Publish raises before its write), and a Publish
+  that times out after its write.
+
+Throughout, a reader polls the table: it must never be served an item of a run that did not publish,
+and the pointer must never go back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import pytest
+from reliability_stack import SEEDED_VERSION, Reader, Run, Stack, base_ratings, csv_bytes, deployed
+
+from topx import pipeline, stages, store
+
+BASE = base_ratings()
+UPLOAD = csv_bytes(BASE)
+USERS = sorted(BASE["user_id"].unique())
+KILLED = 137  # the exit status of a process killed by SIGKILL
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with deployed() as deployed_stack:
+        yield deployed_stack
+
+
+@pytest.fixture()
+def live(stack: Stack) -> Iterator[Stack]:
+    """The stack with a version live before the fault, and a record of every pointer write."""
+    stack.reset()
+    stack.seed_live_version(USERS[:20])
+    yield stack
+
+
+@pytest.fixture()
+def pointer_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """(version, whether the conditional write moved the pointer) for every publish attempt."""
+    writes: list[tuple[str, bool]] = []
+    real = store.publish_version
+
+    def recorded(table: str, version: str, **kwargs: Any) -> bool:
+        moved = real(table, version, **kwargs)
+        writes.append((version, moved))
+        return moved
+
+    monkeypatch.setattr(store, "publish_version", recorded)
+    return writes
+
+
+@pytest.fixture()
+def fault() -> Iterator[pytest.MonkeyPatch]:
+    """Patches that inject a fault; a test undoes them before its rerun (the pointer record stays)."""
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
+def failed_cleanly(stack: Stack, run: Run, state: str, error: str, reader: Reader) -> None:
+    """The run failed at ``state`` with ``error``, said so, and left readers where they were."""
+    assert run.status == "FAILED" and run.error == "PipelineFailed"
+    assert (state, error) in [(e.state, e.error) for e in run.failures()]
+    assert run.exited_states()[-1] == "NotifyFailure"
+    (note,) = run.notes
+    assert note.subject == "topx: pipeline run failed" and error in note.message
+    assert stack.pointer() == SEEDED_VERSION
+    assert run.run_id not in reader.served and reader.never_went_back()
+
+
+def rerun_publishes_once(stack: Stack, writes: list[tuple[str, bool]], key: str = "incoming/ratings.csv") -> Run:
+    """Upload the same data again: it succeeds, and the pointer is written once, to it."""
+    before, live_before = len(writes), stack.pointer()
+    with Reader(stack, USERS) as reader:
+        run = stack.upload(key, UPLOAD)
+    assert run.status == "SUCCEEDED", (run.error, [n.message[:300] for n in run.notes])
+    assert [w for w in writes[before:] if w[1]] == [(run.run_id, True)]
+    assert stack.pointer() == run.run_id and stack.versions()[run.run_id] == len(USERS)
+    assert reader.never_went_back() and reader.served <= {live_before, run.run_id}
+    return run
+
+
+def cause_of_train_failures(run: Run) -> list[int]:
+    """Exit codes of the failed Train attempts, as Batch describes the job."""
+    codes = []
+    for event in run.history:
+        details = event.get("taskFailedEventDetails", {})
+        if details.get("error") == "States.TaskFailed" and '"Attempts"' in details.get("cause", ""):
+            codes.append(json.loads(details["cause"])["Attempts"][-1]["Container"]["ExitCode"])
+    return codes
+
+
+# --------------------------------------------------------------------------- training
+
+
+def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> list[dict[str, float]]:
+    """Kill the training job after its first epoch, on the first ``attempts`` attempts (None: always)."""
+    killed: list[dict[str, float]] = []
+    real = pipeline.train_fm
+
+    def train_fm(*args: Any, **kwargs: Any) -> Any:
+        if attempts is None or len(killed) < attempts:
+            def die(record: dict[str, float]) -> None:
+                killed.append(record)
+                raise SystemExit(KILLED)
+
+            kwargs["on_epoch"] = die
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_fm", train_fm)
+    return killed
+
+
+def test_a_training_job_killed_mid_run_is_retried_and_publishes_once(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    killed = kill_training(fault, attempts=1)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    assert run.status == "SUCCEEDED"
+    assert len(killed) == 1 and killed[0]["epoch"] == 1.0
+    assert run.attempts("Train") == 2 and cause_of_train_failures(run) == [KILLED]
+    assert pointer_writes == [(run.run_id, True)]
+    assert reader.served <= {SEEDED_VERSION, run.run_id} and reader.never_went_back()
+    rerun_publishes_once(live, pointer_writes)
+
+
+def test_a_training_job_killed_on_every_attempt_fails_without_publishing(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    kill_training(fault, attempts=None)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(live, run, "Train", "States.TaskFailed", reader)
+    assert cause_of_train_failures(run) == [KILLED, KILLED]
+    assert not any(key.startswith(f"runs/{run.run_id}/model/") for key in object_keys(live))
+    assert pointer_writes == [] and live.versions() == {SEEDED_VERSION: 20}
+    fault.undo()
+    rerun_publishes_once(live, pointer_writes)
+
+
+def object_keys(stack: Stack) -> list[str]:
+    pages = stack.s3.get_paginator("list_objects_v2").paginate(Bucket=stack.pipeline.bucket)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+# --------------------------------------------------------------------------- search
+
+
+def test_a_search_shard_that_keeps_failing_fails_the_run_and_its_other_shards_stay_unread(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    real = stages.search_shard
+
+    def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
+        if shard == 1:
+            raise MemoryError("Cannot allocate memory")
+        return real(bucket, run_id, shard, shards)
+
+    fault.setattr(stages, "search_shard", search_shard)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(live, run, "Search", "States.TaskFailed", reader)
+    assert run.attempts("Search") == 2
+    written = [k for k in object_keys(live) if k.startswith(f"runs/{run.run_id}/recommendations/")]
+    assert written == [f"runs/{run.run_id}/recommendations/shard=0000/part-0.parquet"]  # shard 0 finished
+    assert run.run_id not in live.versions() and pointer_writes == []
+    fault.undo()
+    rerun_publishes_once(live, pointer_writes)
+
+
+# --------------------------------------------------------------------------- DynamoDB throttling
+
+
+def throttle(monkeypatch: pytest.MonkeyPatch, stack: Stack, *, every_call: bool) -> list[int]:
+    """Make the store's client leave items unprocessed, as a throttled BatchWriteItem does: half of
+    every other request (or all of every request). Returns the size of each request."""
+    client = stages.dynamodb_client()
+    real = client.batch_write_item
+    table = stack.pipeline.table
+    calls: list[int] = []
+
+    def batch_write_item(**kwargs: Any) -> dict[str, Any]:
+        requests = kwargs["RequestItems"][table]
+        calls.append(len(requests))
+        if every_call:
+            return {"UnprocessedItems": {table: requests}}
+        if len(calls) % 2 == 1 and len(requests) > 1:
+            done, deferred = requests[: len(requests) // 2], requests[len(requests) // 2:]
+            real(RequestItems={table: done})
+            return {"UnprocessedItems": {table: deferred}}
+        return real(**kwargs)
+
+    monkeypatch.setattr(client, "batch_write_item", batch_write_item)
+    return calls
+
+
+def test_throttled_writes_are_retried_and_every_user_is_loaded(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    calls = throttle(fault, live, every_call=False)
+    run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    assert run.status == "SUCCEEDED"
+    assert len(calls) > 2 * len(USERS) // 25  # deferred items were sent again
+    assert live.versions()[run.run_id] == len(USERS)
+    assert pointer_writes == [(run.run_id, True)]
+    fault.undo()
+    rerun_publishes_once(live, pointer_writes)
+
+
+def test_throttling_that_does_not_end_fails_the_load_and_nothing_is_published(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    throttle(fault, live, every_call=True)
+    # The store's backoff is real; only its waits are removed here, so the test takes no seconds.
+    fault.setattr(store.random, "uniform", lambda low, high: 0.0)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(live, run, "LoadShard", "StoreError", reader)
+    assert "unprocessed after 8 attempts" in run.notes[0].message
+    assert pointer_writes == []
+    fault.undo()
+    rerun_publishes_once(live, pointer_writes)
+
+
+# --------------------------------------------------------------------------- Lambda timeouts
+
+
+def set_timeout(stack: Stack, handler: str, seconds: int) -> None:
+    boto3.client("lambda").update_function_configuration(FunctionName=stack.pipeline.function_arns[handler],
+                                                         Timeout=seconds)
+
+
+def slower(monkeypatch: pytest.MonkeyPatch, stack: Stack, handler: str, stage: str, *, times: int | None,
+           after: bool = False) -> list[Any]:
+    """Make ``stages.<stage>`` outlast a 1-second timeout of function ``handler``, the first ``times``
+    calls (None: every call), before its work or ``after`` it (the ``timeouts`` fixture restores it)."""
+    real: Callable[..., Any] = getattr(stages, stage)
+    calls: list[Any] = []
+
+    def slow(*args: Any) -> Any:
+        calls.append(args)
+        late = times is None or len(calls) <= times
+        if late and not after:
+            time.sleep(1.05)
+        result = real(*args)
+        if late and after:
+            time.sleep(1.05)
+        return result
+
+    set_timeout(stack, handler, 1)
+    monkeypatch.setattr(stages, stage, slow)
+    return calls
+
+
+@pytest.fixture()
+def timeouts(live: Stack) -> Iterator[Stack]:
+    yield live
+    for handler in ("prepare", "load_shard", "publish"):
+        set_timeout(live, handler, 900)
+
+
+def test_a_load_that_times_out_is_retried_and_the_run_publishes(
+        timeouts: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    calls = slower(fault, timeouts, "load_shard", "load_shard", times=1)
+    run = timeouts.upload("incoming/ratings.csv", UPLOAD)
+
+    assert run.status == "SUCCEEDED"
+    assert [(e.state, e.error) for e in run.failures()] == [("LoadShard", "Sandbox.Timedout")]
+    assert len(calls) == 3  # two shards, one of them twice
+    assert timeouts.versions()[run.run_id] == len(USERS) and pointer_writes == [(run.run_id, True)]
+    fault.undo()
+    rerun_publishes_once(timeouts, pointer_writes)
+
+
+def test_a_prepare_that_times_out_fails_the_run_without_a_retry(
+        timeouts: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    slower(fault, timeouts, "prepare", "prepare_run", times=None)
+    with Reader(timeouts, USERS) as reader:
+        run = timeouts.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(timeouts, run, "Prepare", "Sandbox.Timedout", reader)
+    assert run.attempts("Prepare") == 1 and "Task timed out after 1.00 seconds" in run.notes[0].message
+    fault.undo()
+    rerun_publishes_once(timeouts, pointer_writes)
+
+
+# --------------------------------------------------------------------------- around the pointer flip
+
+
+def test_a_crash_between_the_last_shard_and_the_pointer_flip_publishes_nothing(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    def crash(*args: Any, **kwargs: Any) -> bool:
+        raise ConnectionResetError("Connection reset by peer")
+
+    fault.setattr(store, "publish_version", crash)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(live, run, "Publish", "ConnectionResetError", reader)
+    assert live.versions()[run.run_id] == len(USERS)  # every shard was loaded, and none is read
+    fault.undo()
+    rerun_publishes_once(live, pointer_writes)
+
+
+def test_a_publish_that_times_out_after_its_write_is_retried_and_publishes_once(
+        timeouts: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    slower(fault, timeouts, "publish", "publish_version", times=1, after=True)
+    run = timeouts.upload("incoming/ratings.csv", UPLOAD)
+
+    assert run.status == "SUCCEEDED"
+    assert [(e.state, e.error) for e in run.failures()] == [("Publish", "Sandbox.Timedout")]
+    # The first attempt moved the pointer; the retry found it there and said so.
+    assert pointer_writes == [(run.run_id, True), (run.run_id, False)]
+    assert run.output["publish"]["result"] == {"run_id": run.run_id, "published": True, "users": len(USERS),
+                                               "already_live": True}
+    (note,) = run.notes
+    assert note.subject == "topx: new recommendations published"
+    fault.undo()
+    rerun_publishes_once(timeouts, pointer_writes)
