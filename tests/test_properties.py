@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import io
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +195,6 @@ def test_feature_index_json_with_wrong_shapes_raises_only_topx_errors(tmp_path: 
         FeatureIndex.load(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=zipfile.BadZipFile,
-                   reason="FeatureIndex.load lets zipfile.BadZipFile (and zlib.error, EOFError, NotImplementedError) of a corrupted "
-                          "design.npz escape; it should raise ArtifactFormatError (topx/feature_index.py)")
 def test_a_corrupted_design_file_is_an_artifact_error(tmp_path: Path, prepared: Path) -> None:
     for path in prepared.iterdir():
         blob = path.read_bytes()

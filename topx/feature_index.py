@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +165,8 @@ class FeatureIndex:
                 with np.load(design_path) as z:
                     user_x = sp.csr_matrix((z["user_data"], z["user_indices"], z["user_indptr"]), shape=(len(user_ids), n))
                     item_x = sp.csr_matrix((z["item_data"], z["item_indices"], z["item_indptr"]), shape=(len(item_ids), n))
-            except (OSError, ValueError, KeyError) as exc:
+            # A damaged .npz fails inside zipfile and zlib with their own exception types.
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
                 raise ArtifactFormatError(f"{design_path}: cannot read the design matrices: {exc}") from exc
         else:
             # Without design.npz the index describes ids only: each user and item is its id one-hot.
