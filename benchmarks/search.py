@@ -65,6 +65,16 @@ def fm_like_vectors(n_users: int, n_items: int, d: int = 65, *, seed: int = 0) -
     recommended item in ~40 % of lists (trained: 22-49 %), item norms up to ~2x the median.
     Items depend only on (n_items, seed), so different user counts share a catalogue.
     """
+    users, items, _ = _planted(n_users, n_items, d, seed)
+    return users, items
+
+
+def _user_groups(n_users: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 3]).integers(0, 8, n_users)
+
+
+def _planted(n_users: int, n_items: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The vectors, and the planted structure: user_group, item_group, item_popularity (sums to 1)."""
     k = d - 1
     rng = np.random.default_rng(seed)
     spectrum = (np.arange(1, k + 1) ** -0.45).astype(np.float32)
@@ -73,31 +83,50 @@ def fm_like_vectors(n_users: int, n_items: int, d: int = 65, *, seed: int = 0) -
     rank = np.empty(n_items)
     rank[rng.permutation(n_items)] = np.arange(1, n_items + 1)
     log_pop = -np.log(rank)
-    log_pop = ((log_pop - log_pop.mean()) / log_pop.std()).astype(np.float32)
-    taste = 0.6 * group_taste[rng.integers(0, 8, n_items)] + 0.8 * rng.standard_normal((n_items, k), np.float32)
+    log_pop = ((log_pop - log_pop.mean()) / max(log_pop.std(), 1e-12) if n_items else log_pop).astype(np.float32)
+    item_group = rng.integers(0, 8, n_items)
+    taste = 0.6 * group_taste[item_group] + 0.8 * rng.standard_normal((n_items, k), np.float32)
     items = np.empty((n_items, d), np.float32)
     items[:, :k] = (taste + mean_taste) * spectrum * (0.25 * np.exp(0.08 * log_pop))[:, None]
     items[:, k] = 0.04 * log_pop
     users = np.empty((n_users, d), np.float32)
+    user_group = _user_groups(n_users, seed)
     user_rng = np.random.default_rng([seed, 1])
     for start in range(0, n_users, 1 << 18):
         stop = min(start + (1 << 18), n_users)
-        lean = 0.3 * group_taste[user_rng.integers(0, 8, stop - start)]
+        lean = 0.3 * group_taste[user_group[start:stop]]
         users[start:stop, :k] = (lean + user_rng.standard_normal((stop - start, k), np.float32) + mean_taste) * spectrum * 0.3
     users[:, k] = 1.0
-    return users, items
+    popularity = 1.0 / rank
+    return users, items, {"user_group": user_group, "item_group": item_group, "popularity": popularity / popularity.sum()}
 
 
-def seen_sets(n_users: int, n_items: int, mean: float, *, seed: int = 0) -> sp.csr_matrix:
-    """(n_users, n_items) CSR of seen items: log-normal counts (sigma 1, so a long tail of heavy
-    users) averaging ``mean``, items drawn by Zipf popularity, as interaction logs look."""
+def seen_sets(n_users: int, n_items: int, mean: float, *, seed: int = 0, d: int = 65) -> sp.csr_matrix:
+    """(n_users, n_items) CSR of seen items for ``fm_like_vectors(n_users, n_items, d, seed=seed)``.
+
+    Log-normal counts (sigma 1: a long tail of heavy users) averaging ``mean``; items by
+    popularity, two thirds of them from the user's own taste group, so that, as in real logs, a
+    user has seen many of the items the model ranks highest for them.
+    """
+    _, _, planted = _planted(0, n_items, d, seed)
+    user_group = _user_groups(n_users, seed)
+    popularity, item_group = planted["popularity"], planted["item_group"]
     rng = np.random.default_rng([seed, 2])
-    counts = np.clip(rng.lognormal(np.log(mean) - 0.3, 1.0, n_users), 1, min(5000, n_items // 2)).astype(np.int64)
-    popularity = 1.0 / np.arange(1, n_items + 1)
-    popularity = popularity[rng.permutation(n_items)]
-    cdf = np.cumsum(popularity / popularity.sum())
-    items = np.minimum(np.searchsorted(cdf, rng.random(int(counts.sum()))), n_items - 1)
+    counts = np.clip(rng.lognormal(np.log(mean) - 0.2, 1.0, n_users), 1, min(5000, n_items // 2)).astype(np.int64)
     rows = np.repeat(np.arange(n_users), counts)
+    own = rng.random(len(rows)) < 2 / 3
+    items = np.empty(len(rows), np.int64)
+    global_cdf = np.cumsum(popularity)
+    items[~own] = np.searchsorted(global_cdf, rng.random(int((~own).sum())) * global_cdf[-1])
+    for g in range(8):
+        members = np.flatnonzero(item_group == g)
+        picks = np.flatnonzero(own & (user_group[rows] == g))
+        if len(members) and len(picks):
+            cdf = np.cumsum(popularity[members])
+            items[picks] = members[np.searchsorted(cdf, rng.random(len(picks)) * cdf[-1])]
+        elif len(picks):
+            items[picks] = np.searchsorted(global_cdf, rng.random(len(picks)) * global_cdf[-1])
+    items = np.minimum(items, n_items - 1)
     seen = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, items)), shape=(n_users, n_items))
     seen.sum_duplicates()
     return seen
@@ -193,9 +222,10 @@ def rss_child(args: argparse.Namespace) -> int:
     from topx.vectors import RecipeVectors
 
     n = args.rss_child
+    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, faiss, pyarrow, pandas
     _, items = fm_like_vectors(0, args.items, args.d, seed=args.seed)
     users = np.load(args.user_file, mmap_mode="r")[:n]
-    seen = seen_sets(n, args.items, args.seen_mean, seed=args.seed)
+    seen = seen_sets(n, args.items, args.seen_mean, seed=args.seed, d=args.d)
     start = time.perf_counter()
     vectors = RecipeVectors(users, items, np.zeros(n, np.float32))
     user_ids = np.array([f"u{i}" for i in range(n)], dtype=object)
@@ -203,7 +233,7 @@ def rss_child(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = write_recommendations(Path(tmp) / "part-0.parquet", vectors, user_ids, item_ids, args.x, seen)
     elapsed = time.perf_counter() - start
-    print(json.dumps({"users": n, "rows": rows, "s": elapsed,
+    print(json.dumps({"users": n, "rows": rows, "s": elapsed, "imports_mb": imports_mb,
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "seen_mb": (seen.data.nbytes + seen.indices.nbytes + seen.indptr.nbytes) / 2**20}))
     return 0
@@ -230,7 +260,8 @@ def rss_sizes(args: argparse.Namespace, sizes: list[int]) -> dict:
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             log(f"  {runs[-1]}")
     return {"item_index_mb": index_mb,
-            "rss": [{"users": r["users"], "peak_rss_mb": r["maxrss_mb"], "seen_csr_mb": r["seen_mb"],
+            "rss": [{"users": r["users"], "peak_rss_mb": r["maxrss_mb"], "after_imports_mb": r["imports_mb"],
+                     "seen_csr_mb": r["seen_mb"],
                      "s_per_million_users": r["s"] / r["users"] * 1e6} for r in runs],
             "peak_rss_mb": max(r["maxrss_mb"] for r in runs)}
 
@@ -271,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 def timing(args: argparse.Namespace) -> dict:
     log(f"generating {args.users:,} users x {args.items:,} items, d = {args.d}")
     users, items = fm_like_vectors(args.users, args.items, args.d, seed=args.seed)
-    seen = seen_sets(args.users, args.items, args.seen_mean, seed=args.seed)
+    seen = seen_sets(args.users, args.items, args.seen_mean, seed=args.seed, d=args.d)
     items_t = np.ascontiguousarray(items.T)
     index = build_index(items, precision=args.precision)
     base_users = users[: args.baseline_users] if args.baseline_users else users
