@@ -330,7 +330,7 @@ def _round_down(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 class _SeenBlocks:
-    """The seen (user, item) pairs of a user block, grouped by the item block they fall in."""
+    """The seen (user, item) pairs of a user block, as flat offsets into each item block's scores."""
 
     def __init__(self, index: ExactIndex, seen: sp.csr_matrix | None) -> None:
         self.bounds: np.ndarray | None = None
@@ -344,16 +344,15 @@ class _SeenBlocks:
         # A stable sort of small integers is a radix sort in numpy.
         order = np.argsort(block.astype(np.int16 if n_blocks <= np.iinfo(np.int16).max else np.int32), kind="stable")
         self.bounds = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=n_blocks))])
-        self.rows, self.cols = rows[order], (pos - block * width)[order]
+        last = index.n_items - (n_blocks - 1) * width  # the last block may be narrower
+        stride = np.where(block[order] == n_blocks - 1, last, width)
+        self.flat = rows[order] * stride + (pos - block * width)[order]
 
     def apply(self, block: torch.Tensor, j: int) -> None:
         """Set the seen entries of item block j to -inf (in bf16, the bit pattern 0xFF80)."""
-        if self.bounds is None:
+        if self.bounds is None or self.bounds[j] == self.bounds[j + 1]:
             return
-        lo, hi = self.bounds[j], self.bounds[j + 1]
-        if lo == hi:
-            return
-        flat = self.rows[lo:hi] * block.shape[1] + self.cols[lo:hi]
+        flat = self.flat[self.bounds[j]:self.bounds[j + 1]]
         if block.dtype == torch.bfloat16:
             block.view(torch.int16).numpy().reshape(-1)[flat] = np.int16(-128)
         else:
