@@ -19,6 +19,11 @@ Ratios: ``ratio_to_gemm`` = topx / gemm, ``speedup_vs_numpy``, ``speedup_vs_fais
 ``exclude_seen_overhead`` = topx_seen / topx - 1. ``exact`` checks a sample of users against a
 float64 brute force (ids and order, ties by item row).
 
+With ``--approx-items``, FAISS HNSW and IVF (inner product) are swept over their search breadth
+(efSearch, nprobe) on ``--approx-users`` users of each catalogue size: recall@x against the exact
+search and speedup over it, seen items excluded in both; ``approx_recall_at_20`` /
+``approx_speedup`` are HNSW's best-recall setting on the largest catalogue.
+
 With ``--rss-users``, each size runs in a fresh process as a search shard would: item index in
 memory, user vectors memory-mapped, seen items excluded, results streamed to Parquet by
 ``topx.pipeline.write_recommendations``; its peak RSS (``getrusage`` maxrss) and time per million
@@ -38,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +56,7 @@ import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import log, print_json_line  # noqa: E402
-from topx.search import build_index, iter_top_x  # noqa: E402
+from topx.search import build_index, iter_top_x, search_top_x  # noqa: E402
 
 
 def fm_like_vectors(n_users: int, n_items: int, d: int = 65, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -266,6 +272,48 @@ def rss_sizes(args: argparse.Namespace, sizes: list[int]) -> dict:
             "peak_rss_mb": max(r["maxrss_mb"] for r in runs)}
 
 
+# ----------------------------------------------------------------------------- approximate search
+
+
+def approximate(args: argparse.Namespace, n_items: int) -> dict:
+    """Recall@x and speed of FAISS HNSW / IVF (inner product) against the exact search, seen items
+    excluded, on ``--approx-users`` users of an ``n_items`` catalogue."""
+    users, items = fm_like_vectors(args.approx_users, n_items, args.d, seed=args.seed)
+    seen = seen_sets(args.approx_users, n_items, args.seen_mean, seed=args.seed, d=args.d)
+    exact_index = build_index(items)
+
+    def run(index) -> tuple[np.ndarray, float]:
+        best, out = np.inf, None
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            out = search_top_x(users, items, args.x, seen=seen, index=index).items
+            best = min(best, time.perf_counter() - start)
+        return out, best
+
+    exact, exact_s = run(exact_index)
+    log(f"approximate @ {n_items:,} items: exact {exact_s:.3f} s for {len(users):,} users")
+
+    def recall(found: np.ndarray) -> float:
+        hits = [len(set(found[u][found[u] >= 0]) & set(exact[u][exact[u] >= 0])) / max(1, (exact[u] >= 0).sum())
+                for u in range(len(users))]
+        return float(np.mean(hits))
+
+    result: dict = {"items": n_items, "users": len(users), "exact_s": exact_s, "methods": {}}
+    for method, breadths in (("hnsw", (64, 128, 256, 512, 1024)), ("ivf", (16, 64, 256))):
+        start = time.perf_counter()
+        index = build_index(items, method=method)
+        build_s = time.perf_counter() - start
+        sweep = []
+        for breadth in breadths:
+            found, seconds = run(replace(index, breadth=breadth))
+            sweep.append({"breadth": breadth, "recall": recall(found), "speedup": exact_s / seconds})
+            log(f"  {method} breadth {breadth}: {sweep[-1]}")
+        good = [s for s in sweep if s["recall"] >= 0.99]
+        result["methods"][method] = {"build_s": build_s, "sweep": sweep,
+                                     "best_speedup_at_recall_0_99": max((s["speedup"] for s in good), default=None)}
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -281,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time numpy and FAISS on this many users and scale linearly (default: all)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "f32"])
     parser.add_argument("--rss-users", default="", help="comma-separated shard sizes for the RSS runs")
-    parser.add_argument("--skip-timing", action="store_true", help="only the RSS runs")
+    parser.add_argument("--skip-timing", action="store_true", help="skip the exact-search timing (RSS or approx only)")
+    parser.add_argument("--approx-items", default="", help="comma-separated catalogue sizes for the approximate search")
+    parser.add_argument("--approx-users", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--user-file", default="", help=argparse.SUPPRESS)
@@ -295,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         doc.update(timing(args))
     if args.rss_users:
         doc.update(rss_sizes(args, [int(s) for s in args.rss_users.split(",")]))
+    if args.approx_items:
+        runs = [approximate(args, int(n)) for n in args.approx_items.split(",")]
+        doc["approximate"] = runs
+        largest = runs[-1]["methods"]["hnsw"]["sweep"]
+        top = max(largest, key=lambda s: (s["recall"], s["speedup"]))
+        doc["approx_recall_at_20"], doc["approx_speedup"] = top["recall"], top["speedup"]
     print_json_line(doc)
     return 0
 

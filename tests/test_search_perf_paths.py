@@ -136,3 +136,31 @@ def test_index_options_are_checked():
         search_top_x(np.ones((2, 3), np.float32), np.ones((6, 3), np.float32), 2, index=build_index(items))
     with pytest.raises(ConfigError, match="batch_size"):
         search_top_x(np.ones((2, 3), np.float32), items, 2, batch_size=0)
+
+
+@pytest.mark.parametrize("method", ["hnsw", "ivf"])
+def test_approximate_search_excludes_seen_items_and_ranks_what_it_finds_exactly(method):
+    rng = np.random.default_rng(9)
+    users, items = fm_like(rng, 60, 1500, d=16)
+    seen = sp.random(60, 1500, density=0.05, random_state=3, format="csr")
+    heavy = np.argsort(-(users[0].astype(np.float64) @ items.T.astype(np.float64)))[:300]
+    seen = sp.lil_matrix(seen)
+    seen[0, heavy] = 1.0  # user 0 has seen their 300 best items: found only by fetching deeper
+    seen = seen.tocsr()
+    index = build_index(items, method=method, breadth=64 if method == "ivf" else 256)
+    got = search_top_x(users, items, 10, seen=seen, index=index)
+    exact = search_top_x(users, items, 10, seen=seen)
+    assert (got.items >= 0).all()
+    assert not any(seen[u, got.items[u]].toarray().any() for u in range(60))
+    recall = np.mean([len(set(got.items[u]) & set(exact.items[u])) / 10 for u in range(60)])
+    assert recall > (0.9 if method == "hnsw" else 0.5)
+    scores = (users[:, None, :].astype(np.float64) * items[got.items].astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-6)
+    assert (np.diff(got.scores, axis=1) <= 0).all()
+
+
+def test_unknown_search_method_is_refused():
+    with pytest.raises(ConfigError, match="method"):
+        build_index(np.ones((5, 3), np.float32), method="lsh")
+    with pytest.raises(ConfigError, match="method"):
+        search_top_x(np.ones((2, 3), np.float32), np.ones((5, 3), np.float32), 2, method="annoy")
