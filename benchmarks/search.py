@@ -178,7 +178,7 @@ def gemm_numpy(users: np.ndarray, items_t: np.ndarray, block_users: int) -> None
         np.matmul(users[i:i + rows], items_t, out=out[:rows])
 
 
-def numpy_top_x(users: np.ndarray, items_t: np.ndarray, x: int, batch: int = 4096) -> None:
+def numpy_top_x(users: np.ndarray, items_t: np.ndarray, x: int, batch: int = 1024) -> None:
     for i in range(0, len(users), batch):
         scores = users[i:i + batch] @ items_t
         part = np.argpartition(-scores, x, axis=1)[:, :x]

@@ -281,6 +281,7 @@ def _scan(index: ExactIndex, users: np.ndarray, x: int, seen: sp.csr_matrix | No
     masks = _SeenBlocks(index, seen)
     cands = _Candidates(b, x)
     buffer = torch.empty((b, width), dtype=dtype)
+    shifts = np.zeros((0, b))
     for j, start in enumerate(range(0, n, width)):
         stop = min(start + width, n)
         block = buffer if stop - start == width else torch.empty((b, stop - start), dtype=dtype)
@@ -291,12 +292,16 @@ def _scan(index: ExactIndex, users: np.ndarray, x: int, seen: sp.csr_matrix | No
             masks.apply(block, j)
             worst = (errors.inputs + errors.output * (1 + errors.inputs)) * user_norms * index.block_max[0]
             cands.raise_lower(_kth_largest_rows(block, x) - worst)
-        # Shift each user's scores by t, the bound less the largest error an item of this block can
-        # carry: an item can reach the bound only if its shifted reduced score is >= 0.
-        shift = _round_down(cands.lower - errors.inputs * user_norms * index.block_max[j]
-                            - errors.shift * np.abs(cands.lower) - _FLUSH_SLACK, dtype)
-        unbounded = ~np.isfinite(shift)  # rows without x unseen items yet: everything survives
-        shift[unbounded] = 0.0
+        if cands.changed:
+            # Shift each user's scores by t, the bound less the largest error an item of a block
+            # can carry: an item can reach the bound only if its shifted reduced score is >= 0.
+            # One t per remaining block, recomputed only when the bound moves.
+            margin = np.outer(index.block_max[j:], errors.inputs * user_norms)
+            shifts = _round_down(cands.lower - margin - errors.shift * np.abs(cands.lower) - _FLUSH_SLACK, dtype)
+            shifts[:, ~np.isfinite(cands.lower)] = 0.0  # rows without x unseen items yet: everything survives
+            unbounded, first = ~np.isfinite(cands.lower), j
+            cands.changed = False
+        shift = shifts[j - first]
         queries[:, d] = torch.from_numpy(-shift).to(dtype)
         torch.mm(queries, index.scoring[start:stop].T, out=block)
         masks.apply(block, j)
@@ -316,7 +321,7 @@ def _scan(index: ExactIndex, users: np.ndarray, x: int, seen: sp.csr_matrix | No
 
 
 def _round_down(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """(b,) float64 values rounded down to ``dtype`` (bf16 or float32), returned as float64."""
+    """float64 values rounded down to ``dtype`` (bf16 or float32), returned as float64."""
     f32 = values.astype(np.float32)
     f32 = np.where(f32 > values, np.nextafter(f32, np.float32(-np.inf)), f32)
     if dtype == torch.float32:
@@ -411,11 +416,14 @@ class _Candidates:
     def __init__(self, b: int, x: int) -> None:
         self.b, self.x = b, x
         self.lower = np.full(b, -np.inf)
+        self.changed = True  # whether ``lower`` moved since the shifts were computed
         self.parts: list[tuple[np.ndarray, ...]] = []
         self.pending = 0  # candidates added since the last tightening
 
     def raise_lower(self, bound: np.ndarray) -> None:
-        self.lower = np.maximum(self.lower, bound)
+        raised = np.maximum(self.lower, bound)
+        self.changed = self.changed or not np.array_equal(raised, self.lower)
+        self.lower = raised
 
     def add(self, rows: np.ndarray, pos: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
         self.parts.append((rows, pos, low, high))
