@@ -24,10 +24,10 @@ With ``--approx-items``, FAISS HNSW and IVF (inner product) are swept over their
 search and speedup over it, seen items excluded in both; ``approx_recall_at_20`` /
 ``approx_speedup`` are HNSW's best-recall setting on the largest catalogue.
 
-With ``--rss-users``, each size runs in a fresh process as a search shard would: item index in
-memory, user vectors memory-mapped, seen items excluded, results streamed to Parquet by
-``topx.pipeline.write_recommendations``; its peak RSS (``getrusage`` maxrss) and time per million
-users are reported.
+With ``--rss-users``, each size runs in a fresh process as a search shard would: item vectors in
+memory, user vectors memory-mapped, the shard's seen CSR loaded, results streamed to Parquet by
+``topx.pipeline.write_recommendations``; peak RSS (``getrusage`` maxrss) after the imports, after the
+inputs and at the end, and the time per million users, are reported.
 
 Vectors are FM-like, not iid Gaussian: see :func:`fm_like_vectors`. Prints one JSON line.
 """
@@ -222,51 +222,73 @@ def best_of(reps: int, contenders: dict[str, Callable[[], object]]) -> dict[str,
 # ----------------------------------------------------------------------------- peak RSS per shard
 
 
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(args: argparse.Namespace) -> int:
-    """One shard of ``--rss-child`` users, as ``search_shard`` runs it; prints a JSON line."""
+    """One shard of ``--rss-child`` users, as ``search_shard`` runs it; prints a JSON line.
+
+    Peak RSS is read three times: after the imports (torch, faiss, pyarrow, pandas), after the
+    shard's inputs are loaded (item vectors, memory-mapped user vectors, seen CSR, user ids), and
+    after the search streamed every batch to Parquet."""
     from topx.pipeline import write_recommendations
     from topx.vectors import RecipeVectors
 
     n = args.rss_child
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch, faiss, pyarrow, pandas
+    imports_mb = _maxrss_mb()
     _, items = fm_like_vectors(0, args.items, args.d, seed=args.seed)
     users = np.load(args.user_file, mmap_mode="r")[:n]
-    seen = seen_sets(n, args.items, args.seen_mean, seed=args.seed, d=args.d)
-    start = time.perf_counter()
-    vectors = RecipeVectors(users, items, np.zeros(n, np.float32))
+    seen = sp.load_npz(args.seen_file)[:n]
     user_ids = np.array([f"u{i}" for i in range(n)], dtype=object)
     item_ids = np.array([f"i{i}" for i in range(args.items)], dtype=object)
+    inputs_mb = _maxrss_mb()
+    start = time.perf_counter()
+    vectors = RecipeVectors(users, items, np.zeros(n, np.float32))
     with tempfile.TemporaryDirectory() as tmp:
         rows = write_recommendations(Path(tmp) / "part-0.parquet", vectors, user_ids, item_ids, args.x, seen)
     elapsed = time.perf_counter() - start
-    print(json.dumps({"users": n, "rows": rows, "s": elapsed, "imports_mb": imports_mb,
-                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"users": n, "rows": rows, "s": elapsed, "imports_mb": imports_mb, "inputs_mb": inputs_mb,
+                      "maxrss_mb": _maxrss_mb(),
                       "seen_mb": (seen.data.nbytes + seen.indices.nbytes + seen.indptr.nbytes) / 2**20}))
     return 0
 
 
+def rss_prepare(args: argparse.Namespace) -> int:
+    """Write the largest shard's user vectors and seen CSR for the RSS runs (in its own process:
+    Linux carries a parent's peak RSS into the children it starts, so the parent stays small)."""
+    users, _ = fm_like_vectors(args.rss_prepare, 0, args.d, seed=args.seed)
+    np.save(args.user_file, users)
+    sp.save_npz(args.seen_file, seen_sets(args.rss_prepare, args.items, args.seen_mean, seed=args.seed, d=args.d),
+                compressed=False)
+    return 0
+
+
 def rss_sizes(args: argparse.Namespace, sizes: list[int]) -> dict:
+    common = ["--items", str(args.items), "--d", str(args.d), "--x", str(args.x), "--seed", str(args.seed),
+              "--seen-mean", str(args.seen_mean)]
+    root = Path(__file__).resolve().parent.parent
+
+    def child(*extra: str) -> str:
+        return subprocess.run([sys.executable, "-m", "benchmarks.search", *extra, *common],
+                              check=True, capture_output=True, text=True, cwd=root).stdout
+
     with tempfile.TemporaryDirectory() as tmp:
-        user_file = Path(tmp) / "users.npy"
-        users, items = fm_like_vectors(max(sizes), args.items, args.d, seed=args.seed)
-        np.save(user_file, users)
+        files = ["--user-file", str(Path(tmp) / "users.npy"), "--seen-file", str(Path(tmp) / "seen.npz")]
+        log(f"writing {max(sizes):,} users' vectors and seen items ...")
+        child("--rss-prepare", str(max(sizes)), *files)
+        _, items = fm_like_vectors(0, args.items, args.d, seed=args.seed)
         index = build_index(items)
         index_mb = (index.vectors.nbytes + index.scoring.numel() * index.scoring.element_size()
                     + index.order.nbytes + index.position.nbytes + index.norms.nbytes) / 2**20
-        del users
         runs = []
         for n in sizes:
             log(f"shard of {n:,} users in a fresh process ...")
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.search", "--rss-child", str(n), "--user-file", str(user_file),
-                 "--items", str(args.items), "--d", str(args.d), "--x", str(args.x), "--seed", str(args.seed),
-                 "--seen-mean", str(args.seen_mean)],
-                check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-            )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(json.loads(child("--rss-child", str(n), *files).strip().splitlines()[-1]))
             log(f"  {runs[-1]}")
     return {"item_index_mb": index_mb,
             "rss": [{"users": r["users"], "peak_rss_mb": r["maxrss_mb"], "after_imports_mb": r["imports_mb"],
+                     "after_inputs_mb": r["inputs_mb"], "search_mb": r["maxrss_mb"] - r["inputs_mb"],
                      "seen_csr_mb": r["seen_mb"],
                      "s_per_million_users": r["s"] / r["users"] * 1e6} for r in runs],
             "peak_rss_mb": max(r["maxrss_mb"] for r in runs)}
@@ -334,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approx-users", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-prepare", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--user-file", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--seen-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         return rss_child(args)
+    if args.rss_prepare:
+        return rss_prepare(args)
 
     doc: dict = {"benchmark": "search", "users": args.users, "items": args.items, "d": args.d, "x": args.x,
                  "threads": torch.get_num_threads(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
