@@ -99,10 +99,21 @@ def test_the_bf16_error_bound_holds_on_real_gemm_output():
     users, items = fm_like(rng, 256, 2048, d=65)
     reduced = torch.mm(torch.from_numpy(users).bfloat16(), torch.from_numpy(items).bfloat16().T).double().numpy()
     exact = users.astype(np.float64) @ items.astype(np.float64).T
-    bound = search._error_coefficient("bf16", 65) * np.outer(np.linalg.norm(users, axis=1), np.linalg.norm(items, axis=1))
+    bound = search._ErrorModel.of("bf16", 65).unshifted * np.outer(np.linalg.norm(users, axis=1),
+                                                                    np.linalg.norm(items, axis=1))
     assert (np.abs(reduced - exact) <= bound).all()
     # The bound is not vacuous: the worst error uses a fair share of it.
     assert (np.abs(reduced - exact) / bound).max() > 0.01
+    # Shifted as the scan shifts it: [u, -t] . [v, 1], t exact in bf16, near each user's scores.
+    errors = search._ErrorModel.of("bf16", 65)
+    t = torch.from_numpy(np.quantile(exact, 0.99, axis=1)).bfloat16()
+    queries = torch.cat([torch.from_numpy(users).bfloat16(), -t[:, None]], dim=1)
+    keys = torch.cat([torch.from_numpy(items).bfloat16(), torch.ones(len(items), 1, dtype=torch.bfloat16)], dim=1)
+    shifted = torch.mm(queries, keys.T).double().numpy()
+    t64 = t.double().numpy()[:, None]
+    allowed = (errors.inputs * np.outer(np.linalg.norm(users, axis=1), np.linalg.norm(items, axis=1))
+               + errors.shift * np.abs(t64) + errors.output * np.abs(shifted))
+    assert (np.abs(shifted - (exact - t64)) <= allowed).all()
 
 
 def test_the_probe_catches_a_bf16_accumulator(monkeypatch):

@@ -4,24 +4,28 @@ Inner product only: L2 on these vectors ranks by |a_i|, not by the FM score, and
 the item term's scale.
 
 **Exact search** (the default) returns the exact top-x of the float32 vectors: ranked by their
-inner product (computed in float64, so no two implementations of a float32 GEMM can disagree
-about it), ties broken by item row. It costs less than one float32 GEMM of the same shapes:
+inner product computed in float64 (each pair summed the same way, so duplicated items tie exactly
+and no float32 GEMM's rounding decides an order), ties broken by item row. It costs about one
+float32 GEMM of the same shapes, less on large catalogues:
 
 1. Items are sorted by norm, largest first, and scored block by block against a block of users
    in reduced precision: bfloat16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), where that
-   GEMM is several times faster than float32, else float32. The error of a reduced score obeys a
-   proven bound, ``|s~ - s| <= c * |u| * |v|`` (see ``_error_coefficient``).
-2. A running lower bound ``L`` on each user's x-th best reduced score among unseen items (taken
-   from the candidates kept so far) rules out, with one vectorised compare per block, every item
-   whose reduced score is below ``L - c |u| (max|v| + |v_i|)``: such an item's exact score is
-   below that of x unseen items. Seen items are set to -inf inside the block before the compare.
-3. The few survivors per user (typically x to 2x) are rescored exactly, and the top x taken.
+   GEMM is several times faster than float32, else float32. A reduced score's error obeys a
+   proven bound (``_ErrorModel``).
+2. Each user keeps a lower bound ``L`` on their x-th best exact score among unseen items. The
+   query carries a shift, ``[u, -t] . [v, 1]`` with ``t`` = L less the largest error an item of the
+   block can carry, so an item can reach the top x only if its shifted score is >= 0: one sign
+   test per block entry, skipped for rows whose maximum is negative. Seen items are set to -inf
+   inside the block first, so nothing is over-fetched.
+3. The survivors (about 1.5x per user) carry [low, high] brackets on their exact scores; ``L``
+   rises to the x-th best low, those whose high falls below it are dropped, and the rest are
+   scored exactly and ranked.
 
 The blocks are spread over threads, one user block per thread, each thread single-threaded in
 torch: a block's work is a small GEMM plus numpy passes that release the GIL.
 
 **Approximate search** (``method="hnsw"`` or ``"ivf"``, FAISS inner-product indexes) is an option
-for large catalogues; seen items are still excluded exactly by over-fetching.
+for large catalogues; seen items are still excluded exactly (fetched past, then rescored).
 """
 
 from __future__ import annotations
@@ -70,23 +74,6 @@ def _check(user_vectors: np.ndarray, item_vectors: np.ndarray, x: int) -> None:
         raise InputDataError("the item catalogue is empty: there is nothing to recommend")
 
 
-def _error_coefficient(precision: str, d: int) -> float:
-    """c such that |reduced score - exact score| <= c * sum_j |u_j v_j| <= c * |u| * |v|.
-
-    The GEMM accumulates d products in float32 (gamma = n u / (1 - n u), n = d + 2 leaving room
-    for pairwise-product instructions). In float32 the inputs and the output are exact, so gamma
-    is all. In bf16 each input is rounded (relative error u each, so 2u + u^2 per product) and the
-    float32 result is rounded to bf16 once more (u of its magnitude, itself at most
-    (1 + gamma)(1 + u)^2 sum |u_j v_j|). One per cent on top covers the constants' own rounding.
-    """
-    n = d + 2
-    gamma = n * _F32_UNIT / (1 - n * _F32_UNIT)
-    if precision == "f32":
-        return 1.01 * gamma
-    u = _BF16_UNIT
-    return 1.01 * ((2 * u + u * u) + gamma * (1 + u) ** 2 + u * (1 + gamma) * (1 + u) ** 2)
-
-
 @dataclass(frozen=True)
 class _ErrorModel:
     """Bounds for a reduced score computed as [u, -t] . [v, 1] (t: a per-user shift, exact in the
@@ -113,6 +100,11 @@ class _ErrorModel:
         u = _BF16_UNIT
         return cls(1.01 * ((2 * u + u * u) + gamma * (1 + u) ** 2), 1.01 * gamma, 1.01 * u / (1 - u))
 
+    @property
+    def unshifted(self) -> float:
+        """c with |s~ - u.v| <= c |u||v| for an unshifted score (|s~| <= (1 + inputs) |u||v|)."""
+        return self.inputs + self.output * (1 + self.inputs)
+
 
 @functools.cache
 def _bf16_gemm_keeps_the_bound() -> bool:
@@ -127,7 +119,7 @@ def _bf16_gemm_keeps_the_bound() -> bool:
     v[0, 0] = 1.0
     exact = 1.0 + 255 * 2.0**-9
     error = abs(float(torch.mm(u, v)[0, 0]) - exact)
-    return error <= _error_coefficient("bf16", 256) * float(u.float().norm() * v.float().norm())
+    return error <= _ErrorModel.of("bf16", 256).unshifted * float(u.float().norm() * v.float().norm())
 
 
 def _native_bf16() -> bool:
@@ -281,7 +273,6 @@ def _scan(index: ExactIndex, users: np.ndarray, x: int, seen: sp.csr_matrix | No
     masks = _SeenBlocks(index, seen)
     cands = _Candidates(b, x)
     buffer = torch.empty((b, width), dtype=dtype)
-    shifts = np.zeros((0, b))
     for j, start in enumerate(range(0, n, width)):
         stop = min(start + width, n)
         block = buffer if stop - start == width else torch.empty((b, stop - start), dtype=dtype)
@@ -290,8 +281,7 @@ def _scan(index: ExactIndex, users: np.ndarray, x: int, seen: sp.csr_matrix | No
             # best plain reduced score less its error, which starts the lower bound.
             torch.mm(queries, index.scoring[start:stop].T, out=block)
             masks.apply(block, j)
-            worst = (errors.inputs + errors.output * (1 + errors.inputs)) * user_norms * index.block_max[0]
-            cands.raise_lower(_kth_largest_rows(block, x) - worst)
+            cands.raise_lower(_kth_largest_rows(block, x) - errors.unshifted * user_norms * index.block_max[0])
         if cands.changed:
             # Shift each user's scores by t, the bound less the largest error an item of a block
             # can carry: an item can reach the bound only if its shifted reduced score is >= 0.
