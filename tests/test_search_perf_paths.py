@@ -175,3 +175,14 @@ def test_unknown_search_method_is_refused():
         build_index(np.ones((5, 3), np.float32), method="lsh")
     with pytest.raises(ConfigError, match="method"):
         search_top_x(np.ones((2, 3), np.float32), np.ones((5, 3), np.float32), 2, method="annoy")
+
+
+def test_torch_threads_are_the_callers_between_batches():
+    rng = np.random.default_rng(10)
+    users, items = fm_like(rng, 30, 50)
+    before = torch.get_num_threads()
+    batches = iter_top_x(users, items, 3, batch_size=10)
+    next(batches)
+    assert torch.get_num_threads() == before
+    list(batches)
+    assert torch.get_num_threads() == before

@@ -252,11 +252,13 @@ def iter_top_x(
         users = np.array(user_vectors[block.start:block.stop], dtype=np.float32)  # a copy: maps are read-only
         return _scan(index, users, x, None if seen is None else seen[block.start:block.stop])
 
-    with intra_op_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, n_users, batch_size):
             stop = min(start + batch_size, n_users)
             blocks = [range(b, min(b + BLOCK_USERS, stop)) for b in range(start, stop, BLOCK_USERS)]
-            items, scores = zip(*pool.map(scan, blocks), strict=True)
+            # One torch thread per worker while the batch runs; the caller's setting between batches.
+            with intra_op_threads(1):
+                items, scores = zip(*pool.map(scan, blocks), strict=True)
             yield np.arange(start, stop), np.concatenate(items), np.concatenate(scores)
 
 
