@@ -13,9 +13,10 @@ Measured, in one run, with ``topx.store.write_recommendations``:
   service whose time per request is latency, as DynamoDB's is, with the loader's own CPU (building
   the items) still in the way; moto's CPU would otherwise cap both cases at the same rate;
 * ``requests_per_item``: BatchWriteItem calls / items (1/25 = 0.04 when nothing is throttled);
-* ``rows_from_parquet_s_per_million``: turning a shard's Parquet rows into per-user records the
-  way ``topx.stages.load_shard`` does (pandas group-by), per million users, and
-  ``rows_from_columns_s_per_million`` with ``topx.store.recommendations_from_columns``.
+* ``rows_from_parquet_s_per_million``: turning a shard's Parquet rows into per-user records with a
+  pandas group-by (what ``topx.stages.load_shard`` first did), per million users, and
+  ``rows_from_columns_s_per_million`` with ``topx.store.recommendations_from_columns`` (what it does
+  now).
 
 ``estimate_10m``: hours of writing for 10M users, from the documented limits: 1 write request unit
 per item up to 1 KB, new on-demand tables sustain 4,000 writes/s and accommodate up to double the
@@ -133,8 +134,8 @@ def timed_load(ddb: Any, rows: list[store.Recommendation], writers: int, latency
 
 
 def rows_from_parquet(n_users: int, x: int) -> tuple[float, float]:
-    """Seconds per million users to turn a shard's Parquet into records: as load_shard does (pandas
-    group-by), and with store.recommendations_from_columns."""
+    """Seconds per million users to turn a shard's Parquet into records: with a pandas group-by, and
+    with store.recommendations_from_columns."""
     rng = np.random.default_rng(1)
     frame = pd.DataFrame({
         "user_id": np.repeat([f"u{u:08d}" for u in range(n_users)], x),
