@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import boto3
 import pytest
+from moto.awslambda_simple.models import LambdaSimpleBackend
+from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from reliability_stack import (
     RETENTION_DAYS,
     SEEDED_VERSION,
@@ -193,18 +197,68 @@ def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, mon
                                                                  overtaken: bool) -> None:
     """Both executions run at once. In step, each publishes in turn. When the older one's search fails
     once (the ASL retries it after a wait), the newer run publishes first, and the older then fails at
-    Publish with VersionSuperseded: later uploads win, and the pointer never goes back."""
+    Publish with VersionSuperseded: later uploads win, and the pointer never goes back.
+
+    Which execution gets ahead is otherwise up to the scheduler, so each ordering is pinned: the run ids
+    are recorded as Prepare mints them, and the run that must come second waits (outside the one-at-a-time
+    lock the offline runner holds while code runs) until the other has published."""
+    prepare_run, search_shard, publish_version = stages.prepare_run, stages.search_shard, stages.publish_version
+    prepared: list[str] = []
+    both_prepared = threading.Event()
+    published: dict[str, threading.Event] = {}
+
+    def records_run_ids(bucket: str, key: str | None) -> dict:
+        result = prepare_run(bucket, key)
+        published[result["run_id"]] = threading.Event()
+        prepared.append(result["run_id"])
+        if len(prepared) == 2:
+            both_prepared.set()
+        return result
+
+    def signals(bucket: str, run_id: str, table: str, expected_shards: int) -> dict:
+        try:
+            return publish_version(bucket, run_id, table, expected_shards)
+        finally:
+            published[run_id].set()
+
+    def waits_for(run: Callable[[list[str]], str], what: str) -> None:
+        assert both_prepared.wait(60), "the second upload was never prepared"
+        assert published[run(prepared)].wait(60), f"the {what} run never published"
+
+    monkeypatch.setattr(stages, "prepare_run", records_run_ids)
+    monkeypatch.setattr(stages, "publish_version", signals)
     delayed: list[str] = []
     if overtaken:
-        search_shard = stages.search_shard
-
-        def fails_once(bucket: str, run_id: str, shard: int, shards: int) -> dict:
-            if not delayed:
+        def older_fails_once(bucket: str, run_id: str, shard: int, shards: int) -> dict:
+            assert both_prepared.wait(60), "the second upload was never prepared"
+            if run_id == min(prepared) and not delayed:
                 delayed.append(run_id)
                 raise OSError("No space left on device")
             return search_shard(bucket, run_id, shard, shards)
 
-        monkeypatch.setattr(stages, "search_shard", fails_once)
+        class RetryWaitsForTheNewerRun:
+            """The only retry here is the older run's Search: its wait lasts until the newer run is live."""
+
+            def sleep(self, seconds: float) -> None:
+                waits_for(max, "newer")
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(time, name)
+
+        monkeypatch.setattr(stages, "search_shard", older_fails_once)
+        monkeypatch.setattr(retrier_decl, "time", RetryWaitsForTheNewerRun())
+    else:
+        invoke = LambdaSimpleBackend.invoke
+        publish_arn = live.pipeline.function_arns["publish"]
+
+        def newer_publishes_second(backend: Any, function_name: str, qualifier: str | None, body: Any,
+                                   *rest: Any) -> bytes:
+            function_arn = backend.get_function(function_name, qualifier).function_arn
+            if function_arn == publish_arn and json.loads(body)["run_id"] == max(prepared):
+                waits_for(min, "older")
+            return invoke(backend, function_name, qualifier, body, *rest)
+
+        monkeypatch.setattr(LambdaSimpleBackend, "invoke", newer_publishes_second)
     with Reader(live, USERS) as reader:
         arns = live.put("incoming/monday.csv", UPLOAD) + live.put("incoming/tuesday.csv", UPLOAD)
         older, newer = sorted((live.wait(arn) for arn in arns), key=lambda run: run.run_id)
