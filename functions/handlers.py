@@ -192,7 +192,7 @@ def repackage(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
 
 
 def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
-    """-> ``{"shard": int, "written": int}``."""
+    """-> ``{"shard": int, "written": int, "retired": {"manifests": int, "users": int}}``."""
     parsed = LoadShardEvent.parse(event)
     _log("load_shard", parsed)
     return dict(stages.load_shard(parsed.bucket, parsed.run_id, parsed.shard, parsed.table))

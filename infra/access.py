@@ -18,7 +18,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import IConstruct
 
 from infra.nag import acknowledge
-from infra.storage import FEATURES_PREFIX, INCOMING_PREFIX, RUNS_PREFIX
+from infra.storage import FEATURES_PREFIX, INCOMING_PREFIX, RUNS_PREFIX, VERSIONS_PREFIX
 
 _XRAY_PUT = "X-Ray trace upload (active tracing) has no resource-level permissions."
 _XRAY_SAMPLING = "X-Ray sampling (state machine tracing) has no resource-level permissions."
@@ -84,6 +84,11 @@ def write_runs(bucket: s3.IBucket) -> iam.PolicyStatement:
     )
 
 
+def version_objects(bucket: s3.IBucket, actions: Sequence[str]) -> iam.PolicyStatement:
+    """Object actions under versions/: what a live or unretired version keeps beyond the runs/ lifecycle."""
+    return iam.PolicyStatement(actions=list(actions), resources=[bucket.arn_for_objects(f"{VERSIONS_PREFIX}*")])
+
+
 def read_inputs(bucket: s3.IBucket) -> iam.PolicyStatement:
     """The upload under incoming/ and the side tables under features/ (read by prepare only)."""
     return iam.PolicyStatement(
@@ -109,13 +114,22 @@ def object_wildcard_finding(bucket: s3.IBucket, prefix: str) -> str:
     return f"AwsSolutions-IAM5[Resource::<{logical_id}.Arn>/{prefix}*]"
 
 
-def acknowledge_run_objects(scope: IConstruct, bucket: s3.IBucket, *, inputs: bool = False) -> None:
+def acknowledge_run_objects(
+    scope: IConstruct, bucket: s3.IBucket, *, inputs: bool = False, versions: bool = False
+) -> None:
     acknowledge(
         scope,
         object_wildcard_finding(bucket, RUNS_PREFIX),
         "Object keys are minted per run (runs/<run_id>/...), so access is scoped to the runs/ prefix "
         "of the project's own bucket, not to single keys.",
     )
+    if versions:
+        acknowledge(
+            scope,
+            object_wildcard_finding(bucket, VERSIONS_PREFIX),
+            "Object keys are minted per published or loaded version (versions/<run_id>/...), so access is "
+            "scoped to the versions/ prefix of the project's own bucket, not to single keys.",
+        )
     if inputs:
         reason = (
             "Prepare reads whatever the user uploads under incoming/ and the side tables under features/; "

@@ -28,6 +28,7 @@ from infra.access import (
     read_inputs,
     read_runs,
     table_items,
+    version_objects,
     write_runs,
 )
 from infra.images import function_code
@@ -56,7 +57,8 @@ class FunctionSpec:
     ephemeral_gib: int = 1
     reads_inputs: bool = False  # incoming/ and features/
     writes_runs: bool = True
-    table: TableAccess | None = None
+    table: tuple[TableAccess, ...] = ()
+    versions: tuple[str, ...] = ()  # S3 object actions under versions/
 
 
 SPECS: tuple[FunctionSpec, ...] = (
@@ -75,7 +77,8 @@ SPECS: tuple[FunctionSpec, ...] = (
         timeout=Duration.minutes(2),
         writes_runs=False,
         # store.active_version: the pointer item only.
-        table=TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),
+        table=(TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),),
+        versions=("s3:GetObject",),  # the live model's metrics
     ),
     FunctionSpec(
         "repackage",
@@ -90,8 +93,14 @@ SPECS: tuple[FunctionSpec, ...] = (
         memory_mb=1769,  # one full vCPU
         timeout=Duration.minutes(15),
         ephemeral_gib=2,
-        # store.write_recommendations: the run's user items, never the pointer.
-        table=TableAccess(("dynamodb:BatchWriteItem",), (f"{USER_PARTITION_PREFIX}*",)),
+        # store.write_recommendations: the run's user items and, when retiring, superseded versions'
+        # items; store.active_version: which versions are superseded. Never a write to the pointer.
+        table=(
+            TableAccess(("dynamodb:BatchWriteItem",), (f"{USER_PARTITION_PREFIX}*",)),
+            TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),
+        ),
+        # The load's manifest (a copy), and retiring: read, then delete, older versions' manifests.
+        versions=("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),
     ),
     FunctionSpec(
         "publish",
@@ -99,8 +108,9 @@ SPECS: tuple[FunctionSpec, ...] = (
         memory_mb=1024,
         timeout=Duration.minutes(5),
         writes_runs=False,
-        # store.publish_version: one conditional write of the pointer item.
-        table=TableAccess(("dynamodb:PutItem",), (POINTER_PARTITION,)),
+        # store.publish_version: one conditional write of the pointer item; active_version on a superseded run.
+        table=(TableAccess(("dynamodb:PutItem", "dynamodb:GetItem"), (POINTER_PARTITION,)),),
+        versions=("s3:PutObject",),  # a copy of the run's metrics
     ),
 )
 
@@ -162,9 +172,11 @@ class Functions(Construct):
             role.add_to_policy(write_runs(bucket))
         if spec.reads_inputs:
             role.add_to_policy(read_inputs(bucket))
-        acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs)
-        if spec.table is not None:
-            role.add_to_policy(table_items(table, spec.table.actions, spec.table.leading_keys))
+        if spec.versions:
+            role.add_to_policy(version_objects(bucket, spec.versions))
+        acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs, versions=bool(spec.versions))
+        for access in spec.table:
+            role.add_to_policy(table_items(table, access.actions, access.leading_keys))
         checkov.skip_checks(
             function,
             {

@@ -13,6 +13,8 @@ from infra.nag import acknowledge
 INCOMING_PREFIX = "incoming/"
 FEATURES_PREFIX = "features/"  # optional side tables (users, items) every run reads
 RUNS_PREFIX = "runs/"
+# What live and not yet retired versions need after runs/ expired (topx/stages.py); no lifecycle rule.
+VERSIONS_PREFIX = "versions/"
 # Table key schema. A recommendations item per (user, version) is pk="user#<user_id>", sk="v#<version>";
 # the active-version pointer is pk="pointer", sk="active". Old versions carry `expires_at` (epoch seconds).
 # The functions' table permissions are limited to these partition keys (infra/lambdas.py).

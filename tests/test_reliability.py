@@ -5,8 +5,8 @@
 - Two runs never interleave their publishes: the pointer moves only to a newer run id (ids begin with
   the UTC time Prepare started), and a run that finishes after a newer one published fails with
   ``VersionSuperseded`` instead of going live.
-- Superseded versions should expire by TTL and the live one never: tests marked ``xfail`` describe the
-  store change that needs (docs/RELIABILITY.md, "Versions and TTL").
+- Loads write no TTL, so the live version never expires; later loads give superseded and never
+  published versions their TTL (docs/RELIABILITY.md, "Versions and TTL").
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from reliability_stack import (
     RETENTION_DAYS,
     SEEDED_VERSION,
+    SHARDS,
     Reader,
     Stack,
     base_ratings,
@@ -96,8 +97,11 @@ def test_a_model_clearly_worse_than_the_live_one_is_not_published(live: Stack) -
     assert first.status == "SUCCEEDED"
     # The live model was better than this data can make one (e.g. trained on a cleaner export):
     # its recorded hold-out RMSE is planted at 0.8.
+    # The run's own files have expired by the bucket's lifecycle rule since; the copy kept when it
+    # published (versions/) is what the gate reads.
     metrics = live.run_json(first.run_id, "metrics.json")
-    live.s3.put_object(Bucket=live.pipeline.bucket, Key=f"runs/{first.run_id}/metrics.json",
+    live.s3.delete_object(Bucket=live.pipeline.bucket, Key=f"runs/{first.run_id}/metrics.json")
+    live.s3.put_object(Bucket=live.pipeline.bucket, Key=f"{stages.version_prefix(first.run_id)}metrics.json",
                        Body=json.dumps({**metrics, "rmse": 0.8}).encode())
     before = live.view(USERS[:10])
 
@@ -280,9 +284,6 @@ def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, mon
 # --------------------------------------------------------------------------- versions and TTL
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="store.write_recommendations needs expires_at=None (items without TTL) for the live "
-                          "version; see docs/RELIABILITY.md, 'Versions and TTL'")
 def test_items_can_be_written_without_an_expiry(live: Stack) -> None:
     store.write_recommendations(live.pipeline.table, "v-no-ttl", [store.Recommendation("u1", ["i1"], [1.0])],
                                 expires_at=None, client=live.ddb)
@@ -290,14 +291,81 @@ def test_items_can_be_written_without_an_expiry(live: Stack) -> None:
     assert "expires_at" not in item
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the live version's items get expires_at at load, so it expires if no run publishes "
-                          "within retention_days; see docs/RELIABILITY.md, 'Versions and TTL'")
-def test_only_superseded_versions_expire(live: Stack) -> None:
+def expiry_by_version(stack: Stack) -> dict[str, set[int | None]]:
+    expiry: dict[str, set[int | None]] = {}
+    for item in stack.items():
+        if "version" in item and item["pk"]["S"] != "pointer":
+            expiry.setdefault(item["version"]["S"], set()).add(int(item["expires_at"]["N"]) if "expires_at" in
+                                                              item else None)
+    return expiry
+
+
+def version_objects(stack: Stack, version: str) -> list[str]:
+    reply = stack.s3.list_objects_v2(Bucket=stack.pipeline.bucket, Prefix=stages.version_prefix(version))
+    return [o["Key"] for o in reply.get("Contents", [])]
+
+
+def test_only_superseded_versions_expire(live: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads write no TTL, so the live version never expires however long no run publishes. The next
+    load after a version was superseded gives its items their TTL and forgets its manifest."""
+    monkeypatch.setattr(stages, "RETIRE_AFTER_S", 0)
     first = live.upload("incoming/ratings.csv", UPLOAD)
     second = live.upload("incoming/ratings.csv", UPLOAD)
     assert first.status == second.status == "SUCCEEDED"
-    expiry = {item["version"]["S"]: item.get("expires_at") for item in live.items() if "version" in item}
-    assert expiry[second.run_id] is None, "the live version must not expire"
-    now = time.time()
-    assert now + (RETENTION_DAYS - 1) * 86400 < int(expiry[first.run_id]["N"]) < now + (RETENTION_DAYS + 1) * 86400
+    expiry = expiry_by_version(live)
+    # The first was superseded when the second published after its own load: retired at the next load.
+    assert expiry[first.run_id] == expiry[second.run_id] == {None}
+    assert version_objects(live, first.run_id) and version_objects(live, second.run_id)
+
+    third = live.upload("incoming/ratings.csv", UPLOAD)
+    assert third.status == "SUCCEEDED" and live.pointer() == third.run_id
+    expiry = expiry_by_version(live)
+    assert expiry[second.run_id] == expiry[third.run_id] == {None}, "a version live during the load is kept"
+    now = time.time()  # each shard of the third load retired a share, at its own time
+    assert all(now + (RETENTION_DAYS - 1) * 86400 < t < now + (RETENTION_DAYS + 1) * 86400 for t in expiry[first.run_id])
+    assert len([i for i in live.items() if i.get("version", {}).get("S") == first.run_id]) == len(USERS)
+    assert version_objects(live, first.run_id) == []
+    # Retired, not deleted: the first version stays readable until its TTL (a reader who followed the
+    # pointer just before it moved still finds its items), with what it held.
+    assert live_items(live, first.run_id) == live_items(live, third.run_id)
+
+
+def test_a_manifest_is_retired_only_once_its_load_has_surely_ended(live: Stack,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    first = live.upload("incoming/ratings.csv", UPLOAD)
+    second = live.upload("incoming/ratings.csv", UPLOAD)
+    third = live.upload("incoming/ratings.csv", UPLOAD)
+    assert {first.status, second.status, third.status} == {"SUCCEEDED"}
+    # Manifests younger than RETIRE_AFTER_S: the loads left them alone.
+    assert expiry_by_version(live)[first.run_id] == {None} and version_objects(live, first.run_id)
+    bucket, table = live.pipeline.bucket, live.pipeline.table
+    for name, value in live.pipeline_environment().items():
+        monkeypatch.setenv(name, value)
+    later = time.time() + stages.RETIRE_AFTER_S + 1
+    done = [stages.retire_versions(bucket, table, shard, 2, now=later) for shard in range(2)]
+    # Two superseded versions of 2 shards each, shared out over the 2 shards, every user once per version.
+    assert sum(d["manifests"] for d in done) == 4 and sum(d["users"] for d in done) == 2 * len(USERS)
+    expiry = expiry_by_version(live)
+    assert None not in expiry[first.run_id] | expiry[second.run_id] and expiry[third.run_id] == {None}
+    assert version_objects(live, first.run_id) == version_objects(live, second.run_id) == []
+    assert version_objects(live, third.run_id)  # the live version keeps its manifests and metrics
+    # Nothing is left to retire, and repeating is harmless.
+    assert stages.retire_versions(bucket, table, 0, 1, now=later) == {"manifests": 0, "users": 0}
+
+
+def test_a_run_that_loaded_but_never_went_live_is_retired_too(live: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    newer = "29991231T000000000000Z-newer"
+    store.write_recommendations(live.pipeline.table, newer, [store.Recommendation(u, ["i-new"], [1.0]) for u in USERS],
+                                expires_at=None, client=live.ddb)
+    assert store.publish_version(live.pipeline.table, newer, users=len(USERS), client=live.ddb)
+    run = live.upload("incoming/ratings.csv", UPLOAD)
+    assert [(e.state, e.error) for e in run.failures()] == [("Publish", "VersionSuperseded")]
+    assert expiry_by_version(live)[run.run_id] == {None}
+
+    for name, value in live.pipeline_environment().items():
+        monkeypatch.setenv(name, value)
+    later = time.time() + stages.RETIRE_AFTER_S + 1
+    retired = stages.retire_versions(live.pipeline.bucket, live.pipeline.table, 0, 1, now=later)
+    assert retired == {"manifests": SHARDS, "users": len(USERS)}
+    assert None not in expiry_by_version(live)[run.run_id]
+    assert expiry_by_version(live)[newer] == {None}

@@ -29,7 +29,14 @@ from infra.access import MANAGED_POLICIES, UNSCOPED_ACTIONS
 from infra.app import STACK_ID, build_app
 from infra.lambdas import SPECS
 from infra.settings import REPO_ROOT
-from infra.storage import FEATURES_PREFIX, INCOMING_PREFIX, POINTER_PARTITION, USER_PARTITION_PREFIX
+from infra.storage import (
+    FEATURES_PREFIX,
+    INCOMING_PREFIX,
+    POINTER_PARTITION,
+    RUNS_PREFIX,
+    USER_PARTITION_PREFIX,
+    VERSIONS_PREFIX,
+)
 
 CHECKOV_DIR = Path(__file__).parent / "checkov"
 RELIABILITY_DOC = REPO_ROOT / "docs" / "RELIABILITY.md"
@@ -251,7 +258,7 @@ def test_table_permissions_match_the_store(synth: Synthesized) -> None:
     assert store.user_key("u1", "v1")["pk"]["S"] == f"{USER_PARTITION_PREFIX}u1"
     calls = set(re.findall(r"\bddb\.([a-z_]+)\(", Path(store.__file__).read_text(encoding="utf-8")))
     needed = {"dynamodb:" + "".join(part.capitalize() for part in call.split("_")) for call in calls}
-    granted = {action for spec in SPECS if spec.table for action in spec.table.actions}
+    granted = {action for spec in SPECS for access in spec.table for action in access.actions}
     assert needed <= granted, f"topx/store.py calls {sorted(needed - granted)}, which no function may"
     for props in synth.properties("AWS::IAM::Policy").values():
         for statement in props["PolicyDocument"]["Statement"]:
@@ -260,9 +267,12 @@ def test_table_permissions_match_the_store(synth: Synthesized) -> None:
 
 
 def test_s3_prefixes_match_the_stages() -> None:
-    """The prefixes the roles are scoped to are the ones the stages read (prepare reads both)."""
+    """The prefixes the roles are scoped to are the ones the stages read (prepare reads both), and the
+    versions the stages keep lie outside the prefix the lifecycle rule expires."""
     stages = pytest.importorskip("topx.stages")
     assert stages.INCOMING_PREFIX == INCOMING_PREFIX
+    assert stages.VERSIONS_PREFIX == VERSIONS_PREFIX and stages.run_prefix("r").startswith(RUNS_PREFIX)
+    assert not VERSIONS_PREFIX.startswith(RUNS_PREFIX)
     assert stages.FEATURES_PREFIX == FEATURES_PREFIX
 
 

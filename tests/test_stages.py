@@ -150,3 +150,67 @@ def test_quality_gate_rejects_a_model_worse_than_its_baseline_or_the_live_one(aw
     worse = stages.quality_gate(BUCKET, "20260103T000000Z-worse", TABLE)
     assert not worse["passed"] and "live" in worse["reason"]
     assert stages.quality_gate(BUCKET, "20260104T000000Z-good", TABLE)["passed"]
+
+
+def _manifest(s3, version: str, shard: int, users: list[str], *, searched: bool = True) -> None:
+    """A load's manifest as load_shard leaves it: the shard's recommendations and its searched counts."""
+    frame = pd.DataFrame({"user_id": users, "rank": [1] * len(users), "item_id": ["i1"] * len(users),
+                          "score": [1.0] * len(users)})
+    prefix = f"{stages.version_prefix(version)}shard={shard:04d}/"
+    s3.put_object(Bucket=BUCKET, Key=prefix + stages.MANIFEST_RECOMMENDATIONS, Body=frame.to_parquet())
+    if searched:
+        stages._put_json(BUCKET, prefix + stages.MANIFEST_SEARCHED,
+                         {"shard": shard, "users": len(users), "rows": len(users), "users_without_items": []})
+    store.write_recommendations(TABLE, version, [store.Recommendation(u, ["i1"], [1.0]) for u in users],
+                                expires_at=None, client=stages.dynamodb_client())
+
+
+def _version_keys(s3) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="versions/").get("Contents", []))
+
+
+def test_retiring_skips_what_is_not_older_than_live_and_cleans_up_half_written_manifests(aws, monkeypatch):
+    s3, ddb = aws
+    monkeypatch.setenv("TOPX_RETENTION_DAYS", "7")
+    old, live, newer = "20260101T000000000000Z-a", "20260201T000000000000Z-b", "20260301T000000000000Z-c"
+    _manifest(s3, old, 0, ["u1", "u2"])
+    _manifest(s3, old, 1, ["u3"], searched=False)  # a load that died between its two copies
+    _manifest(s3, live, 0, ["u1"])
+    _manifest(s3, newer, 0, ["u1"])  # still loading
+    for version in (old, live):
+        stages._put_json(BUCKET, f"{stages.version_prefix(version)}metrics.json", {"rmse": 1.0})
+    s3.put_object(Bucket=BUCKET, Key="versions/notes.txt", Body=b"not the stages'")
+    assert store.publish_version(TABLE, live, users=1, client=ddb)
+
+    assert stages.retire_versions(BUCKET, TABLE, 0, 2) == {"manifests": 0, "users": 0}  # all too young
+    now = 1e10
+    # Load shard 1 takes manifest shard 1, which has no searched file: only its Parquet to delete.
+    assert stages.retire_versions(BUCKET, TABLE, 1, 2, now=now) == {"manifests": 0, "users": 0}
+    assert f"versions/{old}/shard=0001/part-0.parquet" not in _version_keys(s3)
+    assert stages.retire_versions(BUCKET, TABLE, 0, 2, now=now) == {"manifests": 1, "users": 2}
+
+    def expiry(user: str, version: str):
+        item = ddb.get_item(TableName=TABLE, Key=store.user_key(user, version))["Item"]
+        return int(item["expires_at"]["N"]) if "expires_at" in item else None
+
+    assert expiry("u1", old) == expiry("u2", old) == int(now) + 7 * 86400
+    assert expiry("u3", old) is None  # not listed by a complete manifest, so not written again
+    assert expiry("u1", live) is None and expiry("u1", newer) is None
+    assert _version_keys(s3) == sorted([
+        f"versions/{live}/metrics.json", f"versions/{live}/shard=0000/part-0.parquet",
+        f"versions/{live}/shard=0000/searched.json", f"versions/{newer}/shard=0000/part-0.parquet",
+        f"versions/{newer}/shard=0000/searched.json", "versions/notes.txt",
+    ])
+
+
+def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkeypatch):
+    s3, ddb = aws
+    old, live = "20260101T000000000000Z-a", "20260201T000000000000Z-b"
+    for shard in range(3):
+        _manifest(s3, old, shard, [f"u{shard}"])
+    assert store.publish_version(TABLE, live, users=1, client=ddb)
+    monkeypatch.setattr(stages, "RETIRE_BUDGET_S", -1.0)  # spent before the first manifest
+    assert stages.retire_versions(BUCKET, TABLE, 0, 1, now=1e10)["manifests"] == 0
+    monkeypatch.setattr(stages, "RETIRE_BUDGET_S", 300.0)
+    assert stages.retire_versions(BUCKET, TABLE, 0, 1, now=1e10) == {"manifests": 3, "users": 3}
+    assert _version_keys(s3) == []

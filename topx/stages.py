@@ -13,6 +13,14 @@ the local CLI uses, writes its outputs under the run's prefix, and returns a sma
     runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
     runs/<run_id>/searched/shard=NNNN.json  the shard's users, and those left with nothing to recommend
     runs/<run_id>/loaded/shard=NNNN.json  users written to DynamoDB by that shard's load
+    versions/<run_id>/shard=NNNN/        what a load wrote to DynamoDB (a copy of the shard's
+                                         recommendations and searched files), kept until it is retired
+    versions/<run_id>/metrics.json       the published model's metrics, for the quality gate
+
+``runs/`` expires by the bucket's lifecycle rule; ``versions/`` does not: a version stays live for as
+long as no newer run publishes, and its items in DynamoDB carry no TTL until it is superseded.
+Retiring (``retire_versions``, run by each load) writes a superseded or never-published version's
+items again with ``expires_at`` and then deletes its ``versions/`` objects.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -54,6 +64,8 @@ from topx.config import (
 from topx.errors import ConfigError, InputDataError, StoreError
 from topx.feature_index import FeatureIndex
 
+logger = logging.getLogger(__name__)
+
 INCOMING_PREFIX = "incoming/"
 FEATURES_PREFIX = "features/"
 MIN_SHARDS = 2  # an AWS Batch array job has at least two children
@@ -62,6 +74,13 @@ MODE_METADATA = "topx-mode"
 HYPERPARAMETERS_METADATA = "topx-hyperparameters"
 # The predictor type follows the upload's mode, never an override.
 NOT_OVERRIDABLE = frozenset({"predictor_type"})
+VERSIONS_PREFIX = "versions/"
+# A load writes its manifest before its items and runs for at most 15 minutes (the Lambda timeout), so
+# a manifest this old belongs to a load that has ended: retiring it cannot race the items' writes.
+RETIRE_AFTER_S = 3600
+# A load starts retiring no new manifest after this long at it, so that its own items come first and
+# the Lambda's 15 minutes are not spent on housekeeping; the next load takes the rest.
+RETIRE_BUDGET_S = 300.0
 # Within this fraction of the live model's metric a new model still counts as "as good".
 LIVE_RMSE_SLACK = 1.05
 LIVE_RECALL_SLACK = 0.9
@@ -99,6 +118,10 @@ def use_clients(**clients: Any) -> None:
 
 def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}/"
+
+
+def version_prefix(run_id: str) -> str:
+    return f"{VERSIONS_PREFIX}{run_id}/"
 
 
 # ----------------------------------------------------------------------------- S3 helpers
@@ -320,14 +343,22 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
         return rejected(f"{name} {value:.4f} is worse than the baseline's {baseline:.4f}")
     live = store.active_version(table, client=dynamodb_client())
     if live is not None and live != run_id:
-        try:
-            live_value = _get_json(bucket, run_prefix(live) + "metrics.json").get(name)
-        except StoreError:
-            live_value = None
+        live_value = _live_metrics(bucket, live).get(name)
         slack = LIVE_RMSE_SLACK if regressor else LIVE_RECALL_SLACK
         if live_value is not None and _finite(live_value) and worse(value, live_value * slack):
             return rejected(f"{name} {value:.4f} is clearly worse than the live model's {live_value:.4f} ({live})")
     return {"passed": True, "reason": "metrics within thresholds", "metrics": summary}
+
+
+def _live_metrics(bucket: str, live: str) -> dict[str, Any]:
+    """The live model's metrics: kept under versions/ when it published (runs/ expires by lifecycle);
+    runs/ for a version published before that copy existed; empty when neither is there."""
+    for key in (version_prefix(live) + "metrics.json", run_prefix(live) + "metrics.json"):
+        try:
+            return _get_json(bucket, key)
+        except StoreError:
+            continue
+    return {}
 
 
 def _finite(value: Any) -> bool:
@@ -395,10 +426,39 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
 
     Every user of the shard gets an item, those with nothing left to recommend an empty one, and the
     count must match what the search wrote, so a shard that is half there is never counted whole.
+    The items carry no TTL (the version may go live); the shard's files are first copied under
+    ``versions/`` so that the items can be given one when the version is retired. Then the load
+    retires its share of the superseded versions (``retire_versions``).
     """
-    retention_days = int(env_or(ENV_RETENTION_DAYS, None, 30, int))
-    searched = _get_json(bucket, _searched_key(run_id, shard))
-    key = _recommendations_key(run_id, shard)
+    searched_key, key = _searched_key(run_id, shard), _recommendations_key(run_id, shard)
+    rows = _shard_recommendations(bucket, searched_key, key)
+    # The manifest goes first: items that exist are always listed, even if this load dies halfway.
+    manifest = _manifest_prefix(run_id, shard)
+    for source, name in ((key, MANIFEST_RECOMMENDATIONS), (searched_key, MANIFEST_SEARCHED)):
+        s3_client().copy_object(Bucket=bucket, Key=manifest + name, CopySource={"Bucket": bucket, "Key": source})
+    written = store.write_recommendations(table, run_id, rows, expires_at=None, client=dynamodb_client())
+    _put_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json", {"shard": shard, "written": written})
+    shards = int(_get_json(bucket, run_prefix(run_id) + "run.json")["shards"])
+    retired = retire_versions(bucket, table, shard, shards)
+    return {"shard": shard, "written": int(written), "retired": retired}
+
+
+MANIFEST_RECOMMENDATIONS = "part-0.parquet"
+MANIFEST_SEARCHED = "searched.json"
+# versions/<run_id>/metrics.json, or one of versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json}
+_VERSION_OBJECT_RE = re.compile(
+    rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:metrics\.json|shard=(?P<shard>\d{{4,}})/"
+    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}))"
+)
+
+
+def _manifest_prefix(run_id: str, shard: int) -> str:
+    return f"{version_prefix(run_id)}shard={shard:04d}/"
+
+
+def _shard_recommendations(bucket: str, searched_key: str, key: str) -> Iterator[store.Recommendation]:
+    """One shard's recommendations as the search wrote them, checked against the search's counts."""
+    searched = _get_json(bucket, searched_key)
     with _workdir() as work:
         local = work / "part.parquet"
         try:
@@ -410,15 +470,99 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
     if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(searched["rows"]):
         raise StoreError(f"s3://{bucket}/{key}: {frame['user_id'].nunique()} users and {len(frame)} rows, but the "
                          f"search wrote {searched['users']} users and {searched['rows']} rows; not loading")
-    rows = itertools.chain(
+    return itertools.chain(
         store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
                                            frame["item_id"].to_numpy(), frame["score"].to_numpy()),
         (store.Recommendation(user, [], []) for user in without),
     )
-    expires_at = int(time.time()) + retention_days * 86400
-    written = store.write_recommendations(table, run_id, rows, expires_at=expires_at, client=dynamodb_client())
-    _put_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json", {"shard": shard, "written": written})
-    return {"shard": shard, "written": int(written)}
+
+
+def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: float | None = None) -> dict[str, int]:
+    """Give the items of versions older than the live one their TTL, and forget their manifests.
+
+    Every version under ``versions/`` older than the live version is superseded or never went live
+    (a run that failed or was overtaken after loading). Its shard manifests are shared out among a
+    load's shards (manifest shard i goes to load shard i mod shards); each one's items are written
+    again with ``expires_at`` = now + ``TOPX_RETENTION_DAYS``, then the manifest is deleted.
+    Manifests younger than ``RETIRE_AFTER_S`` wait for a later load, as does everything while no
+    version is live, and what is left once this call has spent ``RETIRE_BUDGET_S`` on it. Safe to
+    repeat: a retry writes the same items with a later expiry. Returns the manifests and users retired.
+    """
+    now = time.time() if now is None else now
+    started = time.monotonic()
+    live = store.active_version(table, client=dynamodb_client())
+    retired = {"manifests": 0, "users": 0}
+    if live is None:
+        return retired
+    listed: dict[str, dict[str, Any]] = {}  # shard directory -> {file name: LastModified}
+    metrics: list[str] = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
+        for obj in page.get("Contents", []):
+            found = _VERSION_OBJECT_RE.fullmatch(obj["Key"])
+            if found is None or not found["version"] < live:
+                continue  # not written by the stages, or not older than the live version
+            if found["shard"] is None:
+                metrics.append(obj["Key"])
+            else:
+                directory, _, name = obj["Key"].rpartition("/")
+                listed.setdefault(directory + "/", {})[name] = obj["LastModified"]
+    expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, 30, int)) * 86400
+    for prefix, files in sorted(listed.items()):
+        found = _VERSION_OBJECT_RE.fullmatch(prefix + MANIFEST_SEARCHED)
+        version = found["version"]
+        # Manifest shard i is retired by load shard i mod shards: stable while other loads retire theirs.
+        if int(found["shard"]) % shards != shard:
+            continue
+        if now - max(files.values()).timestamp() < RETIRE_AFTER_S:
+            continue
+        if time.monotonic() - started > RETIRE_BUDGET_S:
+            logger.info("retiring stopped after %.0f s; the next load goes on", time.monotonic() - started)
+            break
+        try:
+            # Without its searched file, a manifest was never complete (a load that died between the
+            # two copies, before writing items) or was retired already: only the file is left to delete.
+            if MANIFEST_SEARCHED in files:
+                rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
+                retired["users"] += store.write_recommendations(table, version, rows, expires_at=expires_at,
+                                                                client=dynamodb_client())
+                retired["manifests"] += 1
+            # The searched file first: it is what marks a manifest as still to be retired.
+            for name in sorted(files, key=lambda n: n != MANIFEST_SEARCHED):
+                s3_client().delete_object(Bucket=bucket, Key=prefix + name)
+        except (StoreError, ClientError) as exc:
+            # Retiring is housekeeping: a later load tries again, and this load's own items stand.
+            logger.warning("not retired yet: s3://%s/%s: %s", bucket, prefix, exc)
+    if shard == 0:
+        for key in metrics:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    return retired
+    manifests: dict[tuple[str, str], Any] = {}
+    metrics: list[str] = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
+        for obj in page.get("Contents", []):
+            version, _, rest = obj["Key"][len(VERSIONS_PREFIX):].partition("/")
+            if not version < live:
+                continue
+            if rest == "metrics.json":
+                metrics.append(obj["Key"])
+            elif rest.endswith("/" + MANIFEST_SEARCHED):
+                manifests[(version, rest.rpartition("/")[0])] = obj["LastModified"]
+    expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, 30, int)) * 86400
+    for i, ((version, shard_dir), modified) in enumerate(sorted(manifests.items())):
+        if i % shards != shard or now - modified.timestamp() < RETIRE_AFTER_S:
+            continue
+        prefix = f"{version_prefix(version)}{shard_dir}/"
+        rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
+        retired["users"] += store.write_recommendations(table, version, rows, expires_at=expires_at,
+                                                        client=dynamodb_client())
+        # The searched file last: a manifest is listed by it, so a half-deleted one is retired again.
+        for name in (MANIFEST_RECOMMENDATIONS, MANIFEST_SEARCHED):
+            s3_client().delete_object(Bucket=bucket, Key=prefix + name)
+        retired["manifests"] += 1
+    if shard == 0:
+        for key in metrics:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    return retired
 
 
 def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) -> dict[str, Any]:
@@ -436,12 +580,15 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     expected_users = int(run["report"]["n_users"])
     if written != expected_users:
         raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
+    # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one.
+    s3_client().copy_object(Bucket=bucket, Key=version_prefix(run_id) + "metrics.json",
+                            CopySource={"Bucket": bucket, "Key": run_prefix(run_id) + "metrics.json"})
     published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
     if not published:
         live = store.active_version(table, client=dynamodb_client())
         if live != run_id:
             raise VersionSuperseded(
                 f"run {run_id} was not published: the live version {live} is newer, and the pointer never "
-                f"goes backwards; its items stay unread and expire"
+                f"goes backwards; its items stay unread and are given an expiry by a later run's load"
             )
     return {"run_id": run_id, "published": True, "users": written, "already_live": not published}

@@ -4,7 +4,9 @@ One table, key ``pk`` / ``sk``:
 
 * a recommendations item per (user, version): ``pk = "user#<user_id>"``, ``sk = "v#<version>"``,
   ``items`` (list of item ids, best first), ``scores`` (list of strings, to keep DynamoDB's
-  number type out of float round-trips), ``expires_at`` (epoch seconds, the table's TTL);
+  number type out of float round-trips), and ``expires_at`` (epoch seconds, the table's TTL) once the
+  version is retired: a version is loaded without one, so the live version never expires, and is
+  written again with one after a newer version went live (``topx.stages.retire_versions``);
 * one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version.
 
 Readers follow the pointer, so they see one whole version or the previous one, never a mix.
@@ -88,13 +90,15 @@ def write_recommendations(
     version: str,
     rows: Iterable[Recommendation],
     *,
-    expires_at: int,
+    expires_at: int | None,
     client: Any = None,
     sleep: Any = time.sleep,
     writers: int = DEFAULT_WRITERS,
 ) -> int:
     """Batch-write one version's recommendations, retrying unprocessed items with backoff and
     jitter. Returns the number of items written. Rewriting the same version is idempotent.
+
+    ``expires_at`` (epoch seconds) sets the items' TTL; None writes them without one.
 
     ``writers`` BatchWriteItem requests run at once (threads sharing the client, which boto3
     allows); a load of fewer than a few batches per writer is written in order on this thread.
@@ -109,18 +113,20 @@ def write_recommendations(
     return _write_in_parallel(ddb, table, itertools.chain(head, batches), sleep, writers)
 
 
-def _item(rec: Recommendation, version: str, expires_at: int) -> dict[str, Any]:
-    return {
+def _item(rec: Recommendation, version: str, expires_at: int | None) -> dict[str, Any]:
+    item = {
         **user_key(rec.user_id, version),
         "user_id": {"S": rec.user_id},
         "version": {"S": version},
         "items": {"L": [{"S": i} for i in rec.items]},
         "scores": {"L": [{"N": repr(float(s))} for s in rec.scores]},
-        "expires_at": {"N": str(int(expires_at))},
     }
+    if expires_at is not None:
+        item["expires_at"] = {"N": str(int(expires_at))}
+    return item
 
 
-def _batches(rows: Iterable[Recommendation], version: str, expires_at: int) -> Iterator[list[dict[str, Any]]]:
+def _batches(rows: Iterable[Recommendation], version: str, expires_at: int | None) -> Iterator[list[dict[str, Any]]]:
     """PutRequests in lists of at most BATCH_LIMIT."""
     batch: list[dict[str, Any]] = []
     for rec in rows:
