@@ -112,6 +112,17 @@ def test_one_hot_with_sorted_names():
     np.testing.assert_array_equal(dense(encoded), [[0, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
 
 
+def test_a_text_column_keeps_none_as_a_category():
+    """An occupation "none" is a value; in a numeric column the same word is missing."""
+    table = table_of({"occupation": ["none", "writer", "None", "NA"], "age": ["30", "none", "None", "41"]},
+                     list("abcd"))
+    encoded = encode_features(table, list("abcd"))
+    assert encoded.names == ("occupation=None", "occupation=none", "occupation=writer", "age")
+    dense = encoded.matrix.toarray()
+    assert dense[:, :3].tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]
+    assert dense[1:3, 3].tolist() == [0, 0]  # the missing ages: a zero, the column's mean after scaling
+
+
 def test_missing_categorical_value_is_an_all_zero_row():
     table = table_of({"city": ["Rome", None, "", "N/A", "Oslo"]}, list("abcde"))
     encoded = encode_features(table, list("abcde"))

@@ -15,8 +15,10 @@ Each column of the table becomes one or more features, decided per column:
   1.0 (not ``1/sqrt(n_tokens)``: a film that is both Action and Comedy is fully each, and the FM
   learns its own scale). Tokens are stripped, empty tokens ignored, repeats counted once.
 
-Missing text is an empty cell or ``NA``/``N/A``/``NaN``/``null``/``None`` (any case). Text such
-as ``true``/``false`` is categorical; store flags as 0/1 to get a numeric feature.
+A missing value is an empty cell or ``NA``/``N/A``/``NaN``/``null`` (any case); in a column that
+is otherwise numeric, ``None`` is missing too, while in a text column it is a category like any
+other (an occupation ``none``). Text such as ``true``/``false`` is categorical; store flags as 0/1
+to get a numeric feature.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from topx.errors import ConfigError, InputDataError
-from topx.ingest import missing_to_null, numbers_or_none
+from topx.ingest import missing_to_null, numbers_or_none, text_missing_to_null
 
 UNKNOWN_EXAMPLES = 5
 
@@ -137,7 +139,7 @@ def _encode_column(values: pd.Series, column: str, multi_sep: str, context: _Con
             or isinstance(dtype, pd.CategoricalDtype)):
         raise context.error(f"column has type {dtype}; features must be numbers or text", None, column)
     text = _clean_text(values)
-    numbers = numbers_or_none(text)
+    numbers = numbers_or_none(missing_to_null(text))
     if numbers is not None:
         return _numeric_block(numbers, column, context)
     if pc.any(pc.match_substring(text, multi_sep)).as_py():
@@ -147,9 +149,9 @@ def _encode_column(values: pd.Series, column: str, multi_sep: str, context: _Con
 
 
 def _clean_text(values: pd.Series) -> pa.Array:
-    """(n,) stripped text, missing cells null."""
+    """(n,) stripped text, missing cells (``TEXT_MISSING_TOKENS``) null."""
     as_text = pd.Series(values.to_numpy(dtype=object), dtype="str")
-    return missing_to_null(pa.array(as_text, type=pa.string()))
+    return text_missing_to_null(pa.array(as_text, type=pa.string()))
 
 
 def _numeric_block(x: np.ndarray, column: str, context: _Context) -> _Block:

@@ -44,6 +44,9 @@ SNIFF_BYTES = 64 * 1024
 SNIFF_RECORDS = 50
 # Feature-table cells that mean "no value" (compared case-insensitively, after stripping).
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+# In a text column "none" is often a value (an occupation "none", a plan "None"), and exports write a
+# missing value as an empty cell, NA (R), NaN (pandas' str), null or N/A, never as "none".
+TEXT_MISSING_TOKENS = MISSING_TOKENS - {"none"}
 
 UTF8_BOM = b"\xef\xbb\xbf"
 # Files people export by mistake, named by their first bytes, so the error can say what to do instead.
@@ -168,8 +171,9 @@ def read_feature_table(
     Returns a DataFrame indexed by the key (str, stripped; the index is named ``key_col`` as given)
     whose columns are the file's other columns in file order. For delimited text a column whose
     present values all parse as numbers becomes numeric (int64, or float64 when some are missing);
-    any other column stays text (str, stripped). Empty cells and ``NA``/``N/A``/``NaN``/``null``/
-    ``None`` are missing (NaN). Parquet columns are kept as stored. A table holding only the key
+    any other column stays text (str, stripped). Empty cells and ``NA``/``N/A``/``NaN``/``null`` (any
+    case) are missing (NaN); in a column that is otherwise numeric, so is ``None``, which in a text
+    column is a value like any other (an occupation ``none``). Parquet columns are kept as stored. A table holding only the key
     column is valid and has no features.
 
     ``attrs``: ``source``, and ``row_offset`` (data position + row_offset = file row), which
@@ -623,22 +627,30 @@ def _check_unique_keys(table: _Table, keys: pa.ChunkedArray, name: str) -> None:
 
 
 def _typed_text_column(column: pa.ChunkedArray) -> pd.Series:
-    """A text feature column: numeric when every present value parses as a number, else stripped
-    text; missing cells (``MISSING_TOKENS``) become NaN either way."""
+    """A text feature column: numeric when every present value parses as a number (``MISSING_TOKENS``
+    cells counting as missing, NaN), else stripped text with ``TEXT_MISSING_TOKENS`` cells NaN."""
     text = missing_to_null(column)
     if text.null_count == 0 and _casts(text, pa.int64()):
         return pd.Series(pc.cast(text, pa.int64()).to_numpy(), dtype=np.int64)
     numbers = numbers_or_none(text)
     if numbers is not None:
         return pd.Series(numbers, dtype=np.float64)
-    return pd.Series(text.to_pandas(), dtype="str")
+    return pd.Series(text_missing_to_null(column).to_pandas(), dtype="str")
 
 
-def missing_to_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """Text cells stripped of surrounding whitespace, with ``MISSING_TOKENS`` cells made null."""
+def missing_to_null(text: pa.Array | pa.ChunkedArray,
+                    tokens: frozenset[str] = MISSING_TOKENS) -> pa.Array | pa.ChunkedArray:
+    """Text cells stripped of surrounding whitespace, with ``tokens`` cells (any case) made null;
+    ``MISSING_TOKENS`` is how a column is read when deciding whether it is numeric."""
     stripped = pc.utf8_trim_whitespace(text)
-    missing = pc.is_in(pc.utf8_lower(stripped), value_set=pa.array(sorted(MISSING_TOKENS), pa.string()))
+    missing = pc.is_in(pc.utf8_lower(stripped), value_set=pa.array(sorted(tokens), pa.string()))
     return pc.if_else(missing, pa.scalar(None, stripped.type), stripped)
+
+
+def text_missing_to_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Text cells stripped of surrounding whitespace, with ``TEXT_MISSING_TOKENS`` cells made null: a
+    text column's values, where ``none`` may be a category."""
+    return missing_to_null(text, TEXT_MISSING_TOKENS)
 
 
 def numbers_or_none(text: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
