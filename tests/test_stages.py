@@ -214,3 +214,19 @@ def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkey
     monkeypatch.setattr(stages, "RETIRE_BUDGET_S", 300.0)
     assert stages.retire_versions(BUCKET, TABLE, 0, 1, now=1e10) == {"manifests": 3, "users": 3}
     assert _version_keys(s3) == []
+
+
+def test_a_shard_builds_the_seen_items_of_its_own_users_only():
+    from topx.feature_index import FeatureIndex
+    from topx.pipeline import Dataset
+
+    rng = np.random.default_rng(0)
+    index = FeatureIndex.one_hot([f"u{i}" for i in range(50)], [f"i{j}" for j in range(30)])
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 30, 400)
+    ds = Dataset(index, users, items, np.ones(400, np.float32), True)
+    whole = ds.matrix()
+    for shard in range(4):
+        rows = stages.shard_users(50, shard, 4)
+        part = ds.user_range_matrix(int(rows[0]), int(rows[-1]) + 1)
+        assert part.shape == (len(rows), 30) and (part != whole[rows]).nnz == 0
+    assert ds.user_range_matrix(0, 0).shape == (0, 30)

@@ -113,6 +113,17 @@ class Dataset:
         return out
 
 
+    def user_range_matrix(self, start: int, stop: int) -> sp.csr_matrix:
+        """(stop - start, n_items) CSR of the interactions of user rows start..stop-1 only: a shard's
+        seen items, without building the matrix of every user first."""
+        mask = (self.user_rows >= start) & (self.user_rows < stop)
+        data = np.ones(int(mask.sum()), dtype=np.float32)
+        out = sp.csr_matrix((data, (self.user_rows[mask] - start, self.item_rows[mask])),
+                            shape=(max(stop - start, 0), self.feature_index.n_items))
+        out.sum_duplicates()
+        return out
+
+
 class Reporter:
     """One line per step on stderr, with its wall time."""
 

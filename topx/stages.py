@@ -395,11 +395,14 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
     with _workdir() as work:
         ds, _ = _load_prepared(bucket, run_id, work)
         _download_prefix(bucket, run_prefix(run_id) + "vectors/", work / "vectors")
-        vectors = RecipeVectors.load(work / "vectors")
+        # Memory-mapped, and only the shard's rows read: a shard's memory follows its own users.
+        vectors = RecipeVectors.load(work / "vectors", mmap=True)
         user_ids, item_ids = load_ids(work / "vectors")
         rows = shard_users(len(user_ids), shard, shards)
-        part = RecipeVectors(vectors.user_vectors[rows], vectors.item_vectors, vectors.user_constants[rows])
-        seen = ds.matrix()[rows]
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        part = RecipeVectors(vectors.user_vectors[start:stop], np.ascontiguousarray(vectors.item_vectors),
+                             vectors.user_constants[start:stop])
+        seen = ds.user_range_matrix(start, stop)
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
         written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen)
