@@ -438,7 +438,8 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
     # The manifest goes first: items that exist are always listed, even if this load dies halfway.
     manifest = _manifest_prefix(run_id, shard)
     for source, name in ((key, MANIFEST_RECOMMENDATIONS), (searched_key, MANIFEST_SEARCHED)):
-        s3_client().copy_object(Bucket=bucket, Key=manifest + name, CopySource={"Bucket": bucket, "Key": source})
+        # The managed copy goes multipart beyond 5 GB, where a single CopyObject is refused.
+        s3_client().copy({"Bucket": bucket, "Key": source}, bucket, manifest + name)
     written = store.write_recommendations(table, run_id, rows, expires_at=None, client=dynamodb_client())
     _put_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json", {"shard": shard, "written": written})
     shards = int(_get_json(bucket, run_prefix(run_id) + "run.json")["shards"])
