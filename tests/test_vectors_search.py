@@ -92,13 +92,82 @@ def test_seen_items_are_excluded_without_losing_exactness():
     assert np.isneginf(top.scores[0, 2:]).all()
 
 
-def test_every_user_gets_x_items_and_ties_are_ordered_by_item():
+@pytest.mark.parametrize("method", ["exact", "faiss"])
+def test_every_user_gets_x_items_and_ties_are_ordered_by_item(method):
     user_vectors = np.ones((3, 2), np.float32)
     item_vectors = np.array([[1, 0], [0, 1], [1, 0], [0.5, 0.5], [0, 1]], np.float32)  # every score 1
-    top = search_top_x(user_vectors, item_vectors, 4)
+    top = search_top_x(user_vectors, item_vectors, 4, method=method)
     np.testing.assert_array_equal(top.items, np.tile([0, 1, 2, 3], (3, 1)))
-    again = search_top_x(user_vectors, item_vectors, 4, batch_size=1)
+    again = search_top_x(user_vectors, item_vectors, 4, batch_size=1, method=method)
     np.testing.assert_array_equal(again.items, top.items)
+
+
+def faiss_case(seed: int = 7):
+    """FM vectors, float64 scores, and seen items: most users have seen some of their best items,
+    user 0 their 350 best (found only by fetching deeper), user 1 all but three."""
+    fi, params = random_model(seed=seed, n_users=150, n_items=400)
+    vec = export_vectors(params, fi)
+    scores = vec.user_vectors.astype(np.float64) @ vec.item_vectors.astype(np.float64).T
+    rng = np.random.default_rng(seed + 1)
+    seen = sp.lil_matrix(scores.shape, dtype=np.float32)
+    for u in range(fi.n_users):
+        best = np.argsort(-scores[u])
+        seen[u, best[: rng.integers(0, 30)]] = 1
+        seen[u, rng.choice(fi.n_items, 10, replace=False)] = 1
+    seen[0, np.argsort(-scores[0])[:350]] = 1
+    seen[1, :] = 1
+    seen[1, [17, 230, 399]] = 0
+    seen = seen.tocsr()
+    seen.eliminate_zeros()
+    return vec, scores, seen
+
+
+def assert_no_float32_ties(vec: RecipeVectors, scores: np.ndarray, x: int) -> int:
+    """Check that each user's x-th and (x + 1)-th best scores are further apart than float32 scoring
+    could misorder them (with room to spare), so the top-x set has one answer in float32 as in
+    float64; the order inside it is decided in float64 by every method. Returns the users checked."""
+    d = vec.user_vectors.shape[1]
+    ranked = -np.sort(-scores, axis=1)[:, : x + 1]
+    reach = np.linalg.norm(vec.user_vectors, axis=1) * np.linalg.norm(vec.item_vectors, axis=1).max()
+    error = 4 * d * 2.0**-24 * reach  # well above float32 GEMM rounding
+    checked = np.isfinite(ranked[:, x])
+    gaps = ranked[checked, x - 1] - ranked[checked, x]
+    assert (gaps > 2 * error[checked]).all(), f"near ties at the x-th place: {np.flatnonzero(checked)[gaps <= 2 * error[checked]]}"
+    return int(checked.sum())
+
+
+def test_faiss_flat_index_gives_the_exact_top_x_with_seen_items_excluded():
+    vec, scores, seen = faiss_case()
+    x = 10
+    masked = np.where(seen.toarray() > 0, -np.inf, scores)
+    assert assert_no_float32_ties(vec, masked, x) == 149  # every user but user 1: not vacuous
+    exact = search_top_x(vec.user_vectors, vec.item_vectors, x, seen=seen)
+    got = search_top_x(vec.user_vectors, vec.item_vectors, x, seen=seen, batch_size=32, method="faiss")
+    np.testing.assert_array_equal(got.items, exact.items)
+    np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-6)
+    assert got.items.dtype == np.int64 and got.scores.dtype == np.float32
+    # Every user gets x items where the catalogue allows; user 1 has only three unseen ones.
+    others = np.arange(len(got.items)) != 1
+    assert (got.items[others] >= 0).all()
+    np.testing.assert_array_equal(got.items[1, :3], np.argsort(-masked[1], kind="stable")[:3])
+    assert sorted(got.items[1, :3]) == [17, 230, 399]
+    assert (got.items[1, 3:] == -1).all() and np.isneginf(got.scores[1, 3:]).all()
+    assert not any(seen[u, got.items[u][got.items[u] >= 0]].toarray().any() for u in range(len(got.items)))
+    # User 0's best unseen items lie past the 350 seen ones.
+    assert (masked[0, got.items[0]] < np.sort(scores[0])[-350]).all()
+
+
+def test_faiss_flat_index_with_seen_items_included():
+    vec, scores, seen = faiss_case()
+    x = 10
+    assert assert_no_float32_ties(vec, scores, x) == 150
+    exact = search_top_x(vec.user_vectors, vec.item_vectors, x)
+    got = search_top_x(vec.user_vectors, vec.item_vectors, x, method="faiss")
+    np.testing.assert_array_equal(got.items, exact.items)
+    np.testing.assert_array_equal(got.items, np.argsort(-scores, axis=1, kind="stable")[:, :x])
+    # Seen items are recommended again: user 0's whole top-x is among the items they have seen.
+    assert seen[0, got.items[0]].toarray().all()
+    assert (got.items >= 0).all()
 
 
 def test_catalogue_smaller_than_x_fills_what_it_can():
@@ -136,3 +205,16 @@ def test_vectors_round_trip_on_disk(tmp_path):
     (tmp_path / "item_vectors.npy").write_bytes(b"junk")
     with pytest.raises(ArtifactFormatError):
         RecipeVectors.load(tmp_path)
+
+
+def test_faiss_orders_duplicated_items_like_the_exact_scan():
+    # Three distinct item vectors, thirty copies of each: ties far wider than any over-fetch.
+    rng = np.random.default_rng(11)
+    items = np.repeat(rng.normal(size=(3, 5)).astype(np.float32), 30, axis=0)[rng.permutation(90)]
+    users = rng.normal(size=(40, 5)).astype(np.float32)
+    seen = sp.random(40, 90, density=0.2, random_state=12, format="csr")
+    for s in (None, seen):
+        exact = search_top_x(users, items, 12, seen=s)
+        got = search_top_x(users, items, 12, seen=s, method="faiss")
+        np.testing.assert_array_equal(got.items, exact.items)
+        np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-6)

@@ -24,8 +24,13 @@ float32 GEMM of the same shapes, less on large catalogues:
 The blocks are spread over threads, one user block per thread, each thread single-threaded in
 torch: a block's work is a small GEMM plus numpy passes that release the GIL.
 
+**FAISS exact search** (``method="faiss"``): FAISS's ``IndexFlatIP``, every item scored in
+float32 by inner product. Its candidates are rescored in float64 and ranked like the exact scan's
+(ties by item row); it is exact up to float32 rounding, so it can differ from the exact scan only
+where two items' scores are that close at the x-th place.
+
 **Approximate search** (``method="hnsw"`` or ``"ivf"``, FAISS inner-product indexes) is an option
-for large catalogues; seen items are still excluded exactly (fetched past, then rescored).
+for large catalogues. FAISS methods all exclude seen items exactly: fetched past, then rescored.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ DEFAULT_BATCH_SIZE = 16384
 BLOCK_USERS = 1024  # users scored together: one GEMM operand, and the unit of work of a thread
 BLOCK_ITEMS = 1024  # items per block: a (1024, 1024) bf16 score block is 2 MB, one core's L2
 PRECISIONS = ("auto", "bf16", "f32")
+# "exact": topx's bounded scan (below); "faiss": FAISS IndexFlatIP, exact in float32;
+# "hnsw" / "ivf": approximate FAISS indexes.
+SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16: 8 significant bits, round to nearest even
 _F32_UNIT = 2.0**-24
@@ -167,7 +175,8 @@ def build_index(
 
     ``method="exact"`` (default): ``precision`` of the candidate scores, "auto" (bf16 where the
     CPU has bf16 matrix units, else f32), "bf16" or "f32". Results do not depend on it, only speed.
-    ``method="hnsw"`` / ``"ivf"``: an approximate FAISS index; see :func:`build_approximate_index`.
+    ``method="faiss"`` (FAISS IndexFlatIP, exact in float32), ``"hnsw"`` or ``"ivf"`` (approximate):
+    a FAISS inner-product index; see :func:`build_approximate_index`.
     """
     if method != "exact":
         return build_approximate_index(item_vectors, method=method, **approximate_options)
@@ -229,7 +238,8 @@ def iter_top_x(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (user rows, items (b, x), scores (b, x)) batch by batch: memory stays bounded by a batch.
 
-    ``method``: "exact" (default), "hnsw" or "ivf" (approximate; used when ``index`` is None).
+    ``method`` (used when ``index`` is None): "exact" (default, topx's scan), "faiss" (FAISS
+    IndexFlatIP, exact in float32), "hnsw" or "ivf" (approximate FAISS indexes).
     ``threads``: worker threads (default: torch's intra-op thread count, one per core).
     ``user_vectors`` may be a memory map: only one batch of it is read at a time.
     """
@@ -528,7 +538,8 @@ def _order_rows(scores: np.ndarray, items: np.ndarray, x: int) -> np.ndarray:
 class ApproximateIndex:
     """A FAISS inner-product index over the items, and the search-time breadth it is queried with.
 
-    method: "hnsw" (graph; ``breadth`` is efSearch) or "ivf" (inverted lists; ``breadth`` is nprobe).
+    method: "faiss" (IndexFlatIP: every item scored, exact in float32; ``breadth`` unused), "hnsw"
+    (graph; ``breadth`` is efSearch) or "ivf" (inverted lists; ``breadth`` is nprobe).
     vectors: (n_items, d) float32, for rescoring what the index returns.
     """
 
@@ -543,6 +554,7 @@ class ApproximateIndex:
 
 
 APPROXIMATE_METHODS = ("hnsw", "ivf")
+FAISS_METHODS = ("faiss", *APPROXIMATE_METHODS)
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 128
 HNSW_EF_SEARCH = 128
@@ -560,19 +572,27 @@ def build_approximate_index(
     nlist: int | None = None,
     seed: int = 0,
 ) -> ApproximateIndex:
-    """An approximate maximum-inner-product index (FAISS, METRIC_INNER_PRODUCT) over (n_items, d).
+    """A FAISS maximum-inner-product index (METRIC_INNER_PRODUCT) over (n_items, d).
 
-    ``hnsw``: IndexHNSWFlat with ``m`` links per node, built with ``ef_construction``; searched with
-    efSearch = ``breadth`` (default 128). ``ivf``: IndexIVFFlat over ``nlist`` lists (default
-    4 sqrt(n)) of a k-means on inner product; searched with nprobe = ``breadth`` (default 32).
+    ``faiss``: IndexFlatIP, exact (every item scored in float32); ``breadth`` and the build options
+    do not apply. ``hnsw``: IndexHNSWFlat with ``m`` links per node, built with ``ef_construction``;
+    searched with efSearch = ``breadth`` (default 128). ``ivf``: IndexIVFFlat over ``nlist`` lists
+    (default 4 sqrt(n)) of a k-means on inner product; searched with nprobe = ``breadth`` (default 32).
     Inner product throughout: the MIPS-to-L2 transform measured far worse with HNSW.
     """
     import faiss
 
-    if method not in APPROXIMATE_METHODS:
-        raise ConfigError(f"unknown search method {method!r}: use 'exact', 'hnsw' or 'ivf'")
+    if method not in FAISS_METHODS:
+        raise ConfigError(
+            f"unknown search method {method!r}: use 'exact' (topx's scan, the default), 'faiss' (FAISS "
+            "IndexFlatIP, exact in float32), 'hnsw' or 'ivf' (approximate FAISS indexes)"
+        )
     vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
     n, d = vectors.shape
+    if method == "faiss":
+        index = faiss.IndexFlatIP(d)
+        index.add(vectors)
+        return ApproximateIndex(index, method, 0, vectors)
     if method == "hnsw":
         index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
@@ -591,21 +611,29 @@ def build_approximate_index(
 def _iter_approximate(
     index: ApproximateIndex, user_vectors: np.ndarray, x: int, seen: sp.csr_matrix | None, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Approximate top-x per batch, seen items excluded: fetch 2x from the index, drop seen items,
-    and fetch again, x + |seen| deep, only for the users left with fewer than x; then rescore what
-    was found exactly and keep the x best (ties by item row)."""
+    """Top-x from a FAISS index per batch, seen items excluded: fetch 2x from the index, drop seen
+    items, and fetch again, x + |seen| deep, only for the users left with fewer than x; then rescore
+    what was found exactly and keep the x best (ties by item row).
+
+    ``faiss`` (IndexFlatIP) keeps x more unseen candidates than that (fetching 2x also without
+    seen items, refetching for users left with fewer than 2x, 2x + |seen| deep), so that items whose
+    float32 scores tie or nearly tie at the x-th place are all rescored and ranked in float64.
+    """
     n_users = user_vectors.shape[0]
     seen = None if seen is None else sp.csr_matrix(seen)
+    slack = x if index.method == "faiss" else 0
     for start in range(0, n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, n_users))
         users = np.ascontiguousarray(user_vectors[start:rows[-1] + 1], dtype=np.float32)
         batch_seen = None if seen is None else seen[start:rows[-1] + 1]
-        found = _fetch(index, users, min(index.n_items, 2 * x if batch_seen is not None else x), batch_seen)
+        first = 2 * x if batch_seen is not None or slack else x
+        found = _fetch(index, users, min(index.n_items, first), batch_seen)
         if batch_seen is not None:
             counts = np.diff(batch_seen.indptr)
-            short = np.flatnonzero(((found >= 0).sum(axis=1) < x) & (counts > 0))
+            short = np.flatnonzero(((found >= 0).sum(axis=1) < x + slack) & (counts > 0))
             if len(short):
-                deep = _fetch(index, users[short], min(index.n_items, x + int(counts[short].max())), batch_seen[short])
+                depth = x + slack + int(counts[short].max())
+                deep = _fetch(index, users[short], min(index.n_items, depth), batch_seen[short])
                 found = np.pad(found, ((0, 0), (0, max(0, deep.shape[1] - found.shape[1]))), constant_values=-1)
                 found[short, :deep.shape[1]] = deep
                 found[short, deep.shape[1]:] = -1
@@ -622,7 +650,7 @@ def _fetch(index: ApproximateIndex, users: np.ndarray, k: int, seen: sp.csr_matr
 def _set_breadth(index: ApproximateIndex, fetch: int) -> None:
     if index.method == "hnsw":
         index.index.hnsw.efSearch = max(index.breadth, fetch)  # HNSW returns at most efSearch results
-    else:
+    elif index.method == "ivf":
         index.index.nprobe = index.breadth
 
 
