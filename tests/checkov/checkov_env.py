@@ -8,20 +8,14 @@ Standard library only, so it runs under any Python 3.11:
 Why a separate environment: checkov pins boto3 and botocore below the versions topx runs on, so
 installing it into ``.venv`` would downgrade them.
 
-A half-built environment is never used. It is built in ``.venv-checkov-build/tmp-<pid>``, checked
-(``checkov --version`` must print the pinned version), stamped, and only then renamed to
-``.venv-checkov``. The stamp records the hash of ``requirements.txt`` and the Python version; a
-mismatch rebuilds. An exclusive lock on ``.venv-checkov-build/lock`` serialises concurrent builders
-(two test runs, or pytest-xdist workers), and a builder that waited re-checks before building.
+The build, lock and stamp are tests/isolated_env.py's: a half-built environment is never used, and
+a changed ``requirements.txt`` or Python version rebuilds. A fresh build counts only once
+``checkov --version`` prints the pinned version; the stamp also records that version.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-import os
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 REQUIREMENTS = HERE / "requirements.txt"
-# Both match the `.venv-*/` rule in .gitignore.
 ENV_DIR = REPO_ROOT / ".venv-checkov"
-BUILD_DIR = REPO_ROOT / ".venv-checkov-build"
-STAMP_NAME = "topx-checkov-stamp.json"
 INSTALL_TIMEOUT_S = 600
 # Run as a module, not through bin/checkov: console scripts carry the absolute path of the staging
 # directory in their shebang, which the rename into place breaks. bin/python is a symlink and moves.
@@ -40,8 +31,14 @@ CHECKOV_MODULE = "checkov.main"
 # Offline and deterministic: use the checks that ship with the pinned version, fetch nothing.
 OFFLINE_FLAGS = ("--skip-download",)
 
+# Loaded by path: tests/ is no package, and this file runs as a script as well as from the tests.
+_spec = importlib.util.spec_from_file_location("topx_isolated_env", HERE.parent / "isolated_env.py")
+isolated_env = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(isolated_env)
+clean_env = isolated_env.clean_env
 
-class CheckovEnvError(RuntimeError):
+
+class CheckovEnvError(isolated_env.IsolatedEnvError):
     """The checkov environment could not be built."""
 
 
@@ -52,40 +49,27 @@ def pinned_version() -> str:
     raise CheckovEnvError(f"{REQUIREMENTS} does not pin checkov")
 
 
-def expected_stamp() -> dict[str, object]:
-    text = REQUIREMENTS.read_text()
-    return {
-        "requirements_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "checkov": pinned_version(),
-    }
+def _check(python: Path, run: isolated_env.Runner) -> None:
+    version = run([str(python), "-m", CHECKOV_MODULE, "--version"], "run checkov --version").strip()
+    if version != pinned_version():
+        raise CheckovEnvError(f"checkov --version printed {version!r}, expected {pinned_version()!r}")
 
 
-def python_of(env_dir: Path) -> Path:
-    return env_dir / "bin" / "python"
-
-
-def is_ready(env_dir: Path = ENV_DIR) -> bool:
-    stamp = env_dir / STAMP_NAME
-    if not stamp.is_file() or not python_of(env_dir).exists():
-        return False
-    try:
-        return json.loads(stamp.read_text()) == expected_stamp()
-    except (OSError, json.JSONDecodeError):
-        return False
+ENV = isolated_env.IsolatedEnv(
+    label="checkov env",
+    env_dir=ENV_DIR,
+    requirements=REQUIREMENTS,
+    stamp_name="topx-checkov-stamp.json",
+    stamp_extra=lambda: {"checkov": pinned_version()},
+    check=_check,
+    error=CheckovEnvError,
+    install_timeout_s=INSTALL_TIMEOUT_S,
+)
 
 
 def ensure_checkov_python(log: bool = True) -> Path:
     """The interpreter of the checkov environment, building the environment first when missing or stale."""
-    if is_ready():
-        return python_of(ENV_DIR)
-    BUILD_DIR.mkdir(exist_ok=True)
-    with open(BUILD_DIR / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_ready():  # another process built it while we waited
-            return python_of(ENV_DIR)
-        _build(log)
-    return python_of(ENV_DIR)
+    return ENV.ensure_python(log)
 
 
 def checkov_command(python: Path, template: Path, *extra: str, output: str = "json") -> list[str]:
@@ -95,53 +79,6 @@ def checkov_command(python: Path, template: Path, *extra: str, output: str = "js
         "--file", str(template), "--framework", "cloudformation", "--output", output,
         *OFFLINE_FLAGS, *extra,
     ]  # fmt: skip
-
-
-def clean_env() -> dict[str, str]:
-    """The caller's environment without what would point the isolated interpreter at another one."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PYTHONNOUSERSITE"] = "1"
-    return env
-
-
-def _build(log: bool) -> None:
-    staging = BUILD_DIR / f"tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _run([sys.executable, "-m", "venv", str(staging)], "create the virtual environment", log)
-        python = str(python_of(staging))
-        _run(
-            [python, "-m", "pip", "install", "--quiet", "--no-input", "--disable-pip-version-check",
-             "-r", str(REQUIREMENTS)],
-            "install tests/checkov/requirements.txt", log,
-        )  # fmt: skip
-        version = _run([python, "-m", CHECKOV_MODULE, "--version"], "run checkov --version", log).strip()
-        if version != pinned_version():
-            raise CheckovEnvError(f"checkov --version printed {version!r}, expected {pinned_version()!r}")
-        (staging / STAMP_NAME).write_text(json.dumps(expected_stamp(), indent=2))
-        if ENV_DIR.exists():
-            retired = BUILD_DIR / f"old-{os.getpid()}"
-            os.rename(ENV_DIR, retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        os.rename(staging, ENV_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _run(command: list[str], what: str, log: bool) -> str:
-    if log:
-        print(f"checkov env: {what}", file=sys.stderr, flush=True)
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=clean_env()
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CheckovEnvError(f"could not {what}: {exc}") from exc
-    if done.returncode != 0:
-        raise CheckovEnvError(
-            f"could not {what} (exit {done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}"
-        )
-    return done.stdout
 
 
 def main(argv: list[str]) -> int:
