@@ -107,6 +107,45 @@ def test_stages_reproduce_the_whole_run(implicit_files, tmp_path):
     assert m1["recall_at_10"] == pytest.approx(m2["recall_at_10"])
 
 
+def test_faiss_search_writes_the_same_recommendations_as_the_exact_scan(implicit_files, tmp_path, monkeypatch):
+    import topx.pipeline
+
+    methods, searched = [], topx.pipeline.iter_top_x
+
+    def recording(*args, method="exact", **kwargs):
+        methods.append(method)
+        return searched(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(topx.pipeline, "iter_top_x", recording)
+    run = tmp_path / "run"
+    assert main(["train", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
+                 "--implicit", "--out", str(run), *FAST]) == 0
+    assert main(["--quiet", "vectors", "--run", str(run)]) == 0
+    assert main(["--quiet", "recommend", "--run", str(run)]) == 0
+    exact = read_recs(run)
+    assert main(["--quiet", "recommend", "--run", str(run), "--search-method", "faiss"]) == 0
+    faiss = read_recs(run)
+    assert len(faiss) == 300 * 10
+    pd.testing.assert_frame_equal(faiss, exact)
+    assert methods == ["exact", "faiss"]
+
+
+def test_search_method_reaches_the_run_options_and_a_bad_one_is_refused(tmp_path, capsys):
+    from topx.cli import SEARCH_METHODS, _run_options
+    from topx.search import SEARCH_METHODS as SEARCHES
+
+    assert SEARCH_METHODS == SEARCHES
+    parser = build_parser()
+    args = parser.parse_args(["run", "--interactions", "r.csv", "--out", "o", "--search-method", "hnsw"])
+    assert _run_options(args).search_method == "hnsw"
+    assert _run_options(parser.parse_args(["recommend", "--run", "r"])).search_method == "exact"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recommend", "--run", str(tmp_path), "--search-method", "annoy"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--search-method" in err and "invalid choice: 'annoy'" in err and "exact" in err and "faiss" in err
+
+
 def test_vectors_from_a_bare_model_and_one_hot_id_lists(implicit_files, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",

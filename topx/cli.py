@@ -19,6 +19,9 @@ from topx.config import DEFAULT_TOP_X, HyperParameters
 from topx.errors import TopxError
 
 EXIT_USER_ERROR = 2
+# topx.search.SEARCH_METHODS, spelled out here: importing topx.search loads torch, which every
+# command would then pay for at start-up.
+SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 
 def _column(value: str) -> str | int:
@@ -81,6 +84,10 @@ def _add_ranking_options(p: argparse.ArgumentParser) -> None:
                    help=f"how many items to recommend per user (default {DEFAULT_TOP_X})")
     p.add_argument("--include-seen", action="store_true",
                    help="keep items the user already interacted with (default: exclude them)")
+    p.add_argument("--search-method", choices=SEARCH_METHODS, default="exact",
+                   help="how the top-x is searched: exact = topx's bounded reduced-precision scan (default); "
+                        "faiss = FAISS IndexFlatIP, exact in float32; hnsw, ivf = approximate FAISS indexes, "
+                        "faster on very large catalogues (see docs/PERFORMANCE.md)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-hot-items", metavar="FILE", help="the item ids, one per line, with --one-hot-users")
     p.add_argument("--out", metavar="DIR", help="where to write the vectors (default: RUN/vectors)")
 
-    p = add_command("recommend", help="exact top-x for every user from the vectors",
+    p = add_command("recommend", help="top-x for every user from the vectors (exact by default)",
                        description="Search the top-x items of every user by inner product and write recommendations.parquet.")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
     _add_ranking_options(p)
@@ -247,6 +254,7 @@ def _run_options(args: argparse.Namespace):
         relevance_threshold=getattr(args, "relevance_threshold", None),
         eval_users=getattr(args, "eval_users", 20000),
         progress=False if args.quiet else None,
+        search_method=getattr(args, "search_method", "exact"),
     )
 
 
@@ -408,7 +416,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         ds, _ = load_interactions(run, FeatureIndex.load(run / MODEL_DIR))
         seen = ds.matrix()
     tmp = run / f".{RECOMMENDATIONS}.tmp"
-    n = write_recommendations(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen)
+    n = write_recommendations(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen,
+                              method=args.search_method)
     tmp.replace(run / RECOMMENDATIONS)
     print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
     return 0

@@ -81,6 +81,7 @@ class RunOptions:
     relevance_threshold: float | None = None
     eval_users: int = 20000
     progress: bool | None = None
+    search_method: str = "exact"  # of the recommendations: see topx.search.SEARCH_METHODS
 
 
 @dataclass
@@ -419,15 +420,20 @@ def write_recommendations(
     item_ids: np.ndarray,
     top_x: int,
     seen: sp.csr_matrix | None,
+    *,
+    method: str = "exact",
 ) -> int:
     """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
+
+    ``method``: the search, as :func:`topx.search.iter_top_x` takes it (default "exact").
 
     The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
     regressor, a logit for a classifier.
     """
     rows_written = 0
     with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
-        for rows, items, scores in iter_top_x(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen):
+        for rows, items, scores in iter_top_x(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
+                                              method=method):
             valid = items >= 0
             n_valid = valid.sum(axis=1)
             user_col = np.repeat(user_ids[rows], n_valid)
@@ -565,10 +571,12 @@ def run_all(
         params, holdout, result = train_stage(ds, hp, run, tmp, reporter)
         with reporter.step("vectors", "building the recipe's user and item vectors"):
             vectors = vectors_stage(params, ds.feature_index, tmp / VECTORS_DIR)
-        with reporter.step("recommend", f"exact top-{run.top_x} for {ds.feature_index.n_users:,} users") as d:
+        with reporter.step("recommend", f"top-{run.top_x} for {ds.feature_index.n_users:,} users "
+                                        f"({run.search_method} search)") as d:
             seen = None if run.include_seen else ds.matrix()
             user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
-            n_rows = write_recommendations(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen)
+            n_rows = write_recommendations(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
+                                           method=run.search_method)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed)
