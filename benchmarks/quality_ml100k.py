@@ -1,5 +1,6 @@
 """Quality on MovieLens 100k, in one run: rating error beside myFM, ranking beside popularity and
-implicit's ALS, and the FAISS top-x checked against brute-force FM scores.
+implicit's ALS, and the exact top-x (topx's own scan, and FAISS IndexFlatIP) checked against
+brute-force FM scores.
 
     .venv/bin/python -m benchmarks.quality_ml100k --data ../shared/data/ml-100k
     .venv/bin/python -m benchmarks.quality_ml100k --quick     # smoke run: a few epochs and iterations
@@ -22,8 +23,10 @@ Protocol (docs/PERFORMANCE.md, "Quality on MovieLens 100k", explains the choices
   interaction with and is scored by the same :func:`topx.evaluate.ranking_metrics`. topx and ALS
   train on the training interactions rated >= 4 as implicit positives; popularity counts all of them.
 - **Exact agreement**: for both the implicit model and the explicit model with side features, the
-  FAISS top-10 (seen items excluded) against a brute-force top-10 from :func:`topx.fm.predict` in
-  float64 over every unseen item of every user, ties broken by item row.
+  top-10 of :func:`topx.search.search_top_x` (seen items excluded) against a brute-force top-10
+  from :func:`topx.fm.predict` in float64 over every unseen item of every user, ties broken by item
+  row. ``exact_agreement`` checks the default search, topx's bounded reduced-precision scan;
+  ``exact_agreement_faiss`` the same with ``method="faiss"`` (FAISS IndexFlatIP, float32).
 """
 
 from __future__ import annotations
@@ -281,16 +284,17 @@ class Agreement:
         return (self.identical + self.ties) / max(self.positions, 1)
 
 
-def brute_force_agreement(params: FMParams, fi: FeatureIndex, seen: sp.csr_matrix, faiss_items: np.ndarray,
+def brute_force_agreement(params: FMParams, fi: FeatureIndex, seen: sp.csr_matrix, top_items: np.ndarray,
                           block: int = 64) -> Agreement:
     """Score every item for every user with :func:`topx.fm.predict` (float64), take the top-x of the
-    unseen ones (ties by item row) and compare position by position with ``faiss_items`` (n_users, x).
+    unseen ones (ties by item row) and compare position by position with ``top_items`` (n_users, x),
+    a search's result.
 
     A position where the items differ counts as a tie when their brute-force scores are equal within
     ``TIE_RTOL`` relative: both orders are then correct.
     """
     n_users, n_items = fi.n_users, fi.n_items
-    x = faiss_items.shape[1]
+    x = top_items.shape[1]
     identical = ties = 0
     for start in range(0, n_users, block):
         users = np.arange(start, min(start + block, n_users))
@@ -298,7 +302,7 @@ def brute_force_agreement(params: FMParams, fi: FeatureIndex, seen: sp.csr_matri
         pairs_i = np.tile(np.arange(n_items), len(users))
         scores = np.asarray(predict(params, design_rows(fi, pairs_u, pairs_i))).reshape(len(users), n_items)
         brute = top_x_dense(scores, seen[users], x)
-        got = faiss_items[users]
+        got = top_items[users]
         same = brute == got
         identical += int(same.sum())
         rows, cols = np.nonzero(~same)
@@ -344,6 +348,10 @@ def run(data_dir: Path, *, quick: bool) -> dict[str, Any]:
     with timer.stage("search"):
         top_rank = search_top_x(vec_rank.user_vectors, vec_rank.item_vectors, X, seen=seen).items
         top_feat = search_top_x(vec_feat.user_vectors, vec_feat.item_vectors, X, seen=seen_base).items
+    with timer.stage("search_faiss"):
+        faiss_rank = search_top_x(vec_rank.user_vectors, vec_rank.item_vectors, X, seen=seen, method="faiss").items
+        faiss_feat = search_top_x(vec_feat.user_vectors, vec_feat.item_vectors, X, seen=seen_base,
+                                  method="faiss").items
     with timer.stage("evaluate"):
         out["rmse_ids"] = ev.rmse(vector_scores(vec_ids, test_ids.users, test_ids.items), test_ids.rating)
         out["rmse_features"] = ev.rmse(vector_scores(vec_feat, test_feat.users, test_feat.items), test_feat.rating)
@@ -362,6 +370,15 @@ def run(data_dir: Path, *, quick: bool) -> dict[str, Any]:
         out["exact_agreement"] = min(a.rate for a in agreement.values())
         out["exact_agreement_detail"] = {name: {"positions": a.positions, "identical": a.identical, "ties": a.ties}
                                          for name, a in agreement.items()}
+        agreement_faiss = {
+            "implicit_ids": brute_force_agreement(rank_model.params, fi_ids, seen, faiss_rank),
+            "explicit_features": brute_force_agreement(feat_model.params, fi_feat, seen_base, faiss_feat),
+        }
+        out["exact_agreement_faiss"] = min(a.rate for a in agreement_faiss.values())
+        out["exact_agreement_faiss_detail"] = {
+            name: {"positions": a.positions, "identical": a.identical, "ties": a.ties}
+            for name, a in agreement_faiss.items()
+        }
     with timer.stage("myfm"):
         out["myfm_rmse_ids"] = myfm_rmse(fi_ids, base_ids, test_ids, quick=quick)
         out["myfm_rmse_features"] = myfm_rmse(fi_feat, base_feat, test_feat, quick=quick)
