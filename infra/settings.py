@@ -7,6 +7,7 @@ Context values arrive as strings from ``cdk deploy -c name=value`` and as JSON v
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"
 ENV_EPOCHS = "TOPX_EPOCHS"
 ENV_SHARDS = "TOPX_SHARDS"
 ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
+ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
+ENV_MAX_RMSE = "TOPX_MAX_RMSE"
+ENV_MIN_AUC = "TOPX_MIN_AUC"
+ENV_MIN_RECALL = "TOPX_MIN_RECALL"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASL_PATH = REPO_ROOT / "statemachine" / "pipeline.asl.json"
@@ -45,7 +50,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class DeploySettings:
-    """Deploy-time choices. Hyperparameters other than these live in topx, not in CDK context."""
+    """Deploy-time choices. ``hyperparameters`` is the JSON object text the train job reads as
+    ``TOPX_HYPERPARAMETERS``; it and the quality-gate thresholds are unset (no variable) by default."""
 
     top_x: int = 10
     num_factors: int = 64
@@ -57,6 +63,10 @@ class DeploySettings:
     schedule: str | None = None
     notification_email: str | None = None
     retention_days: int = 30
+    max_rmse: float | None = None
+    min_auc: float | None = None
+    min_recall: float | None = None
+    hyperparameters: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -81,6 +91,14 @@ class DeploySettings:
             raise SettingsError(
                 f"context notification_email is not an e-mail address: {self.notification_email!r}"
             )
+        if self.max_rmse is not None and not (math.isfinite(self.max_rmse) and self.max_rmse > 0):
+            raise SettingsError(f"context max_rmse must be a finite number above 0, got {self.max_rmse}")
+        for name in ("min_auc", "min_recall"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise SettingsError(f"context {name} must be a number in [0, 1], got {value}")
+        if self.hyperparameters is not None:
+            _check_hyperparameters(self.hyperparameters)
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
@@ -108,7 +126,16 @@ class DeploySettings:
             ENV_EPOCHS: str(self.epochs),
             ENV_SHARDS: str(self.shards),
             ENV_RETENTION_DAYS: str(self.retention_days),
+            **self._optional_environment(),
         }
+
+    def _optional_environment(self) -> dict[str, str]:
+        """The variables of the options that are set; an unset option emits none, so topx's own default holds."""
+        thresholds = {ENV_MAX_RMSE: self.max_rmse, ENV_MIN_AUC: self.min_auc, ENV_MIN_RECALL: self.min_recall}
+        environment = {name: str(float(value)) for name, value in thresholds.items() if value is not None}
+        if self.hyperparameters is not None:
+            environment[ENV_HYPERPARAMETERS] = self.hyperparameters
+        return environment
 
 
 def _as_kwargs(settings: DeploySettings) -> dict[str, Any]:
@@ -140,6 +167,64 @@ def _parse_optional_str(raw: Any) -> str | None:
     return raw.strip() or None
 
 
+def _parse_number(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    raise ValueError("expected a number")
+
+
+def _parse_optional_number(raw: Any) -> float | None:
+    # `-c max_rmse=` (empty) leaves the threshold off, like leaving it unset.
+    if isinstance(raw, str) and not raw.strip():
+        return None
+    return _parse_number(raw)
+
+
+def _parse_hyperparameters(raw: Any) -> str | None:
+    """A JSON object, from cdk.json or as text (`-c 'hyperparameters={"epochs": 40}'`), as JSON text."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None  # `-c hyperparameters=` sets none, like leaving it unset
+        raw = json.loads(raw)
+    if not isinstance(raw, dict):
+        raise ValueError("expected a JSON object of hyperparameters")
+    return json.dumps(raw)
+
+
+def _check_hyperparameters(text: str) -> None:
+    """Refuse what topx.stages.parse_hyperparameters would refuse when the train job reads the value."""
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise SettingsError(f"context hyperparameters is not JSON ({exc}): {text!r}") from exc
+    if not isinstance(values, dict):
+        raise SettingsError(f"context hyperparameters must be a JSON object, got {text!r}")
+    for name, value in values.items():
+        if name in FIXED_HYPERPARAMETERS:
+            raise SettingsError(
+                f"context hyperparameters: {name} follows each upload's topx-mode metadata and cannot be set"
+            )
+        if name not in HYPERPARAMETER_RANGES:
+            raise SettingsError(
+                f"context hyperparameters: unknown hyperparameter {name!r}; known: {', '.join(HYPERPARAMETER_RANGES)}"
+            )
+        kind, low, high = HYPERPARAMETER_RANGES[name]
+        try:
+            number = _parse_int(value) if kind is int else _parse_number(value)
+        except ValueError as exc:
+            raise SettingsError(f"context hyperparameters: {name}: cannot read {value!r}: {exc}") from exc
+        if not low <= number < high:
+            bound = f"at least {low}" if high == math.inf else f"in [{low}, {high})"
+            raise SettingsError(f"context hyperparameters: {name} must be {bound}, got {value!r}")
+
+
 def _parse_instance_types(raw: Any) -> tuple[str, ...]:
     """A JSON list (cdk.json, or `-c 'gpu_instance_types=["g5.xlarge"]'`) or a comma-separated string."""
     if isinstance(raw, str):
@@ -161,4 +246,32 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "schedule": _parse_optional_str,
     "notification_email": _parse_optional_str,
     "retention_days": _parse_int,
+    "max_rmse": _parse_optional_number,
+    "min_auc": _parse_optional_number,
+    "min_recall": _parse_optional_number,
+    "hyperparameters": _parse_hyperparameters,
+}
+
+# The HyperParameters fields (topx/config.py) that TOPX_HYPERPARAMETERS may set: each one's type and the
+# values topx accepts, low <= value < high. predictor_type follows each upload's topx-mode metadata
+# (topx/stages.py NOT_OVERRIDABLE). Repeated here for the reason the variable names are; tests/test_infra.py
+# checks that topx accepts and refuses the same.
+FIXED_HYPERPARAMETERS = frozenset({"predictor_type"})
+HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = {
+    "num_factors": (int, 1, math.inf),
+    "epochs": (int, 1, math.inf),
+    "mini_batch_size": (int, 1, math.inf),
+    "bias_lr": (float, 0, 1_000_000),
+    "linear_lr": (float, 0, 1_000_000),
+    "factors_lr": (float, 0, 1_000_000),
+    "bias_wd": (float, 0, 1_000_000),
+    "linear_wd": (float, 0, 1_000_000),
+    "factors_wd": (float, 0, 1_000_000),
+    "bias_init_sigma": (float, 0, 1_000_000),
+    "linear_init_sigma": (float, 0, 1_000_000),
+    "factors_init_sigma": (float, 0, 1_000_000),
+    "negative_samples": (int, 1, math.inf),
+    "validation_fraction": (float, 0, 0.5),
+    "early_stopping_patience": (int, 1, math.inf),
+    "seed": (int, -math.inf, math.inf),
 }

@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ CUSTOM_CONTEXT = {
     "schedule": "cron(0 3 * * ? *)",
     "notification_email": "ops@example.com",
     "retention_days": "14",
+    "max_rmse": "0.95",
+    "min_auc": "0.6",
+    "min_recall": "0.1",
+    "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}',
 }
 
 
@@ -284,6 +289,10 @@ def test_context_reaches_every_job_and_function_as_environment(default: Synth, c
         "TOPX_EPOCHS": "5",
         "TOPX_SHARDS": "6",
         "TOPX_RETENTION_DAYS": "14",
+        "TOPX_MAX_RMSE": "0.95",
+        "TOPX_MIN_AUC": "0.6",
+        "TOPX_MIN_RECALL": "0.1",
+        "TOPX_HYPERPARAMETERS": '{"epochs": 40, "factors_wd": 0.1}',
     }
     names = {"TOPX_BUCKET", "TOPX_TABLE", "TOPX_TOPIC_ARN", *expected}
     carriers = [f["Properties"] for f in custom.resources("AWS::Lambda::Function").values()] + [
@@ -296,6 +305,27 @@ def test_context_reaches_every_job_and_function_as_environment(default: Synth, c
         assert {name: env[name] for name in expected} == expected
     for function in default.resources("AWS::Lambda::Function").values():
         assert _env(function["Properties"])["TOPX_TOP_X"] == "10"
+
+
+def test_thresholds_reach_the_gate_and_hyperparameters_the_train_job_only_when_set(
+    default: Synth, custom: Synth
+) -> None:
+    optional = {"TOPX_MAX_RMSE", "TOPX_MIN_AUC", "TOPX_MIN_RECALL", "TOPX_HYPERPARAMETERS"}
+    for synth in (default, custom):
+        functions = synth.resources("AWS::Lambda::Function").values()
+        (gate,) = [f for f in functions if f["Properties"]["ImageConfig"]["Command"][0].endswith(".quality_gate")]
+        (train,) = [
+            j for j in synth.resources("AWS::Batch::JobDefinition").values()
+            if j["Properties"]["ContainerProperties"]["Command"] == TRAIN_COMMAND
+        ]  # fmt: skip
+        gate_env, train_env = _env(gate["Properties"]), _env(train["Properties"]["ContainerProperties"])
+        if synth is default:  # unset: no variable, so topx's own defaults (no thresholds) hold
+            assert not optional & (set(gate_env) | set(train_env))
+        else:
+            assert (gate_env["TOPX_MAX_RMSE"], gate_env["TOPX_MIN_AUC"], gate_env["TOPX_MIN_RECALL"]) == (
+                "0.95", "0.6", "0.1"
+            )
+            assert json.loads(train_env["TOPX_HYPERPARAMETERS"]) == {"epochs": 40, "factors_wd": 0.1}
 
 
 def test_env_names_match_topx_config() -> None:
@@ -750,6 +780,13 @@ def test_settings_defaults_and_command_line_strings() -> None:
         "g6.xlarge",
     )
     assert DeploySettings.from_context({"schedule": ""}.get).schedule is None
+    assert (settings.max_rmse, settings.min_auc, settings.min_recall) == (0.95, 0.6, 0.1)
+    assert json.loads(settings.hyperparameters or "") == {"epochs": 40, "factors_wd": 0.1}
+    # cdk.json gives JSON values; an empty `-c name=` leaves an option unset.
+    from_json = DeploySettings.from_context({"max_rmse": 1, "hyperparameters": {"factors_lr": "0.02"}}.get)
+    assert from_json.max_rmse == 1.0 and json.loads(from_json.hyperparameters or "") == {"factors_lr": "0.02"}
+    cleared = DeploySettings.from_context({"min_recall": "", "hyperparameters": " "}.get)
+    assert cleared.min_recall is None and cleared.hyperparameters is None
 
 
 @pytest.mark.parametrize(
@@ -763,8 +800,67 @@ def test_settings_defaults_and_command_line_strings() -> None:
         {"gpu_instance_types": "[]"},
         {"notification_email": "nobody"},
         {"retention_days": "0"},
+        {"max_rmse": "0"},
+        {"max_rmse": "nan"},
+        {"max_rmse": "inf"},
+        {"min_auc": "1.5"},
+        {"min_auc": "high"},
+        {"min_recall": "-0.1"},
+        {"min_recall": "true"},
+        {"hyperparameters": "[40]"},
+        {"hyperparameters": "epochs=40"},
+        {"hyperparameters": '{"epoch": 40}'},
+        {"hyperparameters": '{"epochs": 0}'},
+        {"hyperparameters": '{"epochs": 2.5}'},
+        {"hyperparameters": '{"factors_lr": "NaN"}'},
+        {"hyperparameters": '{"validation_fraction": 0.5}'},
+        {"hyperparameters": '{"predictor_type": "binary_classifier"}'},
     ],
 )
 def test_settings_reject_values_the_stack_cannot_use(context: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match=next(iter(context))):
         DeploySettings.from_context(context.get)
+
+
+def _hyperparameter_samples() -> list[tuple[str, Any]]:
+    """Each settable hyperparameter at and just beyond the ends of its range, as infra states them."""
+    samples: list[tuple[str, Any]] = []
+    for name, (kind, low, high) in infra_settings.HYPERPARAMETER_RANGES.items():
+        step = 1 if kind is int else 0.001
+        for value in (low - step, low, high - step, high):
+            if value not in (float("inf"), float("-inf")):
+                samples.append((name, kind(value)))
+        samples.append((name, "x"))
+    return samples
+
+
+def test_hyperparameter_names_and_types_are_topx_own() -> None:
+    config = pytest.importorskip("topx.config")
+    stages = pytest.importorskip("topx.stages")
+    defaults = config.HyperParameters()
+    settable = {f.name for f in fields(config.HyperParameters)} - stages.NOT_OVERRIDABLE
+    assert infra_settings.FIXED_HYPERPARAMETERS == stages.NOT_OVERRIDABLE
+    assert set(infra_settings.HYPERPARAMETER_RANGES) == settable
+    for name, (kind, _, _) in infra_settings.HYPERPARAMETER_RANGES.items():
+        assert type(getattr(defaults, name)) is kind, name
+
+
+@pytest.mark.parametrize(("name", "value"), _hyperparameter_samples())
+def test_hyperparameters_infra_accepts_are_those_topx_accepts(name: str, value: Any) -> None:
+    """infra cannot call topx.stages.parse_hyperparameters, which the train job runs on the value, so it
+    repeats its checks: synth refuses what training would refuse, and accepts what it would accept (it is
+    stricter only about an integer written as a fraction or a boolean, which topx would truncate)."""
+    stages = pytest.importorskip("topx.stages")
+    errors = pytest.importorskip("topx.errors")
+    text = json.dumps({name: value})
+    try:
+        stages.parse_hyperparameters(text, "TOPX_HYPERPARAMETERS")
+        topx_accepts = True
+    except errors.ConfigError:
+        topx_accepts = False
+    try:
+        DeploySettings(hyperparameters=text)
+        infra_accepts = True
+    except SettingsError:
+        infra_accepts = False
+    assert infra_accepts == topx_accepts, text
