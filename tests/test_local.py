@@ -23,6 +23,7 @@ from infra.lambdas import HANDLER_MODULE, SPECS
 from infra.pipeline import placeholders
 from infra.settings import ASL_PATH, DeploySettings
 from topx import local, stages
+from topx.errors import ConfigError
 
 DUMMY = local.LocalPipeline(
     region="us-east-1", bucket="b", table="t", topic_arn="arn:topic",
@@ -99,22 +100,54 @@ def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: d
         assert names == set(local.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
 
 
-def test_environment_is_what_infra_gives_every_function_and_job() -> None:
-    cdk = DeploySettings(top_x=7, num_factors=9, epochs=2, shards=3, retention_days=5)
-    ours = local.LocalSettings(top_x=7, num_factors=9, epochs=2, shards=3, retention_days=5)
+SETTINGS_ENV = (
+    "TOPX_TOP_X", "TOPX_NUM_FACTORS", "TOPX_EPOCHS", "TOPX_SHARDS", "TOPX_RETENTION_DAYS",
+    "TOPX_MAX_RMSE", "TOPX_MIN_AUC", "TOPX_MIN_RECALL", "TOPX_HYPERPARAMETERS",
+)  # fmt: skip
+
+
+def test_local_settings_have_every_deploy_setting_that_reaches_the_environment() -> None:
+    not_environment = {"gpu_instance_types", "spot", "max_vcpus", "schedule", "notification_email"}
+    assert set(local.LocalSettings.__dataclass_fields__) == set(DeploySettings.__dataclass_fields__) - not_environment
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"top_x": 7, "num_factors": 9, "epochs": 2, "shards": 3, "retention_days": 5},
+        {"max_rmse": 0.95, "min_auc": 1, "min_recall": 0.1, "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}'},
+    ],
+)
+def test_environment_is_what_infra_gives_every_function_and_job(monkeypatch, values: dict[str, Any]) -> None:
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cdk = DeploySettings(**values)
+    ours = local.LocalSettings(**values)
     names = {"bucket": "b", "table": "t", "topic_arn": "a"}
     assert ours.environment(**names) == cdk.job_environment(**names)
 
 
 def test_local_settings_take_explicit_then_environment_then_cdk_defaults(monkeypatch) -> None:
-    for name in ("TOPX_TOP_X", "TOPX_NUM_FACTORS", "TOPX_EPOCHS", "TOPX_SHARDS", "TOPX_RETENTION_DAYS"):
+    for name in SETTINGS_ENV:
         monkeypatch.delenv(name, raising=False)
     names = {"bucket": "b", "table": "t", "topic_arn": "a"}
     assert local.LocalSettings().environment(**names) == DeploySettings().job_environment(**names)
+    assert not {"TOPX_MAX_RMSE", "TOPX_HYPERPARAMETERS"} & set(local.LocalSettings().resolved())
     monkeypatch.setenv("TOPX_EPOCHS", "4")
-    resolved = local.LocalSettings(top_x=3, epochs=None).resolved()
-    assert resolved["TOPX_TOP_X"] == 3 and resolved["TOPX_EPOCHS"] == 4
-    assert local.LocalSettings(epochs=2).resolved()["TOPX_EPOCHS"] == 2
+    monkeypatch.setenv("TOPX_MIN_RECALL", "0.2")
+    monkeypatch.setenv("TOPX_HYPERPARAMETERS", '{"factors_lr": 0.02}')
+    resolved = local.LocalSettings(top_x=3, epochs=None, min_recall=None).resolved()
+    assert resolved["TOPX_TOP_X"] == 3 and resolved["TOPX_EPOCHS"] == 4 and resolved["TOPX_MIN_RECALL"] == 0.2
+    assert resolved["TOPX_HYPERPARAMETERS"] == '{"factors_lr": 0.02}'
+    explicit = local.LocalSettings(epochs=2, min_recall=0.3, hyperparameters='{"epochs": 5}').resolved()
+    assert explicit["TOPX_EPOCHS"] == 2 and explicit["TOPX_MIN_RECALL"] == 0.3
+    assert explicit["TOPX_HYPERPARAMETERS"] == '{"epochs": 5}'
+
+
+def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) -> None:
+    monkeypatch.delenv("TOPX_HYPERPARAMETERS", raising=False)
+    with pytest.raises(ConfigError, match="TOPX_HYPERPARAMETERS: unknown hyperparameter"):
+        local.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
 
 
 def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:

@@ -62,6 +62,10 @@ from topx.config import (
     ENV_BUCKET,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
+    ENV_HYPERPARAMETERS,
+    ENV_MAX_RMSE,
+    ENV_MIN_AUC,
+    ENV_MIN_RECALL,
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
@@ -140,7 +144,8 @@ class DefinitionError(ConfigError):
 class LocalSettings:
     """The deploy-time knobs CDK context sets on AWS, baked into the functions' and jobs' environment.
 
-    Each is the explicit value, else the ``TOPX_*`` environment variable, else the CDK default.
+    Each is the explicit value, else the ``TOPX_*`` environment variable, else the CDK default. The
+    quality-gate thresholds and ``hyperparameters`` (JSON object text) have none: unset, they are left out.
     """
 
     top_x: int | None = None
@@ -148,16 +153,33 @@ class LocalSettings:
     epochs: int | None = None
     shards: int | None = None
     retention_days: int | None = None
+    max_rmse: float | None = None
+    min_auc: float | None = None
+    min_recall: float | None = None
+    hyperparameters: str | None = None
 
-    def resolved(self) -> dict[str, int]:
+    def resolved(self) -> dict[str, int | float | str]:
+        from topx.stages import parse_hyperparameters
+
         defaults = HyperParameters()
-        return {
+        resolved: dict[str, int | float | str] = {
             ENV_TOP_X: env_or(ENV_TOP_X, self.top_x, DEFAULT_TOP_X, int),
             ENV_NUM_FACTORS: env_or(ENV_NUM_FACTORS, self.num_factors, defaults.num_factors, int),
             ENV_EPOCHS: env_or(ENV_EPOCHS, self.epochs, defaults.epochs, int),
             ENV_SHARDS: env_or(ENV_SHARDS, self.shards, 4, int),
             ENV_RETENTION_DAYS: env_or(ENV_RETENTION_DAYS, self.retention_days, 30, int),
         }
+        for name, explicit in ((ENV_MAX_RMSE, self.max_rmse), (ENV_MIN_AUC, self.min_auc),
+                               (ENV_MIN_RECALL, self.min_recall)):
+            threshold = env_or(name, explicit, None, float)
+            if threshold is not None:
+                resolved[name] = float(threshold)
+        hyperparameters = env_or(ENV_HYPERPARAMETERS, self.hyperparameters, None)
+        if hyperparameters:
+            # The train job would refuse a bad value only once the run is under way; refuse it here.
+            parse_hyperparameters(hyperparameters, ENV_HYPERPARAMETERS)
+            resolved[ENV_HYPERPARAMETERS] = hyperparameters
+        return resolved
 
     def environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
         """What every function and job gets, as infra's ``DeploySettings.job_environment`` builds it."""
