@@ -105,6 +105,7 @@ def test_stages_reproduce_the_whole_run(implicit_files, tmp_path):
     m1 = json.loads((whole / "metrics.json").read_text())
     m2 = json.loads((staged / "metrics.json").read_text())
     assert m1["recall_at_10"] == pytest.approx(m2["recall_at_10"])
+    assert m1["search_method"] == m2["search_method"] == "exact"  # the search the metrics were ranked by
 
 
 def test_faiss_search_writes_the_same_recommendations_as_the_exact_scan(implicit_files, tmp_path, monkeypatch):

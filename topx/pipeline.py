@@ -489,7 +489,9 @@ def evaluate_model(
     x = run.top_x
     sub_vectors = RecipeVectors(vectors.user_vectors[eval_users], vectors.item_vectors, vectors.user_constants[eval_users])
     top = np.full((len(eval_users), x), -1, dtype=np.int64)
-    for rows, batch_items, _ in iter_top_x(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users]):
+    # Ranked by the search that writes the recommendations, so the metrics describe what is served.
+    for rows, batch_items, _ in iter_top_x(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users],
+                                           method=run.search_method):
         top[rows] = batch_items
     model_rank = ev.ranking_metrics(top, relevant[eval_users], ds.feature_index.n_items)
     popular = ev.popularity_top_x(train, x)[eval_users]
@@ -497,6 +499,7 @@ def evaluate_model(
     metrics.update(model_rank.as_dict("", x))
     metrics.update(pop_rank.as_dict("popularity_", x))
     metrics["ranking_users"] = model_rank.users
+    metrics["search_method"] = run.search_method
     metrics["relevance"] = ("held-out items" if run.relevance_threshold is None
                             else f"held-out items rated >= {run.relevance_threshold}")
     return metrics
