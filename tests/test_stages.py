@@ -230,3 +230,44 @@ def test_a_shard_builds_the_seen_items_of_its_own_users_only():
         part = ds.user_range_matrix(int(rows[0]), int(rows[-1]) + 1)
         assert part.shape == (len(rows), 30) and (part != whole[rows]).nnz == 0
     assert ds.user_range_matrix(0, 0).shape == (0, 30)
+
+
+def test_a_pipeline_set_to_faiss_publishes_what_the_exact_default_does(aws, tmp_path, monkeypatch):
+    from topx import search
+
+    s3, ddb = aws
+    monkeypatch.setenv("TOPX_SEARCH_METHOD", "faiss")  # as the search_method context parameter sets it
+    built, real_build_index = [], search.build_index
+
+    def build_index(item_vectors, *, method="exact", **options):
+        built.append(method)
+        return real_build_index(item_vectors, method=method, **options)
+
+    monkeypatch.setattr(search, "build_index", build_index)
+    data = generate(60, 40, mean_interactions=8, implicit=False, seed=13)
+    csv = tmp_path / "ratings.csv"
+    data.interactions.to_csv(csv, index=False)
+    s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
+    run_id = run_pipeline("incoming/ratings.csv")
+    metrics = stages._get_json(BUCKET, stages.run_prefix(run_id) + "metrics.json")
+    # The hold-out metrics and every shard ranked with FAISS; nothing fell back to the exact scan.
+    assert metrics["search_method"] == "faiss" and set(built) == {"faiss"} and len(built) > 3
+
+    local = tmp_path / "local"
+    run_all(DataOptions(str(csv)), default_hyperparameters(False, num_factors=8, epochs=3),
+            RunOptions(top_x=5, progress=False), local)  # search_method="exact", the default
+    expected = pd.read_parquet(local / "recommendations.parquet")
+    assert expected["user_id"].nunique() == 60
+    for user, group in expected.groupby("user_id"):
+        rec = store.get_recommendations(TABLE, user, client=ddb)
+        assert rec is not None and rec.items == list(group.sort_values("rank")["item_id"]), user
+        np.testing.assert_allclose(rec.scores, group.sort_values("rank")["score"], rtol=1e-5)
+
+
+def test_an_unknown_search_method_is_refused_before_the_shard_reads_anything(monkeypatch):
+    from topx.errors import ConfigError
+
+    monkeypatch.setenv("TOPX_SEARCH_METHOD", "annoy")
+    with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD: unknown search method 'annoy'; expected one of "
+                                          "exact, faiss, hnsw, ivf"):
+        stages.search_shard(BUCKET, "20260101T000000000000Z-a", 0, 2)

@@ -32,8 +32,14 @@ ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
 ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
 ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
 ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
+# The search the pipeline's recommendations and its hold-out metrics use.
+ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"
 
 DEFAULT_TOP_X = 10
+DEFAULT_SEARCH_METHOD = "exact"
+# topx.search.SEARCH_METHODS, spelled out so that checking a setting does not import topx.search and
+# with it torch (tests/test_local.py checks that both agree).
+SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 
 @dataclass(frozen=True)
@@ -114,3 +120,15 @@ def env_or(name: str, explicit: Any, default: Any, cast: type = str) -> Any:
         return cast(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from exc
+
+
+def search_method(explicit: str | None = None) -> str:
+    """The search to recommend with: explicit argument > ``TOPX_SEARCH_METHOD`` > "exact".
+
+    A name topx.search does not know is refused here, before any data is read.
+    """
+    method = env_or(ENV_SEARCH_METHOD, explicit, DEFAULT_SEARCH_METHOD)
+    if method not in SEARCH_METHODS:
+        raise ConfigError(f"{ENV_SEARCH_METHOD}: unknown search method {method!r}; expected one of "
+                          f"{', '.join(SEARCH_METHODS)}")
+    return method

@@ -60,6 +60,7 @@ from topx.config import (
     ENV_TOP_X,
     HyperParameters,
     env_or,
+    search_method,
 )
 from topx.errors import ConfigError, InputDataError, StoreError
 from topx.feature_index import FeatureIndex
@@ -295,7 +296,9 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         ds, holdout = _load_prepared(bucket, run_id, work)
         upload_overrides = _get_json(bucket, run_prefix(run_id) + "run.json").get("hyperparameters") or {}
         hp = training_hyperparameters(ds.implicit, upload_overrides)
-        run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False)
+        # Ranked by the search that will write the recommendations: metrics.json judges what is served.
+        run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False,
+                         search_method=search_method())
         out = work / "out"
         params, _, result = train_stage(ds, hp, run, out, Reporter(False))
         metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed)
@@ -387,11 +390,13 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 
 
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
-    """Exact top-x for one shard of users, seen items excluded, written as Parquet."""
+    """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
+    ``TOPX_SEARCH_METHOD`` (default "exact")."""
     from topx.pipeline import load_ids, write_recommendations
     from topx.vectors import RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
+    method = search_method()
     with _workdir() as work:
         ds, _ = _load_prepared(bucket, run_id, work)
         _download_prefix(bucket, run_prefix(run_id) + "vectors/", work / "vectors")
@@ -405,7 +410,8 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         seen = ds.user_range_matrix(start, stop)
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
-        written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen)
+        written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen,
+                                        method=method)
         with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
         # A user who has seen every item gets no row; load still writes them (an empty list), so
         # that publish can count every user of the run.
