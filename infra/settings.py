@@ -29,6 +29,7 @@ ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
 ENV_MAX_RMSE = "TOPX_MAX_RMSE"
 ENV_MIN_AUC = "TOPX_MIN_AUC"
 ENV_MIN_RECALL = "TOPX_MIN_RECALL"
+ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASL_PATH = REPO_ROOT / "statemachine" / "pipeline.asl.json"
@@ -43,6 +44,10 @@ MIN_MAX_VCPUS = 4
 _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 
+# The searches topx.search.SEARCH_METHODS names, repeated for the reason the variable names are;
+# tests/test_infra.py checks that both agree.
+SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
+
 
 class SettingsError(ValueError):
     """A context parameter has a value the stack cannot be built with."""
@@ -51,7 +56,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class DeploySettings:
     """Deploy-time choices. ``hyperparameters`` is the JSON object text the train job reads as
-    ``TOPX_HYPERPARAMETERS``; it and the quality-gate thresholds are unset (no variable) by default."""
+    ``TOPX_HYPERPARAMETERS``; it, the quality-gate thresholds and ``search_method`` are unset (no
+    variable, so topx's own default holds: no threshold, the exact search) by default."""
 
     top_x: int = 10
     num_factors: int = 64
@@ -67,6 +73,7 @@ class DeploySettings:
     min_auc: float | None = None
     min_recall: float | None = None
     hyperparameters: str | None = None
+    search_method: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -99,6 +106,10 @@ class DeploySettings:
                 raise SettingsError(f"context {name} must be a number in [0, 1], got {value}")
         if self.hyperparameters is not None:
             _check_hyperparameters(self.hyperparameters)
+        if self.search_method is not None and self.search_method not in SEARCH_METHODS:
+            raise SettingsError(
+                f"context search_method must be one of {', '.join(SEARCH_METHODS)}, got {self.search_method!r}"
+            )
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
@@ -135,6 +146,8 @@ class DeploySettings:
         environment = {name: str(float(value)) for name, value in thresholds.items() if value is not None}
         if self.hyperparameters is not None:
             environment[ENV_HYPERPARAMETERS] = self.hyperparameters
+        if self.search_method is not None:
+            environment[ENV_SEARCH_METHOD] = self.search_method
         return environment
 
 
@@ -250,6 +263,7 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "min_auc": _parse_optional_number,
     "min_recall": _parse_optional_number,
     "hyperparameters": _parse_hyperparameters,
+    "search_method": _parse_optional_str,
 }
 
 # The HyperParameters fields (topx/config.py) that TOPX_HYPERPARAMETERS may set: each one's type and the

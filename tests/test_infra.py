@@ -54,6 +54,7 @@ CUSTOM_CONTEXT = {
     "min_auc": "0.6",
     "min_recall": "0.1",
     "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}',
+    "search_method": "faiss",
 }
 
 
@@ -293,6 +294,7 @@ def test_context_reaches_every_job_and_function_as_environment(default: Synth, c
         "TOPX_MIN_AUC": "0.6",
         "TOPX_MIN_RECALL": "0.1",
         "TOPX_HYPERPARAMETERS": '{"epochs": 40, "factors_wd": 0.1}',
+        "TOPX_SEARCH_METHOD": "faiss",
     }
     names = {"TOPX_BUCKET", "TOPX_TABLE", "TOPX_TOPIC_ARN", *expected}
     carriers = [f["Properties"] for f in custom.resources("AWS::Lambda::Function").values()] + [
@@ -326,6 +328,25 @@ def test_thresholds_reach_the_gate_and_hyperparameters_the_train_job_only_when_s
                 "0.95", "0.6", "0.1"
             )
             assert json.loads(train_env["TOPX_HYPERPARAMETERS"]) == {"epochs": 40, "factors_wd": 0.1}
+
+
+def test_search_method_reaches_the_train_and_search_jobs_only_when_set(default: Synth, custom: Synth) -> None:
+    for synth in (default, custom):
+        jobs = [j["Properties"]["ContainerProperties"] for j in synth.resources("AWS::Batch::JobDefinition").values()]
+        assert sorted(job["Command"] == TRAIN_COMMAND for job in jobs) == [False, True]  # train and search
+        for job in jobs:
+            # unset: no variable, so the stages search exactly, topx's default
+            assert _env(job).get("TOPX_SEARCH_METHOD") == (None if synth is default else "faiss")
+
+
+def test_search_methods_are_topx_own() -> None:
+    search = pytest.importorskip("topx.search")
+    assert infra_settings.SEARCH_METHODS == search.SEARCH_METHODS
+
+
+def test_an_unknown_search_method_is_refused_naming_the_key_and_the_choices() -> None:
+    with pytest.raises(SettingsError, match=r"context search_method must be one of exact, faiss, hnsw, ivf, got 'annoy'"):
+        DeploySettings.from_context({"search_method": "annoy"}.get)
 
 
 def test_env_names_match_topx_config() -> None:
@@ -785,8 +806,13 @@ def test_settings_defaults_and_command_line_strings() -> None:
     # cdk.json gives JSON values; an empty `-c name=` leaves an option unset.
     from_json = DeploySettings.from_context({"max_rmse": 1, "hyperparameters": {"factors_lr": "0.02"}}.get)
     assert from_json.max_rmse == 1.0 and json.loads(from_json.hyperparameters or "") == {"factors_lr": "0.02"}
-    cleared = DeploySettings.from_context({"min_recall": "", "hyperparameters": " "}.get)
-    assert cleared.min_recall is None and cleared.hyperparameters is None
+    cleared = DeploySettings.from_context({"min_recall": "", "hyperparameters": " ", "search_method": ""}.get)
+    assert cleared.min_recall is None and cleared.hyperparameters is None and cleared.search_method is None
+    assert settings.search_method == "faiss"
+    for method in infra_settings.SEARCH_METHODS:
+        chosen = DeploySettings.from_context({"search_method": method}.get)
+        assert chosen.job_environment(bucket="b", table="t", topic_arn="a")["TOPX_SEARCH_METHOD"] == method
+    assert "TOPX_SEARCH_METHOD" not in DeploySettings().job_environment(bucket="b", table="t", topic_arn="a")
 
 
 @pytest.mark.parametrize(
@@ -815,6 +841,9 @@ def test_settings_defaults_and_command_line_strings() -> None:
         {"hyperparameters": '{"factors_lr": "NaN"}'},
         {"hyperparameters": '{"validation_fraction": 0.5}'},
         {"hyperparameters": '{"predictor_type": "binary_classifier"}'},
+        {"search_method": "annoy"},
+        {"search_method": "FAISS"},
+        {"search_method": ["faiss"]},
     ],
 )
 def test_settings_reject_values_the_stack_cannot_use(context: dict[str, str]) -> None:

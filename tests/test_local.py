@@ -102,7 +102,7 @@ def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: d
 
 SETTINGS_ENV = (
     "TOPX_TOP_X", "TOPX_NUM_FACTORS", "TOPX_EPOCHS", "TOPX_SHARDS", "TOPX_RETENTION_DAYS",
-    "TOPX_MAX_RMSE", "TOPX_MIN_AUC", "TOPX_MIN_RECALL", "TOPX_HYPERPARAMETERS",
+    "TOPX_MAX_RMSE", "TOPX_MIN_AUC", "TOPX_MIN_RECALL", "TOPX_HYPERPARAMETERS", "TOPX_SEARCH_METHOD",
 )  # fmt: skip
 
 
@@ -116,6 +116,8 @@ def test_local_settings_have_every_deploy_setting_that_reaches_the_environment()
     [
         {"top_x": 7, "num_factors": 9, "epochs": 2, "shards": 3, "retention_days": 5},
         {"max_rmse": 0.95, "min_auc": 1, "min_recall": 0.1, "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}'},
+        {"search_method": "faiss"},
+        {"search_method": "exact"},
     ],
 )
 def test_environment_is_what_infra_gives_every_function_and_job(monkeypatch, values: dict[str, Any]) -> None:
@@ -132,22 +134,41 @@ def test_local_settings_take_explicit_then_environment_then_cdk_defaults(monkeyp
         monkeypatch.delenv(name, raising=False)
     names = {"bucket": "b", "table": "t", "topic_arn": "a"}
     assert local.LocalSettings().environment(**names) == DeploySettings().job_environment(**names)
-    assert not {"TOPX_MAX_RMSE", "TOPX_HYPERPARAMETERS"} & set(local.LocalSettings().resolved())
+    assert not {"TOPX_MAX_RMSE", "TOPX_HYPERPARAMETERS", "TOPX_SEARCH_METHOD"} & set(local.LocalSettings().resolved())
     monkeypatch.setenv("TOPX_EPOCHS", "4")
     monkeypatch.setenv("TOPX_MIN_RECALL", "0.2")
     monkeypatch.setenv("TOPX_HYPERPARAMETERS", '{"factors_lr": 0.02}')
+    monkeypatch.setenv("TOPX_SEARCH_METHOD", "hnsw")
     resolved = local.LocalSettings(top_x=3, epochs=None, min_recall=None).resolved()
     assert resolved["TOPX_TOP_X"] == 3 and resolved["TOPX_EPOCHS"] == 4 and resolved["TOPX_MIN_RECALL"] == 0.2
-    assert resolved["TOPX_HYPERPARAMETERS"] == '{"factors_lr": 0.02}'
-    explicit = local.LocalSettings(epochs=2, min_recall=0.3, hyperparameters='{"epochs": 5}').resolved()
+    assert resolved["TOPX_HYPERPARAMETERS"] == '{"factors_lr": 0.02}' and resolved["TOPX_SEARCH_METHOD"] == "hnsw"
+    explicit = local.LocalSettings(epochs=2, min_recall=0.3, hyperparameters='{"epochs": 5}',
+                                   search_method="faiss").resolved()
     assert explicit["TOPX_EPOCHS"] == 2 and explicit["TOPX_MIN_RECALL"] == 0.3
-    assert explicit["TOPX_HYPERPARAMETERS"] == '{"epochs": 5}'
+    assert explicit["TOPX_HYPERPARAMETERS"] == '{"epochs": 5}' and explicit["TOPX_SEARCH_METHOD"] == "faiss"
 
 
 def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) -> None:
     monkeypatch.delenv("TOPX_HYPERPARAMETERS", raising=False)
     with pytest.raises(ConfigError, match="TOPX_HYPERPARAMETERS: unknown hyperparameter"):
         local.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
+
+
+def test_search_method_names_are_topx_search_own() -> None:
+    from topx import config, search
+    from topx.pipeline import RunOptions
+
+    assert config.SEARCH_METHODS == search.SEARCH_METHODS
+    assert RunOptions().search_method == config.DEFAULT_SEARCH_METHOD  # a deploy searches as `topx run` does
+
+
+def test_local_settings_refuse_a_search_method_the_stages_would(monkeypatch) -> None:
+    monkeypatch.delenv("TOPX_SEARCH_METHOD", raising=False)
+    with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD: unknown search method 'annoy'; expected one of exact"):
+        local.LocalSettings(search_method="annoy").resolved()
+    monkeypatch.setenv("TOPX_SEARCH_METHOD", "Faiss")
+    with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD"):
+        local.LocalSettings().resolved()
 
 
 def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:

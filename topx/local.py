@@ -68,12 +68,14 @@ from topx.config import (
     ENV_MIN_RECALL,
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
+    ENV_SEARCH_METHOD,
     ENV_SHARDS,
     ENV_TABLE,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
     HyperParameters,
     env_or,
+    search_method,
 )
 from topx.errors import ConfigError
 
@@ -145,7 +147,8 @@ class LocalSettings:
     """The deploy-time knobs CDK context sets on AWS, baked into the functions' and jobs' environment.
 
     Each is the explicit value, else the ``TOPX_*`` environment variable, else the CDK default. The
-    quality-gate thresholds and ``hyperparameters`` (JSON object text) have none: unset, they are left out.
+    quality-gate thresholds, ``hyperparameters`` (JSON object text) and ``search_method`` have none:
+    unset, they are left out (and the stages search exactly).
     """
 
     top_x: int | None = None
@@ -157,6 +160,7 @@ class LocalSettings:
     min_auc: float | None = None
     min_recall: float | None = None
     hyperparameters: str | None = None
+    search_method: str | None = None
 
     def resolved(self) -> dict[str, int | float | str]:
         from topx.stages import parse_hyperparameters
@@ -179,6 +183,10 @@ class LocalSettings:
             # The train job would refuse a bad value only once the run is under way; refuse it here.
             parse_hyperparameters(hyperparameters, ENV_HYPERPARAMETERS)
             resolved[ENV_HYPERPARAMETERS] = hyperparameters
+        method = env_or(ENV_SEARCH_METHOD, self.search_method, None)
+        if method:
+            # Refused here too rather than by the train job once the run is under way.
+            resolved[ENV_SEARCH_METHOD] = search_method(method)
         return resolved
 
     def environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
