@@ -7,6 +7,9 @@ synthesized template, so the offline pipeline cannot drift from the deployed one
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -314,3 +317,30 @@ def test_a_batch_array_job_runs_every_child_with_its_index_and_fails_with_any(tm
     assert {c["attempts"][0]["container"]["exitCode"] for c in children} == {2}
     # Ref::bucket and Ref::shards came from the job definition's defaults, run_id from the submission.
     assert all(f"s3://{pipeline.bucket}/runs/no-such-run/prepared/" in m for m in messages), messages
+
+
+def test_swapping_the_output_streams_under_a_printing_thread_does_not_crash():
+    """A run swaps sys.stdout and sys.stderr in and out while other threads print. CPython 3.11's print()
+    borrows its reference to sys.stdout while writing, so a swapped-out stream that was freed crashed the
+    process (segfault) within a few thousand swaps; here 200,000 in a child process must end cleanly."""
+    script = textwrap.dedent('''
+        import io, sys, threading
+        from topx import local
+
+        stop = False
+
+        def printer():
+            while not stop:
+                print("x" * 50)
+
+        sys.stdout = io.StringIO()
+        thread = threading.Thread(target=printer, daemon=True)
+        thread.start()
+        for _ in range(200_000):
+            with local._captured_output():
+                pass
+        stop = True
+        thread.join()
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -476,16 +476,38 @@ class _RoutedStream(io.TextIOBase):
         return threading.get_ident() != self.owner and bool(getattr(self.original, "isatty", lambda: False)())
 
 
+class _Discard(io.TextIOBase):
+    """Where a finished run's late writes go."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_DISCARD = _Discard()
+# CPython 3.11's print() holds a borrowed reference to sys.stdout while it writes, so a stream swapped
+# out while another thread prints must stay alive: freeing it crashed the process (use after free).
+# A print can hold it for any length of time (a blocked write), so every stream a run installed is
+# kept, its buffer dropped: two small objects per run, whose originals are the process's own streams.
+_SWAPPED_OUT: list[_RoutedStream] = []
+
+
 @contextmanager
 def _captured_output() -> Iterator[io.StringIO]:
     """Route the calling thread's output into a buffer; runs hold _RUN_LOCK, so they do not overlap."""
     buffer = io.StringIO()
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _RoutedStream(saved[0], buffer), _RoutedStream(saved[1], buffer)
+    routed = _RoutedStream(saved[0], buffer), _RoutedStream(saved[1], buffer)
+    sys.stdout, sys.stderr = routed
     try:
         yield buffer
     finally:
         sys.stdout, sys.stderr = saved
+        for stream in routed:
+            stream.buffer = _DISCARD
+        _SWAPPED_OUT.extend(routed)
 
 
 def _import_entry_point(module: str) -> Any:
