@@ -157,12 +157,11 @@ def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) 
         local.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
 
 
-def test_search_method_names_are_topx_search_own() -> None:
-    from topx import config, search
+def test_a_deploy_searches_by_default_as_topx_run_does() -> None:
+    from topx import config
     from topx.pipeline import RunOptions
 
-    assert config.SEARCH_METHODS == search.SEARCH_METHODS
-    assert RunOptions().search_method == config.DEFAULT_SEARCH_METHOD  # a deploy searches as `topx run` does
+    assert RunOptions().search_method == config.DEFAULT_SEARCH_METHOD
 
 
 def test_local_settings_refuse_a_search_method_the_stages_would(monkeypatch) -> None:

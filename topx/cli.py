@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from topx import __version__
-from topx.config import DEFAULT_TOP_X, HyperParameters
+from topx.config import DEFAULT_TOP_X, SEARCH_METHODS, HyperParameters
 from topx.errors import TopxError
 
 EXIT_USER_ERROR = 2
-# topx.search.SEARCH_METHODS, spelled out here: importing topx.search loads torch, which every
-# command would then pay for at start-up.
-SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 
 def _column(value: str) -> str | int:

@@ -37,8 +37,9 @@ ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"
 
 DEFAULT_TOP_X = 10
 DEFAULT_SEARCH_METHOD = "exact"
-# topx.search.SEARCH_METHODS, spelled out so that checking a setting does not import topx.search and
-# with it torch (tests/test_local.py checks that both agree).
+# The searches topx.search runs: "exact" (topx's bounded scan), "faiss" (FAISS IndexFlatIP, exact in
+# float32), "hnsw" / "ivf" (approximate FAISS indexes). Defined here, where the CLI and the settings can
+# read them without importing topx.search and with it torch.
 SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 

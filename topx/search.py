@@ -44,6 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from topx import config
 from topx.errors import ConfigError, InputDataError
 from topx.fm import intra_op_threads
 
@@ -53,7 +54,7 @@ BLOCK_ITEMS = 1024  # items per block: a (1024, 1024) bf16 score block is 2 MB, 
 PRECISIONS = ("auto", "bf16", "f32")
 # "exact": topx's bounded scan (below); "faiss": FAISS IndexFlatIP, exact in float32;
 # "hnsw" / "ivf": approximate FAISS indexes.
-SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
+SEARCH_METHODS = config.SEARCH_METHODS
 
 _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16: 8 significant bits, round to nearest even
 _F32_UNIT = 2.0**-24
