@@ -504,7 +504,7 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
     retired = {"manifests": 0, "users": 0}
     if live is None:
         return retired
-    listed: dict[str, dict[str, Any]] = {}  # shard directory -> {file name: LastModified}
+    listed: dict[tuple[str, int], dict[str, Any]] = {}  # (version, manifest shard) -> {file name: LastModified}
     metrics: list[str] = []
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
         for obj in page.get("Contents", []):
@@ -514,15 +514,14 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
             if found["shard"] is None:
                 metrics.append(obj["Key"])
             else:
-                directory, _, name = obj["Key"].rpartition("/")
-                listed.setdefault(directory + "/", {})[name] = obj["LastModified"]
+                files = listed.setdefault((found["version"], int(found["shard"])), {})
+                files[obj["Key"].rpartition("/")[2]] = obj["LastModified"]
     expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, 30, int)) * 86400
-    for prefix, files in sorted(listed.items()):
-        found = _VERSION_OBJECT_RE.fullmatch(prefix + MANIFEST_SEARCHED)
-        version = found["version"]
+    for (version, manifest_shard), files in sorted(listed.items()):
         # Manifest shard i is retired by load shard i mod shards: stable while other loads retire theirs.
-        if int(found["shard"]) % shards != shard:
+        if manifest_shard % shards != shard:
             continue
+        prefix = _manifest_prefix(version, manifest_shard)
         if now - max(files.values()).timestamp() < RETIRE_AFTER_S:
             continue
         if time.monotonic() - started > RETIRE_BUDGET_S:
@@ -542,33 +541,6 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
         except (StoreError, ClientError) as exc:
             # Retiring is housekeeping: a later load tries again, and this load's own items stand.
             logger.warning("not retired yet: s3://%s/%s: %s", bucket, prefix, exc)
-    if shard == 0:
-        for key in metrics:
-            s3_client().delete_object(Bucket=bucket, Key=key)
-    return retired
-    manifests: dict[tuple[str, str], Any] = {}
-    metrics: list[str] = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
-        for obj in page.get("Contents", []):
-            version, _, rest = obj["Key"][len(VERSIONS_PREFIX):].partition("/")
-            if not version < live:
-                continue
-            if rest == "metrics.json":
-                metrics.append(obj["Key"])
-            elif rest.endswith("/" + MANIFEST_SEARCHED):
-                manifests[(version, rest.rpartition("/")[0])] = obj["LastModified"]
-    expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, 30, int)) * 86400
-    for i, ((version, shard_dir), modified) in enumerate(sorted(manifests.items())):
-        if i % shards != shard or now - modified.timestamp() < RETIRE_AFTER_S:
-            continue
-        prefix = f"{version_prefix(version)}{shard_dir}/"
-        rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
-        retired["users"] += store.write_recommendations(table, version, rows, expires_at=expires_at,
-                                                        client=dynamodb_client())
-        # The searched file last: a manifest is listed by it, so a half-deleted one is retired again.
-        for name in (MANIFEST_RECOMMENDATIONS, MANIFEST_SEARCHED):
-            s3_client().delete_object(Bucket=bucket, Key=prefix + name)
-        retired["manifests"] += 1
     if shard == 0:
         for key in metrics:
             s3_client().delete_object(Bucket=bucket, Key=key)
