@@ -216,20 +216,29 @@ def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkey
     assert _version_keys(s3) == []
 
 
-def test_a_shard_builds_the_seen_items_of_its_own_users_only():
+def test_a_shard_builds_the_seen_items_of_its_own_users_only(tmp_path):
+    from topx.errors import ArtifactFormatError
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import Dataset
+    from topx.pipeline import INTERACTIONS_FILE, Dataset, save_interactions, user_range_interactions
 
     rng = np.random.default_rng(0)
     index = FeatureIndex.one_hot([f"u{i}" for i in range(50)], [f"i{j}" for j in range(30)])
-    users, items = rng.integers(0, 50, 400), rng.integers(0, 30, 400)
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 30, 400)  # repeated pairs among them
     ds = Dataset(index, users, items, np.ones(400, np.float32), True)
+    save_interactions(tmp_path, ds, np.zeros(400, bool))
     whole = ds.matrix()
-    for shard in range(4):
-        rows = stages.shard_users(50, shard, 4)
-        part = ds.user_range_matrix(int(rows[0]), int(rows[-1]) + 1)
-        assert part.shape == (len(rows), 30) and (part != whole[rows]).nnz == 0
-    assert ds.user_range_matrix(0, 0).shape == (0, 30)
+    for chunk in (7, 400, 1 << 22):  # chunks that split the arrays unevenly, exactly, and not at all
+        for shard in range(4):
+            rows = stages.shard_users(50, shard, 4)
+            part = user_range_interactions(tmp_path, int(rows[0]), int(rows[-1]) + 1, 30, data_dir="", chunk=chunk)
+            assert part.shape == (len(rows), 30) and (part != whole[rows]).nnz == 0
+            assert part.nnz == whole[rows].nnz and part.sum() == whole[rows].sum()
+    assert user_range_interactions(tmp_path, 0, 0, 30, data_dir="").shape == (0, 30)
+
+    path = tmp_path / INTERACTIONS_FILE
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ArtifactFormatError, match=f"{INTERACTIONS_FILE}: cannot read the run's interactions"):
+        user_range_interactions(tmp_path, 0, 50, 30, data_dir="", chunk=7)
 
 
 def test_a_pipeline_set_to_faiss_publishes_what_the_exact_default_does(aws, tmp_path, monkeypatch):

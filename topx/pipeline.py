@@ -114,17 +114,6 @@ class Dataset:
         return out
 
 
-    def user_range_matrix(self, start: int, stop: int) -> sp.csr_matrix:
-        """(stop - start, n_items) CSR of the interactions of user rows start..stop-1 only: a shard's
-        seen items, without building the matrix of every user first."""
-        mask = (self.user_rows >= start) & (self.user_rows < stop)
-        data = np.ones(int(mask.sum()), dtype=np.float32)
-        out = sp.csr_matrix((data, (self.user_rows[mask] - start, self.item_rows[mask])),
-                            shape=(max(stop - start, 0), self.feature_index.n_items))
-        out.sum_duplicates()
-        return out
-
-
 class Reporter:
     """One line per step on stderr, with its wall time."""
 
@@ -383,6 +372,53 @@ def load_interactions(
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
             RuntimeError) as exc:
         raise ArtifactFormatError(f"{path}: cannot read the run's interactions ({exc}); run `topx train` first") from exc
+
+
+def user_range_interactions(
+    run_dir: Path, start: int, stop: int, n_items: int, data_dir: str = DATA_DIR, chunk: int = 1 << 22
+) -> sp.csr_matrix:
+    """(stop - start, n_items) CSR of the saved interactions of user rows start..stop-1 (a search
+    shard's seen items; ``Dataset.matrix()[start:stop]``), read from interactions.npz ``chunk`` rows at a
+    time: memory follows the range's interactions, not the whole run's."""
+    path = run_dir / data_dir / INTERACTIONS_FILE
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("user_rows.npy") as u, archive.open("item_rows.npy") as i:
+            (u_dtype, length), (i_dtype, i_length) = _npy_vector_header(u), _npy_vector_header(i)
+            if length != i_length:
+                raise ValueError(f"user_rows has {length} rows and item_rows {i_length}")
+            for offset in range(0, length, chunk):
+                count = min(chunk, length - offset)
+                user_part, item_part = _read_items(u, count, u_dtype), _read_items(i, count, i_dtype)
+                keep = (user_part >= start) & (user_part < stop)
+                users.append(user_part[keep].astype(np.int64) - start)
+                items.append(item_part[keep].astype(np.int64))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ArtifactFormatError(f"{path}: cannot read the run's interactions ({exc})") from exc
+    rows = np.concatenate(users) if users else np.zeros(0, np.int64)
+    cols = np.concatenate(items) if items else np.zeros(0, np.int64)
+    out = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(max(stop - start, 0), n_items))
+    out.sum_duplicates()
+    return out
+
+
+def _npy_vector_header(fh: Any) -> tuple[np.dtype, int]:
+    """The dtype and length of the one-dimensional .npy array ``fh`` is positioned at the start of."""
+    version = np.lib.format.read_magic(fh)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read_header(fh)
+    if len(shape) != 1 or dtype.hasobject:
+        raise ValueError(f"expected a 1-d numeric array, found shape {shape} of {dtype}")
+    return dtype, int(shape[0])
+
+
+def _read_items(fh: Any, count: int, dtype: np.dtype) -> np.ndarray:
+    """The next ``count`` items of the array ``fh`` reads; a file that ends before them is an error."""
+    data = fh.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise EOFError(f"the array ends after {len(data) // dtype.itemsize} of the {count} items expected")
+    return np.frombuffer(data, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- vectors and recommendations

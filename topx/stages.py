@@ -392,22 +392,28 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
-    from topx.pipeline import load_ids, write_recommendations
+    from topx.pipeline import INTERACTIONS_FILE, load_ids, user_range_interactions, write_recommendations
     from topx.vectors import RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
     method = search_method()
     with _workdir() as work:
-        ds, _ = _load_prepared(bucket, run_id, work)
+        interactions = f"{run_prefix(run_id)}prepared/{INTERACTIONS_FILE}"
+        try:
+            (work / "prepared").mkdir()
+            s3_client().download_file(bucket, interactions, str(work / "prepared" / INTERACTIONS_FILE))
+        except ClientError as exc:
+            raise StoreError(f"s3://{bucket}/{interactions} cannot be read: {exc}") from exc
         _download_prefix(bucket, run_prefix(run_id) + "vectors/", work / "vectors")
-        # Memory-mapped, and only the shard's rows read: a shard's memory follows its own users.
+        # Memory-mapped vectors, and the seen items of the shard's users only, streamed from the
+        # interactions: a shard's memory follows its own users.
         vectors = RecipeVectors.load(work / "vectors", mmap=True)
         user_ids, item_ids = load_ids(work / "vectors")
         rows = shard_users(len(user_ids), shard, shards)
         start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         part = RecipeVectors(vectors.user_vectors[start:stop], np.ascontiguousarray(vectors.item_vectors),
                              vectors.user_constants[start:stop])
-        seen = ds.user_range_matrix(start, stop)
+        seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
         written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen,
