@@ -76,11 +76,13 @@ def fault() -> Iterator[pytest.MonkeyPatch]:
 
 def failed_cleanly(stack: Stack, run: Run, state: str, error: str, reader: Reader) -> None:
     """The run failed at ``state`` with ``error``, said so, and left readers where they were."""
-    assert run.status == "FAILED" and run.error == "PipelineFailed"
-    assert (state, error) in [(e.state, e.error) for e in run.failures()]
-    assert run.exited_states()[-1] == "NotifyFailure"
+    failures = [(e.state, e.error) for e in run.failures()]
+    assert run.status == "FAILED" and run.error == "PipelineFailed", (run.status, run.error, failures)
+    assert (state, error) in failures, failures
+    assert run.exited_states()[-1] == "NotifyFailure", run.exited_states()
+    assert len(run.notes) == 1, [(n.subject, n.message[-300:]) for n in run.notes]
     (note,) = run.notes
-    assert note.subject == "topx: pipeline run failed" and error in note.message
+    assert note.subject == "topx: pipeline run failed" and error in note.message, (note.subject, note.message[-500:])
     assert stack.pointer() == SEEDED_VERSION
     assert run.run_id not in reader.served and reader.never_went_back()
 
@@ -234,7 +236,7 @@ def test_throttling_that_does_not_end_fails_the_load_and_nothing_is_published(
         run = live.upload("incoming/ratings.csv", UPLOAD)
 
     failed_cleanly(live, run, "LoadShard", "StoreError", reader)
-    assert "unprocessed after 8 attempts" in run.notes[0].message
+    assert "unprocessed after 8 attempts" in run.notes[0].message, run.notes[0].message[-500:]
     assert pointer_writes == []
     fault.undo()
     rerun_publishes_once(live, pointer_writes)
