@@ -13,7 +13,9 @@ What the layer adds to moto, and why (moto 5.2.5; see docs/LOCAL.md):
   it with the function's environment; an exception becomes a function error whose ``errorType`` is the
   exception's class name, as the Python runtime reports it, so the ASL's ``Retry``/``Catch`` match on it.
   An invocation that ran longer than the function's timeout is answered as Lambda answers a timed-out
-  one (``Sandbox.Timedout``); it cannot be stopped in-process, so it runs to its end first.
+  one (``Sandbox.Timedout``); it cannot be stopped in-process, so it runs to its end first. How long it
+  ran is read from the layer's clock: the wall clock by default, or a ``ManualClock`` that moves only
+  when a test says a handler took time, so that no outcome depends on how busy the machine is.
 * **Batch.** moto's docker-free Batch marks every job succeeded without running it. Here ``SubmitJob``
   runs the job definition's command (``python -m batch_jobs.<job>.main ...``, ``Ref::name`` resolved from
   the submitted parameters over the definition's defaults) with the definition's environment; an array
@@ -49,7 +51,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -543,11 +545,38 @@ class _LambdaContext:
     log_group_name: str
     log_stream_name: str
     timeout_s: int
-    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    started: float = 0.0
     function_version: str = "$LATEST"
 
     def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self.timeout_s - (time.monotonic() - self.started)) * 1000))
+        return max(0, int((self.timeout_s - (self.clock() - self.started)) * 1000))
+
+
+class ManualClock:
+    """A monotonic clock that stands still until ``advance`` moves it.
+
+    Given to ``offline(lambda_clock=...)``, it makes a handler's duration what the test says it was
+    (``advance(1.05)`` inside a handler with a 1 s timeout), whatever the machine's load.
+    """
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"a monotonic clock cannot go back ({seconds} s)")
+        with self._lock:
+            self._now += seconds
+
+
+# The clock Lambda invocations are timed by (see ``runtime``).
+_lambda_clock: Callable[[], float] = time.monotonic
 
 
 def _invoke_function(backend: Any, function_name: str, qualifier: str | None, body: Any, headers: Any,
@@ -563,7 +592,7 @@ def _invoke_function(backend: Any, function_name: str, qualifier: str | None, bo
         function_name=function.function_name, invoked_function_arn=function.function_arn,
         memory_limit_in_mb=int(function.memory_size), aws_request_id=request_id,
         log_group_name=f"/aws/lambda/{function.function_name}", log_stream_name=request_id,
-        timeout_s=int(function.timeout),
+        timeout_s=int(function.timeout), clock=_lambda_clock,
     )
     variables = {
         **function.environment_vars, "AWS_REGION": backend.region_name, "AWS_DEFAULT_REGION": backend.region_name,
@@ -572,7 +601,7 @@ def _invoke_function(backend: Any, function_name: str, qualifier: str | None, bo
     }
     with _RUN_LOCK, _environment(variables), _captured_output() as output:
         # The clock starts when this invocation runs, not while it waited for another to finish.
-        context = replace(context, started=time.monotonic())
+        context = replace(context, started=context.clock())
         try:
             handler = getattr(_import_entry_point(module_name), attribute)
             result = handler(event, context)
@@ -812,8 +841,12 @@ class _ScaledTime:
 
 
 @contextmanager
-def runtime(*, retry_time_scale: float = RETRY_TIME_SCALE) -> Iterator[None]:
-    """Install the execution layer into moto (see the module docstring) for the duration of the block."""
+def runtime(*, retry_time_scale: float = RETRY_TIME_SCALE,
+            lambda_clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """Install the execution layer into moto (see the module docstring) for the duration of the block.
+
+    ``lambda_clock`` times Lambda invocations against their functions' timeouts (see ``ManualClock``).
+    """
     from moto.awslambda_simple.models import LambdaSimpleBackend
     from moto.batch_simple.models import BatchSimpleBackend
     from moto.events.models import Rule
@@ -824,6 +857,7 @@ def runtime(*, retry_time_scale: float = RETRY_TIME_SCALE) -> Iterator[None]:
 
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(LambdaSimpleBackend, "invoke", _invoke_function))
+        stack.enter_context(mock.patch(f"{__name__}._lambda_clock", lambda_clock))
         stack.enter_context(mock.patch.object(BatchSimpleBackend, "submit_job", _submit_job))
         stack.enter_context(mock.patch.object(Rule, "send_to_targets", _send_to_targets(Rule.send_to_targets)))
         stack.enter_context(mock.patch.object(retrier_decl, "time", _ScaledTime(retry_time_scale)))
@@ -853,7 +887,8 @@ def _check_moto_extras() -> None:
 
 
 @contextmanager
-def offline(*, region: str = DEFAULT_REGION, retry_time_scale: float = RETRY_TIME_SCALE) -> Iterator[None]:
+def offline(*, region: str = DEFAULT_REGION, retry_time_scale: float = RETRY_TIME_SCALE,
+            lambda_clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
     """moto in-process, with the execution layer, and this process's AWS clients pointed at it."""
     from moto import mock_aws
 
@@ -866,7 +901,7 @@ def offline(*, region: str = DEFAULT_REGION, retry_time_scale: float = RETRY_TIM
         # A client made for a real endpoint (TOPX_ENDPOINT_URL) would bypass the in-process mock.
         os.environ.pop(ENV_ENDPOINT_URL, None)
         stack.enter_context(mock_aws(config=MOCK_CONFIG))
-        stack.enter_context(runtime(retry_time_scale=retry_time_scale))
+        stack.enter_context(runtime(retry_time_scale=retry_time_scale, lambda_clock=lambda_clock))
         stages.use_clients(s3=None, dynamodb=None)
         stack.callback(stages.use_clients, s3=None, dynamodb=None)
         yield
