@@ -224,10 +224,14 @@ def _check_hyperparameters(text: str) -> None:
             raise SettingsError(
                 f"context hyperparameters: {name} follows each upload's topx-mode metadata and cannot be set"
             )
+        if name in HYPERPARAMETER_CHOICES:
+            if value not in HYPERPARAMETER_CHOICES[name]:
+                raise SettingsError(f"context hyperparameters: {name} must be one of "
+                                    f"{', '.join(HYPERPARAMETER_CHOICES[name])}, got {value!r}")
+            continue
         if name not in HYPERPARAMETER_RANGES:
-            raise SettingsError(
-                f"context hyperparameters: unknown hyperparameter {name!r}; known: {', '.join(HYPERPARAMETER_RANGES)}"
-            )
+            known = ", ".join([*HYPERPARAMETER_RANGES, *HYPERPARAMETER_CHOICES])
+            raise SettingsError(f"context hyperparameters: unknown hyperparameter {name!r}; known: {known}")
         kind, low, high = HYPERPARAMETER_RANGES[name]
         try:
             number = _parse_int(value) if kind is int else _parse_number(value)
@@ -285,7 +289,13 @@ HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = {
     "linear_init_sigma": (float, 0, 1_000_000),
     "factors_init_sigma": (float, 0, 1_000_000),
     "negative_samples": (int, 1, math.inf),
+    "unobserved_weight": (float, 0, 1_000_000),
+    "regularization_exponent": (float, 0, 1_000_000),
     "validation_fraction": (float, 0, 0.5),
     "early_stopping_patience": (int, 1, math.inf),
     "seed": (int, -math.inf, math.inf),
+}
+# The settable HyperParameters fields that take one of a few names.
+HYPERPARAMETER_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "learner": ("sgd", "icd"),
 }

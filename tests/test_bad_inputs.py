@@ -206,7 +206,7 @@ CASES = [
     Case("rating_beyond_float32", X + "huge.csv", lambda: with_cell("rating", "1e39"),
          ("incoming/huge.csv, row 12, column 'rating': rating 1e+39 is too large",)),
     Case("negative_count_implicit", X + "plays.csv", lambda: with_cell("rating", "-2"),
-         ("incoming/plays.csv, row 12, column 'rating': interaction strength -2.0 is negative",), metadata=IMPLICIT),
+         ("incoming/plays.csv, row 12, column 'rating': rating -2.0 is negative; for ranking",), metadata=IMPLICIT),
     Case("all_zero_counts_implicit", X + "zeros.csv", lambda: csv_bytes(BASE.assign(rating=0)),
          ("incoming/zeros.csv: every row has strength 0",), metadata=IMPLICIT),
     # -- too little to learn from

@@ -39,7 +39,7 @@ def read_recs(out: Path) -> pd.DataFrame:
 def test_run_on_renamed_columns_and_float_ratings(explicit_csv, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
-                 "--rating-col", "stars", "--top-x", "5", "--out", str(out), *FAST])
+                 "--rating-col", "stars", "--objective", "rating", "--top-x", "5", "--out", str(out), *FAST])
     assert code == 0
     recs = read_recs(out)
     assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
@@ -56,6 +56,37 @@ def test_run_on_renamed_columns_and_float_ratings(explicit_csv, tmp_path, capsys
     for part in ("model/model.tar.gz", "model/feature_index.json", "vectors/item_vectors.npy"):
         assert (out / part).exists(), part
     assert "rmse" in capsys.readouterr().out
+
+
+def test_with_no_mode_flag_ratings_train_for_ranking_and_min_rating_keeps_the_liked(explicit_csv, tmp_path):
+    out = tmp_path / "out"
+    code = main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", "--min-rating", "3", "--top-x", "5", "--out", str(out), *FAST])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["objective"], metrics["predictor_type"], metrics["learner"]) == ("ranking", "binary_classifier",
+                                                                                     "icd")
+    assert "rmse" not in metrics and "log_loss" not in metrics and 0.5 < metrics["auc"] <= 1.0
+    ratings = pd.read_csv(explicit_csv, dtype={"customer": str, "sku": str})
+    assert metrics["data"]["rows_below_min_rating_dropped"] == int((ratings["stars"] < 3).sum()) > 0
+    assert metrics["lift_over_popularity_recall_at_5"] == pytest.approx(
+        metrics["recall_at_5"] / metrics["popularity_recall_at_5"])
+    # Only liked rows are positives: they are the seen items left out of the lists.
+    liked = ratings[ratings["stars"] >= 3]
+    recs = read_recs(out)
+    assert not set(zip(recs["user_id"], recs["item_id"], strict=True)) & set(zip(liked["customer"], liked["sku"],
+                                                                                 strict=True))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--implicit", "--objective", "rating"], "cannot go with --objective rating"),
+    (["--objective", "rating", "--learner", "icd"], "icd learner trains for ranking"),
+    (["--predictor-type", "regressor", "--objective", "ranking"], "trains for rating"),
+])
+def test_contradictory_mode_flags_are_refused(explicit_csv, tmp_path, capsys, flags, message):
+    code = main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", *flags, "--out", str(tmp_path / "out"), *FAST])
+    assert code == 2 and message in capsys.readouterr().err
 
 
 def test_run_on_implicit_play_counts_with_features(implicit_files, tmp_path):
@@ -246,7 +277,8 @@ def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path)
     index.save(tmp_path / "index")
 
     args = ["--holdout", "0", "--epochs", "4", "--num-factors", "4", "--quiet"]
-    assert main(["train", "--interactions", str(csv), "--out", str(tmp_path / "from_csv"), *args]) == 0
+    assert main(["train", "--interactions", str(csv), "--objective", "rating", "--out", str(tmp_path / "from_csv"),
+                 *args]) == 0
     assert main(["train", "--interactions", str(recordio), "--feature-index", str(tmp_path / "index"),
                  "--out", str(tmp_path / "from_recordio"), *args]) == 0
     a = read_model_artifact(tmp_path / "from_csv" / "model")

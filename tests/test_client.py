@@ -87,7 +87,7 @@ def test_the_endpoint_comes_from_the_argument_then_the_environment(monkeypatch) 
     assert client.endpoint() is None
 
 
-def test_upload_marks_implicit_feedback_as_prepare_reads_it(tmp_path: Path, monkeypatch) -> None:
+def test_upload_marks_the_objective_as_prepare_reads_it(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     path = tmp_path / "plays.csv"
     path.write_text("user_id,item_id,rating\nu1,i1,3\n")
@@ -98,8 +98,15 @@ def test_upload_marks_implicit_feedback_as_prepare_reads_it(tmp_path: Path, monk
         assert client.upload(path, bucket="data", key="incoming/other.csv") == "s3://data/incoming/other.csv"
         implicit = s3.head_object(Bucket="data", Key="incoming/plays.csv")
         explicit = s3.head_object(Bucket="data", Key="incoming/other.csv")
-    assert implicit["Metadata"] == {"topx-mode": "implicit"}
-    assert stages._is_implicit(implicit) and not stages._is_implicit(explicit)
+        assert client.upload(path, bucket="data", key="rated.csv", objective="rating") == "s3://data/incoming/rated.csv"
+        rated = s3.head_object(Bucket="data", Key="incoming/rated.csv")
+        with pytest.raises(ConfigError, match="cannot go with|not for objective rating"):
+            client.upload(path, bucket="data", implicit=True, objective="rating")
+    assert implicit["Metadata"] == {"topx-mode": "implicit"} and "topx-mode" not in explicit["Metadata"]
+    assert stages._objective(implicit, "plays.csv") == stages._objective(explicit, "other.csv") == "ranking"
+    assert rated["Metadata"] == {"topx-mode": "rating"} and stages._objective(rated, "rated.csv") == "rating"
+    with pytest.raises(ConfigError, match="unknown mode 'stars'"):
+        stages._objective({"Metadata": {"topx-mode": "stars"}}, "s.csv")
     with pytest.raises(ConfigError, match="no such file"):
         client.upload(tmp_path / "missing.csv", bucket="data")
 

@@ -18,10 +18,10 @@ from typing import Any
 import boto3
 import pandas as pd
 import pytest
+from reliability_stack import base_ratings
 
 from topx import client, local, stages, store
 from topx.cli import main
-from topx.synth import generate
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
 MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
@@ -60,7 +60,7 @@ def offline() -> Iterator[Offline]:
 @pytest.fixture(scope="module")
 def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "ratings.csv"
-    generate(150, 80, mean_interactions=10, implicit=False, seed=11).interactions.to_csv(path, index=False)
+    base_ratings(150, 80, seed=11).to_csv(path, index=False)
     return path
 
 
@@ -113,7 +113,8 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(offline: Offlin
     assert store.active_version(offline.pipeline.table, client=offline.ddb) == run_id
     metrics = json.loads(offline.s3.get_object(Bucket=offline.pipeline.bucket,
                                                Key=f"runs/{run_id}/metrics.json")["Body"].read())
-    assert metrics["predictor_type"] == "regressor" and metrics["top_x"] == TOP_X
+    # No mode metadata: the upload trains for ranking, as `topx run` does with no mode flag.
+    assert (metrics["objective"], metrics["learner"], metrics["top_x"]) == ("ranking", "icd", TOP_X)
 
     out = tmp_path / "local"
     assert main(["run", "--interactions", str(ratings), "--top-x", str(TOP_X), "--num-factors", str(FACTORS),

@@ -9,8 +9,9 @@ The faults, and how each is made (all in this process, see docs/LOCAL.md):
 - a search shard keeps failing (its entry point raises on every attempt);
 - DynamoDB throttles the load: the store's client answers some ``BatchWriteItem`` calls with
   ``UnprocessedItems``, as DynamoDB does when it throttles, then every call;
-- a Lambda function runs past its timeout (its timeout set to 1 s, the handler made slower): the
-  offline layer reports it as Lambda does, ``Sandbox.Timedout``, in Prepare, Load and Publish;
+- a Lambda function runs past its timeout (its timeout set to 1 s, and the offline layer's clock moved
+  1.05 s inside the handler, so no outcome depends on the machine's speed): the offline layer reports it
+  as Lambda does, ``Sandbox.Timedout``, in Prepare, Load and Publish;
 - a crash between the last shard and the pointer flip (Publish raises before its write), and a Publish
   that times out after its write.
 
@@ -21,7 +22,6 @@ and the pointer must never go back.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,9 +115,9 @@ def cause_of_train_failures(run: Run) -> list[int]:
 def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> list[dict[str, float]]:
     """Kill the training job after its first epoch, on the first ``attempts`` attempts (None: always)."""
     killed: list[dict[str, float]] = []
-    real = pipeline.train_fm
+    real = pipeline.fit
 
-    def train_fm(*args: Any, **kwargs: Any) -> Any:
+    def fit(*args: Any, **kwargs: Any) -> Any:
         if attempts is None or len(killed) < attempts:
             def die(record: dict[str, float]) -> None:
                 killed.append(record)
@@ -126,7 +126,7 @@ def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> l
             kwargs["on_epoch"] = die
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_fm", train_fm)
+    monkeypatch.setattr(pipeline, "fit", fit)
     return killed
 
 
@@ -253,7 +253,8 @@ def set_timeout(stack: Stack, handler: str, seconds: int) -> None:
 def slower(monkeypatch: pytest.MonkeyPatch, stack: Stack, handler: str, stage: str, *, times: int | None,
            after: bool = False) -> list[Any]:
     """Make ``stages.<stage>`` outlast a 1-second timeout of function ``handler``, the first ``times``
-    calls (None: every call), before its work or ``after`` it (the ``timeouts`` fixture restores it)."""
+    calls (None: every call), before its work or ``after`` it (the ``timeouts`` fixture restores it).
+    The handler's time is the stack's manual clock, moved 1.05 s: the other calls take no time at all."""
     real: Callable[..., Any] = getattr(stages, stage)
     calls: list[Any] = []
 
@@ -261,10 +262,10 @@ def slower(monkeypatch: pytest.MonkeyPatch, stack: Stack, handler: str, stage: s
         calls.append(args)
         late = times is None or len(calls) <= times
         if late and not after:
-            time.sleep(1.05)
+            stack.clock.advance(1.05)
         result = real(*args)
         if late and after:
-            time.sleep(1.05)
+            stack.clock.advance(1.05)
         return result
 
     set_timeout(stack, handler, 1)

@@ -860,6 +860,8 @@ def _hyperparameter_samples() -> list[tuple[str, Any]]:
             if value not in (float("inf"), float("-inf")):
                 samples.append((name, kind(value)))
         samples.append((name, "x"))
+    for name, choices in infra_settings.HYPERPARAMETER_CHOICES.items():
+        samples += [(name, choice) for choice in choices] + [(name, "x"), (name, 1)]
     return samples
 
 
@@ -869,9 +871,10 @@ def test_hyperparameter_names_and_types_are_topx_own() -> None:
     defaults = config.HyperParameters()
     settable = {f.name for f in fields(config.HyperParameters)} - stages.NOT_OVERRIDABLE
     assert infra_settings.FIXED_HYPERPARAMETERS == stages.NOT_OVERRIDABLE
-    assert set(infra_settings.HYPERPARAMETER_RANGES) == settable
+    assert set(infra_settings.HYPERPARAMETER_RANGES) | set(infra_settings.HYPERPARAMETER_CHOICES) == settable
     for name, (kind, _, _) in infra_settings.HYPERPARAMETER_RANGES.items():
         assert type(getattr(defaults, name)) is kind, name
+    assert infra_settings.HYPERPARAMETER_CHOICES["learner"] == config.LEARNERS
 
 
 @pytest.mark.parametrize(("name", "value"), _hyperparameter_samples())

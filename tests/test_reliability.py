@@ -40,6 +40,8 @@ from topx.errors import ConfigError
 BASE = base_ratings()
 UPLOAD = csv_bytes(BASE)
 USERS = sorted(BASE["user_id"].unique())
+# The gate cases about RMSE need a rating regressor: the upload says so, as `topx upload --objective rating` does.
+RATING = {"topx-mode": "rating"}
 DIVERGING = json.dumps({"factors_lr": 1e5, "linear_lr": 1e5, "factors_init_sigma": 1e5})
 
 
@@ -69,7 +71,7 @@ def rejected_and_untouched(stack: Stack, run, reason: str) -> None:
 
 
 def test_a_diverging_training_configuration_is_not_published(live: Stack) -> None:
-    run = live.upload("incoming/ratings.csv", UPLOAD, {"topx-hyperparameters": DIVERGING})
+    run = live.upload("incoming/ratings.csv", UPLOAD, {"topx-hyperparameters": DIVERGING, **RATING})
 
     rejected_and_untouched(live, run, "is worse than the baseline's")
     metrics = live.run_json(run.run_id, "metrics.json")
@@ -83,7 +85,7 @@ def test_a_configured_threshold_rejects_a_model_that_beats_its_baseline(live: St
     functions.update_function_configuration(FunctionName=gate,
                                             Environment={"Variables": {**variables, ENV_MAX_RMSE: "0.5"}})
     try:
-        run = live.upload("incoming/ratings.csv", UPLOAD)
+        run = live.upload("incoming/ratings.csv", UPLOAD, RATING)
     finally:
         functions.update_function_configuration(FunctionName=gate, Environment={"Variables": variables})
 
@@ -93,7 +95,7 @@ def test_a_configured_threshold_rejects_a_model_that_beats_its_baseline(live: St
 
 
 def test_a_model_clearly_worse_than_the_live_one_is_not_published(live: Stack) -> None:
-    first = live.upload("incoming/ratings.csv", UPLOAD)
+    first = live.upload("incoming/ratings.csv", UPLOAD, RATING)
     assert first.status == "SUCCEEDED"
     # The live model was better than this data can make one (e.g. trained on a cleaner export):
     # its recorded hold-out RMSE is planted at 0.8.
@@ -105,7 +107,7 @@ def test_a_model_clearly_worse_than_the_live_one_is_not_published(live: Stack) -
                        Body=json.dumps({**metrics, "rmse": 0.8}).encode())
     before = live.view(USERS[:10])
 
-    run = live.upload("incoming/ratings.csv", UPLOAD)
+    run = live.upload("incoming/ratings.csv", UPLOAD, RATING)
 
     assert run.status == "FAILED" and run.error == "QualityGateRejected"
     (note,) = run.notes

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from moto import mock_aws
+from reliability_stack import base_ratings
 
 from topx import stages, store
 from topx.errors import InputDataError, StoreError
 from topx.pipeline import DataOptions, RunOptions, default_hyperparameters, run_all
-from topx.synth import generate
 
 BUCKET, TABLE = "topx-test-bucket", "topx-test-table"
 
@@ -59,16 +59,16 @@ def run_pipeline(key: str) -> str:
 
 def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):
     s3, ddb = aws
-    data = generate(150, 80, mean_interactions=10, implicit=False, seed=11)
+    data = base_ratings(150, 80, seed=11)
     csv = tmp_path / "ratings.csv"
-    data.interactions.to_csv(csv, index=False)
+    data.to_csv(csv, index=False)
     s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
 
     run_id = run_pipeline("incoming/ratings.csv")
     assert store.active_version(TABLE, client=ddb) == run_id
 
     local = tmp_path / "local"
-    run_all(DataOptions(str(csv)), default_hyperparameters(False, num_factors=8, epochs=3),
+    run_all(DataOptions(str(csv), implicit=True), default_hyperparameters("ranking", num_factors=8, epochs=3),
             RunOptions(top_x=5, progress=False), local)
     expected = pd.read_parquet(local / "recommendations.parquet")
     for user, group in expected.groupby("user_id"):
@@ -80,12 +80,12 @@ def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):
 
 def test_a_failed_run_leaves_the_live_version(aws, tmp_path):
     s3, ddb = aws
-    data = generate(60, 40, mean_interactions=8, implicit=False, seed=12)
+    data = base_ratings(60, 40, seed=12)
     csv = tmp_path / "ratings.csv"
-    data.interactions.to_csv(csv, index=False)
+    data.to_csv(csv, index=False)
     s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
     live = run_pipeline("incoming/ratings.csv")
-    before = store.get_recommendations(TABLE, data.interactions["user_id"].iloc[0], client=ddb)
+    before = store.get_recommendations(TABLE, data["user_id"].iloc[0], client=ddb)
 
     s3.put_object(Bucket=BUCKET, Key="incoming/bad.csv", Body=b"user_id,item_id,rating\nu1,i1,oops\n")
     with pytest.raises(InputDataError, match="row 2"):
@@ -253,9 +253,9 @@ def test_a_pipeline_set_to_faiss_publishes_what_the_exact_default_does(aws, tmp_
         return real_build_index(item_vectors, method=method, **options)
 
     monkeypatch.setattr(search, "build_index", build_index)
-    data = generate(60, 40, mean_interactions=8, implicit=False, seed=13)
+    data = base_ratings(60, 40, seed=13)
     csv = tmp_path / "ratings.csv"
-    data.interactions.to_csv(csv, index=False)
+    data.to_csv(csv, index=False)
     s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
     run_id = run_pipeline("incoming/ratings.csv")
     metrics = stages._get_json(BUCKET, stages.run_prefix(run_id) + "metrics.json")
@@ -263,7 +263,7 @@ def test_a_pipeline_set_to_faiss_publishes_what_the_exact_default_does(aws, tmp_
     assert metrics["search_method"] == "faiss" and set(built) == {"faiss"} and len(built) > 3
 
     local = tmp_path / "local"
-    run_all(DataOptions(str(csv)), default_hyperparameters(False, num_factors=8, epochs=3),
+    run_all(DataOptions(str(csv), implicit=True), default_hyperparameters("ranking", num_factors=8, epochs=3),
             RunOptions(top_x=5, progress=False), local)  # search_method="exact", the default
     expected = pd.read_parquet(local / "recommendations.parquet")
     assert expected["user_id"].nunique() == 60

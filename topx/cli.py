@@ -7,6 +7,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from topx import __version__
-from topx.config import DEFAULT_TOP_X, SEARCH_METHODS, HyperParameters
+from topx.config import (
+    DEFAULT_OBJECTIVE,
+    DEFAULT_TOP_X,
+    LEARNERS,
+    OBJECTIVES,
+    SEARCH_METHODS,
+    HyperParameters,
+)
 from topx.errors import TopxError
 
 EXIT_USER_ERROR = 2
@@ -37,7 +45,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--item-col", type=_column, default="item_id", metavar="COL",
                    help="item id column (default: item_id; 1 without a header)")
     g.add_argument("--rating-col", type=_column, default="rating", metavar="COL",
-                   help="rating (or, with --implicit, strength) column (default: rating; 2 without a header)")
+                   help="rating or strength column (default: rating; 2 without a header). For ranking it weighs "
+                        "each interaction and may be absent (1 per row); --objective rating predicts it")
     g.add_argument("--user-key", type=_column, metavar="COL",
                    help="key column of the --users table (default: the --user-col name)")
     g.add_argument("--item-key", type=_column, metavar="COL",
@@ -45,31 +54,46 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-header", action="store_true",
                    help="files have no header row: columns are given by 0-based position")
     g.add_argument("--sep", metavar="SEP", help=r"field separator (default: sniffed among , \t ; |)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="ranking (default): every interaction is a positive, every other pair a negative, and "
+                        "the model ranks what each user takes next; rating: a regressor that predicts the "
+                        "rating column (SageMaker's regressor)")
+    g.add_argument("--min-rating", type=float, metavar="R",
+                   help="keep only rows rated >= R (as positives, for ranking); default: every row")
     g.add_argument("--implicit", action="store_true",
-                   help="implicit feedback: the rating column (or its absence) is interaction strength; "
-                        "trains a binary classifier with sampled negatives")
+                   help="the rating column is interaction strength (play counts, clicks): the same as "
+                        "--objective ranking, the default")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (names as SageMaker's factorization machines)")
     from topx.pipeline import default_hyperparameters
 
-    explicit, implicit = default_hyperparameters(False), default_hyperparameters(True)
+    ranking, rating = default_hyperparameters("ranking"), default_hyperparameters("rating")
+    sgd = default_hyperparameters("ranking", learner="sgd")
 
     def default(name: str) -> str:
-        a, b = getattr(explicit, name), getattr(implicit, name)
-        return f"default {a}" if a == b else f"default {a}; {b} with --implicit"
+        a, b = getattr(ranking, name), getattr(rating, name)
+        return f"default {a}" if a == b else f"default {a}; {b} with --objective rating"
 
     g.add_argument("--num-factors", type=int, metavar="K", help=f"latent dimension k ({default('num_factors')})")
     g.add_argument("--epochs", type=int, help=f"maximum epochs ({default('epochs')}; early stopping may end sooner)")
     g.add_argument("--mini-batch-size", type=int, help=f"samples per step ({default('mini_batch_size')})")
     g.add_argument("--predictor-type", choices=("regressor", "binary_classifier"),
-                   help="default: regressor, or binary_classifier with --implicit")
+                   help="SageMaker's name for the objective: binary_classifier (ranking) or regressor (rating)")
+    g.add_argument("--learner", choices=LEARNERS,
+                   help="icd (default for ranking): coordinate descent over every unobserved pair; sgd: "
+                        "mini-batch Adagrad with sampled negatives (ranking) or on the ratings (rating)")
+    g.add_argument("--unobserved-weight", type=float, metavar="A",
+                   help=f"icd: weight of each unobserved pair (default {ranking.unobserved_weight})")
+    g.add_argument("--regularization-exponent", type=float, metavar="NU",
+                   help="icd: weight decay scales with each feature's pairs to this power "
+                        f"(default {ranking.regularization_exponent}; 0 = plain weight decay)")
     for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
                  "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
         g.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name, help=default(name))
     g.add_argument("--negative-samples", type=int,
-                   help=f"negatives per positive in implicit mode (default {implicit.negative_samples})")
+                   help=f"sgd ranking: negatives per positive (default {sgd.negative_samples})")
     g.add_argument("--seed", type=int, help=f"random seed for splits, initialisation and sampling ({default('seed')})")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
     g.add_argument("--holdout", type=float, default=0.2,
@@ -133,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: recommendations.parquet, model/, vectors/, metrics.json")
+    p.add_argument("--tune", action="store_true",
+                   help="first search the ranking learner's weight decay and unobserved weight on a validation "
+                        "carve of the training rows (as `topx tune`), then train with the winner")
+
+    p = add_command("tune", help="search the ranking learner's settings on a validation carve of your data",
+                       description="Carve a seeded 20%% of each user's training rows (the --holdout rows stay "
+                                   "unseen), train every point of a small grid of --factors-wd and "
+                                   "--unobserved-weight on the rest, and report each point's recall@x on the "
+                                   "carve, the winner, and its gain over the given settings.")
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_ranking_options(p)
+    _add_eval_options(p)
 
     p = add_command("train", help="ingest and train; writes model/ and data/ into --out",
                        description="Read and validate the data, train the FM, write the model artifact "
@@ -202,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "$TOPX_BUCKET, else the output of the stack Topx.")
     p.add_argument("file", metavar="FILE", help="local file to upload")
     p.add_argument("--implicit", action="store_true",
-                   help="the data is implicit feedback (marks the object with metadata topx-mode: implicit)")
+                   help="the rating column is interaction strength (metadata topx-mode: implicit); for ranking")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="ranking (the default for unmarked uploads) or rating (metadata topx-mode: rating)")
     p.add_argument("--key", metavar="NAME", help="object name under incoming/ (default: the file's name)")
     _add_stack_options(p, bucket=True)
 
@@ -219,8 +258,25 @@ def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameter
 
     names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
              "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",
-             "negative_samples", "seed")
-    return default_hyperparameters(implicit, **{n: getattr(args, n, None) for n in names})
+             "negative_samples", "seed", "learner", "unobserved_weight", "regularization_exponent")
+    return default_hyperparameters("ranking" if implicit else "rating", **{n: getattr(args, n, None) for n in names})
+
+
+def _objective(args: argparse.Namespace) -> str:
+    """--objective, with --implicit and --predictor-type as the older ways of saying it."""
+    from topx.errors import ConfigError
+
+    chosen = getattr(args, "objective", None)
+    if getattr(args, "implicit", False):
+        if chosen == "rating":
+            raise ConfigError("--implicit reads the rating column as strength for ranking; it cannot go with "
+                              "--objective rating")
+        chosen = "ranking"
+    predictor = getattr(args, "predictor_type", None)
+    implied = {"regressor": "rating", "binary_classifier": "ranking"}.get(predictor or "")
+    if chosen is not None and implied is not None and implied != chosen:
+        raise ConfigError(f"--predictor-type {predictor} trains for {implied}, not --objective {chosen}")
+    return chosen or implied or DEFAULT_OBJECTIVE
 
 
 def _data_options(args: argparse.Namespace):
@@ -236,7 +292,8 @@ def _data_options(args: argparse.Namespace):
     return DataOptions(
         interactions=args.interactions, users=args.users, items=args.items,
         user_col=user_col, item_col=item_col, rating_col=rating_col,
-        user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep, implicit=args.implicit,
+        user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep,
+        implicit=_objective(args) == "ranking", min_rating=getattr(args, "min_rating", None),
     )
 
 
@@ -252,6 +309,7 @@ def _run_options(args: argparse.Namespace):
         eval_users=getattr(args, "eval_users", 20000),
         progress=False if args.quiet else None,
         search_method=getattr(args, "search_method", "exact"),
+        tune=getattr(args, "tune", False),
     )
 
 
@@ -277,6 +335,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                       reporter=Reporter(not args.quiet))
     _print_metrics(metrics, args.top_x)
     print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from topx.pipeline import Reporter, load_dataset, tuned_hyperparameters
+
+    data = _data_options(args)
+    hp = _hyperparameters(args, data.implicit)
+    reporter = Reporter(not args.quiet)
+    with reporter.step("ingest", f"reading {data.interactions}"):
+        ds = load_dataset(data)
+    _, report = tuned_hyperparameters(ds, hp, dataclasses.replace(_run_options(args), tune=True), reporter)
+    print(json.dumps(report, indent=2))
+    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report["chosen"].items())
+    print(f"chosen: {flags} ({report['metric']} {report['best_score']:.4f} on the validation carve, "
+          f"{report['gain']:+.1%} over the given settings); `topx run --tune` tunes and trains in one go")
     return 0
 
 
@@ -441,9 +515,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     existing: dict[str, Any] = {}
     if (run / METRICS).exists():
         existing = json.loads((run / METRICS).read_text(encoding="utf-8"))
-    seed = existing.get("hyperparameters", {}).get("seed", HyperParameters().seed)
+    trained = existing.get("hyperparameters", {})
+    seed = trained.get("seed", HyperParameters().seed)
     options = dataclasses.replace(_run_options(args), top_x=args.top_x)
-    metrics = evaluate_model(params, vectors, ds, holdout, options, seed)
+    metrics = evaluate_model(params, vectors, ds, holdout, options, seed, trained.get("learner", "sgd"))
     existing.update(metrics)
     write_json(run / METRICS, existing)
     _print_metrics(metrics, args.top_x)
@@ -479,6 +554,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from topx import client
 
     uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
+                        objective=args.objective,
                         endpoint_url=args.endpoint_url)
     print(f"uploaded {uri}{' (implicit feedback)' if args.implicit else ''}; the upload rule starts a run "
           f"(follow it with `topx status`)")
@@ -510,7 +586,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
             "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status}
 
 

@@ -35,11 +35,13 @@ OUTPUT_TABLE = "TableName"
 OUTPUT_STATE_MACHINE = "StateMachineArn"
 OUTPUT_TOPIC = "TopicArn"
 
-# Uploads go under this prefix (the trigger's, statemachine/trigger.json) and carry this metadata when
-# they hold implicit feedback (read by topx.stages.prepare_run).
+# Uploads go under this prefix (the trigger's, statemachine/trigger.json) and may carry this metadata
+# naming their objective (read by topx.stages.prepare_run): "ranking" (also "implicit"), the default, or
+# "rating" (also "explicit").
 INCOMING_PREFIX = "incoming/"
 MODE_METADATA_KEY = "topx-mode"
 IMPLICIT_MODE = "implicit"
+RATING_MODE = "rating"
 
 
 @dataclass(frozen=True)
@@ -188,18 +190,26 @@ def live_version(*, table: str | None = None, stack: str | None = None, endpoint
 
 
 def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,
-           implicit: bool = False, endpoint_url: str | None = None, client: Any = None) -> str:
+           implicit: bool = False, objective: str | None = None, endpoint_url: str | None = None,
+           client: Any = None) -> str:
     """Put a local file under ``incoming/`` (which starts a run); returns its ``s3://`` URI.
 
-    ``implicit`` marks the data as implicit feedback (object metadata ``topx-mode: implicit``).
+    ``implicit`` marks the data as interaction strengths (object metadata ``topx-mode: implicit``);
+    ``objective="rating"`` asks for a rating regressor (``topx-mode: rating``). Unmarked data train for
+    ranking.
     """
+    if objective not in (None, "ranking", RATING_MODE):
+        raise ConfigError(f"unknown objective {objective!r}: use ranking or rating")
+    if implicit and objective == RATING_MODE:
+        raise ConfigError("implicit feedback trains for ranking, not for objective rating")
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"{source}: no such file")
     name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
     target = INCOMING_PREFIX + (key or source.name).removeprefix(INCOMING_PREFIX)
     s3 = client or aws_client("s3", endpoint_url)
-    extra = {"Metadata": {MODE_METADATA_KEY: IMPLICIT_MODE}} if implicit else {}
+    mode = IMPLICIT_MODE if implicit else objective
+    extra = {"Metadata": {MODE_METADATA_KEY: mode}} if mode else {}
     with aws_errors():
         s3.upload_file(str(source), name, target, ExtraArgs=extra)
     return f"s3://{name}/{target}"

@@ -41,6 +41,12 @@ DEFAULT_SEARCH_METHOD = "exact"
 # float32), "hnsw" / "ivf" (approximate FAISS indexes). Defined here, where the CLI and the settings can
 # read them without importing topx.search and with it torch.
 SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
+# What the model is trained for: "ranking" (interactions are positives, every other pair a negative; the
+# default) or "rating" (a regressor of the rating column, SageMaker's predictor_type "regressor").
+OBJECTIVES = ("ranking", "rating")
+DEFAULT_OBJECTIVE = "ranking"
+# The FM learners (HyperParameters.learner): topx.fm's mini-batch SGD and topx.icd's coordinate descent.
+LEARNERS = ("sgd", "icd")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,13 @@ class HyperParameters:
     factors_init_sigma: float = 0.01
     # Negatives sampled per positive for binary_classifier on implicit data.
     negative_samples: int = 4
+    # The learner: "sgd" (mini-batch Adagrad; sampled negatives for a classifier) or "icd" (implicit
+    # coordinate descent over every unobserved pair, for ranking; topx.icd).
+    learner: str = "sgd"
+    # icd: the weight of each unobserved pair (observed pairs weigh 1, or their strength weight), and the
+    # exponent of the frequency scaling of the weight decay (0: plain weight decay).
+    unobserved_weight: float = 0.1
+    regularization_exponent: float = 1.0
     # Early stopping: fraction of the training rows held for validation, and epochs without gain.
     validation_fraction: float = 0.1
     early_stopping_patience: int = 3
@@ -80,6 +93,14 @@ class HyperParameters:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1e6):
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.learner not in LEARNERS:
+            raise ConfigError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
+        for name in ("unobserved_weight", "regularization_exponent"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1e6):
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.learner == "icd" and self.unobserved_weight <= 0:
+            raise ConfigError("unobserved_weight must be > 0 for the icd learner")
         if not isinstance(self.negative_samples, int) or self.negative_samples < 1:
             raise ConfigError(f"negative_samples must be a positive integer, got {self.negative_samples!r}")
         if not (0.0 <= self.validation_fraction < 0.5):

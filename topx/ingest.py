@@ -143,7 +143,8 @@ def read_interactions(
     if rating_name is None:
         ratings = np.ones(table.data.num_rows, dtype=np.float32)
     else:
-        what = "interaction strength" if implicit else "rating"
+        # A column named rating is called a rating, whatever the objective reads it as.
+        what = "interaction strength" if implicit and "rating" not in str(rating_name).lower() else "rating"
         ratings = _rating_column(table, rating_name, what, allow_negative=not implicit)
 
     frame = pd.DataFrame(
@@ -596,7 +597,9 @@ def _rating_column(table: _Table, name: str, what: str, *, allow_negative: bool)
                     lambda v: f"{what} {v!r} is too large (beyond float32)", values)
     if not allow_negative:
         _raise_at_first(table, name, values < 0,
-                        lambda v: f"{what} {v!r} is negative; implicit strengths must be >= 0", values)
+                        lambda v: f"{what} {v!r} is negative; for ranking, ratings and strengths must be >= 0 "
+                                  f"(drop the low ones with --min-rating, or predict them with --objective rating)",
+                        values)
     return values.astype(np.float32)
 
 

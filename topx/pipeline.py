@@ -35,11 +35,12 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from topx import evaluate as ev
-from topx.config import HyperParameters
+from topx.config import DEFAULT_OBJECTIVE, OBJECTIVES, HyperParameters
 from topx.encode import encode_features
 from topx.errors import ArtifactFormatError, ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
 from topx.fm import PaddedRows, TrainingData, TrainResult, train_fm
+from topx.icd import ImplicitData, train_icd
 from topx.ingest import read_feature_table, read_interactions
 from topx.params import FMParams
 from topx.search import iter_top_x
@@ -69,7 +70,10 @@ class DataOptions:
     item_key: str | int | None = None
     header: bool = True
     sep: str | None = None
+    # The rating column is interaction strength (absent: 1 per row), as the ranking objective reads it.
     implicit: bool = False
+    # Rows rated below this are dropped before anything else (ranking: only liked items are positives).
+    min_rating: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class RunOptions:
     eval_users: int = 20000
     progress: bool | None = None
     search_method: str = "exact"  # of the recommendations: see topx.search.SEARCH_METHODS
+    tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
 
 
 @dataclass
@@ -148,11 +153,19 @@ def load_dataset(opts: DataOptions) -> Dataset:
         rating_col=opts.rating_col,
         header=header,
         sep=opts.sep,
-        implicit=opts.implicit,
+        # With --min-rating the column holds ratings, negative ones too, until the threshold drops them.
+        implicit=opts.implicit and opts.min_rating is None,
     )
     report: dict[str, Any] = {"rows_read": int(len(frame))}
+    if opts.min_rating is not None:
+        low = frame["rating"].to_numpy() < opts.min_rating
+        report["rows_below_min_rating_dropped"] = int(low.sum())
+        frame = frame.loc[~low]
+        if frame.empty:
+            raise InputDataError(f"no row has a rating >= --min-rating {opts.min_rating:g}: there are no interactions",
+                                 source=opts.interactions)
     if opts.implicit:
-        zero = frame["rating"].to_numpy() == 0
+        zero = frame["rating"].to_numpy() <= 0
         report["zero_strength_rows_dropped"] = int(zero.sum())
         frame = frame.loc[~zero]
         if frame.empty:
@@ -248,9 +261,7 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
     label = ds.rating[sel]
     weight = None
     if ds.implicit:
-        strength = np.log1p(np.maximum(label, 0).astype(np.float64))
-        mean = strength.mean() if len(strength) else 1.0
-        weight = None if np.allclose(strength, mean) else (strength / mean).astype(np.float32)
+        weight = training_data_weight(label)
         label = np.ones(len(label), dtype=np.float32)
     else:
         label = np.array(label, dtype=np.float32)  # a private, writable copy for the trainer
@@ -264,26 +275,90 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
     )
 
 
-# Defaults per predictor type, over HyperParameters' own. Chosen on validation carves of
-# MovieLens 100k's training data (benchmarks/quality_ml100k.py --tune; docs/PERFORMANCE.md):
-# the regressor wants far stronger weight decay than 1e-4, the classifier higher learning rates,
-# more negatives and more epochs (its best epoch there was 38-52); early stopping ends both sooner.
-MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "regressor": {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
-    "binary_classifier": {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
-                          "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
+def training_data_weight(strength: np.ndarray) -> np.ndarray | None:
+    """(n,) positive weights log1p(strength), normalised to mean 1; None when all are equal."""
+    logs = np.log1p(np.maximum(strength, 0).astype(np.float64))
+    mean = logs.mean() if len(logs) else 1.0
+    return None if np.allclose(logs, mean) else (logs / mean).astype(np.float32)
+
+
+# Defaults per (predictor type, learner), over HyperParameters' own. The SGD ones were chosen on
+# validation carves of MovieLens 100k's training data (benchmarks/quality_ml100k.py --tune): the
+# regressor wants far stronger weight decay than 1e-4, the classifier higher learning rates, more
+# negatives and more epochs; early stopping ends both sooner. The icd ones on validation carves of
+# MovieLens 100k and of generated data of other shapes (benchmarks/ranking.py; docs/PERFORMANCE.md).
+MODE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("regressor", "sgd"): {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
+    ("binary_classifier", "sgd"): {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
+                                   "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
+    ("binary_classifier", "icd"): {"num_factors": 32, "epochs": 10, "unobserved_weight": 3.0, "factors_wd": 0.3,
+                                   "linear_wd": 0.01, "regularization_exponent": 0.5, "factors_init_sigma": 0.01},
 }
 
 
-def default_hyperparameters(implicit: bool, **overrides: Any) -> HyperParameters:
-    """The mode's defaults (``MODE_DEFAULTS``); ``overrides`` (None values ignored) win."""
+def objective_of(value: str | bool) -> str:
+    """An objective name; True / False are the former ``implicit`` flag (ranking / rating)."""
+    if isinstance(value, bool):
+        return "ranking" if value else "rating"
+    if value not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {value!r}: use one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+def default_hyperparameters(objective: str | bool = DEFAULT_OBJECTIVE, **overrides: Any) -> HyperParameters:
+    """The objective's defaults (``MODE_DEFAULTS``); ``overrides`` (None values ignored) win.
+
+    "ranking" trains a binary classifier of interaction by implicit coordinate descent over every pair
+    (``learner="icd"``; ``learner="sgd"`` samples negatives instead); "rating" a regressor of the rating.
+    """
+    ranking = objective_of(objective) == "ranking"
     chosen = {k: v for k, v in overrides.items() if v is not None}
-    predictor_type = chosen.get("predictor_type", "binary_classifier" if implicit else "regressor")
-    values = {**MODE_DEFAULTS.get(predictor_type, {}), "predictor_type": predictor_type, **chosen}
+    predictor_type = chosen.get("predictor_type", "binary_classifier" if ranking else "regressor")
+    learner = chosen.get("learner", "icd" if predictor_type == "binary_classifier" and ranking else "sgd")
+    if learner == "icd" and predictor_type != "binary_classifier":
+        raise ConfigError("the icd learner trains for ranking (predictor_type binary_classifier); "
+                          "predicting ratings takes learner sgd")
+    values = {**MODE_DEFAULTS.get((predictor_type, learner), {}), "predictor_type": predictor_type,
+              "learner": learner, **chosen}
     try:
         return replace(HyperParameters(), **values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
+    """The icd learner's observed pairs for the rows selected by ``mask`` (all when None), weighted as
+    ``training_data`` weighs the positives."""
+    sel = slice(None) if mask is None else mask
+    weight = training_data_weight(ds.rating[sel]) if ds.implicit else None
+    return ImplicitData(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
+                        weight)
+
+
+def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptions,
+        on_epoch: Any = None) -> TrainResult:
+    """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names."""
+    if hp.learner == "icd":
+        return train_icd(implicit_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+                         progress=run.progress, on_epoch=on_epoch)
+    return train_fm(training_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+                    progress=run.progress, on_epoch=on_epoch)
+
+
+def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
+                          reporter: Reporter) -> tuple[HyperParameters, dict[str, Any] | None]:
+    """With ``run.tune``, the settings topx.tune finds on a carve of the rows training will see (the
+    hold-out stays unseen) and its report; else ``hp`` as given and None."""
+    if not run.tune:
+        return hp, None
+    from topx.tune import tune_hyperparameters
+
+    train_rows = ~ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
+    with reporter.step("tune", "tuning on a validation carve of the training rows") as d:
+        result = tune_hyperparameters(ds, train_rows, hp, run)
+        chosen = ", ".join(f"{k}={v:g}" for k, v in result.chosen.items())
+        d["result"] = f"chose {chosen}: {result.metric} {result.best:.4f} on the carve ({result.gain:+.1%})."
+    return replace(hp, **result.chosen), result.as_dict()
 
 
 def train_stage(
@@ -291,9 +366,9 @@ def train_stage(
 ) -> tuple[FMParams, np.ndarray, TrainResult]:
     """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result."""
     holdout = ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
-    with reporter.step("train", f"training the FM ({hp.predictor_type}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
-        result = train_fm(training_data(ds, ~holdout), ds.feature_index.n_features, hp,
-                          device=run.device, progress=run.progress)
+    what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
+    with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
+        result = fit(ds, ~holdout, hp, run)
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
     write_model(out / MODEL_DIR, result.params, ds.feature_index)
     save_interactions(out / DATA_DIR, ds, holdout)
@@ -322,6 +397,9 @@ def train_rows_stage(
     x: (n, N) CSR; y: (n,) labels (ratings for a regressor, 0/1 for a classifier). Each row is its
     own sample, so the FM sees exactly the x it would see from the equivalent interactions file.
     """
+    if hp.learner != "sgd":
+        raise ConfigError("design rows given whole train with learner sgd: the icd learner needs the user and "
+                          "item tables apart")
     if not np.all(np.isfinite(y)):
         row = int(np.flatnonzero(~np.isfinite(y))[0]) + 1
         raise InputDataError("label is missing or not finite", source=source, row=row, column="label")
@@ -496,6 +574,7 @@ def evaluate_model(
     holdout: np.ndarray,
     run: RunOptions,
     seed: int,
+    learner: str = "sgd",
 ) -> dict[str, Any]:
     """Hold-out error and ranking at x, beside the popularity baseline, by the same code."""
     metrics: dict[str, Any] = {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum())}
@@ -514,7 +593,8 @@ def evaluate_model(
         logits = np.concatenate([pair_scores, neg_scores])
         labels = np.concatenate([np.ones(len(users)), np.zeros(len(users))])
         metrics["auc"] = ev.auc(logits, labels)
-        metrics["log_loss"] = ev.log_loss(logits, labels)
+        if learner == "sgd":  # icd's scores rank, but are not logits: a log loss of them would mislead
+            metrics["log_loss"] = ev.log_loss(logits, labels)
 
     relevant_mask = holdout.copy()
     if run.relevance_threshold is not None:
@@ -534,6 +614,8 @@ def evaluate_model(
     pop_rank = ev.ranking_metrics(popular, relevant[eval_users], ds.feature_index.n_items)
     metrics.update(model_rank.as_dict("", x))
     metrics.update(pop_rank.as_dict("popularity_", x))
+    if pop_rank.recall > 0:
+        metrics[f"lift_over_popularity_recall_at_{x}"] = model_rank.recall / pop_rank.recall
     metrics["ranking_users"] = model_rank.users
     metrics["search_method"] = run.search_method
     metrics["relevance"] = ("held-out items" if run.relevance_threshold is None
@@ -607,6 +689,7 @@ def run_all(
             ds = load_dataset(data)
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
+        hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
         params, holdout, result = train_stage(ds, hp, run, tmp, reporter)
         with reporter.step("vectors", "building the recipe's user and item vectors"):
             vectors = vectors_stage(params, ds.feature_index, tmp / VECTORS_DIR)
@@ -618,8 +701,10 @@ def run_all(
                                            method=run.search_method)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
-            metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed)
+            metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
         metrics.update(_run_summary(ds, hp, run, result))
+        if tuning is not None:
+            metrics["tuning"] = tuning
         metrics["timings_s"] = dict(reporter.timings)
         metrics["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         write_json(tmp / METRICS, metrics)
@@ -629,7 +714,9 @@ def run_all(
 def training_summary(hp: HyperParameters, result: TrainResult, data: dict[str, Any]) -> dict[str, Any]:
     """What metrics.json records of a training: the data report, the settings and the history."""
     return {
+        "objective": "ranking" if hp.predictor_type == "binary_classifier" else "rating",
         "predictor_type": hp.predictor_type,
+        "learner": hp.learner,
         "data": data,
         "hyperparameters": hp.to_dict(),
         "training": {"device": result.device, "best_epoch": result.best_epoch,

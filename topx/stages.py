@@ -73,8 +73,10 @@ MIN_SHARDS = 2  # an AWS Batch array job has at least two children
 # Object metadata of an upload (S3 lower-cases user metadata keys).
 MODE_METADATA = "topx-mode"
 HYPERPARAMETERS_METADATA = "topx-hyperparameters"
-# The predictor type follows the upload's mode, never an override.
+# The predictor type follows the upload's objective, never an override.
 NOT_OVERRIDABLE = frozenset({"predictor_type"})
+# topx-mode values: what each trains for. Unmarked uploads train for ranking.
+MODES = {"ranking": "ranking", "implicit": "ranking", "rating": "rating", "explicit": "rating"}
 VERSIONS_PREFIX = "versions/"
 # A load writes its manifest before its items and runs for at most 15 minutes (the Lambda timeout), so
 # a manifest this old belongs to a load that has ended: retiring it cannot race the items' writes.
@@ -199,7 +201,8 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         if key is None:
             raise InputDataError(f"s3://{bucket}/{INCOMING_PREFIX} holds no data to train on")
     head = s3_client().head_object(Bucket=bucket, Key=key)
-    implicit = _is_implicit(head)
+    objective = _objective(head, f"s3://{bucket}/{key}")
+    implicit = objective == "ranking"
     overrides = _metadata_hyperparameters(head, f"s3://{bucket}/{key}")
     options = DataOptions(
         interactions=f"s3://{bucket}/{key}",
@@ -219,6 +222,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         save_interactions(work / "prepared", ds, holdout)
         _upload_dir(work / "prepared", bucket, run_prefix(run_id) + "prepared/")
     _put_json(bucket, run_prefix(run_id) + "run.json", {"source": f"s3://{bucket}/{key}", "implicit": implicit,
+                                                         "objective": objective,
                                                          "shards": shards, "report": ds.report,
                                                          "hyperparameters": overrides})
     return {
@@ -228,9 +232,13 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     }
 
 
-def _is_implicit(head: dict[str, Any]) -> bool:
-    """Uploads are explicit ratings unless the object's metadata says ``topx-mode: implicit``."""
-    return head.get("Metadata", {}).get(MODE_METADATA, "explicit").lower() == "implicit"
+def _objective(head: dict[str, Any], source: str) -> str:
+    """Uploads train for ranking unless the object's metadata says ``topx-mode: rating`` (or ``explicit``)."""
+    mode = head.get("Metadata", {}).get(MODE_METADATA, "ranking").lower()
+    if mode not in MODES:
+        raise ConfigError(f"{source} metadata {MODE_METADATA}: unknown mode {mode!r}; expected one of "
+                          f"{', '.join(MODES)}")
+    return MODES[mode]
 
 
 def _metadata_hyperparameters(head: dict[str, Any], source: str) -> dict[str, Any]:
@@ -301,8 +309,10 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                          search_method=search_method())
         out = work / "out"
         params, _, result = train_stage(ds, hp, run, out, Reporter(False))
-        metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed)
-        metrics.update(predictor_type=hp.predictor_type, top_x=run.top_x, best_epoch=result.best_epoch,
+        metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed,
+                                 hp.learner)
+        metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
+                       objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict())
         _upload_dir(out / MODEL_DIR, bucket, run_prefix(run_id) + "model/")
         _put_json(bucket, run_prefix(run_id) + "metrics.json", metrics)
@@ -314,7 +324,8 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
     baseline, or are clearly worse than the live model's.
 
     A regressor must beat the global-mean rating's RMSE and stay within 5 % of the live RMSE; a
-    classifier must beat popularity's recall@x and keep 90 % of the live recall@x. Thresholds, each
+    ranking model must beat popularity's recall@x (a tie loses: it is no better than the most popular
+    items) and keep 90 % of the live recall@x. Thresholds, each
     off unless set: ``TOPX_MAX_RMSE``, ``TOPX_MIN_AUC``, ``TOPX_MIN_RECALL``.
     """
     metrics = _get_json(bucket, run_prefix(run_id) + "metrics.json")
@@ -342,8 +353,11 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
     if value is None:
         return {"passed": True, "reason": f"no {name} to judge (too little data for a hold-out)", "metrics": summary}
     worse = (lambda a, b: a > b) if regressor else (lambda a, b: a < b)
-    if baseline is not None and worse(value, baseline):
+    if baseline is not None and regressor and worse(value, baseline):
         return rejected(f"{name} {value:.4f} is worse than the baseline's {baseline:.4f}")
+    if baseline is not None and not regressor and value <= baseline:
+        return rejected(f"{name} {value:.4f} does not beat recommending the most popular items "
+                        f"({baseline_name} {baseline:.4f})")
     live = store.active_version(table, client=dynamodb_client())
     if live is not None and live != run_id:
         live_value = _live_metrics(bucket, live).get(name)
