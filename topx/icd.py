@@ -24,7 +24,7 @@ the loss is quadratic in theta_j and its exact minimiser is one (k+1) x (k+1) so
 never occur together in one user's (one item's) row are independent given the other side, so a group of
 them is solved at once; the groups are built once, greedily (``feature_groups``). With id features only,
 this is implicit ALS with biases; side features get the same exact treatment. One epoch is a pass over
-the user side's groups, the item side's groups and the global bias, and costs
+the user side's groups and the item side's groups, and costs
 O(k^2 nnz + k^3 (users + items + features)), never O(users x items).
 
 Regularisation follows the frequency scaling of "Revisiting the Performance of iALS on Item
@@ -295,9 +295,11 @@ class _ICD:
     # ------------------------------------------------------------------ updates
 
     def epoch(self) -> None:
+        """One pass over both sides. The global bias stays as it is: every user row of topx's design
+        has its own id feature, whose linear weight already is a per-user constant, so a separate step
+        for b would only move the same constant between them."""
         self._update_side(self.users, self.items)
         self._update_side(self.items, self.users)
-        self._update_bias()
 
     def _update_side(self, side: _Side, other: _Side) -> None:
         o = self._other_vectors(other)
@@ -381,26 +383,6 @@ class _ICD:
         side.p.index_add_(0, group.entities, delta[group.local, :k] * x[:, None])
         side.lin.index_add_(0, group.entities, delta[group.local, k] * x)
         side.sq.index_add_(0, group.entities, (new_sq - old_sq)[group.local] * x * x)
-
-    def _update_bias(self) -> None:
-        """The exact step for the global bias (its pair derivative is 1 everywhere)."""
-        resid, cw = self._observed_terms()
-        n_u, n_i = self.users.n, self.items.n
-        all_sum = (self.users.p.double().sum(0) @ self.items.p.double().sum(0)
-                   + n_i * self._constant(self.users).double().sum() + n_u * self._constant(self.items).double().sum())
-        grad = resid.sum() + self.alpha0 * all_sum + float(self.hp.bias_wd) * self.bias.double()
-        hess = cw.sum() + self.alpha0 * n_u * n_i + float(self.hp.bias_wd)
-        self.bias = (self.bias.double() - grad / hess).float()
-
-    def _observed_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums over the observed pairs (float64): of c (y - 1) - alpha_0 y, and of c - alpha_0."""
-        o = self._other_vectors(self.items)
-        resid_total = torch.zeros((), dtype=torch.float64, device=self.dev)
-        for block in self._id_blocks():
-            pred, c, real = self._block_predictions(block, o)
-            resid_total += (c * (pred - 1.0) - self.alpha0 * pred * real).double().sum()
-        cw = torch.tensor(self.weight_sum - self.alpha0 * self.n_positive, dtype=torch.float64)
-        return resid_total, cw
 
     def _id_blocks(self) -> Iterator[_Block]:
         """Every observed pair exactly once: the blocks of the user group that covers every user."""
