@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 20
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench-deps
 
 LINT_PATHS := $(wildcard topx tests functions batch_jobs infra benchmarks)
 
@@ -22,6 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(PY) -m pytest -q
+
+# The baselines of benchmarks/ranking.py (not needed by the tests). lightfm's setup.py fails under pip's
+# build backend, so its wheel is built by running setup.py on the downloaded source distribution.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet setuptools wheel
+	rm -rf .bench-build && mkdir -p .bench-build
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: lightfm==1.17 -d .bench-build
+	cd .bench-build && tar xzf lightfm-1.17.tar.gz && cd lightfm-1.17 && ../../$(PY) setup.py -q bdist_wheel
+	$(PY) -m pip install --quiet .bench-build/lightfm-1.17/dist/*.whl
+	$(PY) -m pip install --quiet -r benchmarks/requirements-baselines.txt
+	rm -rf .bench-build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

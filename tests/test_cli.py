@@ -299,3 +299,28 @@ def test_corrupt_recordio_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--interactions", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "train.recordio" in err and "offset" in err
+
+
+def test_tune_reports_its_grid_and_run_tune_trains_with_the_winner(explicit_csv, tmp_path, capsys):
+    columns = ["--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+               "--rating-col", "stars", *FAST]
+    assert main(["tune", *columns]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[: printed.rindex("}") + 1])
+    assert len(report["trials"]) == 9 and report["metric"] == "recall_at_10"
+    assert report["best_score"] == max([report["given_score"], *(t["recall_at_10"] for t in report["trials"])])
+    assert set(report["chosen"]) == {"factors_wd", "unobserved_weight"} and "chosen: --factors-wd" in printed
+
+    out = tmp_path / "out"
+    assert main(["run", *columns, "--tune", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The same carve and grid on the same data: the same winner, and it is what trained.
+    assert metrics["tuning"]["chosen"] == report["chosen"]
+    for name, value in report["chosen"].items():
+        assert metrics["hyperparameters"][name] == value
+
+
+def test_tuning_a_rating_regressor_is_refused_by_name(explicit_csv, tmp_path, capsys):
+    code = main(["tune", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", "--objective", "rating", *FAST])
+    assert code == 2 and "tuning searches the icd learner's settings" in capsys.readouterr().err
