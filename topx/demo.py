@@ -91,7 +91,7 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
             print(f"uploaded {uri}, but no execution started: the upload rule did not match")
             return 1
         execution = executions[0]
-        print(f"uploaded {uri}{' (implicit feedback)' if implicit else ''}; the upload rule started "
+        print(f"uploaded {uri}{' (play counts)' if implicit else ' (1-5 ratings)'}; the upload rule started "
               f"execution {execution['name']}\n")
 
         states = set(local.top_level_states())
@@ -155,9 +155,10 @@ def _run_local(data: SyntheticData, work: Path, *, out: str | None, implicit: bo
     paths = data.write(work / "input")
     options = DataOptions(
         interactions=str(paths["interactions"]), users=str(paths["users"]), items=str(paths["items"]),
-        rating_col="plays" if implicit else "rating", implicit=implicit,
+        # Ranking, as the deployed pipeline trains an unmarked upload: the column weighs each interaction.
+        rating_col="plays" if implicit else "rating", implicit=True,
     )
-    hp = default_hyperparameters(implicit, num_factors=_num_factors(), epochs=_epochs())
+    hp = default_hyperparameters("ranking", num_factors=_num_factors(), epochs=_epochs())
     result_dir = Path(out) if out else work / "out"
     metrics = run_all(options, hp, RunOptions(top_x=top_x, progress=False if quiet else None), result_dir,
                       reporter=Reporter(not quiet))

@@ -254,7 +254,6 @@ class _ICD:
         self.v, self.w = factors.to(dev), linear.to(dev)
         self.bias = torch.zeros((), device=dev)
         self.n_positive = len(weight)
-        self.weight_sum = float(weight.astype(np.float64).sum())
         for side in (self.users, self.items):
             self._refresh(side)
 
