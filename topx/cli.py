@@ -85,7 +85,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="icd (default for ranking): coordinate descent over every unobserved pair; sgd: "
                         "mini-batch Adagrad with sampled negatives (ranking) or on the ratings (rating)")
     g.add_argument("--unobserved-weight", type=float, metavar="A",
-                   help=f"icd: weight of each unobserved pair (default {ranking.unobserved_weight})")
+                   help="icd: what all unobserved pairs weigh together, relative to the observed ones "
+                        f"(default {ranking.unobserved_weight})")
     g.add_argument("--regularization-exponent", type=float, metavar="NU",
                    help="icd: weight decay scales with each feature's pairs to this power "
                         f"(default {ranking.regularization_exponent}; 0 = plain weight decay)")
