@@ -167,3 +167,13 @@ def test_empty_or_mismatched_training_data_is_refused() -> None:
         ImplicitData(fi.user_x, fi.item_x, np.array([0, 99]), np.array([0, 1]))
     with pytest.raises(InputDataError, match="positive"):
         ImplicitData(fi.user_x, fi.item_x, data.user_rows, data.item_rows, -data.weight)
+
+
+def test_a_system_no_precision_can_factor_takes_no_step_and_the_others_are_solved() -> None:
+    hess = torch.tensor([[[4.0, 0.0], [0.0, 2.0]],
+                         [[1.0, 1.0], [1.0, 1.0]],           # singular: float32 fails, and the float64 retry
+                         [[2.0, 1.0], [1.0, 2.0]]])
+    grad = torch.tensor([[4.0, 2.0], [1.0, 1.0], [3.0, 3.0]])
+    step = _ICD._solve(hess, grad)
+    assert torch.allclose(step[0], torch.tensor([1.0, 1.0])) and torch.allclose(step[2], torch.tensor([1.0, 1.0]))
+    assert torch.equal(step[1], torch.zeros(2))

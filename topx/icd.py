@@ -362,15 +362,17 @@ class _ICD:
 
     @staticmethod
     def _solve(hess: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """(m, k+1) solutions of the m systems, in float64; a system that is not positive definite
-        (only round-off can make one so) takes no step."""
-        h64, g64 = hess.double(), grad.double()
-        chol, info = torch.linalg.cholesky_ex(h64)
-        ok = info == 0
-        out = torch.zeros_like(g64)
-        if bool(ok.any()):
-            out[ok] = torch.cholesky_solve(g64[ok, :, None], chol[ok])[:, :, 0]
-        return out.float()
+        """(m, k+1) solutions of the m systems: in float32, and again in float64 for a system whose
+        float32 factorisation failed; one that is not positive definite even then (only round-off can
+        make one so) takes no step."""
+        chol, info = torch.linalg.cholesky_ex(hess)
+        out = torch.cholesky_solve(grad[:, :, None], chol)[:, :, 0]
+        bad = info != 0
+        if bool(bad.any()):
+            chol64, info64 = torch.linalg.cholesky_ex(hess[bad].double())
+            again = torch.cholesky_solve(grad[bad].double()[:, :, None], chol64)[:, :, 0].float()
+            out[bad] = torch.where((info64 == 0)[:, None], again, torch.zeros_like(again))
+        return out
 
     def _apply(self, side: _Side, group: _Group, theta: torch.Tensor, delta: torch.Tensor) -> None:
         k = self.k
