@@ -307,9 +307,10 @@ def test_tune_reports_its_grid_and_run_tune_trains_with_the_winner(explicit_csv,
     assert main(["tune", *columns]) == 0
     printed = capsys.readouterr().out
     report = json.loads(printed[: printed.rindex("}") + 1])
-    assert len(report["trials"]) == 9 and report["metric"] == "recall_at_10"
+    assert len(report["trials"]) == 18 and report["metric"] == "recall_at_10"
     assert report["best_score"] == max([report["given_score"], *(t["recall_at_10"] for t in report["trials"])])
-    assert set(report["chosen"]) == {"factors_wd", "unobserved_weight"} and "chosen: --factors-wd" in printed
+    assert set(report["chosen"]) == {"factors_wd", "unobserved_weight", "linear_wd"}
+    assert "chosen: --factors-wd" in printed
 
     out = tmp_path / "out"
     assert main(["run", *columns, "--tune", "--out", str(out)]) == 0
