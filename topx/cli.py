@@ -67,7 +67,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (names as SageMaker's factorization machines)")
-    from topx.pipeline import default_hyperparameters
+    from topx.config import default_hyperparameters
 
     ranking, rating = default_hyperparameters("ranking"), default_hyperparameters("rating")
     sgd = default_hyperparameters("ranking", learner="sgd")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameters:
-    from topx.pipeline import default_hyperparameters
+    from topx.config import default_hyperparameters
 
     names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
              "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",

@@ -154,3 +154,47 @@ def search_method(explicit: str | None = None) -> str:
         raise ConfigError(f"{ENV_SEARCH_METHOD}: unknown search method {method!r}; expected one of "
                           f"{', '.join(SEARCH_METHODS)}")
     return method
+
+
+# Defaults per (predictor type, learner), over HyperParameters' own. The SGD ones were chosen on
+# validation carves of MovieLens 100k's training data (benchmarks/quality_ml100k.py --tune): the
+# regressor wants far stronger weight decay than 1e-4, the classifier higher learning rates, more
+# negatives and more epochs; early stopping ends both sooner. The icd ones on validation carves of
+# MovieLens 100k and of generated data of other shapes (benchmarks/ranking.py; docs/PERFORMANCE.md).
+MODE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("regressor", "sgd"): {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
+    ("binary_classifier", "sgd"): {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
+                                   "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
+    ("binary_classifier", "icd"): {"num_factors": 32, "epochs": 6, "unobserved_weight": 3.0, "factors_wd": 0.3,
+                                   "linear_wd": 10.0, "regularization_exponent": 0.5, "factors_init_sigma": 0.01},
+}
+
+
+def objective_of(value: str | bool) -> str:
+    """An objective name; True / False are the former ``implicit`` flag (ranking / rating)."""
+    if isinstance(value, bool):
+        return "ranking" if value else "rating"
+    if value not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {value!r}: use one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+def default_hyperparameters(objective: str | bool = DEFAULT_OBJECTIVE, **overrides: Any) -> HyperParameters:
+    """The objective's defaults (``MODE_DEFAULTS``); ``overrides`` (None values ignored) win.
+
+    "ranking" trains a binary classifier of interaction by implicit coordinate descent over every pair
+    (``learner="icd"``; ``learner="sgd"`` samples negatives instead); "rating" a regressor of the rating.
+    """
+    ranking = objective_of(objective) == "ranking"
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    predictor_type = chosen.get("predictor_type", "binary_classifier" if ranking else "regressor")
+    learner = chosen.get("learner", "icd" if predictor_type == "binary_classifier" and ranking else "sgd")
+    if learner == "icd" and predictor_type != "binary_classifier":
+        raise ConfigError("the icd learner trains for ranking (predictor_type binary_classifier); "
+                          "predicting ratings takes learner sgd")
+    values = {**MODE_DEFAULTS.get((predictor_type, learner), {}), "predictor_type": predictor_type,
+              "learner": learner, **chosen}
+    try:
+        return replace(HyperParameters(), **values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from topx import evaluate as ev
-from topx.config import DEFAULT_OBJECTIVE, OBJECTIVES, HyperParameters
+from topx.config import MODE_DEFAULTS, HyperParameters, default_hyperparameters, objective_of  # noqa: F401
 from topx.encode import encode_features
 from topx.errors import ArtifactFormatError, ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
@@ -280,50 +280,6 @@ def training_data_weight(strength: np.ndarray) -> np.ndarray | None:
     logs = np.log1p(np.maximum(strength, 0).astype(np.float64))
     mean = logs.mean() if len(logs) else 1.0
     return None if np.allclose(logs, mean) else (logs / mean).astype(np.float32)
-
-
-# Defaults per (predictor type, learner), over HyperParameters' own. The SGD ones were chosen on
-# validation carves of MovieLens 100k's training data (benchmarks/quality_ml100k.py --tune): the
-# regressor wants far stronger weight decay than 1e-4, the classifier higher learning rates, more
-# negatives and more epochs; early stopping ends both sooner. The icd ones on validation carves of
-# MovieLens 100k and of generated data of other shapes (benchmarks/ranking.py; docs/PERFORMANCE.md).
-MODE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("regressor", "sgd"): {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
-    ("binary_classifier", "sgd"): {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
-                                   "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
-    ("binary_classifier", "icd"): {"num_factors": 32, "epochs": 6, "unobserved_weight": 3.0, "factors_wd": 0.3,
-                                   "linear_wd": 10.0, "regularization_exponent": 0.5, "factors_init_sigma": 0.01},
-}
-
-
-def objective_of(value: str | bool) -> str:
-    """An objective name; True / False are the former ``implicit`` flag (ranking / rating)."""
-    if isinstance(value, bool):
-        return "ranking" if value else "rating"
-    if value not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {value!r}: use one of {', '.join(OBJECTIVES)}")
-    return value
-
-
-def default_hyperparameters(objective: str | bool = DEFAULT_OBJECTIVE, **overrides: Any) -> HyperParameters:
-    """The objective's defaults (``MODE_DEFAULTS``); ``overrides`` (None values ignored) win.
-
-    "ranking" trains a binary classifier of interaction by implicit coordinate descent over every pair
-    (``learner="icd"``; ``learner="sgd"`` samples negatives instead); "rating" a regressor of the rating.
-    """
-    ranking = objective_of(objective) == "ranking"
-    chosen = {k: v for k, v in overrides.items() if v is not None}
-    predictor_type = chosen.get("predictor_type", "binary_classifier" if ranking else "regressor")
-    learner = chosen.get("learner", "icd" if predictor_type == "binary_classifier" and ranking else "sgd")
-    if learner == "icd" and predictor_type != "binary_classifier":
-        raise ConfigError("the icd learner trains for ranking (predictor_type binary_classifier); "
-                          "predicting ratings takes learner sgd")
-    values = {**MODE_DEFAULTS.get((predictor_type, learner), {}), "predictor_type": predictor_type,
-              "learner": learner, **chosen}
-    try:
-        return replace(HyperParameters(), **values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:

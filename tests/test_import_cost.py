@@ -1,0 +1,36 @@
+"""Light commands stay light: the CLI's parser (every --help), reading recommendations, the deployed
+stack's client and the Lambda handlers' module import neither torch nor faiss. Each check runs in a
+fresh interpreter, where sys.modules shows exactly what the import pulled in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "faiss")
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("code", [
+    "from topx.cli import build_parser; build_parser()",
+    "from topx.cli import main\ntry:\n    main(['recs', '--help'])\nexcept SystemExit:\n    pass",
+    "import topx.client, topx.store",
+    "import functions.handlers",
+])
+def test_light_entry_points_import_neither_torch_nor_faiss(code: str) -> None:
+    assert heavy_modules_after(code) == []
+
+
+def test_the_probe_sees_a_heavy_import_when_there_is_one() -> None:
+    assert heavy_modules_after("import topx.icd") == ["torch"]
