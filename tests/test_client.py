@@ -15,11 +15,11 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
+from reliability_stack import base_ratings
 
 from topx import client, local, stages, store
 from topx.cli import main
 from topx.errors import ConfigError, StoreError
-from topx.synth import generate
 
 
 class FakeCloudFormation:
@@ -119,7 +119,7 @@ def test_reading_a_table_that_does_not_exist_is_a_store_error(monkeypatch) -> No
 
 def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, capsys) -> None:
     path = tmp_path / "ratings.csv"
-    generate(120, 60, mean_interactions=10, implicit=False, seed=5).interactions.to_csv(path, index=False)
+    base_ratings(120, 60, seed=5).to_csv(path, index=False)
     with local.offline():
         pipeline = local.deploy(local.LocalSettings(top_x=4, num_factors=8, epochs=3, shards=2))
         assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0
