@@ -1,5 +1,5 @@
 """Light commands stay light: the CLI's parser (every --help), reading recommendations, the deployed
-stack's client and the Lambda handlers' module import neither torch nor faiss. Each check runs in a
+stack's client, the Lambda handlers' module and the data preparation import neither torch nor faiss. Each check runs in a
 fresh interpreter, where sys.modules shows exactly what the import pulled in."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def heavy_modules_after(code: str) -> list[str]:
     "from topx.cli import main\ntry:\n    main(['recs', '--help'])\nexcept SystemExit:\n    pass",
     "import topx.client, topx.store",
     "import functions.handlers",
+    # What the Prepare function runs: reading, validating and indexing the upload.
+    "from topx.pipeline import DataOptions, load_dataset, save_interactions\nimport topx.stages",
 ])
 def test_light_entry_points_import_neither_torch_nor_faiss(code: str) -> None:
     assert heavy_modules_after(code) == []

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,12 +39,34 @@ from topx.config import MODE_DEFAULTS, HyperParameters, default_hyperparameters,
 from topx.encode import encode_features
 from topx.errors import ArtifactFormatError, ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
-from topx.fm import PaddedRows, TrainingData, TrainResult, train_fm
-from topx.icd import ImplicitData, train_icd
 from topx.ingest import read_feature_table, read_interactions
 from topx.params import FMParams
-from topx.search import iter_top_x
 from topx.vectors import RecipeVectors, export_vectors
+
+if TYPE_CHECKING:
+    from topx.fm import TrainingData, TrainResult
+    from topx.icd import ImplicitData
+
+# Names from the torch- and faiss-backed modules, imported when first used: reading and preparing data
+# (the Prepare function, topx --help) never loads them. ``pipeline.<name>`` resolves them too, so a test
+# or benchmark can replace one (monkeypatch), and the stages below call whatever is there.
+_HEAVY = {"train_fm": "topx.fm", "PaddedRows": "topx.fm", "TrainingData": "topx.fm", "TrainResult": "topx.fm",
+          "train_icd": "topx.icd", "ImplicitData": "topx.icd", "iter_top_x": "topx.search"}
+
+
+def _heavy(name: str) -> Any:
+    """The object ``name`` of _HEAVY: a replacement set on this module if there is one, else the real one."""
+    if name in globals():
+        return globals()[name]
+    import importlib
+
+    return getattr(importlib.import_module(_HEAVY[name]), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAVY:
+        return _heavy(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 MODEL_DIR = "model"
 DATA_DIR = "data"
@@ -265,9 +287,10 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
         label = np.ones(len(label), dtype=np.float32)
     else:
         label = np.array(label, dtype=np.float32)  # a private, writable copy for the trainer
-    return TrainingData(
-        user_table=PaddedRows.from_csr(ds.feature_index.user_x),
-        item_table=PaddedRows.from_csr(ds.feature_index.item_x),
+    padded = _heavy("PaddedRows")
+    return _heavy("TrainingData")(
+        user_table=padded.from_csr(ds.feature_index.user_x),
+        item_table=padded.from_csr(ds.feature_index.item_x),
         user_rows=ds.user_rows[sel],
         item_rows=ds.item_rows[sel],
         label=label,
@@ -287,7 +310,7 @@ def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
     ``training_data`` weighs the positives."""
     sel = slice(None) if mask is None else mask
     weight = training_data_weight(ds.rating[sel]) if ds.implicit else None
-    return ImplicitData(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
+    return _heavy("ImplicitData")(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
                         weight)
 
 
@@ -295,9 +318,9 @@ def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptio
         on_epoch: Any = None) -> TrainResult:
     """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names."""
     if hp.learner == "icd":
-        return train_icd(implicit_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+        return _heavy("train_icd")(implicit_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
                          progress=run.progress, on_epoch=on_epoch)
-    return train_fm(training_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+    return _heavy("train_fm")(training_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
                     progress=run.progress, on_epoch=on_epoch)
 
 
@@ -365,11 +388,12 @@ def train_rows_stage(
     if feature_index is not None and feature_index.n_features != x.shape[1]:
         raise InputDataError(f"rows have {x.shape[1]} features but the feature index names {feature_index.n_features}",
                              source=source)
-    empty_item = PaddedRows(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
-    data = TrainingData(PaddedRows.from_csr(x), empty_item, np.arange(x.shape[0], dtype=np.int64),
+    padded = _heavy("PaddedRows")
+    empty_item = padded(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    data = _heavy("TrainingData")(padded.from_csr(x), empty_item, np.arange(x.shape[0], dtype=np.int64),
                         np.zeros(x.shape[0], dtype=np.int64), np.asarray(y, np.float32), sample_negatives=False)
     with reporter.step("train", f"training the FM on {x.shape[0]:,} rows x {x.shape[1]:,} features ({hp.predictor_type})") as d:
-        result = train_fm(data, x.shape[1], hp, device=run.device, progress=run.progress)
+        result = _heavy("train_fm")(data, x.shape[1], hp, device=run.device, progress=run.progress)
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
     write_model(out / MODEL_DIR, result.params, feature_index)
     return result
@@ -502,7 +526,7 @@ def write_recommendations(
     """
     rows_written = 0
     with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
-        for rows, items, scores in iter_top_x(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
+        for rows, items, scores in _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
                                               method=method):
             valid = items >= 0
             n_valid = valid.sum(axis=1)
@@ -562,7 +586,7 @@ def evaluate_model(
     sub_vectors = RecipeVectors(vectors.user_vectors[eval_users], vectors.item_vectors, vectors.user_constants[eval_users])
     top = np.full((len(eval_users), x), -1, dtype=np.int64)
     # Ranked by the search that writes the recommendations, so the metrics describe what is served.
-    for rows, batch_items, _ in iter_top_x(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users],
+    for rows, batch_items, _ in _heavy("iter_top_x")(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users],
                                            method=run.search_method):
         top[rows] = batch_items
     model_rank = ev.ranking_metrics(top, relevant[eval_users], ds.feature_index.n_items)
