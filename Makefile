@@ -23,12 +23,15 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(PY) -m pytest -q
 
-# The baselines of benchmarks/ranking.py (not needed by the tests). lightfm's setup.py fails under pip's
-# build backend, so its wheel is built by running setup.py on the downloaded source distribution.
+# The baselines of benchmarks/ranking.py (not needed by the tests). lightfm 1.17 is a source distribution
+# whose setup.py fails under pip's build backend: a throwaway pip old enough to read it the legacy way
+# downloads it, and its setup.py, run directly, builds the wheel.
 bench-deps: $(STAMP)
+	rm -rf .bench-build && $(PYTHON) -m venv .bench-build/pip
+	.bench-build/pip/bin/python -m pip install --quiet 'pip<24.1' setuptools wheel
+	.bench-build/pip/bin/python -m pip download --quiet --no-deps --no-binary :all: --no-use-pep517 \
+		lightfm==1.17 -d .bench-build
 	$(PY) -m pip install --quiet setuptools wheel
-	rm -rf .bench-build && mkdir -p .bench-build
-	$(PY) -m pip download --quiet --no-deps --no-binary :all: lightfm==1.17 -d .bench-build
 	cd .bench-build && tar xzf lightfm-1.17.tar.gz && cd lightfm-1.17 && ../../$(PY) setup.py -q bdist_wheel
 	$(PY) -m pip install --quiet .bench-build/lightfm-1.17/dist/*.whl
 	$(PY) -m pip install --quiet -r benchmarks/requirements-baselines.txt
