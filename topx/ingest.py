@@ -244,6 +244,13 @@ def _parquet_table(raw: bytes, source: str) -> _Table:
         data = pq.read_table(pa.BufferReader(raw), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise InputDataError(f"not a readable Parquet file ({exc})", source=source) from exc
+    try:
+        # The schema's names are decoded only when asked for: a damaged footer can hold bytes that are
+        # not UTF-8, which must be this file's error here, not a decoding error deep in a later stage.
+        data.column_names  # noqa: B018
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"not a readable Parquet file (a column name is not UTF-8 text: {exc})",
+                             source=source) from exc
     if data.num_rows == 0:
         raise InputDataError("Parquet file has no data rows", source=source)
     return _Table(data=data, source=source, row_offset=1, positional=False, delimited=False)
