@@ -3,7 +3,7 @@
 Actions are listed one by one (no ``s3:Get*``). Object access is scoped to the prefixes a role reads or
 writes (``runs/``, and for prepare ``incoming/`` and ``features/``); table access to the actions and the
 partition keys a function uses. ``Resource: "*"`` appears only for actions in ``UNSCOPED_ACTIONS``, each with
-the reason AWS offers no narrower form; tests/test_security.py fails on any other, and docs/RELIABILITY.md
+the reason AWS offers no narrower form; tests/infra/test_security.py fails on any other, and docs/RELIABILITY.md
 lists them.
 """
 

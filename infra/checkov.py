@@ -2,7 +2,7 @@
 
 checkov reads ``Metadata: {"checkov": {"skip": [{"id": ..., "comment": ...}]}}`` on a resource and reports
 the check as skipped with that comment instead of failed. Every suppression is made here, on one
-resource at a time, with a reason; tests/test_security.py runs checkov on the synthesized template and
+resource at a time, with a reason; tests/infra/test_security.py runs checkov on the synthesized template and
 fails on any failed check, on any skip without a reason, and on any skipped check that
 docs/RELIABILITY.md does not list.
 """
@@ -32,7 +32,7 @@ LAMBDA_CONCURRENCY = (
     "whose quota of 10 must stay unreserved."
 )
 LAMBDA_ENV_ENCRYPTION = (
-    "The environment holds resource names and deploy-time numbers only (tests/test_security.py fails on "
+    "The environment holds resource names and deploy-time numbers only (tests/infra/test_security.py fails on "
     "anything that looks like a secret); Lambda encrypts it at rest with an AWS-managed key already."
 )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 # infra/ must not import topx (it would drag torch and faiss into `cdk synth`), so the environment
 # variable names the functions and jobs read are repeated here. They are defined in topx/config.py;
-# tests/test_infra.py checks that both modules agree.
+# tests/infra/test_infra.py checks that both modules agree.
 ENV_BUCKET = "TOPX_BUCKET"
 ENV_TABLE = "TOPX_TABLE"
 ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"
@@ -45,7 +45,7 @@ _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 
 # The searches topx.search.SEARCH_METHODS names, repeated for the reason the variable names are;
-# tests/test_infra.py checks that both agree.
+# tests/infra/test_infra.py checks that both agree.
 SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 
@@ -272,7 +272,7 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
 
 # The HyperParameters fields (topx/config.py) that TOPX_HYPERPARAMETERS may set: each one's type and the
 # values topx accepts, low <= value < high. predictor_type follows each upload's topx-mode metadata
-# (topx/stages.py NOT_OVERRIDABLE). Repeated here for the reason the variable names are; tests/test_infra.py
+# (topx/stages.py NOT_OVERRIDABLE). Repeated here for the reason the variable names are; tests/infra/test_infra.py
 # checks that topx accepts and refuses the same.
 FIXED_HYPERPARAMETERS = frozenset({"predictor_type"})
 HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = {

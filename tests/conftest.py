@@ -1,5 +1,10 @@
 """Settings every test module shares.
 
+Tests live by kind: ``unit/`` (topx alone), ``aws/`` (the store, stages and client against moto),
+``offline/`` (the state machine under the offline AWS layer), ``infra/`` (the CDK app, cdk-nag, checkov,
+the ASL). Their shared helpers (``reliability_stack``, ``isolated_env``, ``oracle/``, ``checkov/``) stay
+in this folder, which is put on the import path here.
+
 Hypothesis draws its examples from a fixed seed (``derandomize``) and keeps no database of past
 failures, so a property test's outcome is the same on every run and every machine: a failure found once
 is a failure every time, and CI never goes red on a draw that a rerun turns green. To hunt for new
@@ -10,9 +15,24 @@ what it finds as an ``@example`` so the fixed runs keep it.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 settings.register_profile("fixed", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False, database=None, max_examples=1500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytest's hook signature)
+    """Every test under offline/ runs whole state machine executions, seconds each: they are slow.
+    Elsewhere a test is marked where it is slow (an isolated environment, a benchmark run)."""
+    import pytest
+
+    offline = Path(__file__).resolve().parent / "offline"
+    for item in items:
+        if offline in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.slow)

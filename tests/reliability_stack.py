@@ -1,7 +1,7 @@
 """The offline stack the reliability tests share: deploy once per module, reset between cases, upload,
 follow the execution, and read what a reader reads.
 
-Imported by tests/test_bad_inputs.py, tests/test_faults.py and tests/test_reliability.py.
+Imported by the offline tests (tests/offline/) and, for its planted-taste ratings, by tests/aws/.
 """
 
 from __future__ import annotations

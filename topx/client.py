@@ -26,7 +26,7 @@ from topx import store
 from topx.config import ENV_BUCKET, ENV_ENDPOINT_URL, ENV_TABLE, env_or
 from topx.errors import ConfigError, StoreError
 
-# The stack infra/app.py deploys, and the names of its outputs (infra/stack.py; tests/test_client.py
+# The stack infra/app.py deploys, and the names of its outputs (infra/stack.py; tests/aws/test_client.py
 # checks that the synthesized template carries exactly these). infra/ must not import topx, so the
 # names are written in both places.
 DEFAULT_STACK = "Topx"

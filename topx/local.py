@@ -88,7 +88,7 @@ logger = logging.getLogger(__name__)
 MOTO_VERSION_TESTED = "5.2.5"
 # The first moto release whose Step Functions interpreter normalises Batch task parameters and replies
 # itself. None: no release does yet, so the patch is applied. After upgrading moto past the fix, set this
-# to that release (one line); tests/test_local.py tells which way the installed moto behaves.
+# to that release (one line); tests/offline/test_local.py tells which way the installed moto behaves.
 MOTO_BATCH_PARAMS_FIXED_IN: str | None = None
 # The first moto release in which a `.sync` task that succeeds on a retry is not reported as
 # States.Timeout (every attempt reuses the token whose endpoint the first attempt closed). None: not yet.
@@ -116,7 +116,7 @@ DEFAULT_REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
 NAME_PREFIX = "topx-local"
 
-# As infra/lambdas.py and infra/compute.py name them (tests/test_local.py checks they agree):
+# As infra/lambdas.py and infra/compute.py name them (tests/offline/test_local.py checks they agree):
 # the handler each function's image CMD names, and the Batch job commands.
 HANDLER_MODULE = "functions.handlers"
 FUNCTION_PLACEHOLDERS = {

@@ -38,7 +38,7 @@ from infra.storage import (
     VERSIONS_PREFIX,
 )
 
-CHECKOV_DIR = Path(__file__).parent / "checkov"
+CHECKOV_DIR = Path(__file__).resolve().parents[1] / "checkov"
 RELIABILITY_DOC = REPO_ROOT / "docs" / "RELIABILITY.md"
 CHECKOV_TIMEOUT_S = 300
 # Every optional feature on, so the template holds every resource the stack can make.
@@ -558,6 +558,7 @@ def checkov_report(checkov: tuple[ModuleType, Path], synth: Synthesized) -> dict
     return _scan(checkov, synth.template_path)
 
 
+@pytest.mark.slow  # checkov runs in its own environment, built on first use (minutes)
 def test_checkov_finds_nothing_without_a_written_reason(
     checkov_report: dict[str, Any], synth: Synthesized
 ) -> None:
@@ -572,6 +573,7 @@ def test_checkov_finds_nothing_without_a_written_reason(
         assert len(comment) >= 40, f"{check['check_id']} on {check['resource']} is skipped without a reason"
 
 
+@pytest.mark.slow  # checkov runs in its own environment, built on first use (minutes)
 def test_every_suppression_and_wildcard_is_documented(checkov_report: dict[str, Any]) -> None:
     doc = RELIABILITY_DOC.read_text(encoding="utf-8")
     section = doc.partition("## Security and least privilege")[2].partition("\n## ")[0]
@@ -585,6 +587,7 @@ def test_every_suppression_and_wildcard_is_documented(checkov_report: dict[str, 
     assert missing == [], f"docs/RELIABILITY.md does not explain {missing}"
 
 
+@pytest.mark.slow  # checkov runs in its own environment, built on first use (minutes)
 def test_checkov_catches_an_unhardened_template(checkov: tuple[ModuleType, Path], tmp_path: Path) -> None:
     """A control: the same scan fails a bare bucket and a key without rotation, so a pass means something."""
     template = tmp_path / "bare.template.json"

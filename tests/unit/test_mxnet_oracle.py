@@ -24,7 +24,7 @@ from topx.ndarray import load_ndarrays, save_ndarrays
 from topx.params import FMParams
 from topx.recordio import read_recordio_protobuf, write_recordio_protobuf
 
-ORACLE_DIR = Path(__file__).parent / "oracle"
+ORACLE_DIR = Path(__file__).resolve().parents[1] / "oracle"
 SCRIPT = ORACLE_DIR / "mxnet_reference.py"
 SCRIPT_TIMEOUT_S = 300
 

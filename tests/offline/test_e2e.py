@@ -198,7 +198,7 @@ def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline
     assert half_loaded, "the reader never polled during the load"
 
     # The same upload gives the same recommendations; each (user, version) is one item. Loads write no
-    # TTL: the first version, superseded only now, gets one at a later run's load (tests/test_reliability.py).
+    # TTL: the first version, superseded only now, gets one at a later run's load (tests/offline/test_reliability.py).
     after = {u: client.get_recommendations(u, table=offline.pipeline.table) for u in users}
     assert after == before
     items = [i for i in table_items(offline.ddb, offline.pipeline.table) if i["pk"]["S"].startswith("user#")]
