@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,11 +29,21 @@ settings.register_profile("explore", derandomize=False, database=None, max_examp
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 
+@pytest.fixture(scope="session")
+def default_app(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
+    """The CDK app with the default context, synthesized once for every test that reads it:
+    (app, stack, outdir). cdk-nag's AwsSolutions checks run during synthesis; a finding fails here."""
+    from infra.app import build_app
+
+    outdir = tmp_path_factory.mktemp("synth-default")
+    app, stack = build_app(context=None, outdir=str(outdir))
+    app.synth()
+    return app, stack, outdir
+
+
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytest's hook signature)
     """Every test under offline/ runs whole state machine executions, seconds each: they are slow.
     Elsewhere a test is marked where it is slow (an isolated environment, a benchmark run)."""
-    import pytest
-
     offline = Path(__file__).resolve().parent / "offline"
     for item in items:
         if offline in Path(str(item.fspath)).resolve().parents:

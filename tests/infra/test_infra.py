@@ -88,8 +88,8 @@ def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, context: dict[st
 
 
 @pytest.fixture(scope="module")
-def default(tmp_path_factory: pytest.TempPathFactory) -> Synth:
-    return _synth(tmp_path_factory, "default", None)
+def default(default_app: tuple[Any, Any, Path]) -> Synth:
+    return Synth(*default_app)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from infra.app import build_app
 from infra.compute import SEARCH_COMMAND, TRAIN_COMMAND
 from infra.lambdas import HANDLER_MODULE, SPECS
 from infra.pipeline import placeholders
@@ -37,12 +36,10 @@ DUMMY = local.LocalPipeline(
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    app, stack = build_app(outdir=str(tmp_path_factory.mktemp("synth")))
-    app.synth()
+def template(default_app: tuple[Any, Any, Path]) -> dict[str, Any]:
     from aws_cdk.assertions import Template
 
-    return Template.from_stack(stack).to_json()
+    return Template.from_stack(default_app[1]).to_json()
 
 
 def _resources(template: dict[str, Any], resource_type: str) -> dict[str, dict[str, Any]]:
