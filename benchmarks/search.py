@@ -26,7 +26,7 @@ search and speedup over it, seen items excluded in both; ``approx_recall_at_20``
 
 With ``--rss-users``, each size runs in a fresh process as a search shard would: item vectors in
 memory, user vectors memory-mapped, the shard's seen CSR loaded, results streamed to Parquet by
-``topx.pipeline.write_recommendations``; peak RSS (``getrusage`` maxrss) after the imports, after the
+``topx.pipeline.write_recommendations_parquet``; peak RSS (``getrusage`` maxrss) after the imports, after the
 inputs and at the end, and the time per million users, are reported.
 
 Vectors are FM-like, not iid Gaussian: see :func:`fm_like_vectors`. Prints one JSON line.
@@ -232,7 +232,7 @@ def rss_child(args: argparse.Namespace) -> int:
     Peak RSS is read three times: after the imports (torch, faiss, pyarrow, pandas), after the
     shard's inputs are loaded (item vectors, memory-mapped user vectors, seen CSR, user ids), and
     after the search streamed every batch to Parquet."""
-    from topx.pipeline import write_recommendations
+    from topx.pipeline import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     n = args.rss_child
@@ -246,7 +246,7 @@ def rss_child(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     vectors = RecipeVectors(users, items, np.zeros(n, np.float32))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = write_recommendations(Path(tmp) / "part-0.parquet", vectors, user_ids, item_ids, args.x, seen)
+        rows = write_recommendations_parquet(Path(tmp) / "part-0.parquet", vectors, user_ids, item_ids, args.x, seen)
     elapsed = time.perf_counter() - start
     print(json.dumps({"users": n, "rows": rows, "s": elapsed, "imports_mb": imports_mb, "inputs_mb": inputs_mb,
                       "maxrss_mb": _maxrss_mb(),

@@ -476,7 +476,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         VECTORS_DIR,
         load_ids,
         load_interactions,
-        write_recommendations,
+        write_recommendations_parquet,
     )
     from topx.vectors import RecipeVectors
 
@@ -488,7 +488,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         ds, _ = load_interactions(run, FeatureIndex.load(run / MODEL_DIR))
         seen = ds.matrix()
     tmp = run / f".{RECOMMENDATIONS}.tmp"
-    n = write_recommendations(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen,
+    n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen,
                               method=args.search_method)
     tmp.replace(run / RECOMMENDATIONS)
     print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")

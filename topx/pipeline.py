@@ -507,7 +507,7 @@ RECOMMENDATION_SCHEMA = pa.schema(
 )
 
 
-def write_recommendations(
+def write_recommendations_parquet(
     path: Path,
     vectors: RecipeVectors,
     user_ids: np.ndarray,
@@ -677,7 +677,7 @@ def run_all(
                                         f"({run.search_method} search)") as d:
             seen = None if run.include_seen else ds.matrix()
             user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
-            n_rows = write_recommendations(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
+            n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
                                            method=run.search_method)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):

@@ -171,7 +171,7 @@ def build_index(
     precision: str = "auto",
     block_items: int = BLOCK_ITEMS,
     **approximate_options: int,
-) -> ExactIndex | ApproximateIndex:
+) -> ExactIndex | FaissIndex:
     """Prepare the item vectors (n_items, d) for :func:`iter_top_x`, once per catalogue.
 
     ``method="exact"`` (default): ``precision`` of the candidate scores, "auto" (bf16 where the
@@ -211,7 +211,7 @@ def search_top_x(
     *,
     seen: sp.csr_matrix | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    index: ExactIndex | ApproximateIndex | None = None,
+    index: ExactIndex | FaissIndex | None = None,
     method: str = "exact",
 ) -> TopX:
     """Top-x items for every user by inner product. ``seen``: (n_users, n_items) CSR of items to
@@ -233,7 +233,7 @@ def iter_top_x(
     *,
     seen: sp.csr_matrix | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    index: ExactIndex | ApproximateIndex | None = None,
+    index: ExactIndex | FaissIndex | None = None,
     method: str = "exact",
     threads: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -253,7 +253,7 @@ def iter_top_x(
     index = build_index(item_vectors, method=method) if index is None else index
     if index.n_items != n_items:
         raise InputDataError(f"the index holds {index.n_items} items, the catalogue {n_items}")
-    if isinstance(index, ApproximateIndex):
+    if isinstance(index, FaissIndex):
         yield from _iter_approximate(index, user_vectors, x, seen, batch_size)
         return
     workers = max(1, threads or torch.get_num_threads())
@@ -532,11 +532,11 @@ def _order_rows(scores: np.ndarray, items: np.ndarray, x: int) -> np.ndarray:
     return order[:, :x]
 
 
-# ----------------------------------------------------------------------------- approximate search
+# ----------------------------------------------------------------------------- FAISS indexes (exact IndexFlatIP, approximate HNSW and IVF)
 
 
 @dataclass(frozen=True)
-class ApproximateIndex:
+class FaissIndex:
     """A FAISS inner-product index over the items, and the search-time breadth it is queried with.
 
     method: "faiss" (IndexFlatIP: every item scored, exact in float32; ``breadth`` unused), "hnsw"
@@ -572,7 +572,7 @@ def build_approximate_index(
     ef_construction: int = HNSW_EF_CONSTRUCTION,
     nlist: int | None = None,
     seed: int = 0,
-) -> ApproximateIndex:
+) -> FaissIndex:
     """A FAISS maximum-inner-product index (METRIC_INNER_PRODUCT) over (n_items, d).
 
     ``faiss``: IndexFlatIP, exact (every item scored in float32); ``breadth`` and the build options
@@ -593,12 +593,12 @@ def build_approximate_index(
     if method == "faiss":
         index = faiss.IndexFlatIP(d)
         index.add(vectors)
-        return ApproximateIndex(index, method, 0, vectors)
+        return FaissIndex(index, method, 0, vectors)
     if method == "hnsw":
         index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.add(vectors)
-        return ApproximateIndex(index, method, breadth or HNSW_EF_SEARCH, vectors)
+        return FaissIndex(index, method, breadth or HNSW_EF_SEARCH, vectors)
     lists = max(1, min(n, nlist or int(IVF_LISTS_PER_SQRT_N * np.sqrt(n))))
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
@@ -606,11 +606,11 @@ def build_approximate_index(
     index.cp.seed = seed
     index.train(sample)
     index.add(vectors)
-    return ApproximateIndex(index, method, min(lists, breadth or IVF_NPROBE), vectors)
+    return FaissIndex(index, method, min(lists, breadth or IVF_NPROBE), vectors)
 
 
 def _iter_approximate(
-    index: ApproximateIndex, user_vectors: np.ndarray, x: int, seen: sp.csr_matrix | None, batch_size: int
+    index: FaissIndex, user_vectors: np.ndarray, x: int, seen: sp.csr_matrix | None, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Top-x from a FAISS index per batch, seen items excluded: fetch 2x from the index, drop seen
     items, and fetch again, x + |seen| deep, only for the users left with fewer than x; then rescore
@@ -641,14 +641,14 @@ def _iter_approximate(
         yield rows, *_rescore(index.vectors, users, found, found, x)
 
 
-def _fetch(index: ApproximateIndex, users: np.ndarray, k: int, seen: sp.csr_matrix | None) -> np.ndarray:
+def _fetch(index: FaissIndex, users: np.ndarray, k: int, seen: sp.csr_matrix | None) -> np.ndarray:
     """(b, k) item rows the index returns for the users, seen ones replaced by -1."""
     _set_breadth(index, k)
     _, found = index.index.search(users, k)
     return found if seen is None else _drop_seen(seen, found)
 
 
-def _set_breadth(index: ApproximateIndex, fetch: int) -> None:
+def _set_breadth(index: FaissIndex, fetch: int) -> None:
     if index.method == "hnsw":
         index.index.hnsw.efSearch = max(index.breadth, fetch)  # HNSW returns at most efSearch results
     elif index.method == "ivf":

@@ -406,7 +406,12 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
-    from topx.pipeline import INTERACTIONS_FILE, load_ids, user_range_interactions, write_recommendations
+    from topx.pipeline import (
+        INTERACTIONS_FILE,
+        load_ids,
+        user_range_interactions,
+        write_recommendations_parquet,
+    )
     from topx.vectors import RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
@@ -430,7 +435,7 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
-        written = write_recommendations(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen,
+        written = write_recommendations_parquet(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen,
                                         method=method)
         with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
         # A user who has seen every item gets no row; load still writes them (an empty list), so
