@@ -23,8 +23,9 @@ from topx.config import (
     OBJECTIVES,
     SEARCH_METHODS,
     HyperParameters,
+    default_hyperparameters,
 )
-from topx.errors import TopxError
+from topx.errors import ConfigError, TopxError
 
 EXIT_USER_ERROR = 2
 
@@ -67,8 +68,6 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (names as SageMaker's factorization machines)")
-    from topx.config import default_hyperparameters
-
     ranking, rating = default_hyperparameters("ranking"), default_hyperparameters("rating")
     sgd = default_hyperparameters("ranking", learner="sgd")
 
@@ -255,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameters:
-    from topx.config import default_hyperparameters
-
     names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
              "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",
              "negative_samples", "seed", "learner", "unobserved_weight", "regularization_exponent")
@@ -265,8 +262,6 @@ def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameter
 
 def _objective(args: argparse.Namespace) -> str:
     """--objective, with --implicit and --predictor-type as the older ways of saying it."""
-    from topx.errors import ConfigError
-
     chosen = getattr(args, "objective", None)
     if getattr(args, "implicit", False):
         if chosen == "rating":
@@ -421,7 +416,6 @@ def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
 
 
 def cmd_vectors(args: argparse.Namespace) -> int:
-    from topx.errors import ConfigError
     from topx.feature_index import FeatureIndex
     from topx.pipeline import MODEL_DIR, VECTORS_DIR, read_model, vectors_stage
 
@@ -496,8 +490,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from topx.pipeline import (
         METRICS,
         MODEL_DIR,
@@ -564,8 +556,6 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from topx import client
-    from topx.errors import ConfigError
-
     found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
                                      endpoint_url=args.endpoint_url)
     if not found:

@@ -71,8 +71,9 @@ class HyperParameters:
     # The learner: "sgd" (mini-batch Adagrad; sampled negatives for a classifier) or "icd" (implicit
     # coordinate descent over every unobserved pair, for ranking; topx.icd).
     learner: str = "sgd"
-    # icd: the weight of each unobserved pair (observed pairs weigh 1, or their strength weight), and the
-    # exponent of the frequency scaling of the weight decay (0: plain weight decay).
+    # icd: what all unobserved pairs weigh together relative to the observed ones (each unobserved pair
+    # weighs this times the interactions' density), and the exponent of the frequency scaling of the
+    # weight decay (0: plain weight decay). The ranking defaults are MODE_DEFAULTS' below.
     unobserved_weight: float = 0.1
     regularization_exponent: float = 1.0
     # Early stopping: fraction of the training rows held for validation, and epochs without gain.
@@ -89,16 +90,13 @@ class HyperParameters:
         if self.predictor_type not in PREDICTOR_TYPES:
             raise ConfigError(f"predictor_type must be one of {PREDICTOR_TYPES}, got {self.predictor_type!r}")
         for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
-                     "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
+                     "bias_init_sigma", "linear_init_sigma", "factors_init_sigma", "unobserved_weight",
+                     "regularization_exponent"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1e6):
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.learner not in LEARNERS:
             raise ConfigError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
-        for name in ("unobserved_weight", "regularization_exponent"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1e6):
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.learner == "icd" and self.unobserved_weight <= 0:
             raise ConfigError("unobserved_weight must be > 0 for the icd learner")
         if not isinstance(self.negative_samples, int) or self.negative_samples < 1:

@@ -163,6 +163,7 @@ class _Side:
         np.cumsum(np.bincount(own, minlength=self.n), out=indptr[1:])
         self.pairs_indptr, self.pairs_other, self.pairs_weight = indptr, other, weight
         self.n_other = n_other
+        self.row_nnz = np.diff(self.x.indptr)  # features per entity
         degree = np.diff(indptr).astype(np.float64)
         self.groups = [chunk for cols in feature_groups(self.x)
                        for chunk in self._chunks(cols, degree, k, alpha0, exponent)]
@@ -187,7 +188,6 @@ class _Side:
         mass = np.bincount(local, weights=value.astype(np.float64) ** 2 * (degree[entities] + alpha0 * self.n_other),
                            minlength=len(cols))
         scale = np.power(np.maximum(mass, 1e-12), exponent)
-        row_nnz = np.diff(self.x.indptr)
         one_to_one = bool(np.array_equal(np.sort(local), np.arange(len(cols))))
         return _Group(
             features=torch.as_tensor(cols.astype(np.int64), device=self.dev),
@@ -196,7 +196,7 @@ class _Side:
             value=torch.as_tensor(value, device=self.dev),
             blocks=list(self._blocks(entities, local, k)),
             reg_scale=torch.as_tensor(scale, dtype=torch.float32, device=self.dev),
-            has_context=bool((row_nnz[entities] > 1).any()),
+            has_context=bool((self.row_nnz[entities] > 1).any()),
             one_to_one=one_to_one,
         )
 
