@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from topx.config import ENV_BUCKET, env_or
+from topx.config import env_or
+from topx.contract import ENV_BUCKET
 from topx.errors import ConfigError
 
 # AWS Batch leaves `Ref::name` in the command when the job was submitted without that parameter.

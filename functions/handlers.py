@@ -14,14 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from topx import stages
-from topx.config import ENV_BUCKET, ENV_TABLE, env_or
+from topx.config import env_or
+from topx.contract import ENV_BUCKET, ENV_TABLE, MIN_SHARDS
 from topx.errors import TopxError
 
 logger = logging.getLogger(__name__)
 logger.setLevel(logging.INFO)
-
-# Batch array jobs need at least two children, so prepare must report at least two shards.
-MIN_SHARDS = 2
 
 
 class EventError(TopxError):
@@ -153,7 +151,8 @@ class PublishEvent:
 
 
 def _check_prepared(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The state machine sizes the search array job and the load Map from these fields."""
+    """The state machine sizes the search array job and the load Map from these fields (an array job needs
+    at least MIN_SHARDS children)."""
     shards = _int(result, "shards", minimum=MIN_SHARDS)
     _str(result, "run_id")
     _str(result, "bucket")

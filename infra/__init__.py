@@ -1,1 +1,2 @@
-"""The topx CDK app. Never imports topx: synthesis must not need torch or faiss."""
+"""The topx CDK app. Of topx it imports only topx.contract (standard library only): synthesis must not
+need numpy, torch or faiss."""

@@ -18,7 +18,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import IConstruct
 
 from infra.nag import acknowledge
-from infra.storage import FEATURES_PREFIX, INCOMING_PREFIX, RUNS_PREFIX, VERSIONS_PREFIX
+from topx.contract import FEATURES_PREFIX, INCOMING_PREFIX, RUNS_PREFIX, VERSIONS_PREFIX
 
 _XRAY_PUT = "X-Ray trace upload (active tracing) has no resource-level permissions."
 _XRAY_SAMPLING = "X-Ray sampling (state machine tracing) has no resource-level permissions."

@@ -15,8 +15,8 @@ from aws_cdk import App
 from infra.nag import add_checks
 from infra.settings import DeploySettings
 from infra.stack import TopxStack
+from topx.contract import STACK_NAME
 
-STACK_ID = "Topx"
 # CDK feature flags this app is written for. They live here rather than in cdk.json so that
 # `python -m infra.app`, the tests and `cdk deploy` all synthesize the same template; context given on
 # the command line still wins.
@@ -36,7 +36,7 @@ def build_app(context: Mapping[str, Any] | None = None, outdir: str | None = Non
     settings = DeploySettings.from_context(app.node.try_get_context)
     stack = TopxStack(
         app,
-        STACK_ID,
+        STACK_NAME,
         settings=settings,
         description="topx: batch top-x recommendations (FM on Batch GPU, FAISS search, DynamoDB)",
     )

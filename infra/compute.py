@@ -31,18 +31,12 @@ from infra.access import (
 from infra.images import SEARCH_DOCKERFILE, TRAIN_DOCKERFILE, batch_image
 from infra.logs import log_group
 from infra.settings import DeploySettings
+from topx.contract import SEARCH_COMMAND, TOPX_ERROR_EXIT, TRAIN_COMMAND
 
-# Entry points, as `python -m` modules. The job definitions' commands name them; the Dockerfiles' CMDs
-# name the same modules (checked in tests). Batch fills `Ref::<name>` from the SubmitJob parameters the
-# state machine sends: bucket and run_id, plus shards for search. The shard index itself comes from
+# The job definitions run the contract's commands (`python -m batch_jobs.<job>.main ...`); the Dockerfiles'
+# CMDs name the same modules (checked in tests). Batch fills `Ref::<name>` from the SubmitJob parameters
+# the state machine sends: bucket and run_id, plus shards for search. The shard index itself comes from
 # AWS_BATCH_JOB_ARRAY_INDEX, set by Batch on every array child.
-TRAIN_MODULE = "batch_jobs.train.main"
-SEARCH_MODULE = "batch_jobs.search.main"
-TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE, "--bucket", "Ref::bucket", "--run-id", "Ref::run_id"]
-SEARCH_COMMAND = [
-    "python", "-m", SEARCH_MODULE,
-    "--bucket", "Ref::bucket", "--run-id", "Ref::run_id", "--shards", "Ref::shards",
-]  # fmt: skip
 
 # The train container fits the smallest default GPU instances (g5.xlarge / g6.xlarge: 4 vCPU, 16 GiB,
 # of which ECS keeps some for itself). Larger instance types also fit it.
@@ -53,8 +47,6 @@ TRAIN_TIMEOUT = Duration.hours(6)
 SEARCH_VCPUS = 4
 SEARCH_MEMORY = Size.gibibytes(16)
 SEARCH_TIMEOUT = Duration.hours(2)
-# Exit code the entry points return on a TopxError (bad input, bad artifact): retrying cannot help.
-TOPX_ERROR_EXIT_CODE = "2"
 GPU_ROOT_VOLUME_GIB = 100
 # Status reason AWS Batch reports when Fargate Spot takes a task back.
 FARGATE_SPOT_INTERRUPTED = "Your Spot Task was interrupted*"
@@ -137,7 +129,7 @@ class Compute(Construct):
                     cpu=TRAIN_VCPUS,
                     memory=TRAIN_MEMORY,
                     gpu=1,
-                    command=TRAIN_COMMAND,
+                    command=list(TRAIN_COMMAND),
                     environment=environment,
                     job_role=job_role,
                     logging=self._logging("train"),
@@ -164,7 +156,7 @@ class Compute(Construct):
                     image=batch_image(SEARCH_DOCKERFILE),
                     cpu=SEARCH_VCPUS,
                     memory=SEARCH_MEMORY,
-                    command=SEARCH_COMMAND,
+                    command=list(SEARCH_COMMAND),
                     environment=environment,
                     job_role=job_role,
                     logging=self._logging("search"),
@@ -279,7 +271,7 @@ class Compute(Construct):
 def _retry_strategies(*infrastructure_failures: batch.Reason) -> list[batch.RetryStrategy]:
     """Retry what the infrastructure broke (capacity reclaimed, image pull); never a TopxError or a bug."""
     return [
-        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_exit_code=TOPX_ERROR_EXIT_CODE)),
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_exit_code=str(TOPX_ERROR_EXIT))),
         batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.CANNOT_PULL_CONTAINER),
         *(batch.RetryStrategy.of(batch.Action.RETRY, reason) for reason in infrastructure_failures),
         # Without this catch-all, Batch retries every other failure too.

@@ -5,7 +5,8 @@ work: prepare and repackage hold a dataset or a model in memory; the gate and pu
 and a few table items. 3008 MB is the largest memory a new account's default quota allows.
 
 Each function has a role of its own: writing to its own log group, the S3 prefixes it reads and writes,
-and only the DynamoDB actions and partition keys it uses (see topx/store.py), nothing else.
+and only the DynamoDB actions and partition keys it uses (see topx/store.py; the keys are
+topx/contract.py's), nothing else.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from infra.access import (
 )
 from infra.images import function_code
 from infra.logs import log_group
-from infra.storage import POINTER_PARTITION, USER_PARTITION_PREFIX
+from topx.contract import HANDLER_MODULE, POINTER_PARTITION, USER_PARTITION_PREFIX
 
-HANDLER_MODULE = "functions.handlers"
 # Active tracing adds these to every function's role; X-Ray offers no narrower resource.
 TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
 

@@ -1,7 +1,9 @@
-"""Deploy-time settings: CDK context parameters, their defaults, and the environment variable names.
+"""Deploy-time settings: CDK context parameters, their defaults, and the environment they set.
 
 Context values arrive as strings from ``cdk deploy -c name=value`` and as JSON values from
 ``cdk.json``; both are accepted. Every parameter and its default is documented in docs/DEPLOY.md.
+The environment variable names, defaults and bounds shared with topx, and the hyperparameters topx
+accepts, are the deploy contract's (topx/contract.py, standard library only).
 """
 
 from __future__ import annotations
@@ -14,39 +16,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# infra/ must not import topx (it would drag torch and faiss into `cdk synth`), so the environment
-# variable names the functions and jobs read are repeated here. They are defined in topx/config.py;
-# tests/infra/test_infra.py checks that both modules agree.
-ENV_BUCKET = "TOPX_BUCKET"
-ENV_TABLE = "TOPX_TABLE"
-ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"
-ENV_TOP_X = "TOPX_TOP_X"
-ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"
-ENV_EPOCHS = "TOPX_EPOCHS"
-ENV_SHARDS = "TOPX_SHARDS"
-ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
-ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
-ENV_MAX_RMSE = "TOPX_MAX_RMSE"
-ENV_MIN_AUC = "TOPX_MIN_AUC"
-ENV_MIN_RECALL = "TOPX_MIN_RECALL"
-ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"
+# Of topx, infra/ imports the contract only: the rest would drag numpy, torch and faiss into `cdk synth`.
+from topx.contract import (
+    DEFAULT_EPOCHS,
+    DEFAULT_NUM_FACTORS,
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SHARDS,
+    DEFAULT_TOP_X,
+    ENV_BUCKET,
+    ENV_EPOCHS,
+    ENV_HYPERPARAMETERS,
+    ENV_MAX_RMSE,
+    ENV_MIN_AUC,
+    ENV_MIN_RECALL,
+    ENV_NUM_FACTORS,
+    ENV_RETENTION_DAYS,
+    ENV_SEARCH_METHOD,
+    ENV_SHARDS,
+    ENV_TABLE,
+    ENV_TOP_X,
+    ENV_TOPIC_ARN,
+    FIXED_HYPERPARAMETERS,
+    HYPERPARAMETER_CHOICES,
+    HYPERPARAMETER_RANGES,
+    MAX_SHARDS,
+    MIN_SHARDS,
+    SEARCH_METHODS,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASL_PATH = REPO_ROOT / "statemachine" / "pipeline.asl.json"
 TRIGGER_PATH = REPO_ROOT / "statemachine" / "trigger.json"
 
-# AWS Batch rejects array jobs with fewer than 2 children, and caps them at 10,000.
-MIN_SHARDS = 2
-MAX_SHARDS = 10_000
 # The train job asks for 4 vCPUs (see infra/compute.py); a smaller ceiling would leave it RUNNABLE forever.
 MIN_MAX_VCPUS = 4
 
 _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
-
-# The searches topx.search.SEARCH_METHODS names, repeated for the reason the variable names are;
-# tests/infra/test_infra.py checks that both agree.
-SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 
 
 class SettingsError(ValueError):
@@ -59,16 +65,16 @@ class DeploySettings:
     ``TOPX_HYPERPARAMETERS``; it, the quality-gate thresholds and ``search_method`` are unset (no
     variable, so topx's own default holds: no threshold, the exact search) by default."""
 
-    top_x: int = 10
-    num_factors: int = 64
-    epochs: int = 30
-    shards: int = 4
+    top_x: int = DEFAULT_TOP_X
+    num_factors: int = DEFAULT_NUM_FACTORS
+    epochs: int = DEFAULT_EPOCHS
+    shards: int = DEFAULT_SHARDS
     gpu_instance_types: tuple[str, ...] = ("g5.xlarge", "g6.xlarge")
     spot: bool = False
     max_vcpus: int = 16
     schedule: str | None = None
     notification_email: str | None = None
-    retention_days: int = 30
+    retention_days: int = DEFAULT_RETENTION_DAYS
     max_rmse: float | None = None
     min_auc: float | None = None
     min_recall: float | None = None
@@ -212,7 +218,8 @@ def _parse_hyperparameters(raw: Any) -> str | None:
 
 
 def _check_hyperparameters(text: str) -> None:
-    """Refuse what topx.stages.parse_hyperparameters would refuse when the train job reads the value."""
+    """Refuse what topx.stages.parse_hyperparameters would refuse when the train job reads the value: a
+    name the contract does not list as settable, or a value outside its range or choices."""
     try:
         values = json.loads(text)
     except ValueError as exc:
@@ -268,34 +275,4 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "min_recall": _parse_optional_number,
     "hyperparameters": _parse_hyperparameters,
     "search_method": _parse_optional_str,
-}
-
-# The HyperParameters fields (topx/config.py) that TOPX_HYPERPARAMETERS may set: each one's type and the
-# values topx accepts, low <= value < high. predictor_type follows each upload's topx-mode metadata
-# (topx/stages.py NOT_OVERRIDABLE). Repeated here for the reason the variable names are; tests/infra/test_infra.py
-# checks that topx accepts and refuses the same.
-FIXED_HYPERPARAMETERS = frozenset({"predictor_type"})
-HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = {
-    "num_factors": (int, 1, math.inf),
-    "epochs": (int, 1, math.inf),
-    "mini_batch_size": (int, 1, math.inf),
-    "bias_lr": (float, 0, 1_000_000),
-    "linear_lr": (float, 0, 1_000_000),
-    "factors_lr": (float, 0, 1_000_000),
-    "bias_wd": (float, 0, 1_000_000),
-    "linear_wd": (float, 0, 1_000_000),
-    "factors_wd": (float, 0, 1_000_000),
-    "bias_init_sigma": (float, 0, 1_000_000),
-    "linear_init_sigma": (float, 0, 1_000_000),
-    "factors_init_sigma": (float, 0, 1_000_000),
-    "negative_samples": (int, 1, math.inf),
-    "unobserved_weight": (float, 0, 1_000_000),
-    "regularization_exponent": (float, 0, 1_000_000),
-    "validation_fraction": (float, 0, 0.5),
-    "early_stopping_patience": (int, 1, math.inf),
-    "seed": (int, -math.inf, math.inf),
-}
-# The settable HyperParameters fields that take one of a few names.
-HYPERPARAMETER_CHOICES: Mapping[str, tuple[str, ...]] = {
-    "learner": ("sgd", "icd"),
 }

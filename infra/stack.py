@@ -14,6 +14,7 @@ from infra.notifications import Notifications
 from infra.pipeline import Pipeline
 from infra.settings import DeploySettings
 from infra.storage import Storage
+from topx.contract import OUTPUT_BUCKET, OUTPUT_STATE_MACHINE, OUTPUT_TABLE, OUTPUT_TOPIC
 
 
 class TopxStack(Stack):
@@ -65,9 +66,12 @@ class TopxStack(Stack):
 
         self.storage = storage
         self.state_machine = pipeline.state_machine
+        # The client (topx.client) finds the resources by these output names.
         CfnOutput(
-            self, "BucketName", value=storage.bucket.bucket_name, description="Upload data under incoming/"
+            self, OUTPUT_BUCKET, value=storage.bucket.bucket_name, description="Upload data under incoming/"
         )
-        CfnOutput(self, "TableName", value=storage.table.table_name, description="Recommendations table")
-        CfnOutput(self, "StateMachineArn", value=pipeline.state_machine.state_machine_arn)
-        CfnOutput(self, "TopicArn", value=notifications.topic.topic_arn, description="Pipeline notifications")
+        CfnOutput(self, OUTPUT_TABLE, value=storage.table.table_name, description="Recommendations table")
+        CfnOutput(self, OUTPUT_STATE_MACHINE, value=pipeline.state_machine.state_machine_arn)
+        CfnOutput(
+            self, OUTPUT_TOPIC, value=notifications.topic.topic_arn, description="Pipeline notifications"
+        )

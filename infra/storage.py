@@ -1,4 +1,8 @@
-"""Storage: the data bucket (uploads, runs), its access-log bucket, and the recommendations table."""
+"""Storage: the data bucket (uploads, runs), its access-log bucket, and the recommendations table.
+
+The bucket's layout and the table's key schema are the deploy contract's (topx/contract.py): runs/
+expires by lifecycle, versions/ lies outside it and does not.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,14 @@ from constructs import Construct
 
 from infra.checkov import skip_checks
 from infra.nag import acknowledge
+from topx.contract import KEY_ATTRIBUTE_TYPE, PARTITION_KEY, RUNS_PREFIX, SORT_KEY, TTL_ATTRIBUTE
 
-INCOMING_PREFIX = "incoming/"
-FEATURES_PREFIX = "features/"  # optional side tables (users, items) every run reads
-RUNS_PREFIX = "runs/"
-# What live and not yet retired versions need after runs/ expired (topx/stages.py); no lifecycle rule.
-VERSIONS_PREFIX = "versions/"
-# Table key schema. A recommendations item per (user, version) is pk="user#<user_id>", sk="v#<version>";
-# the active-version pointer is pk="pointer", sk="active". Old versions carry `expires_at` (epoch seconds).
-# The functions' table permissions are limited to these partition keys (infra/lambdas.py).
-PARTITION_KEY = "pk"
-SORT_KEY = "sk"
-TTL_ATTRIBUTE = "expires_at"
-POINTER_PARTITION = "pointer"
-USER_PARTITION_PREFIX = "user#"
+# The key attributes' DynamoDB type letter (the contract's) as CDK names it.
+ATTRIBUTE_TYPES = {
+    "S": dynamodb.AttributeType.STRING,
+    "N": dynamodb.AttributeType.NUMBER,
+    "B": dynamodb.AttributeType.BINARY,
+}
 # How long noncurrent object versions and access logs are kept. Deleted or overwritten access logs stay
 # recoverable for a month, so removing the trail of an intrusion takes more than one DeleteObject.
 NONCURRENT_VERSION_DAYS = 7
@@ -93,8 +91,8 @@ class Storage(Construct):
         self.table = dynamodb.Table(
             self,
             "Recommendations",
-            partition_key=dynamodb.Attribute(name=PARTITION_KEY, type=dynamodb.AttributeType.STRING),
-            sort_key=dynamodb.Attribute(name=SORT_KEY, type=dynamodb.AttributeType.STRING),
+            partition_key=dynamodb.Attribute(name=PARTITION_KEY, type=ATTRIBUTE_TYPES[KEY_ATTRIBUTE_TYPE]),
+            sort_key=dynamodb.Attribute(name=SORT_KEY, type=ATTRIBUTE_TYPES[KEY_ATTRIBUTE_TYPE]),
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True

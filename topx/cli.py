@@ -16,15 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from topx import __version__
-from topx.config import (
-    DEFAULT_OBJECTIVE,
-    DEFAULT_TOP_X,
-    LEARNERS,
-    OBJECTIVES,
-    SEARCH_METHODS,
-    HyperParameters,
-    default_hyperparameters,
-)
+from topx.config import DEFAULT_OBJECTIVE, OBJECTIVES, HyperParameters, default_hyperparameters
+from topx.contract import DEFAULT_SEARCH_METHOD, DEFAULT_TOP_X, LEARNERS, SEARCH_METHODS
 from topx.errors import ConfigError, TopxError
 
 EXIT_USER_ERROR = 2
@@ -105,7 +98,7 @@ def _add_ranking_options(p: argparse.ArgumentParser) -> None:
                    help=f"how many items to recommend per user (default {DEFAULT_TOP_X})")
     p.add_argument("--include-seen", action="store_true",
                    help="keep items the user already interacted with (default: exclude them)")
-    p.add_argument("--search-method", choices=SEARCH_METHODS, default="exact",
+    p.add_argument("--search-method", choices=SEARCH_METHODS, default=DEFAULT_SEARCH_METHOD,
                    help="how the top-x is searched: exact = topx's bounded reduced-precision scan (default); "
                         "faiss = FAISS IndexFlatIP, exact in float32; hnsw, ivf = approximate FAISS indexes, "
                         "faster on very large catalogues (see docs/PERFORMANCE.md)")
@@ -304,7 +297,7 @@ def _run_options(args: argparse.Namespace):
         relevance_threshold=getattr(args, "relevance_threshold", None),
         eval_users=getattr(args, "eval_users", 20000),
         progress=False if args.quiet else None,
-        search_method=getattr(args, "search_method", "exact"),
+        search_method=getattr(args, "search_method", DEFAULT_SEARCH_METHOD),
         tune=getattr(args, "tune", False),
     )
 

@@ -23,23 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from topx import store
-from topx.config import ENV_BUCKET, ENV_ENDPOINT_URL, ENV_TABLE, env_or
+from topx.config import env_or
+from topx.contract import (
+    ENV_BUCKET,
+    ENV_ENDPOINT_URL,
+    ENV_TABLE,
+    MODE_METADATA,
+    OUTPUT_BUCKET,
+    OUTPUT_STATE_MACHINE,
+    OUTPUT_TABLE,
+    OUTPUT_TOPIC,
+    STACK_NAME,
+    incoming_key,
+)
 from topx.errors import ConfigError, StoreError
 
-# The stack infra/app.py deploys, and the names of its outputs (infra/stack.py; tests/aws/test_client.py
-# checks that the synthesized template carries exactly these). infra/ must not import topx, so the
-# names are written in both places.
-DEFAULT_STACK = "Topx"
-OUTPUT_BUCKET = "BucketName"
-OUTPUT_TABLE = "TableName"
-OUTPUT_STATE_MACHINE = "StateMachineArn"
-OUTPUT_TOPIC = "TopicArn"
-
-# Uploads go under this prefix (the trigger's, statemachine/trigger.json) and may carry this metadata
-# naming their objective (read by topx.stages.prepare_run): "ranking" (also "implicit"), the default, or
-# "rating" (also "explicit").
-INCOMING_PREFIX = "incoming/"
-MODE_METADATA_KEY = "topx-mode"
+# Uploads go under incoming/ and may carry MODE_METADATA naming their objective (read by
+# topx.stages.prepare_run): "ranking" (also "implicit"), the default, or "rating" (also "explicit").
 IMPLICIT_MODE = "implicit"
 RATING_MODE = "rating"
 
@@ -105,7 +105,7 @@ def stack_outputs(stack: str | None = None, *, endpoint_url: str | None = None, 
     """The named outputs of a deployed stack (``Topx`` unless named)."""
     from botocore.exceptions import ClientError
 
-    name = stack or DEFAULT_STACK
+    name = stack or STACK_NAME
     cloudformation = client or aws_client("cloudformation", endpoint_url)
     with aws_errors():
         try:
@@ -177,8 +177,7 @@ def live_version(*, table: str | None = None, stack: str | None = None, endpoint
     name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     ddb = client or aws_client("dynamodb", endpoint_url)
     with _table_errors(name):
-        item = ddb.get_item(TableName=name, Key={k: {"S": v} for k, v in store.POINTER_KEY.items()},
-                            ConsistentRead=True).get("Item")
+        item = ddb.get_item(TableName=name, Key=store.pointer_key(), ConsistentRead=True).get("Item")
     if item is None:
         return None
     published = item.get("published_at", {}).get("N")
@@ -206,10 +205,10 @@ def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = N
     if not source.is_file():
         raise ConfigError(f"{source}: no such file")
     name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
-    target = INCOMING_PREFIX + (key or source.name).removeprefix(INCOMING_PREFIX)
+    target = incoming_key(key or source.name)
     s3 = client or aws_client("s3", endpoint_url)
     mode = IMPLICIT_MODE if implicit else objective
-    extra = {"Metadata": {MODE_METADATA_KEY: mode}} if mode else {}
+    extra = {"Metadata": {MODE_METADATA: mode}} if mode else {}
     with aws_errors():
         s3.upload_file(str(source), name, target, ExtraArgs=extra)
     return f"s3://{name}/{target}"

@@ -1,7 +1,9 @@
-"""Configuration: hyperparameters and environment variable names.
+"""Configuration: hyperparameters and how a setting is resolved.
 
-One precedence everywhere: explicit argument > environment variable > default.
-Environment variable names are constants here and nowhere else.
+One precedence everywhere: explicit argument > environment variable > default. Environment variable
+names, the search methods and which hyperparameters a deployment may set, with their ranges, are the
+deploy contract's (topx/contract.py), which infra/ reads too; HyperParameters' own checks accept exactly
+those ranges (tests/unit/test_contract.py).
 """
 
 from __future__ import annotations
@@ -10,43 +12,14 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from topx.contract import DEFAULT_SEARCH_METHOD, ENV_SEARCH_METHOD, LEARNERS, SEARCH_METHODS
 from topx.errors import ConfigError
 from topx.params import PREDICTOR_TYPES
 
-# Environment variables read by topx, the Lambda handlers and the Batch jobs.
-ENV_BUCKET = "TOPX_BUCKET"
-ENV_TABLE = "TOPX_TABLE"
-ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"
-ENV_TOP_X = "TOPX_TOP_X"
-ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"
-ENV_EPOCHS = "TOPX_EPOCHS"
-ENV_SHARDS = "TOPX_SHARDS"
-ENV_DEVICE = "TOPX_DEVICE"
-ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"
-ENV_ENDPOINT_URL = "TOPX_ENDPOINT_URL"
-ENV_ARRAY_INDEX = "AWS_BATCH_JOB_ARRAY_INDEX"
-# JSON object of HyperParameters fields for the pipeline's training, e.g. '{"factors_lr": 0.02}'; over
-# TOPX_EPOCHS / TOPX_NUM_FACTORS, under an upload's own ``topx-hyperparameters`` metadata.
-ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
-# Optional quality-gate thresholds on the hold-out metrics (unset: no threshold).
-ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
-ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
-ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
-# The search the pipeline's recommendations and its hold-out metrics use.
-ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"
-
-DEFAULT_TOP_X = 10
-DEFAULT_SEARCH_METHOD = "exact"
-# The searches topx.search runs: "exact" (topx's bounded scan), "faiss" (FAISS IndexFlatIP, exact in
-# float32), "hnsw" / "ivf" (approximate FAISS indexes). Defined here, where the CLI and the settings can
-# read them without importing topx.search and with it torch.
-SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
 # What the model is trained for: "ranking" (interactions are positives, every other pair a negative; the
 # default) or "rating" (a regressor of the rating column, SageMaker's predictor_type "regressor").
 OBJECTIVES = ("ranking", "rating")
 DEFAULT_OBJECTIVE = "ranking"
-# The FM learners (HyperParameters.learner): topx.fm's mini-batch SGD and topx.icd's coordinate descent.
-LEARNERS = ("sgd", "icd")
 
 
 @dataclass(frozen=True)

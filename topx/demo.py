@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from topx.config import ENV_EPOCHS, ENV_NUM_FACTORS, env_or
+from topx.config import env_or
+from topx.contract import ENV_EPOCHS, ENV_NUM_FACTORS, feature_table_prefix, metrics_key, run_prefix
 from topx.synth import SyntheticData, generate
 
 # The demo's model size: small enough for a laptop CPU, big enough to beat popularity clearly.
@@ -84,7 +85,7 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
               f"(k={settings.num_factors}, {settings.epochs} epochs, {settings.shards} search shards)")
         s3 = boto3.client("s3", region_name=pipeline.region)
         for name in ("users", "items"):
-            s3.upload_file(str(paths[name]), pipeline.bucket, f"features/{name}.csv")
+            s3.upload_file(str(paths[name]), pipeline.bucket, feature_table_prefix(name) + ".csv")
         uri = client.upload(interactions, bucket=pipeline.bucket, implicit=implicit)
         executions = local.executions(pipeline.state_machine_arn, region=pipeline.region)
         if not executions:
@@ -105,7 +106,7 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
             print(f"\nexecution {described['status']}: {described.get('error', '')}: {described.get('cause', '')}")
             return 1
         run_id = json.loads(described["output"])["prepare"]["run_id"]
-        metrics = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=f"runs/{run_id}/metrics.json")["Body"].read())
+        metrics = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=metrics_key(run_id))["Body"].read())
         live = client.live_version(table=pipeline.table)
         print(f"\nrecommendations read back from DynamoDB through the pointer (live version {live.version if live else '-'}):")
         for user in sorted(frame["user_id"].unique())[:SHOWN_USERS]:
@@ -114,7 +115,7 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
                 print(f"  {user}: none")
                 continue
             _print_user(user, list(zip(rec.items, rec.scores, strict=True)), data.items)
-        _print_metrics(metrics, top_x, f"hold-out metrics from s3://{pipeline.bucket}/runs/{run_id}/metrics.json")
+        _print_metrics(metrics, top_x, f"hold-out metrics from s3://{pipeline.bucket}/{metrics_key(run_id)}")
         if out:
             _download_run(s3, pipeline.bucket, run_id, Path(out))
     return 0
@@ -135,7 +136,7 @@ def _shorten(text: str, limit: int = 300) -> str:
 
 def _download_run(s3: Any, bucket: str, run_id: str, out: Path) -> None:
     """Keep the run's objects (model, vectors, recommendations, metrics) before moto goes away."""
-    prefix = f"runs/{run_id}/"
+    prefix = run_prefix(run_id)
     if out.exists():
         shutil.rmtree(out)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

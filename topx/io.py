@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from topx.config import ENV_ENDPOINT_URL
+from topx.contract import ENV_ENDPOINT_URL
 from topx.errors import InputDataError
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -58,7 +58,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from topx.config import (
+from topx.config import env_or, search_method
+from topx.contract import (
+    DEFAULT_EPOCHS,
+    DEFAULT_NUM_FACTORS,
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SHARDS,
     DEFAULT_TOP_X,
     ENV_ARRAY_INDEX,
     ENV_BUCKET,
@@ -75,9 +80,12 @@ from topx.config import (
     ENV_TABLE,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
-    HyperParameters,
-    env_or,
-    search_method,
+    HANDLER_MODULE,
+    SEARCH_COMMAND,
+    TRAIN_COMMAND,
+    TTL_ATTRIBUTE,
+    table_attribute_definitions,
+    table_key_schema,
 )
 from topx.errors import ConfigError
 
@@ -116,9 +124,8 @@ DEFAULT_REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
 NAME_PREFIX = "topx-local"
 
-# As infra/lambdas.py and infra/compute.py name them (tests/offline/test_local.py checks they agree):
-# the handler each function's image CMD names, and the Batch job commands.
-HANDLER_MODULE = "functions.handlers"
+# The ASL's placeholder for each handler's function (statemachine/pipeline.asl.json; infra/pipeline.py fills
+# the same ones). The handler module and the Batch job commands are the deploy contract's.
 FUNCTION_PLACEHOLDERS = {
     "prepare": "PrepareFunctionArn",
     "quality_gate": "QualityGateFunctionArn",
@@ -126,11 +133,6 @@ FUNCTION_PLACEHOLDERS = {
     "load_shard": "LoadShardFunctionArn",
     "publish": "PublishFunctionArn",
 }
-TRAIN_COMMAND = ["python", "-m", "batch_jobs.train.main", "--bucket", "Ref::bucket", "--run-id", "Ref::run_id"]
-SEARCH_COMMAND = [
-    "python", "-m", "batch_jobs.search.main",
-    "--bucket", "Ref::bucket", "--run-id", "Ref::run_id", "--shards", "Ref::shards",
-]  # fmt: skip
 # Exit status of a Python process that died of an uncaught exception.
 UNCAUGHT_EXIT = 1
 # What AWS Batch reports for a container that exited non-zero.
@@ -167,13 +169,12 @@ class LocalSettings:
     def resolved(self) -> dict[str, int | float | str]:
         from topx.stages import parse_hyperparameters
 
-        defaults = HyperParameters()
         resolved: dict[str, int | float | str] = {
             ENV_TOP_X: env_or(ENV_TOP_X, self.top_x, DEFAULT_TOP_X, int),
-            ENV_NUM_FACTORS: env_or(ENV_NUM_FACTORS, self.num_factors, defaults.num_factors, int),
-            ENV_EPOCHS: env_or(ENV_EPOCHS, self.epochs, defaults.epochs, int),
-            ENV_SHARDS: env_or(ENV_SHARDS, self.shards, 4, int),
-            ENV_RETENTION_DAYS: env_or(ENV_RETENTION_DAYS, self.retention_days, 30, int),
+            ENV_NUM_FACTORS: env_or(ENV_NUM_FACTORS, self.num_factors, DEFAULT_NUM_FACTORS, int),
+            ENV_EPOCHS: env_or(ENV_EPOCHS, self.epochs, DEFAULT_EPOCHS, int),
+            ENV_SHARDS: env_or(ENV_SHARDS, self.shards, DEFAULT_SHARDS, int),
+            ENV_RETENTION_DAYS: env_or(ENV_RETENTION_DAYS, self.retention_days, DEFAULT_RETENTION_DAYS, int),
         }
         for name, explicit in ((ENV_MAX_RMSE, self.max_rmse), (ENV_MIN_AUC, self.min_auc),
                                (ENV_MIN_RECALL, self.min_recall)):
@@ -398,17 +399,16 @@ def _create_bucket(s3: Any, bucket: str, region: str) -> None:
 
 
 def _create_table(ddb: Any, table: str) -> None:
-    """Keys and TTL as infra/storage.py declares them."""
+    """Keys and TTL as the deploy contract declares them (infra/storage.py builds the same)."""
     ddb.create_table(
         TableName=table, BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                              {"AttributeName": "sk", "AttributeType": "S"}],
+        KeySchema=table_key_schema(), AttributeDefinitions=table_attribute_definitions(),
     )
-    ddb.update_time_to_live(TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+    ddb.update_time_to_live(TableName=table,
+                            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE})
 
 
-def _create_job(batch: Any, role: str, name: str, command: list[str], environment: Mapping[str, str],
+def _create_job(batch: Any, role: str, name: str, command: Sequence[str], environment: Mapping[str, str],
                 parameters: Mapping[str, str]) -> tuple[str, str]:
     environment_arn = batch.create_compute_environment(
         computeEnvironmentName=name, type="UNMANAGED", state="ENABLED", serviceRole=role

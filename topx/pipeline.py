@@ -36,6 +36,7 @@ import scipy.sparse as sp
 
 from topx import evaluate as ev
 from topx.config import MODE_DEFAULTS, HyperParameters, default_hyperparameters, objective_of  # noqa: F401
+from topx.contract import DEFAULT_SEARCH_METHOD
 from topx.encode import encode_features
 from topx.errors import ArtifactFormatError, ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
@@ -107,7 +108,7 @@ class RunOptions:
     relevance_threshold: float | None = None
     eval_users: int = 20000
     progress: bool | None = None
-    search_method: str = "exact"  # of the recommendations: see topx.search.SEARCH_METHODS
+    search_method: str = DEFAULT_SEARCH_METHOD  # of the recommendations: one of topx.contract.SEARCH_METHODS
     tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
 
 

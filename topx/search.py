@@ -44,7 +44,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from topx import config
 from topx.errors import ConfigError, InputDataError
 from topx.fm import intra_op_threads
 
@@ -52,9 +51,6 @@ DEFAULT_BATCH_SIZE = 16384
 BLOCK_USERS = 1024  # users scored together: one GEMM operand, and the unit of work of a thread
 BLOCK_ITEMS = 1024  # items per block: a (1024, 1024) bf16 score block is 2 MB, one core's L2
 PRECISIONS = ("auto", "bf16", "f32")
-# "exact": topx's bounded scan (below); "faiss": FAISS IndexFlatIP, exact in float32;
-# "hnsw" / "ivf": approximate FAISS indexes.
-SEARCH_METHODS = config.SEARCH_METHODS
 
 _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16: 8 significant bits, round to nearest even
 _F32_UNIT = 2.0**-24
@@ -554,6 +550,7 @@ class FaissIndex:
         return self.vectors.shape[0]
 
 
+# With "exact" (topx's bounded scan, above), these are the methods topx.contract.SEARCH_METHODS names.
 APPROXIMATE_METHODS = ("hnsw", "ivf")
 FAISS_METHODS = ("faiss", *APPROXIMATE_METHODS)
 HNSW_M = 32  # graph degree

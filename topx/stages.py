@@ -2,20 +2,8 @@
 
 Each stage reads its inputs from the run's S3 prefix, does its work with the same core functions
 the local CLI uses, writes its outputs under the run's prefix, and returns a small JSON-able dict
-(Step Functions passes references, not data). S3 layout, under one bucket::
-
-    incoming/...                         uploads (the trigger)
-    features/users.*, features/items.*   optional side tables used by every run
-    runs/<run_id>/prepared/              feature index + indexed interactions + hold-out mask
-    runs/<run_id>/model/                 model.tar.gz (+ feature index beside it)
-    runs/<run_id>/metrics.json
-    runs/<run_id>/vectors/
-    runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
-    runs/<run_id>/searched/shard=NNNN.json  the shard's users, and those left with nothing to recommend
-    runs/<run_id>/loaded/shard=NNNN.json  users written to DynamoDB by that shard's load
-    versions/<run_id>/shard=NNNN/        what a load wrote to DynamoDB (a copy of the shard's
-                                         recommendations and searched files), kept until it is retired
-    versions/<run_id>/metrics.json       the published model's metrics, for the quality gate
+(Step Functions passes references, not data). The S3 layout, one bucket, is topx/contract.py's: its
+functions build every key used here.
 
 ``runs/`` expires by the bucket's lifecycle rule; ``versions/`` does not: a version stays live for as
 long as no newer run publishes, and its items in DynamoDB carry no TTL until it is superseded.
@@ -30,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -46,7 +33,10 @@ import pandas as pd
 from botocore.exceptions import ClientError
 
 from topx import store
-from topx.config import (
+from topx.config import HyperParameters, env_or, search_method
+from topx.contract import (
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SHARDS,
     DEFAULT_TOP_X,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
@@ -58,26 +48,34 @@ from topx.config import (
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
     ENV_TOP_X,
-    HyperParameters,
-    env_or,
-    search_method,
+    FIXED_HYPERPARAMETERS,
+    HYPERPARAMETERS_METADATA,
+    INCOMING_PREFIX,
+    MANIFEST_RECOMMENDATIONS,
+    MANIFEST_SEARCHED,
+    MIN_SHARDS,
+    MODE_METADATA,
+    VERSION_OBJECT_RE,
+    VERSIONS_PREFIX,
+    feature_table_prefix,
+    loaded_key,
+    metrics_key,
+    model_prefix,
+    prepared_prefix,
+    recommendations_key,
+    run_record_key,
+    searched_key,
+    vectors_prefix,
+    version_metrics_key,
+    version_shard_prefix,
 )
 from topx.errors import ConfigError, InputDataError, StoreError
 from topx.feature_index import FeatureIndex
 
 logger = logging.getLogger(__name__)
 
-INCOMING_PREFIX = "incoming/"
-FEATURES_PREFIX = "features/"
-MIN_SHARDS = 2  # an AWS Batch array job has at least two children
-# Object metadata of an upload (S3 lower-cases user metadata keys).
-MODE_METADATA = "topx-mode"
-HYPERPARAMETERS_METADATA = "topx-hyperparameters"
-# The predictor type follows the upload's objective, never an override.
-NOT_OVERRIDABLE = frozenset({"predictor_type"})
 # topx-mode values: what each trains for. Unmarked uploads train for ranking.
 MODES = {"ranking": "ranking", "implicit": "ranking", "rating": "rating", "explicit": "rating"}
-VERSIONS_PREFIX = "versions/"
 # A load writes its manifest before its items and runs for at most 15 minutes (the Lambda timeout), so
 # a manifest this old belongs to a load that has ended: retiring it cannot race the items' writes.
 RETIRE_AFTER_S = 3600
@@ -117,14 +115,6 @@ def use_clients(**clients: Any) -> None:
             _clients.pop(name, None)
         else:
             _clients[name] = client
-
-
-def run_prefix(run_id: str) -> str:
-    return f"runs/{run_id}/"
-
-
-def version_prefix(run_id: str) -> str:
-    return f"{VERSIONS_PREFIX}{run_id}/"
 
 
 # ----------------------------------------------------------------------------- S3 helpers
@@ -214,17 +204,18 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     ds = load_dataset(options)
     digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{digest}"
-    shards = max(MIN_SHARDS, min(int(env_or(ENV_SHARDS, None, 4, int)), max(ds.feature_index.n_users, 1)))
+    asked = int(env_or(ENV_SHARDS, None, DEFAULT_SHARDS, int))
+    shards = max(MIN_SHARDS, min(asked, max(ds.feature_index.n_users, 1)))
     # The same seeded hold-out that training draws (RunOptions/HyperParameters defaults).
     holdout = holdout_split(ds.user_rows, RunOptions().holdout, HyperParameters().seed)
     with _workdir() as work:
         ds.feature_index.save(work / "prepared")
         save_interactions(work / "prepared", ds, holdout)
-        _upload_dir(work / "prepared", bucket, run_prefix(run_id) + "prepared/")
-    _put_json(bucket, run_prefix(run_id) + "run.json", {"source": f"s3://{bucket}/{key}", "implicit": implicit,
-                                                         "objective": objective,
-                                                         "shards": shards, "report": ds.report,
-                                                         "hyperparameters": overrides})
+        _upload_dir(work / "prepared", bucket, prepared_prefix(run_id))
+    _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "implicit": implicit,
+                                               "objective": objective,
+                                               "shards": shards, "report": ds.report,
+                                               "hyperparameters": overrides})
     return {
         "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
         "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
@@ -256,7 +247,7 @@ def parse_hyperparameters(raw: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: not JSON ({exc}): {raw!r}") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a JSON object of hyperparameters, got {raw!r}")
-    fixed = sorted(NOT_OVERRIDABLE & set(values))
+    fixed = sorted(FIXED_HYPERPARAMETERS & set(values))
     if fixed:
         raise ConfigError(f"{where}: {', '.join(fixed)} follows the upload's {MODE_METADATA} and cannot be set")
     try:
@@ -282,14 +273,14 @@ def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -
 
 
 def _optional_table(bucket: str, name: str) -> str | None:
-    key = _latest_key(bucket, f"{FEATURES_PREFIX}{name}")
+    key = _latest_key(bucket, feature_table_prefix(name))
     return None if key is None else f"s3://{bucket}/{key}"
 
 
 def _load_prepared(bucket: str, run_id: str, work: Path):
     from topx.pipeline import load_interactions
 
-    _download_prefix(bucket, run_prefix(run_id) + "prepared/", work / "prepared")
+    _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
     feature_index = FeatureIndex.load(work / "prepared")
     ds, holdout = load_interactions(work / "prepared", feature_index, data_dir="")
     return ds, holdout
@@ -302,7 +293,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
 
     with _workdir() as work:
         ds, holdout = _load_prepared(bucket, run_id, work)
-        upload_overrides = _get_json(bucket, run_prefix(run_id) + "run.json").get("hyperparameters") or {}
+        upload_overrides = _get_json(bucket, run_record_key(run_id)).get("hyperparameters") or {}
         hp = training_hyperparameters(ds.implicit, upload_overrides)
         # Ranked by the search that will write the recommendations: metrics.json judges what is served.
         run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False,
@@ -314,8 +305,8 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict())
-        _upload_dir(out / MODEL_DIR, bucket, run_prefix(run_id) + "model/")
-        _put_json(bucket, run_prefix(run_id) + "metrics.json", metrics)
+        _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
+        _put_json(bucket, metrics_key(run_id), metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
 
 
@@ -328,7 +319,7 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
     items) and keep 90 % of the live recall@x. Thresholds, each
     off unless set: ``TOPX_MAX_RMSE``, ``TOPX_MIN_AUC``, ``TOPX_MIN_RECALL``.
     """
-    metrics = _get_json(bucket, run_prefix(run_id) + "metrics.json")
+    metrics = _get_json(bucket, metrics_key(run_id))
     x = metrics.get("top_x", DEFAULT_TOP_X)
     regressor = metrics.get("predictor_type") == "regressor"
     name, baseline_name = ("rmse", "rmse_global_mean") if regressor else (f"recall_at_{x}", f"popularity_recall_at_{x}")
@@ -370,7 +361,7 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
 def _live_metrics(bucket: str, live: str) -> dict[str, Any]:
     """The live model's metrics: kept under versions/ when it published (runs/ expires by lifecycle);
     runs/ for a version published before that copy existed; empty when neither is there."""
-    for key in (version_prefix(live) + "metrics.json", run_prefix(live) + "metrics.json"):
+    for key in (version_metrics_key(live), metrics_key(live)):
         try:
             return _get_json(bucket, key)
         except StoreError:
@@ -387,10 +378,10 @@ def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
     from topx.pipeline import read_model, vectors_stage
 
     with _workdir() as work:
-        _download_prefix(bucket, run_prefix(run_id) + "model/", work / "model")
+        _download_prefix(bucket, model_prefix(run_id), work / "model")
         params, feature_index = read_model(work / "model")
         vectors = vectors_stage(params, feature_index, work / "vectors")
-        _upload_dir(work / "vectors", bucket, run_prefix(run_id) + "vectors/")
+        _upload_dir(work / "vectors", bucket, vectors_prefix(run_id))
     return {"run_id": run_id, "n_users": int(vectors.user_vectors.shape[0]),
             "n_items": int(vectors.item_vectors.shape[0]), "dimension": int(vectors.item_vectors.shape[1])}
 
@@ -417,13 +408,13 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
     method = search_method()
     with _workdir() as work:
-        interactions = f"{run_prefix(run_id)}prepared/{INTERACTIONS_FILE}"
+        interactions = prepared_prefix(run_id) + INTERACTIONS_FILE
         try:
             (work / "prepared").mkdir()
             s3_client().download_file(bucket, interactions, str(work / "prepared" / INTERACTIONS_FILE))
         except ClientError as exc:
             raise StoreError(f"s3://{bucket}/{interactions} cannot be read: {exc}") from exc
-        _download_prefix(bucket, run_prefix(run_id) + "vectors/", work / "vectors")
+        _download_prefix(bucket, vectors_prefix(run_id), work / "vectors")
         # Memory-mapped vectors, and the seen items of the shard's users only, streamed from the
         # interactions: a shard's memory follows its own users.
         vectors = RecipeVectors.load(work / "vectors", mmap=True)
@@ -441,18 +432,10 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         # A user who has seen every item gets no row; load still writes them (an empty list), so
         # that publish can count every user of the run.
         without = [str(u) for u in shard_user_ids if u not in with_items]
-        s3_client().upload_file(str(path), bucket, _recommendations_key(run_id, shard))
-    _put_json(bucket, _searched_key(run_id, shard),
+        s3_client().upload_file(str(path), bucket, recommendations_key(run_id, shard))
+    _put_json(bucket, searched_key(run_id, shard),
               {"shard": shard, "users": int(len(rows)), "rows": int(written), "users_without_items": without})
     return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(written)}
-
-
-def _recommendations_key(run_id: str, shard: int) -> str:
-    return f"{run_prefix(run_id)}recommendations/shard={shard:04d}/part-0.parquet"
-
-
-def _searched_key(run_id: str, shard: int) -> str:
-    return f"{run_prefix(run_id)}searched/shard={shard:04d}.json"
 
 
 def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, Any]:
@@ -464,36 +447,24 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
     ``versions/`` so that the items can be given one when the version is retired. Then the load
     retires its share of the superseded versions (``retire_versions``).
     """
-    searched_key, key = _searched_key(run_id, shard), _recommendations_key(run_id, shard)
-    rows = _shard_recommendations(bucket, searched_key, key)
+    searched, key = searched_key(run_id, shard), recommendations_key(run_id, shard)
+    rows = _shard_recommendations(bucket, searched, key)
     # The manifest goes first: items that exist are always listed, even if this load dies halfway.
-    manifest = _manifest_prefix(run_id, shard)
-    for source, name in ((key, MANIFEST_RECOMMENDATIONS), (searched_key, MANIFEST_SEARCHED)):
+    manifest = version_shard_prefix(run_id, shard)
+    for source, name in ((key, MANIFEST_RECOMMENDATIONS), (searched, MANIFEST_SEARCHED)):
         # The managed copy goes multipart beyond 5 GB, where a single CopyObject is refused.
         s3_client().copy({"Bucket": bucket, "Key": source}, bucket, manifest + name)
     written = store.write_recommendations(table, run_id, rows, expires_at=None, client=dynamodb_client())
-    _put_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json", {"shard": shard, "written": written})
-    shards = int(_get_json(bucket, run_prefix(run_id) + "run.json")["shards"])
+    _put_json(bucket, loaded_key(run_id, shard), {"shard": shard, "written": written})
+    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
     retired = retire_versions(bucket, table, shard, shards)
     return {"shard": shard, "written": int(written), "retired": retired}
 
 
-MANIFEST_RECOMMENDATIONS = "part-0.parquet"
-MANIFEST_SEARCHED = "searched.json"
-# versions/<run_id>/metrics.json, or one of versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json}
-_VERSION_OBJECT_RE = re.compile(
-    rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:metrics\.json|shard=(?P<shard>\d{{4,}})/"
-    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}))"
-)
-
-
-def _manifest_prefix(run_id: str, shard: int) -> str:
-    return f"{version_prefix(run_id)}shard={shard:04d}/"
-
-
-def _shard_recommendations(bucket: str, searched_key: str, key: str) -> Iterator[store.Recommendation]:
-    """One shard's recommendations as the search wrote them, checked against the search's counts."""
-    searched = _get_json(bucket, searched_key)
+def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[store.Recommendation]:
+    """One shard's recommendations (``key``) as the search wrote them, checked against the search's
+    counts (``counts_key``)."""
+    searched = _get_json(bucket, counts_key)
     with _workdir() as work:
         local = work / "part.parquet"
         try:
@@ -533,7 +504,7 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
     metrics: list[str] = []
     for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
         for obj in page.get("Contents", []):
-            found = _VERSION_OBJECT_RE.fullmatch(obj["Key"])
+            found = VERSION_OBJECT_RE.fullmatch(obj["Key"])
             if found is None or not found["version"] < live:
                 continue  # not written by the stages, or not older than the live version
             if found["shard"] is None:
@@ -541,12 +512,12 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
             else:
                 files = listed.setdefault((found["version"], int(found["shard"])), {})
                 files[obj["Key"].rpartition("/")[2]] = obj["LastModified"]
-    expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, 30, int)) * 86400
+    expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, DEFAULT_RETENTION_DAYS, int)) * 86400
     for (version, manifest_shard), files in sorted(listed.items()):
         # Manifest shard i is retired by load shard i mod shards: stable while other loads retire theirs.
         if manifest_shard % shards != shard:
             continue
-        prefix = _manifest_prefix(version, manifest_shard)
+        prefix = version_shard_prefix(version, manifest_shard)
         if now - max(files.values()).timestamp() < RETIRE_AFTER_S:
             continue
         if time.monotonic() - started > RETIRE_BUDGET_S:
@@ -579,17 +550,17 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     write), the pointer already names this run and the result says so (``already_live``). A run
     older than the live version is never published: that raises ``VersionSuperseded``.
     """
-    run = _get_json(bucket, run_prefix(run_id) + "run.json")
+    run = _get_json(bucket, run_record_key(run_id))
     written = 0
     for shard in range(expected_shards):
-        marker = _get_json(bucket, f"{run_prefix(run_id)}loaded/shard={shard:04d}.json")
+        marker = _get_json(bucket, loaded_key(run_id, shard))
         written += int(marker["written"])
     expected_users = int(run["report"]["n_users"])
     if written != expected_users:
         raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
     # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one.
-    s3_client().copy_object(Bucket=bucket, Key=version_prefix(run_id) + "metrics.json",
-                            CopySource={"Bucket": bucket, "Key": run_prefix(run_id) + "metrics.json"})
+    s3_client().copy_object(Bucket=bucket, Key=version_metrics_key(run_id),
+                            CopySource={"Bucket": bucket, "Key": metrics_key(run_id)})
     published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
     if not published:
         live = store.active_version(table, client=dynamodb_client())

@@ -1,6 +1,6 @@
 """The DynamoDB store: versioned recommendations and the active-version pointer.
 
-One table, key ``pk`` / ``sk``:
+One table; its keys, TTL attribute and pointer item are the deploy contract's (topx/contract.py):
 
 * a recommendations item per (user, version): ``pk = "user#<user_id>"``, ``sk = "v#<version>"``,
   ``items`` (list of item ids, best first), ``scores`` (list of strings, to keep DynamoDB's
@@ -19,17 +19,16 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from topx.config import ENV_ENDPOINT_URL
+from topx.contract import ENV_ENDPOINT_URL, PARTITION_KEY, POINTER_KEY, TTL_ATTRIBUTE, user_item_key
 from topx.errors import ConfigError, StoreError
 
-POINTER_KEY = {"pk": "pointer", "sk": "active"}
 BATCH_LIMIT = 25  # DynamoDB BatchWriteItem takes at most 25 items per request
 MAX_ATTEMPTS = 8
 # Concurrent BatchWriteItem requests per load. One request of 25 items takes ~10-30 ms inside a
@@ -82,7 +81,17 @@ def recommendations_from_columns(
 
 
 def user_key(user_id: str, version: str) -> dict[str, dict[str, str]]:
-    return {"pk": {"S": f"user#{user_id}"}, "sk": {"S": f"v#{version}"}}
+    """The DynamoDB-typed key of one user's recommendations under one version."""
+    return _typed(user_item_key(user_id, version))
+
+
+def pointer_key() -> dict[str, dict[str, str]]:
+    """The DynamoDB-typed key of the active-version pointer item."""
+    return _typed(POINTER_KEY)
+
+
+def _typed(key: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    return {name: {"S": value} for name, value in key.items()}
 
 
 def write_recommendations(
@@ -122,7 +131,7 @@ def _item(rec: Recommendation, version: str, expires_at: int | None) -> dict[str
         "scores": {"L": [{"N": repr(float(s))} for s in rec.scores]},
     }
     if expires_at is not None:
-        item["expires_at"] = {"N": str(int(expires_at))}
+        item[TTL_ATTRIBUTE] = {"N": str(int(expires_at))}
     return item
 
 
@@ -172,7 +181,7 @@ def _flush(ddb: Any, table: str, requests: list[dict[str, Any]], sleep: Any) -> 
 
 def active_version(table: str, *, client: Any = None) -> str | None:
     ddb = dynamodb_client(client)
-    reply = ddb.get_item(TableName=table, Key={k: {"S": v} for k, v in POINTER_KEY.items()}, ConsistentRead=True)
+    reply = ddb.get_item(TableName=table, Key=pointer_key(), ConsistentRead=True)
     item = reply.get("Item")
     return None if item is None else item["version"]["S"]
 
@@ -186,9 +195,9 @@ def publish_version(table: str, version: str, *, users: int, client: Any = None)
     try:
         ddb.put_item(
             TableName=table,
-            Item={**{k: {"S": v} for k, v in POINTER_KEY.items()}, "version": {"S": version},
+            Item={**pointer_key(), "version": {"S": version},
                   "users": {"N": str(int(users))}, "published_at": {"N": str(int(time.time()))}},
-            ConditionExpression="attribute_not_exists(pk) OR #v < :v",
+            ConditionExpression=f"attribute_not_exists({PARTITION_KEY}) OR #v < :v",
             ExpressionAttributeNames={"#v": "version"},
             ExpressionAttributeValues={":v": {"S": version}},
         )

@@ -16,10 +16,9 @@ import sys
 
 from batch_jobs.args import bucket_name, filled, run_id
 from topx import stages
-from topx.config import ENV_ARRAY_INDEX, ENV_SHARDS, env_or
+from topx.config import env_or
+from topx.contract import ENV_ARRAY_INDEX, ENV_SHARDS, TOPX_ERROR_EXIT
 from topx.errors import ConfigError, TopxError
-
-TOPX_ERROR_EXIT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,9 +15,8 @@ import sys
 
 from batch_jobs.args import bucket_name, run_id
 from topx import stages
+from topx.contract import TOPX_ERROR_EXIT
 from topx.errors import TopxError
-
-TOPX_ERROR_EXIT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ pipeline (topx.local), which the client cannot tell from a deployed stack once t
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,19 @@ class FakeCloudFormation:
         return {"Stacks": [{"StackName": StackName, "Outputs": outputs}]}
 
 
-def test_names_shared_with_the_stack() -> None:
-    """infra/ must not import topx, so the stack's name and output ids are written twice; they must agree."""
-    from infra.app import STACK_ID
-    from infra.settings import REPO_ROOT
+def test_with_no_stack_named_the_client_finds_every_resource_in_the_deployed_stack(
+    default_app: tuple[Any, Any, Path],
+) -> None:
+    from aws_cdk.assertions import Template
 
-    tree = ast.parse((REPO_ROOT / "infra" / "stack.py").read_text(encoding="utf-8"))
-    outputs = {node.args[1].value for node in ast.walk(tree)
-               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "CfnOutput"}
-    assert client.DEFAULT_STACK == STACK_ID
-    assert outputs == {client.OUTPUT_BUCKET, client.OUTPUT_TABLE, client.OUTPUT_STATE_MACHINE, client.OUTPUT_TOPIC}
-    assert client.INCOMING_PREFIX == stages.INCOMING_PREFIX
+    _, stack, _ = default_app
+    declared = Template.from_stack(stack).to_json()["Outputs"]
+    fake = FakeCloudFormation({stack.stack_name: {name: f"value-of-{name}" for name in declared}})
+    outputs = client.stack_outputs(client=fake)
+    assert fake.asked == [stack.stack_name]
+    assert {outputs.bucket, outputs.table, outputs.state_machine_arn, outputs.topic_arn} == {
+        f"value-of-{name}" for name in declared
+    }
 
 
 OUTPUTS = {"BucketName": "data-bucket", "TableName": "recs-table", "StateMachineArn": "arn:sm", "TopicArn": "arn:t"}

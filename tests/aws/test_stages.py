@@ -10,7 +10,7 @@ import pytest
 from moto import mock_aws
 from reliability_stack import base_ratings
 
-from topx import stages, store
+from topx import contract, stages, store
 from topx.errors import InputDataError, StoreError
 from topx.pipeline import DataOptions, RunOptions, default_hyperparameters, run_all
 
@@ -156,10 +156,10 @@ def _manifest(s3, version: str, shard: int, users: list[str], *, searched: bool 
     """A load's manifest as load_shard leaves it: the shard's recommendations and its searched counts."""
     frame = pd.DataFrame({"user_id": users, "rank": [1] * len(users), "item_id": ["i1"] * len(users),
                           "score": [1.0] * len(users)})
-    prefix = f"{stages.version_prefix(version)}shard={shard:04d}/"
-    s3.put_object(Bucket=BUCKET, Key=prefix + stages.MANIFEST_RECOMMENDATIONS, Body=frame.to_parquet())
+    prefix = contract.version_shard_prefix(version, shard)
+    s3.put_object(Bucket=BUCKET, Key=prefix + contract.MANIFEST_RECOMMENDATIONS, Body=frame.to_parquet())
     if searched:
-        stages._put_json(BUCKET, prefix + stages.MANIFEST_SEARCHED,
+        stages._put_json(BUCKET, prefix + contract.MANIFEST_SEARCHED,
                          {"shard": shard, "users": len(users), "rows": len(users), "users_without_items": []})
     store.write_recommendations(TABLE, version, [store.Recommendation(u, ["i1"], [1.0]) for u in users],
                                 expires_at=None, client=stages.dynamodb_client())
@@ -178,7 +178,7 @@ def test_retiring_skips_what_is_not_older_than_live_and_cleans_up_half_written_m
     _manifest(s3, live, 0, ["u1"])
     _manifest(s3, newer, 0, ["u1"])  # still loading
     for version in (old, live):
-        stages._put_json(BUCKET, f"{stages.version_prefix(version)}metrics.json", {"rmse": 1.0})
+        stages._put_json(BUCKET, contract.version_metrics_key(version), {"rmse": 1.0})
     s3.put_object(Bucket=BUCKET, Key="versions/notes.txt", Body=b"not the stages'")
     assert store.publish_version(TABLE, live, users=1, client=ddb)
 
@@ -258,7 +258,7 @@ def test_a_pipeline_set_to_faiss_publishes_what_the_exact_default_does(aws, tmp_
     data.to_csv(csv, index=False)
     s3.upload_file(str(csv), BUCKET, "incoming/ratings.csv")
     run_id = run_pipeline("incoming/ratings.csv")
-    metrics = stages._get_json(BUCKET, stages.run_prefix(run_id) + "metrics.json")
+    metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
     # The hold-out metrics and every shard ranked with FAISS; nothing fell back to the exact scan.
     assert metrics["search_method"] == "faiss" and set(built) == {"faiss"} and len(built) > 3
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import shlex
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,7 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks
 
-from infra import settings as infra_settings
 from infra.app import build_app
-from infra.compute import SEARCH_COMMAND, TRAIN_COMMAND
 from infra.images import (
     BATCH_EXCLUDE,
     FUNCTIONS_DOCKERFILE,
@@ -33,6 +31,8 @@ from infra.images import (
 )
 from infra.pipeline import PLACEHOLDER_RE, load_trigger, placeholders
 from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
+from topx import contract
+from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
 HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish")
 MAIN_PATH = [
@@ -245,7 +245,7 @@ def test_train_job_needs_one_gpu_and_has_timeout_and_retries(default: Synth) -> 
             "PlatformCapabilities": ["EC2"],
             "ContainerProperties": Match.object_like(
                 {
-                    "Command": TRAIN_COMMAND,
+                    "Command": list(TRAIN_COMMAND),
                     "ResourceRequirements": Match.array_with([{"Type": "GPU", "Value": "1"}]),
                 }
             ),
@@ -263,7 +263,7 @@ def test_search_job_runs_on_fargate_with_a_public_ip(default: Synth) -> None:
         {
             "PlatformCapabilities": ["FARGATE"],
             "ContainerProperties": Match.object_like(
-                {"Command": SEARCH_COMMAND, "NetworkConfiguration": {"AssignPublicIp": "ENABLED"}}
+                {"Command": list(SEARCH_COMMAND), "NetworkConfiguration": {"AssignPublicIp": "ENABLED"}}
             ),
             "Timeout": {"AttemptDurationSeconds": Match.any_value()},
             "RetryStrategy": Match.object_like({"Attempts": Match.any_value()}),
@@ -318,7 +318,7 @@ def test_thresholds_reach_the_gate_and_hyperparameters_the_train_job_only_when_s
         (gate,) = [f for f in functions if f["Properties"]["ImageConfig"]["Command"][0].endswith(".quality_gate")]
         (train,) = [
             j for j in synth.resources("AWS::Batch::JobDefinition").values()
-            if j["Properties"]["ContainerProperties"]["Command"] == TRAIN_COMMAND
+            if j["Properties"]["ContainerProperties"]["Command"] == list(TRAIN_COMMAND)
         ]  # fmt: skip
         gate_env, train_env = _env(gate["Properties"]), _env(train["Properties"]["ContainerProperties"])
         if synth is default:  # unset: no variable, so topx's own defaults (no thresholds) hold
@@ -333,15 +333,11 @@ def test_thresholds_reach_the_gate_and_hyperparameters_the_train_job_only_when_s
 def test_search_method_reaches_the_train_and_search_jobs_only_when_set(default: Synth, custom: Synth) -> None:
     for synth in (default, custom):
         jobs = [j["Properties"]["ContainerProperties"] for j in synth.resources("AWS::Batch::JobDefinition").values()]
-        assert sorted(job["Command"] == TRAIN_COMMAND for job in jobs) == [False, True]  # train and search
+        # train and search
+        assert sorted(job["Command"] == list(TRAIN_COMMAND) for job in jobs) == [False, True]
         for job in jobs:
             # unset: no variable, so the stages search exactly, topx's default
             assert _env(job).get("TOPX_SEARCH_METHOD") == (None if synth is default else "faiss")
-
-
-def test_search_methods_are_topx_own() -> None:
-    search = pytest.importorskip("topx.search")
-    assert infra_settings.SEARCH_METHODS == search.SEARCH_METHODS
 
 
 def test_an_unknown_search_method_is_refused_naming_the_key_and_the_choices() -> None:
@@ -349,14 +345,9 @@ def test_an_unknown_search_method_is_refused_naming_the_key_and_the_choices() ->
         DeploySettings.from_context({"search_method": "annoy"}.get)
 
 
-def test_env_names_match_topx_config() -> None:
-    config = pytest.importorskip("topx.config")
-    for name in dir(infra_settings):
-        if name.startswith("ENV_"):
-            assert getattr(infra_settings, name) == getattr(config, name), name
-
-
-def test_infra_never_imports_topx() -> None:
+def test_infra_imports_nothing_of_topx_but_the_contract() -> None:
+    """The rest of topx would drag numpy, torch and faiss into `cdk synth` (tests/unit/test_import_cost.py
+    checks that the contract does not)."""
     for path in (REPO_ROOT / "infra").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
@@ -365,7 +356,8 @@ def test_infra_never_imports_topx() -> None:
                 modules = [node.module or ""]
             else:
                 continue
-            assert not any(m == "topx" or m.startswith("topx.") for m in modules), path
+            topx_modules = [m for m in modules if m == "topx" or m.startswith("topx.")]
+            assert topx_modules in ([], ["topx.contract"]), path
 
 
 # --- state machine ---------------------------------------------------------------------------------
@@ -735,9 +727,11 @@ def test_functions_image_cmd_names_an_existing_handler() -> None:
 @pytest.mark.parametrize(
     ("dockerfile", "command"), [(TRAIN_DOCKERFILE, TRAIN_COMMAND), (SEARCH_DOCKERFILE, SEARCH_COMMAND)]
 )
-def test_batch_image_cmd_and_job_command_name_an_existing_main(dockerfile: str, command: list[str]) -> None:
+def test_batch_image_cmd_and_job_command_name_an_existing_main(
+    dockerfile: str, command: tuple[str, ...]
+) -> None:
     cmd = _exec_form(dockerfile, "CMD")
-    assert cmd[:2] == ["python", "-m"] and cmd == command[:3]
+    assert cmd[:2] == ["python", "-m"] and cmd == list(command[:3])
     path = REPO_ROOT / (cmd[2].replace(".", "/") + ".py")
     assert path.is_file(), path
     assert "main" in _top_level_functions(path) and _has_main_guard(path)
@@ -809,7 +803,7 @@ def test_settings_defaults_and_command_line_strings() -> None:
     cleared = DeploySettings.from_context({"min_recall": "", "hyperparameters": " ", "search_method": ""}.get)
     assert cleared.min_recall is None and cleared.hyperparameters is None and cleared.search_method is None
     assert settings.search_method == "faiss"
-    for method in infra_settings.SEARCH_METHODS:
+    for method in contract.SEARCH_METHODS:
         chosen = DeploySettings.from_context({"search_method": method}.get)
         assert chosen.job_environment(bucket="b", table="t", topic_arn="a")["TOPX_SEARCH_METHOD"] == method
     assert "TOPX_SEARCH_METHOD" not in DeploySettings().job_environment(bucket="b", table="t", topic_arn="a")
@@ -852,36 +846,58 @@ def test_settings_reject_values_the_stack_cannot_use(context: dict[str, str]) ->
 
 
 def _hyperparameter_samples() -> list[tuple[str, Any]]:
-    """Each settable hyperparameter at and just beyond the ends of its range, as infra states them."""
+    """Each settable hyperparameter at and just beyond the ends of its range, as the contract states them."""
     samples: list[tuple[str, Any]] = []
-    for name, (kind, low, high) in infra_settings.HYPERPARAMETER_RANGES.items():
+    for name, (kind, low, high) in contract.HYPERPARAMETER_RANGES.items():
         step = 1 if kind is int else 0.001
         for value in (low - step, low, high - step, high):
             if value not in (float("inf"), float("-inf")):
                 samples.append((name, kind(value)))
         samples.append((name, "x"))
-    for name, choices in infra_settings.HYPERPARAMETER_CHOICES.items():
+    for name, choices in contract.HYPERPARAMETER_CHOICES.items():
         samples += [(name, choice) for choice in choices] + [(name, "x"), (name, 1)]
     return samples
 
 
-def test_hyperparameter_names_and_types_are_topx_own() -> None:
-    config = pytest.importorskip("topx.config")
-    stages = pytest.importorskip("topx.stages")
-    defaults = config.HyperParameters()
-    settable = {f.name for f in fields(config.HyperParameters)} - stages.NOT_OVERRIDABLE
-    assert infra_settings.FIXED_HYPERPARAMETERS == stages.NOT_OVERRIDABLE
-    assert set(infra_settings.HYPERPARAMETER_RANGES) | set(infra_settings.HYPERPARAMETER_CHOICES) == settable
-    for name, (kind, _, _) in infra_settings.HYPERPARAMETER_RANGES.items():
-        assert type(getattr(defaults, name)) is kind, name
-    assert infra_settings.HYPERPARAMETER_CHOICES["learner"] == config.LEARNERS
+def test_settings_accept_exactly_the_hyperparameters_the_contract_names() -> None:
+    settable = [*contract.HYPERPARAMETER_RANGES, *contract.HYPERPARAMETER_CHOICES]
+    for name, (kind, low, _) in contract.HYPERPARAMETER_RANGES.items():
+        DeploySettings(hyperparameters=json.dumps({name: kind(low if math.isfinite(low) else 0)}))
+    for name, choices in contract.HYPERPARAMETER_CHOICES.items():
+        DeploySettings(hyperparameters=json.dumps({name: choices[0]}))
+    for name in contract.FIXED_HYPERPARAMETERS:
+        fixed = rf"context hyperparameters: {name} follows each upload's topx-mode"
+        with pytest.raises(SettingsError, match=fixed):
+            DeploySettings(hyperparameters=json.dumps({name: "regressor"}))
+    with pytest.raises(SettingsError) as refused:
+        DeploySettings(hyperparameters='{"factor_lr": 0.1}')
+    assert str(refused.value) == (
+        f"context hyperparameters: unknown hyperparameter 'factor_lr'; known: {', '.join(settable)}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "message"),
+    [
+        ('{"epochs": 0}', "context hyperparameters: epochs must be at least 1, got 0"),
+        (
+            '{"validation_fraction": 0.5}',
+            r"context hyperparameters: validation_fraction must be in \[0, 0.5\), got 0.5",
+        ),
+        ('{"learner": "als"}', "context hyperparameters: learner must be one of sgd, icd, got 'als'"),
+        ('{"num_factors": "many"}', "context hyperparameters: num_factors: cannot read 'many'"),
+    ],
+)
+def test_an_out_of_range_hyperparameter_is_refused_naming_it(hyperparameters: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        DeploySettings.from_context({"hyperparameters": hyperparameters}.get)
 
 
 @pytest.mark.parametrize(("name", "value"), _hyperparameter_samples())
 def test_hyperparameters_infra_accepts_are_those_topx_accepts(name: str, value: Any) -> None:
-    """infra cannot call topx.stages.parse_hyperparameters, which the train job runs on the value, so it
-    repeats its checks: synth refuses what training would refuse, and accepts what it would accept (it is
-    stricter only about an integer written as a fraction or a boolean, which topx would truncate)."""
+    """Synth refuses what training (topx.stages.parse_hyperparameters, which the train job runs on the
+    value) would refuse, and accepts what it would accept (it is stricter only about an integer written
+    as a fraction or a boolean, which topx would truncate)."""
     stages = pytest.importorskip("topx.stages")
     errors = pytest.importorskip("topx.errors")
     text = json.dumps({name: value})

@@ -11,6 +11,7 @@ never shares ``.venv``. If that environment cannot be built the test fails; it n
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
@@ -26,17 +27,10 @@ from aws_cdk import App
 from cdk_nag import AwsSolutionsChecks
 
 from infra.access import MANAGED_POLICIES, UNSCOPED_ACTIONS
-from infra.app import STACK_ID, build_app
+from infra.app import build_app
 from infra.lambdas import SPECS
 from infra.settings import REPO_ROOT
-from infra.storage import (
-    FEATURES_PREFIX,
-    INCOMING_PREFIX,
-    POINTER_PARTITION,
-    RUNS_PREFIX,
-    USER_PARTITION_PREFIX,
-    VERSIONS_PREFIX,
-)
+from topx.contract import STACK_NAME
 
 CHECKOV_DIR = Path(__file__).resolve().parents[1] / "checkov"
 RELIABILITY_DOC = REPO_ROOT / "docs" / "RELIABILITY.md"
@@ -88,7 +82,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
     outdir = tmp_path_factory.mktemp("security")
     app, _ = build_app(context=FULL_CONTEXT, outdir=str(outdir))
     app.synth()  # runs the AwsSolutions plugin; an unacknowledged finding raises here
-    path = outdir / f"{STACK_ID}.template.json"
+    path = outdir / f"{STACK_NAME}.template.json"
     return Synthesized(app, outdir, path, json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -254,26 +248,21 @@ def test_the_wildcard_walker_catches_what_it_should() -> None:
 def test_table_permissions_match_the_store(synth: Synthesized) -> None:
     """The functions may touch only the pointer and user items, and every call topx/store.py makes is granted."""
     store = pytest.importorskip("topx.store")
-    assert store.POINTER_KEY["pk"] == POINTER_PARTITION
-    assert store.user_key("u1", "v1")["pk"]["S"] == f"{USER_PARTITION_PREFIX}u1"
     calls = set(re.findall(r"\bddb\.([a-z_]+)\(", Path(store.__file__).read_text(encoding="utf-8")))
     needed = {"dynamodb:" + "".join(part.capitalize() for part in call.split("_")) for call in calls}
     granted = {action for spec in SPECS for access in spec.table for action in access.actions}
     assert needed <= granted, f"topx/store.py calls {sorted(needed - granted)}, which no function may"
+    leading_keys: set[str] = set()
     for props in synth.properties("AWS::IAM::Policy").values():
         for statement in props["PolicyDocument"]["Statement"]:
             if any(a.startswith("dynamodb:") for a in _as_list(statement["Action"])):
                 assert "dynamodb:LeadingKeys" in json.dumps(statement.get("Condition", {}))
-
-
-def test_s3_prefixes_match_the_stages() -> None:
-    """The prefixes the roles are scoped to are the ones the stages read (prepare reads both), and the
-    versions the stages keep lie outside the prefix the lifecycle rule expires."""
-    stages = pytest.importorskip("topx.stages")
-    assert stages.INCOMING_PREFIX == INCOMING_PREFIX
-    assert stages.VERSIONS_PREFIX == VERSIONS_PREFIX and stages.run_prefix("r").startswith(RUNS_PREFIX)
-    assert not VERSIONS_PREFIX.startswith(RUNS_PREFIX)
-    assert stages.FEATURES_PREFIX == FEATURES_PREFIX
+                leading_keys.update(statement["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"])
+    # The partition keys the store reads and writes are the ones granted, and nothing else is.
+    written = {store.pointer_key()["pk"]["S"], store.user_key("u1", "v1")["pk"]["S"]}
+    covered = {key for key in written if any(fnmatch.fnmatchcase(key, pattern) for pattern in leading_keys)}
+    assert covered == written, leading_keys
+    assert len(leading_keys) == 2, leading_keys
 
 
 # --- secrets -------------------------------------------------------------------------------------------

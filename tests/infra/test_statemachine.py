@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from infra.compute import SEARCH_COMMAND, TRAIN_COMMAND
 from infra.pipeline import load_trigger
 from infra.settings import ASL_PATH
+from topx.contract import INCOMING_PREFIX, SEARCH_COMMAND, TRAIN_COMMAND
 
 PATH_RE = re.compile(r"\$\.([a-z_]+)(?:\.([a-z_]+))?")
 
@@ -58,7 +58,7 @@ def test_paths_read_only_fields_an_earlier_state_wrote(asl: dict[str, Any]) -> N
 
 @pytest.mark.parametrize(("state", "command"), [("Train", TRAIN_COMMAND), ("Search", SEARCH_COMMAND)])
 def test_batch_parameters_match_the_job_command_and_are_strings(
-    asl: dict[str, Any], state: str, command: list[str]
+    asl: dict[str, Any], state: str, command: tuple[str, ...]
 ) -> None:
     parameters = asl["States"][state]["Parameters"]["Parameters"]
     sent = {key.removesuffix(".$") for key in parameters}
@@ -85,6 +85,7 @@ def test_trigger_file_holds_the_rule_constants() -> None:
     trigger = load_trigger()
     assert trigger["source"] == "aws.s3"
     assert trigger["detail_type"] == "Object Created"
-    assert trigger["key_prefix"] == "incoming/"
+    # The prefix the stages read uploads from and the prepare role may read.
+    assert trigger["key_prefix"] == INCOMING_PREFIX == "incoming/"
     assert trigger["input_paths"] == {"bucket": "$.detail.bucket.name", "key": "$.detail.object.key"}
     assert trigger["schedule_input"] == {"key": None}

@@ -20,11 +20,11 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from infra.compute import SEARCH_COMMAND, TRAIN_COMMAND
-from infra.lambdas import HANDLER_MODULE, SPECS
+from infra.lambdas import SPECS
 from infra.pipeline import placeholders
 from infra.settings import ASL_PATH, DeploySettings
-from topx import local, stages
+from topx import local
+from topx.contract import HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
 from topx.errors import ConfigError
 
 DUMMY = local.LocalPipeline(
@@ -79,7 +79,6 @@ def test_a_placeholder_without_a_value_or_a_value_without_a_placeholder_is_refus
 
 
 def test_each_function_placeholder_names_the_function_running_that_handler(template: dict[str, Any]) -> None:
-    assert local.HANDLER_MODULE == HANDLER_MODULE
     assert set(local.FUNCTION_PLACEHOLDERS) == {spec.handler for spec in SPECS}
     substitutions = _substitutions(template)
     for handler, placeholder in local.FUNCTION_PLACEHOLDERS.items():
@@ -88,13 +87,11 @@ def test_each_function_placeholder_names_the_function_running_that_handler(templ
 
 
 def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: dict[str, Any]) -> None:
-    assert local.TRAIN_COMMAND == TRAIN_COMMAND
-    assert local.SEARCH_COMMAND == SEARCH_COMMAND
     substitutions = _substitutions(template)
     for placeholder, command, defaults in (("TrainJobDefinitionArn", TRAIN_COMMAND, {"bucket"}),
                                            ("SearchJobDefinitionArn", SEARCH_COMMAND, {"bucket", "shards"})):
         definition = _referenced(template, substitutions[placeholder])
-        assert definition["ContainerProperties"]["Command"] == command
+        assert definition["ContainerProperties"]["Command"] == list(command)
         assert set(definition["Parameters"]) == defaults
         names = {item["Name"] for item in definition["ContainerProperties"]["Environment"]}
         assert names == set(local.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
@@ -154,11 +151,12 @@ def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) 
         local.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
 
 
-def test_a_deploy_searches_by_default_as_topx_run_does() -> None:
-    from topx import config
+def test_a_deploy_searches_by_default_as_topx_run_does(monkeypatch) -> None:
+    from topx.config import search_method
     from topx.pipeline import RunOptions
 
-    assert RunOptions().search_method == config.DEFAULT_SEARCH_METHOD
+    monkeypatch.delenv("TOPX_SEARCH_METHOD", raising=False)  # what the stack sets when search_method is unset
+    assert search_method() == RunOptions().search_method == "exact"
 
 
 def test_local_settings_refuse_a_search_method_the_stages_would(monkeypatch) -> None:
@@ -178,10 +176,6 @@ def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:
     trigger = local.load_trigger()
     assert local.upload_event_pattern(trigger, "my-bucket") == pattern
     assert local.upload_input_transformer(trigger) == rule["Targets"][0]["InputTransformer"]
-
-
-def test_the_trigger_prefix_is_the_one_prepare_reads_from() -> None:
-    assert local.load_trigger()["key_prefix"] == stages.INCOMING_PREFIX
 
 
 # --------------------------------------------------------------------------- pieces of the layer

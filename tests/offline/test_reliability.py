@@ -34,7 +34,14 @@ from reliability_stack import (
 )
 
 from topx import stages, store
-from topx.config import ENV_EPOCHS, ENV_HYPERPARAMETERS, ENV_MAX_RMSE, ENV_NUM_FACTORS
+from topx.contract import (
+    ENV_EPOCHS,
+    ENV_HYPERPARAMETERS,
+    ENV_MAX_RMSE,
+    ENV_NUM_FACTORS,
+    version_metrics_key,
+    version_prefix,
+)
 from topx.errors import ConfigError
 
 BASE = base_ratings()
@@ -103,7 +110,7 @@ def test_a_model_clearly_worse_than_the_live_one_is_not_published(live: Stack) -
     # published (versions/) is what the gate reads.
     metrics = live.run_json(first.run_id, "metrics.json")
     live.s3.delete_object(Bucket=live.pipeline.bucket, Key=f"runs/{first.run_id}/metrics.json")
-    live.s3.put_object(Bucket=live.pipeline.bucket, Key=f"{stages.version_prefix(first.run_id)}metrics.json",
+    live.s3.put_object(Bucket=live.pipeline.bucket, Key=version_metrics_key(first.run_id),
                        Body=json.dumps({**metrics, "rmse": 0.8}).encode())
     before = live.view(USERS[:10])
 
@@ -303,7 +310,7 @@ def expiry_by_version(stack: Stack) -> dict[str, set[int | None]]:
 
 
 def version_objects(stack: Stack, version: str) -> list[str]:
-    reply = stack.s3.list_objects_v2(Bucket=stack.pipeline.bucket, Prefix=stages.version_prefix(version))
+    reply = stack.s3.list_objects_v2(Bucket=stack.pipeline.bucket, Prefix=version_prefix(version))
     return [o["Key"] for o in reply.get("Contents", [])]
 
 

@@ -1,0 +1,246 @@
+"""The deploy contract: every name, bound, default and key that topx and the CDK app (``infra/``) share.
+
+Each is defined here once and imported by both sides: the stages, the Lambda handlers, the Batch jobs,
+the client and the offline runner on one, the stack's settings, storage, roles and jobs on the other.
+Standard library only, and nothing from the rest of topx: ``cdk synth`` imports this module, and must
+not pull numpy, torch or faiss in with it (tests/unit/test_import_cost.py checks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
+# --------------------------------------------------------------------------- environment variables
+# What the stack sets on every Lambda function and Batch job, and what topx reads.
+
+ENV_BUCKET = "TOPX_BUCKET"  # the data bucket
+ENV_TABLE = "TOPX_TABLE"  # the recommendations table
+ENV_TOPIC_ARN = "TOPX_TOPIC_ARN"  # the notifications topic
+ENV_TOP_X = "TOPX_TOP_X"  # items recommended per user
+ENV_NUM_FACTORS = "TOPX_NUM_FACTORS"  # FM latent dimension k of the pipeline's training
+ENV_EPOCHS = "TOPX_EPOCHS"  # training epochs of the pipeline's training
+ENV_SHARDS = "TOPX_SHARDS"  # user shards: search array-job children and Load iterations
+ENV_RETENTION_DAYS = "TOPX_RETENTION_DAYS"  # days a retired version's items stay in the table
+ENV_ENDPOINT_URL = "TOPX_ENDPOINT_URL"  # an AWS stand-in (moto server, LocalStack) instead of AWS
+ENV_ARRAY_INDEX = "AWS_BATCH_JOB_ARRAY_INDEX"  # set by AWS Batch on each array child: its shard
+# JSON object of HyperParameters fields for the pipeline's training, e.g. '{"factors_lr": 0.02}'; over
+# TOPX_EPOCHS / TOPX_NUM_FACTORS, under an upload's own ``topx-hyperparameters`` metadata.
+ENV_HYPERPARAMETERS = "TOPX_HYPERPARAMETERS"
+# Optional quality-gate thresholds on the hold-out metrics (unset: no threshold).
+ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
+ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
+ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
+ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"  # the search the recommendations and their hold-out metrics use
+
+# --------------------------------------------------------------------------- deploy defaults and bounds
+
+DEFAULT_TOP_X = 10  # items per user, when neither an argument nor TOPX_TOP_X says
+DEFAULT_NUM_FACTORS = 64  # what the stack sets TOPX_NUM_FACTORS to unless context says otherwise
+DEFAULT_EPOCHS = 30  # what the stack sets TOPX_EPOCHS to unless context says otherwise
+DEFAULT_SHARDS = 4  # user shards, when neither context nor TOPX_SHARDS says
+DEFAULT_RETENTION_DAYS = 30  # days until runs/ objects expire and a retired version's items do
+# AWS Batch rejects array jobs with fewer than 2 children, and caps them at 10,000.
+MIN_SHARDS = 2
+MAX_SHARDS = 10_000
+
+# The searches topx.search runs: "exact" (topx's bounded scan), "faiss" (FAISS IndexFlatIP, exact in
+# float32), "hnsw" / "ivf" (approximate FAISS indexes).
+SEARCH_METHODS = ("exact", "faiss", "hnsw", "ivf")
+DEFAULT_SEARCH_METHOD = "exact"  # when neither an argument nor TOPX_SEARCH_METHOD says
+
+# --------------------------------------------------------------------------- hyperparameters
+# The HyperParameters fields (topx/config.py) that TOPX_HYPERPARAMETERS, the `hyperparameters` context
+# parameter and an upload's topx-hyperparameters metadata may set.
+
+LEARNERS = ("sgd", "icd")  # HyperParameters.learner: topx.fm's mini-batch SGD, topx.icd's coordinate descent
+# Follows each upload's topx-mode metadata; never set by name.
+FIXED_HYPERPARAMETERS = frozenset({"predictor_type"})
+# Each numeric one's type and the values topx accepts: low <= value < high.
+HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = MappingProxyType({
+    "num_factors": (int, 1, math.inf),
+    "epochs": (int, 1, math.inf),
+    "mini_batch_size": (int, 1, math.inf),
+    "bias_lr": (float, 0, 1_000_000),
+    "linear_lr": (float, 0, 1_000_000),
+    "factors_lr": (float, 0, 1_000_000),
+    "bias_wd": (float, 0, 1_000_000),
+    "linear_wd": (float, 0, 1_000_000),
+    "factors_wd": (float, 0, 1_000_000),
+    "bias_init_sigma": (float, 0, 1_000_000),
+    "linear_init_sigma": (float, 0, 1_000_000),
+    "factors_init_sigma": (float, 0, 1_000_000),
+    "negative_samples": (int, 1, math.inf),
+    "unobserved_weight": (float, 0, 1_000_000),
+    "regularization_exponent": (float, 0, 1_000_000),
+    "validation_fraction": (float, 0, 0.5),
+    "early_stopping_patience": (int, 1, math.inf),
+    "seed": (int, -math.inf, math.inf),
+})
+# Those that take one of a few names.
+HYPERPARAMETER_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "learner": LEARNERS,
+})
+
+# --------------------------------------------------------------------------- uploads
+
+# Object metadata of an upload (S3 lower-cases user metadata keys): its objective, and hyperparameters.
+MODE_METADATA = "topx-mode"
+HYPERPARAMETERS_METADATA = "topx-hyperparameters"
+
+# --------------------------------------------------------------------------- S3 layout (one bucket)
+# incoming/...                             uploads: each object created here starts a run
+# features/users*, features/items*         optional side tables; the latest object of each is used
+# runs/<run_id>/prepared/                  feature index + indexed interactions + hold-out mask
+# runs/<run_id>/run.json                   the run's source, shards, data report and upload overrides
+# runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); user and item vectors
+# runs/<run_id>/metrics.json
+# runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
+# runs/<run_id>/searched/shard=NNNN.json   the shard's users, and those left with nothing to recommend
+# runs/<run_id>/loaded/shard=NNNN.json     users written to DynamoDB by that shard's load
+# versions/<run_id>/shard=NNNN/            a copy of what a load wrote to DynamoDB, until it is retired
+# versions/<run_id>/metrics.json           the published model's metrics, for the quality gate
+# runs/ expires by the bucket's lifecycle rule; versions/ lies outside it and is never expired.
+
+INCOMING_PREFIX = "incoming/"  # uploads; the trigger's key prefix (statemachine/trigger.json)
+FEATURES_PREFIX = "features/"  # side tables every run reads
+RUNS_PREFIX = "runs/"  # one prefix per run, expired by lifecycle after the retention days
+VERSIONS_PREFIX = "versions/"  # what live and not yet retired versions keep beyond runs/' lifecycle
+# The files of a version's shard manifest (version_shard_prefix): the recommendations and the search's counts.
+MANIFEST_RECOMMENDATIONS = "part-0.parquet"
+MANIFEST_SEARCHED = "searched.json"
+# versions/<run_id>/metrics.json, or one of versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json}
+VERSION_OBJECT_RE = re.compile(
+    rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:metrics\.json|shard=(?P<shard>\d{{4,}})/"
+    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}))"
+)
+
+
+def incoming_key(name: str) -> str:
+    """The key of an upload named ``name`` (a leading ``incoming/`` is not doubled)."""
+    return INCOMING_PREFIX + name.removeprefix(INCOMING_PREFIX)
+
+
+def feature_table_prefix(table: str) -> str:
+    """``features/<table>`` (``users`` or ``items``): the latest object under it is that side table."""
+    return f"{FEATURES_PREFIX}{table}"
+
+
+def run_prefix(run_id: str) -> str:
+    """``runs/<run_id>/``: everything one run writes."""
+    return f"{RUNS_PREFIX}{run_id}/"
+
+
+def prepared_prefix(run_id: str) -> str:
+    """The run's feature index, indexed interactions and hold-out mask."""
+    return f"{run_prefix(run_id)}prepared/"
+
+
+def model_prefix(run_id: str) -> str:
+    """The run's model artifact and the feature index beside it."""
+    return f"{run_prefix(run_id)}model/"
+
+
+def vectors_prefix(run_id: str) -> str:
+    """The run's user and item vectors."""
+    return f"{run_prefix(run_id)}vectors/"
+
+
+def run_record_key(run_id: str) -> str:
+    """``run.json``: the run's source, shard count, data report and upload overrides."""
+    return f"{run_prefix(run_id)}run.json"
+
+
+def metrics_key(run_id: str) -> str:
+    """The run's hold-out metrics."""
+    return f"{run_prefix(run_id)}metrics.json"
+
+
+def _shard(shard: int) -> str:
+    return f"shard={shard:04d}"
+
+
+def recommendations_key(run_id: str, shard: int) -> str:
+    """One shard's recommendations, as the search wrote them (Parquet)."""
+    return f"{run_prefix(run_id)}recommendations/{_shard(shard)}/part-0.parquet"
+
+
+def searched_key(run_id: str, shard: int) -> str:
+    """One shard's search counts: its users, rows, and users left with nothing to recommend."""
+    return f"{run_prefix(run_id)}searched/{_shard(shard)}.json"
+
+
+def loaded_key(run_id: str, shard: int) -> str:
+    """One shard's load marker: how many users it wrote to the table."""
+    return f"{run_prefix(run_id)}loaded/{_shard(shard)}.json"
+
+
+def version_prefix(run_id: str) -> str:
+    """``versions/<run_id>/``: what a loaded or published version keeps until it is retired."""
+    return f"{VERSIONS_PREFIX}{run_id}/"
+
+
+def version_metrics_key(run_id: str) -> str:
+    """The published version's metrics, kept beyond the runs/ lifecycle for the quality gate."""
+    return f"{version_prefix(run_id)}metrics.json"
+
+
+def version_shard_prefix(run_id: str, shard: int) -> str:
+    """One shard's manifest under the version: MANIFEST_RECOMMENDATIONS and MANIFEST_SEARCHED."""
+    return f"{version_prefix(run_id)}{_shard(shard)}/"
+
+
+# --------------------------------------------------------------------------- DynamoDB (one table)
+# A recommendations item per (user, version): pk = "user#<user_id>", sk = "v#<version>"; one pointer item
+# pk = "pointer", sk = "active" naming the live version. Retired versions' items carry expires_at (epoch
+# seconds), the table's TTL. The functions' table permissions are limited to these partition keys.
+
+PARTITION_KEY = "pk"
+SORT_KEY = "sk"
+KEY_ATTRIBUTE_TYPE = "S"  # both keys are strings (DynamoDB's type letter)
+TTL_ATTRIBUTE = "expires_at"  # epoch seconds; only retired versions' items carry it
+POINTER_PARTITION = "pointer"
+POINTER_SORT = "active"
+USER_PARTITION_PREFIX = "user#"
+VERSION_SORT_PREFIX = "v#"
+# The key of the active-version pointer item.
+POINTER_KEY: Mapping[str, str] = MappingProxyType({PARTITION_KEY: POINTER_PARTITION, SORT_KEY: POINTER_SORT})
+
+
+def user_item_key(user_id: str, version: str) -> dict[str, str]:
+    """The key of one user's recommendations under one version (plain strings, not DynamoDB-typed)."""
+    return {PARTITION_KEY: f"{USER_PARTITION_PREFIX}{user_id}", SORT_KEY: f"{VERSION_SORT_PREFIX}{version}"}
+
+
+def table_key_schema() -> list[dict[str, str]]:
+    """The table's ``KeySchema``, as CreateTable takes it."""
+    return [{"AttributeName": PARTITION_KEY, "KeyType": "HASH"}, {"AttributeName": SORT_KEY, "KeyType": "RANGE"}]
+
+
+def table_attribute_definitions() -> list[dict[str, str]]:
+    """The key attributes' ``AttributeDefinitions``, as CreateTable takes them."""
+    return [{"AttributeName": name, "AttributeType": KEY_ATTRIBUTE_TYPE} for name in (PARTITION_KEY, SORT_KEY)]
+
+
+# --------------------------------------------------------------------------- the stack and its entry points
+
+STACK_NAME = "Topx"  # the stack infra/app.py deploys, and the one the client reads unless told another
+# The stack's outputs, which the client reads resource names from.
+OUTPUT_BUCKET = "BucketName"
+OUTPUT_TABLE = "TableName"
+OUTPUT_STATE_MACHINE = "StateMachineArn"
+OUTPUT_TOPIC = "TopicArn"
+
+# The module whose functions the Lambda image CMD names: ``functions.handlers.<name>``.
+HANDLER_MODULE = "functions.handlers"
+# The Batch jobs' commands. Batch fills ``Ref::<name>`` from the SubmitJob parameters the state machine
+# sends; the shard index itself comes from AWS_BATCH_JOB_ARRAY_INDEX.
+TRAIN_COMMAND = ("python", "-m", "batch_jobs.train.main", "--bucket", "Ref::bucket", "--run-id", "Ref::run_id")
+SEARCH_COMMAND = (
+    "python", "-m", "batch_jobs.search.main",
+    "--bucket", "Ref::bucket", "--run-id", "Ref::run_id", "--shards", "Ref::shards",
+)  # fmt: skip
+# Exit status of a Batch job that failed on a TopxError (bad input, bad artifact): Batch does not retry it.
+TOPX_ERROR_EXIT = 2
