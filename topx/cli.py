@@ -17,7 +17,7 @@ from typing import Any
 
 from topx import __version__
 from topx.config import DEFAULT_OBJECTIVE, OBJECTIVES, HyperParameters, default_hyperparameters
-from topx.contract import DEFAULT_SEARCH_METHOD, DEFAULT_TOP_X, LEARNERS, SEARCH_METHODS
+from topx.contract import DEFAULT_SEARCH_METHOD, DEFAULT_TOP_X, HISTORY_FEATURES, LEARNERS, SEARCH_METHODS
 from topx.errors import ConfigError, TopxError
 
 EXIT_USER_ERROR = 2
@@ -82,6 +82,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regularization-exponent", type=float, metavar="NU",
                    help="icd: weight decay scales with each feature's pairs to this power "
                         f"(default {ranking.regularization_exponent}; 0 = plain weight decay)")
+    g.add_argument("--history-features", choices=HISTORY_FEATURES,
+                   help="add each user's training items as user features (user), each item's users as item "
+                        "features (item), both, or none (default none: on the validation carves measured in "
+                        "docs/PERFORMANCE.md they did not pay for their cost)")
     for name in ("bias_lr", "linear_lr", "factors_lr", "bias_wd", "linear_wd", "factors_wd",
                  "bias_init_sigma", "linear_init_sigma", "factors_init_sigma"):
         g.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name, help=default(name))
@@ -249,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameters:
     names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
              "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",
-             "negative_samples", "seed", "learner", "unobserved_weight", "regularization_exponent")
+             "negative_samples", "seed", "learner", "unobserved_weight", "regularization_exponent",
+             "history_features")
     return default_hyperparameters("ranking" if implicit else "rating", **{n: getattr(args, n, None) for n in names})
 
 
@@ -362,7 +367,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with atomic_output_dir(Path(args.out)) as tmp:
         with reporter.step("ingest", f"reading {data.interactions}"):
             ds = load_dataset(data)
-        _, holdout, result = train_stage(ds, hp, _run_options(args), tmp, reporter)
+        _, holdout, result, ds = train_stage(ds, hp, _run_options(args), tmp, reporter)
         write_json(tmp / "metrics.json", {**training_summary(hp, result, ds.report),
                                           "holdout_fraction": args.holdout, "timings_s": reporter.timings})
     print(f"wrote {Path(args.out).resolve()}")

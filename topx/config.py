@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from topx.contract import DEFAULT_SEARCH_METHOD, ENV_SEARCH_METHOD, LEARNERS, SEARCH_METHODS
+from topx.contract import DEFAULT_SEARCH_METHOD, ENV_SEARCH_METHOD, HISTORY_FEATURES, LEARNERS, SEARCH_METHODS
 from topx.errors import ConfigError
 from topx.params import PREDICTOR_TYPES
 
@@ -49,6 +49,9 @@ class HyperParameters:
     # weight decay (0: plain weight decay). The ranking defaults are MODE_DEFAULTS' below.
     unobserved_weight: float = 0.1
     regularization_exponent: float = 1.0
+    # History features (topx.feature_index.FeatureIndex.with_history): "user" adds each user's training
+    # items as user features, "item" each item's users as item features, "both" both; "none" neither.
+    history_features: str = "none"
     # Early stopping: fraction of the training rows held for validation, and epochs without gain.
     validation_fraction: float = 0.1
     early_stopping_patience: int = 3
@@ -70,6 +73,8 @@ class HyperParameters:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.learner not in LEARNERS:
             raise ConfigError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
+        if self.history_features not in HISTORY_FEATURES:
+            raise ConfigError(f"history_features must be one of {HISTORY_FEATURES}, got {self.history_features!r}")
         if self.learner == "icd" and self.unobserved_weight <= 0:
             raise ConfigError("unobserved_weight must be > 0 for the icd learner")
         if not isinstance(self.negative_samples, int) or self.negative_samples < 1:

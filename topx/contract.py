@@ -56,6 +56,9 @@ DEFAULT_SEARCH_METHOD = "exact"  # when neither an argument nor TOPX_SEARCH_METH
 # parameter and an upload's topx-hyperparameters metadata may set.
 
 LEARNERS = ("sgd", "icd")  # HyperParameters.learner: topx.fm's mini-batch SGD, topx.icd's coordinate descent
+# HyperParameters.history_features: each user's training items as user features, each item's users as
+# item features, both, or neither (FeatureIndex.with_history).
+HISTORY_FEATURES = ("none", "user", "item", "both")
 # Follows each upload's topx-mode metadata; never set by name.
 FIXED_HYPERPARAMETERS = frozenset({"predictor_type"})
 # Each numeric one's type and the values topx accepts: low <= value < high.
@@ -82,6 +85,7 @@ HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = MappingProxyTyp
 # Those that take one of a few names.
 HYPERPARAMETER_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "learner": LEARNERS,
+    "history_features": HISTORY_FEATURES,
 })
 
 # --------------------------------------------------------------------------- uploads

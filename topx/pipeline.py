@@ -315,6 +315,20 @@ def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
                         weight)
 
 
+def with_history(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters) -> Dataset:
+    """``ds`` with the history features ``hp.history_features`` names, built from the rows ``mask``
+    selects (the rows training sees: a hold-out never leaks into a user's history); ``ds`` itself when
+    it names none."""
+    if hp.history_features == "none":
+        return ds
+    sel = slice(None) if mask is None else mask
+    index = ds.feature_index.with_history(ds.user_rows[sel], ds.item_rows[sel],
+                                          users=hp.history_features in ("user", "both"),
+                                          items=hp.history_features in ("item", "both"))
+    report = {**ds.report, "n_features": index.n_features, "history_features": hp.history_features}
+    return replace(ds, feature_index=index, report=report)
+
+
 def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptions,
         on_epoch: Any = None) -> TrainResult:
     """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names."""
@@ -343,16 +357,19 @@ def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
 
 def train_stage(
     ds: Dataset, hp: HyperParameters, run: RunOptions, out: Path, reporter: Reporter
-) -> tuple[FMParams, np.ndarray, TrainResult]:
-    """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result."""
+) -> tuple[FMParams, np.ndarray, TrainResult, Dataset]:
+    """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result, and
+    the dataset the model was trained over (``ds`` with history features when ``hp`` asks for them:
+    its feature index is the model's)."""
     holdout = ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
+    ds = with_history(ds, ~holdout, hp)
     what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
     with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
         result = fit(ds, ~holdout, hp, run)
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
     write_model(out / MODEL_DIR, result.params, ds.feature_index)
     save_interactions(out / DATA_DIR, ds, holdout)
-    return result.params, holdout, result
+    return result.params, holdout, result, ds
 
 
 def is_recordio_protobuf(raw: bytes) -> bool:
@@ -380,6 +397,9 @@ def train_rows_stage(
     if hp.learner != "sgd":
         raise ConfigError("design rows given whole train with learner sgd: the icd learner needs the user and "
                           "item tables apart")
+    if hp.history_features != "none":
+        raise ConfigError("design rows given whole carry their own features: history features are built from "
+                          "an interactions table; leave history_features at none")
     if not np.all(np.isfinite(y)):
         row = int(np.flatnonzero(~np.isfinite(y))[0]) + 1
         raise InputDataError("label is missing or not finite", source=source, row=row, column="label")
@@ -671,7 +691,7 @@ def run_all(
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
-        params, holdout, result = train_stage(ds, hp, run, tmp, reporter)
+        params, holdout, result, ds = train_stage(ds, hp, run, tmp, reporter)
         with reporter.step("vectors", "building the recipe's user and item vectors"):
             vectors = vectors_stage(params, ds.feature_index, tmp / VECTORS_DIR)
         with reporter.step("recommend", f"top-{run.top_x} for {ds.feature_index.n_users:,} users "

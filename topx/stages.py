@@ -299,7 +299,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False,
                          search_method=search_method())
         out = work / "out"
-        params, _, result = train_stage(ds, hp, run, out, Reporter(False))
+        params, _, result, ds = train_stage(ds, hp, run, out, Reporter(False))
         metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed,
                                  hp.learner)
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,

@@ -60,7 +60,7 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
     """Search ``grid`` (default ``TUNE_GRID``) on a carve of the rows ``train_mask`` selects.
 
     ds: a topx.pipeline.Dataset; run: its RunOptions (top_x, device, search method)."""
-    from topx.pipeline import Dataset, evaluate_model, fit
+    from topx.pipeline import Dataset, evaluate_model, fit, with_history
     from topx.vectors import export_vectors
 
     if hp.learner != "icd":
@@ -72,6 +72,7 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
     carve = ev.holdout_split(sub.user_rows, VALIDATION_FRACTION, hp.seed + 3)
     if not carve.any():
         raise ConfigError("too little data to tune: no user has enough interactions for a validation carve")
+    sub = with_history(sub, ~carve, hp)
     quiet = replace(run, progress=False)
     metric = f"recall_at_{run.top_x}"
 

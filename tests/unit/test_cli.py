@@ -325,3 +325,47 @@ def test_tuning_a_rating_regressor_is_refused_by_name(explicit_csv, tmp_path, ca
     code = main(["tune", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
                  "--rating-col", "stars", "--objective", "rating", *FAST])
     assert code == 2 and "tuning searches the icd learner's settings" in capsys.readouterr().err
+
+
+def test_history_features_come_from_training_rows_only_and_the_run_serves_them(explicit_csv, tmp_path):
+    from topx import evaluate as ev
+    from topx.config import default_hyperparameters
+    from topx.feature_index import FeatureIndex
+    from topx.pipeline import DataOptions, load_dataset, with_history
+
+    data = DataOptions(str(explicit_csv), user_col="customer", item_col="sku", rating_col="stars")
+    ds = load_dataset(data)
+    hp = default_hyperparameters("ranking", history_features="both")
+    holdout = ev.holdout_split(ds.user_rows, 0.2, hp.seed)
+    trained = with_history(ds, ~holdout, hp)
+    fi = trained.feature_index
+    names = np.asarray(fi.names)
+    user_hist = np.char.startswith(names.astype(str), "history:item_id=")
+    item_hist = np.char.startswith(names.astype(str), "history:user_id=")
+    assert user_hist.sum() == ds.feature_index.n_items and item_hist.sum() == ds.feature_index.n_users
+    assert {fi.owners[j] for j in np.flatnonzero(user_hist)} == {"user"}
+    assert {fi.owners[j] for j in np.flatnonzero(item_hist)} == {"item"}
+    # A user's history holds exactly its training items, each 1 / sqrt(their count); no held-out item.
+    for user in range(0, ds.feature_index.n_users, 37):
+        row = fi.user_x[user, user_hist].toarray().ravel()
+        own = ds.item_rows[(ds.user_rows == user) & ~holdout]
+        assert set(np.flatnonzero(row)) == set(own)
+        np.testing.assert_allclose(row[own], 1 / np.sqrt(len(set(own))), rtol=1e-6)
+    assert isinstance(fi, FeatureIndex) and ds.feature_index.n_features < fi.n_features
+
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+                 "--rating-col", "stars", "--history-features", "both", "--out", str(out), *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["history_features"] == "both"
+    assert metrics["data"]["n_features"] == fi.n_features
+    assert metrics["recall_at_10"] > metrics["popularity_recall_at_10"]
+    # The published model carries the history features: its index names them.
+    saved = FeatureIndex.load(out / "model")
+    assert saved.names == fi.names
+
+
+def test_an_unknown_history_features_value_is_refused_by_name(explicit_csv, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--interactions", str(explicit_csv), "--history-features", "all", "--out", "x"])
+    assert "--history-features" in capsys.readouterr().err

@@ -18,8 +18,10 @@ from topx.icd import _ICD, ImplicitData, feature_groups, train_icd
 from topx.vectors import export_vectors
 
 
-def small_problem(seed: int = 0, *, side_features: bool = True) -> tuple[FeatureIndex, ImplicitData]:
-    """8 users x 7 items; users with a categorical and a numeric feature, items with a multi-valued one."""
+def small_problem(seed: int = 0, *, side_features: bool = True,
+                  history: bool = False) -> tuple[FeatureIndex, ImplicitData]:
+    """8 users x 7 items; users with a categorical and a numeric feature, items with a multi-valued one;
+    with ``history``, each side's history features too (many features to a row, in many groups)."""
     rng = np.random.default_rng(seed)
     n_users, n_items = 8, 7
     users = [f"u{j}" for j in range(n_users)]
@@ -36,6 +38,8 @@ def small_problem(seed: int = 0, *, side_features: bool = True) -> tuple[Feature
     mask[np.arange(n_users), rng.integers(0, n_items, n_users)] = True
     u, i = np.nonzero(mask)
     weight = rng.uniform(0.5, 2.0, len(u)).astype(np.float32)
+    if history:
+        fi = fi.with_history(u, i)
     return fi, ImplicitData(fi.user_x, fi.item_x, u.astype(np.int64), i.astype(np.int64), weight)
 
 
@@ -68,9 +72,9 @@ def brute_loss(model: _ICD, fi: FeatureIndex, data: ImplicitData, v: torch.Tenso
     return loss + penalty
 
 
-@pytest.mark.parametrize("side_features", [False, True])
-def test_each_group_step_is_the_exact_minimiser(side_features: bool) -> None:
-    fi, data = small_problem(side_features=side_features)
+@pytest.mark.parametrize(("side_features", "history"), [(False, False), (True, False), (True, True)])
+def test_each_group_step_is_the_exact_minimiser(side_features: bool, history: bool) -> None:
+    fi, data = small_problem(side_features=side_features, history=history)
     hp = hyper()
     model = _ICD(data, fi.n_features, hp, torch.device("cpu"))
     with torch.no_grad():
@@ -116,8 +120,9 @@ def test_the_loss_it_reports_is_the_all_pairs_loss_and_it_never_rises() -> None:
             previous = with_penalty
 
 
-def test_trained_params_score_through_the_recipe_vectors_as_the_fm_does() -> None:
-    fi, data = small_problem()
+@pytest.mark.parametrize("history", [False, True])
+def test_trained_params_score_through_the_recipe_vectors_as_the_fm_does(history: bool) -> None:
+    fi, data = small_problem(history=history)
     result = train_icd(data, fi.n_features, hyper(), device="cpu", progress=False)
     vectors = export_vectors(result.params, fi)
     users = np.repeat(np.arange(fi.n_users), fi.n_items)
