@@ -18,11 +18,11 @@ import boto3
 import numpy as np
 import pandas as pd
 
-from topx import local, store
+from topx import offline, store
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 3, 4, 3, 2, 30
-SETTINGS = local.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
-                               retention_days=RETENTION_DAYS)
+SETTINGS = offline.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
+                                 retention_days=RETENTION_DAYS)
 # A version live before a case runs, as an earlier successful run would have left it. It has no
 # metrics.json, so the quality gate compares a case's model with its baseline only.
 SEEDED_VERSION = "20000101T000000000000Z-seeded"
@@ -65,7 +65,7 @@ class Run:
     error: str | None
     output: dict[str, Any] | None
     history: list[dict[str, Any]]
-    notes: list[local.Notification]
+    notes: list[offline.Notification]
 
     @property
     def run_id(self) -> str | None:
@@ -78,12 +78,12 @@ class Run:
         return None
 
     def exited_states(self) -> list[str]:
-        top = set(local.top_level_states())
-        return [e.state for e in local.state_events(self.history) if e.outcome == "done" and e.state in top]
+        top = set(offline.top_level_states())
+        return [e.state for e in offline.state_events(self.history) if e.outcome == "done" and e.state in top]
 
-    def failures(self, state: str | None = None) -> list[local.StateEvent]:
+    def failures(self, state: str | None = None) -> list[offline.StateEvent]:
         """Failed task attempts (Map iterations report under their inner state's name)."""
-        return [e for e in local.state_events(self.history)
+        return [e for e in offline.state_events(self.history)
                 if e.outcome == "failed" and e.state != "(execution)" and state in (None, e.state)]
 
     def attempts(self, state: str) -> int:
@@ -99,11 +99,11 @@ class Run:
 
 @dataclass
 class Stack:
-    pipeline: local.LocalPipeline
+    pipeline: offline.LocalPipeline
     s3: Any
     ddb: Any
-    # Times Lambda invocations: it moves only when a test says a handler took time (see local.ManualClock).
-    clock: local.ManualClock
+    # Times Lambda invocations: it moves only when a test says a handler took time (see offline.ManualClock).
+    clock: offline.ManualClock
     seen: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------ driving it
@@ -111,7 +111,7 @@ class Stack:
     def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> list[str]:
         """Put an object; return the ARNs of the executions it started."""
         self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body, **({"Metadata": metadata} if metadata else {}))
-        started = [e["executionArn"] for e in local.executions(self.pipeline.state_machine_arn)
+        started = [e["executionArn"] for e in offline.executions(self.pipeline.state_machine_arn)
                    if e["executionArn"] not in self.seen]
         self.seen.update(started)
         return started
@@ -120,12 +120,12 @@ class Stack:
         # Only the status is polled: reading the whole history on every poll slows the execution down.
         sfn = boto3.client("stepfunctions", region_name=self.pipeline.region)
         deadline = time.monotonic() + timeout_s
-        while (described := sfn.describe_execution(executionArn=arn))["status"] not in local.TERMINAL:
+        while (described := sfn.describe_execution(executionArn=arn))["status"] not in offline.TERMINAL:
             assert time.monotonic() < deadline, f"{arn} still {described['status']} after {timeout_s:.0f} s"
             time.sleep(0.05)
         output = json.loads(described["output"]) if described.get("output") else None
-        return Run(arn, described["status"], described.get("error"), output, local.history(arn),
-                   local.notifications(self.pipeline) if notes else [])
+        return Run(arn, described["status"], described.get("error"), output, offline.history(arn),
+                   offline.notifications(self.pipeline) if notes else [])
 
     def upload(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> Run:
         """Upload under incoming/ and follow the one execution it starts to its end."""
@@ -148,7 +148,7 @@ class Stack:
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             if page.get("Contents"):
                 self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
-        local.notifications(self.pipeline)
+        offline.notifications(self.pipeline)
 
     def seed_live_version(self, users: list[str]) -> str:
         rows = [store.Recommendation(u, list(SEEDED_ITEMS), [2.0, 1.0]) for u in users]
@@ -195,10 +195,10 @@ class Stack:
 
 
 @contextmanager
-def deployed(settings: local.LocalSettings = SETTINGS) -> Iterator[Stack]:
-    clock = local.ManualClock()
-    with local.offline(lambda_clock=clock):
-        pipeline = local.deploy(settings)
+def deployed(settings: offline.LocalSettings = SETTINGS) -> Iterator[Stack]:
+    clock = offline.ManualClock()
+    with offline.offline(lambda_clock=clock):
+        pipeline = offline.deploy(settings)
         yield Stack(pipeline, boto3.client("s3"), boto3.client("dynamodb"), clock)
 
 

@@ -517,7 +517,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from topx.demo import run_demo
+    from topx.offline.demo import run_demo
 
     return run_demo(out=args.out, n_users=args.n_users, n_items=args.n_items, implicit=not args.explicit,
                     top_x=args.top_x, seed=args.seed, quiet=args.quiet, local=args.local)

@@ -1,7 +1,7 @@
 """Reading recommendations, uploading and following runs of a deployed stack: topx.client and its commands.
 
 Name resolution is tested with a stand-in CloudFormation client; the commands run against the offline
-pipeline (topx.local), which the client cannot tell from a deployed stack once the names are given.
+pipeline (topx.offline), which the client cannot tell from a deployed stack once the names are given.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 from reliability_stack import base_ratings
 
-from topx import client, local, stages, store
+from topx import client, offline, stages, store
 from topx.cli import main
 from topx.errors import ConfigError, StoreError
 
@@ -121,15 +121,15 @@ def test_reading_a_table_that_does_not_exist_is_a_store_error(monkeypatch) -> No
 def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, capsys) -> None:
     path = tmp_path / "ratings.csv"
     base_ratings(120, 60, seed=5).to_csv(path, index=False)
-    with local.offline():
-        pipeline = local.deploy(local.LocalSettings(top_x=4, num_factors=8, epochs=3, shards=2))
+    with offline.offline():
+        pipeline = offline.deploy(offline.LocalSettings(top_x=4, num_factors=8, epochs=3, shards=2))
         assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0
         assert "no executions yet" in capsys.readouterr().out
 
         assert main(["upload", str(path), "--bucket", pipeline.bucket]) == 0
         assert f"uploaded s3://{pipeline.bucket}/incoming/ratings.csv" in capsys.readouterr().out
-        (execution,) = local.executions(pipeline.state_machine_arn)
-        assert local.wait_for_execution(execution["executionArn"])["status"] == "SUCCEEDED"
+        (execution,) = offline.executions(pipeline.state_machine_arn)
+        assert offline.wait_for_execution(execution["executionArn"])["status"] == "SUCCEEDED"
         live = store.active_version(pipeline.table, client=boto3.client("dynamodb"))
 
         assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0

@@ -1,5 +1,5 @@
 """Offline end to end: an upload to S3 becomes recommendations in DynamoDB, through the state machine CDK
-deploys (statemachine/pipeline.asl.json) running under moto, every step doing its real work (topx.local).
+deploys (statemachine/pipeline.asl.json) running under moto, every step doing its real work (topx.offline).
 
 Nothing here calls a stage by hand: each test drops a file under incoming/ and reads what the execution
 left behind: the execution history, the notification, the table.
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from reliability_stack import base_ratings
 
-from topx import client, local, stages, store
+from topx import client, offline, stages, store
 from topx.cli import main
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
@@ -30,7 +30,7 @@ MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Sear
 
 @dataclass
 class Offline:
-    pipeline: local.LocalPipeline
+    pipeline: offline.LocalPipeline
     s3: Any
     ddb: Any
     executions_seen: set[str] = field(default_factory=set)
@@ -38,22 +38,22 @@ class Offline:
     def upload(self, key: str, body: bytes, **extra: Any) -> dict[str, Any] | None:
         """Put an object; return the execution it started (None if none), after it ended."""
         self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body, **extra)
-        started = [e for e in local.executions(self.pipeline.state_machine_arn)
+        started = [e for e in offline.executions(self.pipeline.state_machine_arn)
                    if e["executionArn"] not in self.executions_seen]
         self.executions_seen.update(e["executionArn"] for e in started)
         assert len(started) <= 1, started
         if not started:
             return None
-        described = local.wait_for_execution(started[0]["executionArn"], timeout_s=300)
-        described["history"] = local.history(started[0]["executionArn"])
+        described = offline.wait_for_execution(started[0]["executionArn"], timeout_s=300)
+        described["history"] = offline.history(started[0]["executionArn"])
         return described
 
 
 @pytest.fixture()
-def offline() -> Iterator[Offline]:
-    with local.offline():
-        pipeline = local.deploy(local.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
-                                                    retention_days=RETENTION_DAYS))
+def stack() -> Iterator[Offline]:
+    with offline.offline():
+        pipeline = offline.deploy(offline.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,
+                                                      retention_days=RETENTION_DAYS))
         yield Offline(pipeline, boto3.client("s3"), boto3.client("dynamodb"))
 
 
@@ -65,8 +65,8 @@ def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def exited_states(history: list[dict[str, Any]]) -> list[str]:
-    top = set(local.top_level_states())
-    return [e.state for e in local.state_events(history) if e.outcome == "done" and e.state in top]
+    top = set(offline.top_level_states())
+    return [e.state for e in offline.state_events(history) if e.outcome == "done" and e.state in top]
 
 
 def task_events(history: list[dict[str, Any]], state: str) -> list[dict[str, Any]]:
@@ -102,17 +102,17 @@ def seed_live_version(ddb: Any, table: str, users: list[str]) -> str:
 # --------------------------------------------------------------------------- the promise
 
 
-def test_an_upload_becomes_the_recommendations_topx_run_computes(offline: Offline, ratings: Path,
-                                                                   tmp_path: Path) -> None:
-    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline, ratings: Path,
+                                                                 tmp_path: Path) -> None:
+    execution = stack.upload("incoming/ratings.csv", ratings.read_bytes())
 
     assert execution is not None and execution["status"] == "SUCCEEDED", execution
-    assert json.loads(execution["input"]) == {"bucket": offline.pipeline.bucket, "key": "incoming/ratings.csv"}
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": "incoming/ratings.csv"}
     assert exited_states(execution["history"]) == MAIN_PATH
     run_id = json.loads(execution["output"])["prepare"]["run_id"]
-    assert store.active_version(offline.pipeline.table, client=offline.ddb) == run_id
-    metrics = json.loads(offline.s3.get_object(Bucket=offline.pipeline.bucket,
-                                               Key=f"runs/{run_id}/metrics.json")["Body"].read())
+    assert store.active_version(stack.pipeline.table, client=stack.ddb) == run_id
+    metrics = json.loads(stack.s3.get_object(Bucket=stack.pipeline.bucket,
+                                             Key=f"runs/{run_id}/metrics.json")["Body"].read())
     # No mode metadata: the upload trains for ranking, as `topx run` does with no mode flag.
     assert (metrics["objective"], metrics["learner"], metrics["top_x"]) == ("ranking", "icd", TOP_X)
 
@@ -122,12 +122,12 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(offline: Offlin
     expected = pd.read_parquet(out / "recommendations.parquet").sort_values(["user_id", "rank"])
     assert expected["user_id"].nunique() == 150
     for user, group in expected.groupby("user_id"):
-        rec = client.get_recommendations(user, table=offline.pipeline.table)
+        rec = client.get_recommendations(user, table=stack.pipeline.table)
         assert rec is not None, user
         assert rec.items == list(group["item_id"]), user
         assert rec.scores == pytest.approx(list(group["score"]), rel=1e-5)
 
-    (note,) = local.notifications(offline.pipeline)
+    (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: new recommendations published"
     assert run_id in note.message and "150 users" in note.message
 
@@ -161,13 +161,13 @@ def watch(ddb: Any, table: str, users: set[str], stop: threading.Event, seen: li
         time.sleep(0.01)
 
 
-def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline: Offline, ratings: Path,
-                                                                         monkeypatch) -> None:
+def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(stack: Offline, ratings: Path,
+                                                                       monkeypatch) -> None:
     users = set(pd.read_csv(ratings, dtype=str)["user_id"])
-    first = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+    first = stack.upload("incoming/ratings.csv", ratings.read_bytes())
     assert first is not None and first["status"] == "SUCCEEDED"
     first_run = json.loads(first["output"])["prepare"]["run_id"]
-    before = {u: client.get_recommendations(u, table=offline.pipeline.table) for u in users}
+    before = {u: client.get_recommendations(u, table=stack.pipeline.table) for u in users}
 
     # Slow the load down between shards, so the reader surely polls while the new version is half written.
     load_shard = stages.load_shard
@@ -179,10 +179,10 @@ def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline
 
     monkeypatch.setattr(stages, "load_shard", slow_load_shard)
     stop, seen = threading.Event(), []
-    reader = threading.Thread(target=watch, args=(boto3.client("dynamodb"), offline.pipeline.table, users, stop, seen))
+    reader = threading.Thread(target=watch, args=(boto3.client("dynamodb"), stack.pipeline.table, users, stop, seen))
     reader.start()
     try:
-        second = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+        second = stack.upload("incoming/ratings.csv", ratings.read_bytes())
     finally:
         stop.set()
         reader.join()
@@ -199,9 +199,9 @@ def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline
 
     # The same upload gives the same recommendations; each (user, version) is one item. Loads write no
     # TTL: the first version, superseded only now, gets one at a later run's load (tests/offline/test_reliability.py).
-    after = {u: client.get_recommendations(u, table=offline.pipeline.table) for u in users}
+    after = {u: client.get_recommendations(u, table=stack.pipeline.table) for u in users}
     assert after == before
-    items = [i for i in table_items(offline.ddb, offline.pipeline.table) if i["pk"]["S"].startswith("user#")]
+    items = [i for i in table_items(stack.ddb, stack.pipeline.table) if i["pk"]["S"].startswith("user#")]
     assert len(items) == 2 * len(users)
     assert len({(i["pk"]["S"], i["sk"]["S"]) for i in items}) == len(items)
     for item in items:
@@ -212,10 +212,10 @@ def test_readers_never_see_a_partial_version_and_a_rerun_changes_nothing(offline
 
 
 def test_a_failing_training_job_is_retried_then_notified_and_the_live_version_stays(
-        offline: Offline, ratings: Path, monkeypatch) -> None:
+        stack: Offline, ratings: Path, monkeypatch) -> None:
     users = sorted(set(pd.read_csv(ratings, dtype=str)["user_id"]))
-    live = seed_live_version(offline.ddb, offline.pipeline.table, users)
-    before = client.get_recommendations(users[0], table=offline.pipeline.table)
+    live = seed_live_version(stack.ddb, stack.pipeline.table, users)
+    before = client.get_recommendations(users[0], table=stack.pipeline.table)
     attempts = []
 
     def broken_train(bucket: str, run_id: str) -> dict[str, Any]:
@@ -223,7 +223,7 @@ def test_a_failing_training_job_is_retried_then_notified_and_the_live_version_st
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(stages, "train_run", broken_train)
-    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+    execution = stack.upload("incoming/ratings.csv", ratings.read_bytes())
 
     assert execution is not None and execution["status"] == "FAILED"
     assert execution["error"] == "PipelineFailed"
@@ -236,15 +236,15 @@ def test_a_failing_training_job_is_retried_then_notified_and_the_live_version_st
     assert len(attempts) == 2 and len(set(attempts)) == 1
     assert exited_states(execution["history"]) == ["Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
 
-    (note,) = local.notifications(offline.pipeline)
+    (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
     assert "States.TaskFailed" in note.message and "stays live" in note.message
-    assert store.active_version(offline.pipeline.table, client=offline.ddb) == live
-    assert client.get_recommendations(users[0], table=offline.pipeline.table) == before
+    assert store.active_version(stack.pipeline.table, client=stack.ddb) == live
+    assert client.get_recommendations(users[0], table=stack.pipeline.table) == before
 
 
-def test_a_search_shard_that_fails_once_is_retried_and_the_run_publishes(offline: Offline, ratings: Path,
-                                                                         monkeypatch) -> None:
+def test_a_search_shard_that_fails_once_is_retried_and_the_run_publishes(stack: Offline, ratings: Path,
+                                                                       monkeypatch) -> None:
     search_shard = stages.search_shard
     calls: list[int] = []
 
@@ -255,7 +255,7 @@ def test_a_search_shard_that_fails_once_is_retried_and_the_run_publishes(offline
         return search_shard(bucket, run_id, shard, shards)
 
     monkeypatch.setattr(stages, "search_shard", flaky_search_shard)
-    execution = offline.upload("incoming/ratings.csv", ratings.read_bytes())
+    execution = stack.upload("incoming/ratings.csv", ratings.read_bytes())
 
     assert execution is not None and execution["status"] == "SUCCEEDED"
     search = task_events(execution["history"], "Search")
@@ -266,27 +266,27 @@ def test_a_search_shard_that_fails_once_is_retried_and_the_run_publishes(offline
     assert sorted(calls) == [0, 0, 1, 1, 2, 2]  # the retry resubmits the whole array job
     assert exited_states(execution["history"]) == MAIN_PATH
     run_id = json.loads(execution["output"])["prepare"]["run_id"]
-    assert store.active_version(offline.pipeline.table, client=offline.ddb) == run_id
+    assert store.active_version(stack.pipeline.table, client=stack.ddb) == run_id
     for user in set(pd.read_csv(ratings, dtype=str)["user_id"]):
-        rec = client.get_recommendations(user, table=offline.pipeline.table)
+        rec = client.get_recommendations(user, table=stack.pipeline.table)
         assert rec is not None and len(rec.items) == TOP_X
 
 
-def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(offline: Offline) -> None:
-    assert offline.upload("features/users.csv", b"user_id,country\nu1,de\n") is None
-    assert offline.upload("runs/x/metrics.json", b"{}") is None
-    live = seed_live_version(offline.ddb, offline.pipeline.table, ["u1"])
+def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(stack: Offline) -> None:
+    assert stack.upload("features/users.csv", b"user_id,country\nu1,de\n") is None
+    assert stack.upload("runs/x/metrics.json", b"{}") is None
+    live = seed_live_version(stack.ddb, stack.pipeline.table, ["u1"])
 
-    execution = offline.upload("incoming/bad.csv", b"user_id,item_id,rating\nu1,i1,5\nu1,i2,lots\n")
+    execution = stack.upload("incoming/bad.csv", b"user_id,item_id,rating\nu1,i1,5\nu1,i2,lots\n")
 
     assert execution is not None and execution["status"] == "FAILED"
-    assert json.loads(execution["input"]) == {"bucket": offline.pipeline.bucket, "key": "incoming/bad.csv"}
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": "incoming/bad.csv"}
     prepare = task_events(execution["history"], "Prepare")
     assert [e["type"] for e in prepare].count("TaskScheduled") == 1  # InputDataError is not retried
     (failure,) = [e["taskFailedEventDetails"] for e in prepare if e["type"] == "TaskFailed"]
     assert failure["error"] == "InputDataError"
     assert exited_states(execution["history"]) == ["Prepare", "NotifyFailure"]
-    (note,) = local.notifications(offline.pipeline)
+    (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
     assert "incoming/bad.csv, row 3, column 'rating'" in note.message
-    assert store.active_version(offline.pipeline.table, client=offline.ddb) == live
+    assert store.active_version(stack.pipeline.table, client=stack.ddb) == live

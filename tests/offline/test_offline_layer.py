@@ -1,4 +1,4 @@
-"""The offline execution layer (topx/local.py): it deploys what CDK deploys, and patches moto only where needed.
+"""The offline execution layer (topx/offline/): it deploys what CDK deploys, and patches moto only where needed.
 
 The placeholders, the upload rule, the functions' handlers and the jobs' commands are checked against the
 synthesized template, so the offline pipeline cannot drift from the deployed one.
@@ -23,13 +23,20 @@ from moto import mock_aws
 from infra.lambdas import SPECS
 from infra.pipeline import placeholders
 from infra.settings import ASL_PATH, DeploySettings
-from topx import local
+from topx import offline
 from topx.contract import HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
 from topx.errors import ConfigError
+from topx.offline import patches
+from topx.offline.deploy import _create_job
+from topx.offline.patches import (
+    _fresh_token_per_attempt,
+    _normalise_batch_parameters,
+    _normalise_batch_response,
+)
 
-DUMMY = local.LocalPipeline(
+DUMMY = offline.LocalPipeline(
     region="us-east-1", bucket="b", table="t", topic_arn="arn:topic",
-    function_arns={name: f"arn:function:{name}" for name in local.FUNCTION_PLACEHOLDERS},
+    function_arns={name: f"arn:function:{name}" for name in offline.FUNCTION_PLACEHOLDERS},
     train_queue_arn="arn:tq", train_definition_arn="arn:td", search_queue_arn="arn:sq", search_definition_arn="arn:sd",
     state_machine_arn="arn:sm", rule_name="r", inbox_queue_url="q",
 )
@@ -63,25 +70,25 @@ def _referenced(template: dict[str, Any], value: dict[str, Any]) -> dict[str, An
 def test_placeholders_are_exactly_those_cdk_substitutes(template: dict[str, Any]) -> None:
     text = ASL_PATH.read_text(encoding="utf-8")
     offered = set(DUMMY.substitutions())
-    assert offered == placeholders(text) == local.placeholders(text)
+    assert offered == placeholders(text) == offline.placeholders(text)
     assert offered == set(_substitutions(template))
-    filled = local.fill_definition(local.load_definition(), DUMMY.substitutions())
+    filled = offline.fill_definition(offline.load_definition(), DUMMY.substitutions())
     assert "${" not in filled
     assert json.loads(filled)["States"]["Prepare"]["Parameters"]["FunctionName"] == "arn:function:prepare"
 
 
 def test_a_placeholder_without_a_value_or_a_value_without_a_placeholder_is_refused() -> None:
     values = DUMMY.substitutions()
-    with pytest.raises(local.DefinitionError, match="placeholders without a value: \\['TopicArn'\\]"):
-        local.fill_definition(local.load_definition(), {k: v for k, v in values.items() if k != "TopicArn"})
-    with pytest.raises(local.DefinitionError, match="values without a placeholder: \\['Extra'\\]"):
-        local.fill_definition(local.load_definition(), {**values, "Extra": "x"})
+    with pytest.raises(offline.DefinitionError, match="placeholders without a value: \\['TopicArn'\\]"):
+        offline.fill_definition(offline.load_definition(), {k: v for k, v in values.items() if k != "TopicArn"})
+    with pytest.raises(offline.DefinitionError, match="values without a placeholder: \\['Extra'\\]"):
+        offline.fill_definition(offline.load_definition(), {**values, "Extra": "x"})
 
 
 def test_each_function_placeholder_names_the_function_running_that_handler(template: dict[str, Any]) -> None:
-    assert set(local.FUNCTION_PLACEHOLDERS) == {spec.handler for spec in SPECS}
+    assert set(offline.FUNCTION_PLACEHOLDERS) == {spec.handler for spec in SPECS}
     substitutions = _substitutions(template)
-    for handler, placeholder in local.FUNCTION_PLACEHOLDERS.items():
+    for handler, placeholder in offline.FUNCTION_PLACEHOLDERS.items():
         function = _referenced(template, substitutions[placeholder])
         assert function["ImageConfig"]["Command"] == [f"{HANDLER_MODULE}.{handler}"], placeholder
 
@@ -94,7 +101,7 @@ def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: d
         assert definition["ContainerProperties"]["Command"] == list(command)
         assert set(definition["Parameters"]) == defaults
         names = {item["Name"] for item in definition["ContainerProperties"]["Environment"]}
-        assert names == set(local.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
+        assert names == set(offline.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
 
 
 SETTINGS_ENV = (
@@ -105,7 +112,7 @@ SETTINGS_ENV = (
 
 def test_local_settings_have_every_deploy_setting_that_reaches_the_environment() -> None:
     not_environment = {"gpu_instance_types", "spot", "max_vcpus", "schedule", "notification_email"}
-    assert set(local.LocalSettings.__dataclass_fields__) == set(DeploySettings.__dataclass_fields__) - not_environment
+    assert set(offline.LocalSettings.__dataclass_fields__) == set(DeploySettings.__dataclass_fields__) - not_environment
 
 
 @pytest.mark.parametrize(
@@ -121,7 +128,7 @@ def test_environment_is_what_infra_gives_every_function_and_job(monkeypatch, val
     for name in SETTINGS_ENV:
         monkeypatch.delenv(name, raising=False)
     cdk = DeploySettings(**values)
-    ours = local.LocalSettings(**values)
+    ours = offline.LocalSettings(**values)
     names = {"bucket": "b", "table": "t", "topic_arn": "a"}
     assert ours.environment(**names) == cdk.job_environment(**names)
 
@@ -130,16 +137,16 @@ def test_local_settings_take_explicit_then_environment_then_cdk_defaults(monkeyp
     for name in SETTINGS_ENV:
         monkeypatch.delenv(name, raising=False)
     names = {"bucket": "b", "table": "t", "topic_arn": "a"}
-    assert local.LocalSettings().environment(**names) == DeploySettings().job_environment(**names)
-    assert not {"TOPX_MAX_RMSE", "TOPX_HYPERPARAMETERS", "TOPX_SEARCH_METHOD"} & set(local.LocalSettings().resolved())
+    assert offline.LocalSettings().environment(**names) == DeploySettings().job_environment(**names)
+    assert not {"TOPX_MAX_RMSE", "TOPX_HYPERPARAMETERS", "TOPX_SEARCH_METHOD"} & set(offline.LocalSettings().resolved())
     monkeypatch.setenv("TOPX_EPOCHS", "4")
     monkeypatch.setenv("TOPX_MIN_RECALL", "0.2")
     monkeypatch.setenv("TOPX_HYPERPARAMETERS", '{"factors_lr": 0.02}')
     monkeypatch.setenv("TOPX_SEARCH_METHOD", "hnsw")
-    resolved = local.LocalSettings(top_x=3, epochs=None, min_recall=None).resolved()
+    resolved = offline.LocalSettings(top_x=3, epochs=None, min_recall=None).resolved()
     assert resolved["TOPX_TOP_X"] == 3 and resolved["TOPX_EPOCHS"] == 4 and resolved["TOPX_MIN_RECALL"] == 0.2
     assert resolved["TOPX_HYPERPARAMETERS"] == '{"factors_lr": 0.02}' and resolved["TOPX_SEARCH_METHOD"] == "hnsw"
-    explicit = local.LocalSettings(epochs=2, min_recall=0.3, hyperparameters='{"epochs": 5}',
+    explicit = offline.LocalSettings(epochs=2, min_recall=0.3, hyperparameters='{"epochs": 5}',
                                    search_method="faiss").resolved()
     assert explicit["TOPX_EPOCHS"] == 2 and explicit["TOPX_MIN_RECALL"] == 0.3
     assert explicit["TOPX_HYPERPARAMETERS"] == '{"epochs": 5}' and explicit["TOPX_SEARCH_METHOD"] == "faiss"
@@ -148,7 +155,7 @@ def test_local_settings_take_explicit_then_environment_then_cdk_defaults(monkeyp
 def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) -> None:
     monkeypatch.delenv("TOPX_HYPERPARAMETERS", raising=False)
     with pytest.raises(ConfigError, match="TOPX_HYPERPARAMETERS: unknown hyperparameter"):
-        local.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
+        offline.LocalSettings(hyperparameters='{"epoch": 40}').resolved()
 
 
 def test_a_deploy_searches_by_default_as_topx_run_does(monkeypatch) -> None:
@@ -162,10 +169,10 @@ def test_a_deploy_searches_by_default_as_topx_run_does(monkeypatch) -> None:
 def test_local_settings_refuse_a_search_method_the_stages_would(monkeypatch) -> None:
     monkeypatch.delenv("TOPX_SEARCH_METHOD", raising=False)
     with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD: unknown search method 'annoy'; expected one of exact"):
-        local.LocalSettings(search_method="annoy").resolved()
+        offline.LocalSettings(search_method="annoy").resolved()
     monkeypatch.setenv("TOPX_SEARCH_METHOD", "Faiss")
     with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD"):
-        local.LocalSettings().resolved()
+        offline.LocalSettings().resolved()
 
 
 def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:
@@ -173,9 +180,9 @@ def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:
                 if r.get("EventPattern", {}).get("source") == ["aws.s3"])
     pattern = json.loads(json.dumps(rule["EventPattern"]).replace(json.dumps(rule["EventPattern"]["detail"]["bucket"]
                                                                               ["name"][0]), '"my-bucket"'))
-    trigger = local.load_trigger()
-    assert local.upload_event_pattern(trigger, "my-bucket") == pattern
-    assert local.upload_input_transformer(trigger) == rule["Targets"][0]["InputTransformer"]
+    trigger = offline.load_trigger()
+    assert offline.upload_event_pattern(trigger, "my-bucket") == pattern
+    assert offline.upload_input_transformer(trigger) == rule["Targets"][0]["InputTransformer"]
 
 
 # --------------------------------------------------------------------------- pieces of the layer
@@ -193,23 +200,23 @@ def test_input_transformer_fills_templates_as_eventbridge_does(template_text: st
     event = {"detail": {"bucket": {"name": "b-1"}, "object": {"key": 'incoming/a "x".csv', "size": 12}}}
     paths = {"detail-bucket-name": "$.detail.bucket.name", "detail-object-key": "$.detail.object.key",
              "detail-object-size": "$.detail.object.size", "detail-nothing": "$.detail.nothing"}
-    filled = local.transform_input({"InputPathsMap": paths, "InputTemplate": template_text}, event)
+    filled = offline.transform_input({"InputPathsMap": paths, "InputTemplate": template_text}, event)
     assert json.loads(filled) == expected
 
 
 def test_ref_arguments_take_the_submitted_parameters() -> None:
     command = ["python", "-m", "m", "--bucket", "Ref::bucket", "--run-id", "Ref::run_id", "--x", "Ref::other"]
-    assert local.resolve_command(command, {"bucket": "b", "run_id": "r"}) == [
+    assert offline.resolve_command(command, {"bucket": "b", "run_id": "r"}) == [
         "python", "-m", "m", "--bucket", "b", "--run-id", "r", "--x", "Ref::other"]
 
 
 def test_the_patches_follow_the_pinned_versions(monkeypatch) -> None:
-    assert local.moto_needs(None, "99.0.0")
-    assert local.moto_needs("5.3.0", "5.2.5")
-    assert not local.moto_needs("5.3.0", "5.3.0") and not local.moto_needs("5.3.0", "6.0.1")
-    monkeypatch.setattr(local, "MOTO_BATCH_PARAMS_FIXED_IN", "5.3.0")
-    monkeypatch.setattr(local, "MOTO_SYNC_RETRY_FIXED_IN", "5.4.0")
-    assert not local.batch_params_patch_needed("5.3.1") and local.sync_retry_patch_needed("5.3.1")
+    assert offline.moto_needs(None, "99.0.0")
+    assert offline.moto_needs("5.3.0", "5.2.5")
+    assert not offline.moto_needs("5.3.0", "5.3.0") and not offline.moto_needs("5.3.0", "6.0.1")
+    monkeypatch.setattr(patches, "MOTO_BATCH_PARAMS_FIXED_IN", "5.3.0")
+    monkeypatch.setattr(patches, "MOTO_SYNC_RETRY_FIXED_IN", "5.4.0")
+    assert not offline.batch_params_patch_needed("5.3.1") and offline.sync_retry_patch_needed("5.3.1")
 
 
 def _probe(task: dict[str, Any], *patches: Any) -> list[dict[str, Any]]:
@@ -217,17 +224,17 @@ def _probe(task: dict[str, Any], *patches: Any) -> list[dict[str, Any]]:
     machine = {"StartAt": "Submit", "States": {"Submit": {
         "Type": "Task", "Parameters": {"JobName": "probe", "JobQueue": "QUEUE", "JobDefinition": "DEFINITION"},
         "End": True, **task}}}
-    with mock_aws(config=local.MOCK_CONFIG), ExitStack() as stack:
+    with mock_aws(config=offline.MOCK_CONFIG), ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
         batch, sfn = boto3.client("batch"), boto3.client("stepfunctions")
         role = boto3.client("iam").create_role(RoleName="probe", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-        queue, definition = local._create_job(batch, role, "probe", ["true"], {}, {})
+        queue, definition = _create_job(batch, role, "probe", ["true"], {}, {})
         text = json.dumps(machine).replace("QUEUE", queue).replace("DEFINITION", definition)
         arn = sfn.create_state_machine(name="probe", definition=text, roleArn=role)["stateMachineArn"]
         execution = sfn.start_execution(stateMachineArn=arn)["executionArn"]
-        local.wait_for_execution(execution, timeout_s=30)
-        return local.history(execution)
+        offline.wait_for_execution(execution, timeout_s=30)
+        return offline.history(execution)
 
 
 def test_installed_moto_still_needs_the_batch_parameter_patch(monkeypatch) -> None:
@@ -235,8 +242,8 @@ def test_installed_moto_still_needs_the_batch_parameter_patch(monkeypatch) -> No
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     events = _probe({"Resource": "arn:aws:states:::batch:submitJob"})
     fixed = events[-1]["type"] == "ExecutionSucceeded"
-    assert fixed != local.batch_params_patch_needed(), (
-        "moto now submits Batch jobs from Step Functions itself: set MOTO_BATCH_PARAMS_FIXED_IN in topx/local.py"
+    assert fixed != offline.batch_params_patch_needed(), (
+        "moto now submits Batch jobs from Step Functions itself: set MOTO_BATCH_PARAMS_FIXED_IN in topx/offline/patches.py"
         if fixed else "moto still cannot submit Batch jobs from Step Functions: keep the patch")
 
 
@@ -268,8 +275,8 @@ def test_installed_moto_still_needs_the_sync_retry_patch(monkeypatch) -> None:
     task = {"Resource": "arn:aws:states:::batch:submitJob.sync",
             "Retry": [{"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 1, "MaxAttempts": 1}]}
     patches = [
-        mock.patch.object(StateTaskServiceBatch, "_normalise_parameters", local._normalise_batch_parameters),
-        mock.patch.object(StateTaskServiceBatch, "_normalise_response", local._normalise_batch_response),
+        mock.patch.object(StateTaskServiceBatch, "_normalise_parameters", _normalise_batch_parameters),
+        mock.patch.object(StateTaskServiceBatch, "_normalise_response", _normalise_batch_response),
     ]
 
     def outcomes(*extra: Any) -> list[str]:
@@ -278,19 +285,19 @@ def test_installed_moto_still_needs_the_sync_retry_patch(monkeypatch) -> None:
         return [e["type"] for e in events if e["type"] in ("TaskFailed", "TaskTimedOut", "TaskSucceeded")]
 
     fresh_token = mock.patch.object(StateTaskServiceBatch, "_eval_execution",
-                                    local._fresh_token_per_attempt(StateTaskServiceBatch._eval_execution))
+                                    _fresh_token_per_attempt(StateTaskServiceBatch._eval_execution))
     assert outcomes(fresh_token) == ["TaskFailed", "TaskSucceeded"]
     found = outcomes()
     fixed = found == ["TaskFailed", "TaskSucceeded"]
-    assert fixed != local.sync_retry_patch_needed(), (
-        "moto now lets a retried `.sync` task succeed: set MOTO_SYNC_RETRY_FIXED_IN in topx/local.py"
+    assert fixed != offline.sync_retry_patch_needed(), (
+        "moto now lets a retried `.sync` task succeed: set MOTO_SYNC_RETRY_FIXED_IN in topx/offline/patches.py"
         if fixed else f"moto still ends a retried `.sync` task at once ({found}): keep the patch")
 
 
 def test_a_batch_array_job_runs_every_child_with_its_index_and_fails_with_any(tmp_path: Path) -> None:
     """Search shards of a run that was never prepared: each child runs, exits 2 (a topx error), and says why."""
-    with local.offline():
-        pipeline = local.deploy(local.LocalSettings(shards=3))
+    with offline.offline():
+        pipeline = offline.deploy(offline.LocalSettings(shards=3))
         batch, logs = boto3.client("batch"), boto3.client("logs")
         job_id = batch.submit_job(jobName="probe", jobQueue=pipeline.search_queue_arn,
                                   jobDefinition=pipeline.search_definition_arn, arrayProperties={"size": 3},
@@ -315,7 +322,7 @@ def test_swapping_the_output_streams_under_a_printing_thread_does_not_crash():
     process (segfault) within a few thousand swaps; here 200,000 in a child process must end cleanly."""
     script = textwrap.dedent('''
         import io, sys, threading
-        from topx import local
+        from topx.offline.execute import _captured_output
 
         stop = False
 
@@ -327,7 +334,7 @@ def test_swapping_the_output_streams_under_a_printing_thread_does_not_crash():
         thread = threading.Thread(target=printer, daemon=True)
         thread.start()
         for _ in range(200_000):
-            with local._captured_output():
+            with _captured_output():
                 pass
         stop = True
         thread.join()

@@ -1,6 +1,6 @@
 """``topx demo``: the product's promise, offline. Data dropped into S3 comes back as recommendations
 read from DynamoDB, through the state machine CDK deploys, with every step doing its real work under moto
-(``topx.local``). ``topx demo --local`` runs the same stages as plain local functions instead.
+(``topx.offline``). ``topx demo --local`` runs the same stages as plain local functions instead.
 """
 
 from __future__ import annotations
@@ -69,17 +69,17 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
                  quiet: bool) -> int:
     import boto3
 
-    from topx import client, local
+    from topx import client, offline
 
     # Uploads name their columns as the prepare stage reads them: user_id, item_id, rating.
     frame = data.interactions.rename(columns={"plays": "rating"})
     interactions = work / "interactions.csv"
     frame.to_csv(interactions, index=False)
     paths = data.write(work / "features")
-    settings = local.LocalSettings(top_x=top_x, num_factors=_num_factors(), epochs=_epochs(), shards=DEMO_SHARDS)
+    settings = offline.LocalSettings(top_x=top_x, num_factors=_num_factors(), epochs=_epochs(), shards=DEMO_SHARDS)
 
-    with local.offline():
-        pipeline = local.deploy(settings)
+    with offline.offline():
+        pipeline = offline.deploy(settings)
         print(f"deployed to moto (in this process): bucket {pipeline.bucket}, table {pipeline.table}, "
               f"state machine {pipeline.state_machine_arn.rsplit(':', 1)[-1]} from statemachine/pipeline.asl.json "
               f"(k={settings.num_factors}, {settings.epochs} epochs, {settings.shards} search shards)")
@@ -87,7 +87,7 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
         for name in ("users", "items"):
             s3.upload_file(str(paths[name]), pipeline.bucket, feature_table_prefix(name) + ".csv")
         uri = client.upload(interactions, bucket=pipeline.bucket, implicit=implicit)
-        executions = local.executions(pipeline.state_machine_arn, region=pipeline.region)
+        executions = offline.executions(pipeline.state_machine_arn, region=pipeline.region)
         if not executions:
             print(f"uploaded {uri}, but no execution started: the upload rule did not match")
             return 1
@@ -95,12 +95,12 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
         print(f"uploaded {uri}{' (play counts)' if implicit else ' (1-5 ratings)'}; the upload rule started "
               f"execution {execution['name']}\n")
 
-        states = set(local.top_level_states())
-        described = local.wait_for_execution(
+        states = set(offline.top_level_states())
+        described = offline.wait_for_execution(
             execution["executionArn"], region=pipeline.region,
             on_state=None if quiet else (lambda event: _progress(event, states)),
         )
-        for note in local.notifications(pipeline):
+        for note in offline.notifications(pipeline):
             print(f"\nnotification: {note.subject}\n  {_shorten(note.message)}")
         if described["status"] != "SUCCEEDED":
             print(f"\nexecution {described['status']}: {described.get('error', '')}: {described.get('cause', '')}")

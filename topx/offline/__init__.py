@@ -1,0 +1,92 @@
+"""Run the deployed pipeline offline: the real state machine under moto, every step doing its real work.
+
+``offline()`` starts moto in-process and installs a small execution layer; ``deploy()`` then creates,
+in moto, what the CDK stack creates on AWS (bucket, table, topic, the five Lambda functions, two Batch
+queues and job definitions, the upload rule) and the state machine from ``statemachine/pipeline.asl.json``
+with its ``${...}`` placeholders filled with those resources' ARNs. Dropping a file under ``incoming/``
+then starts an execution, as on AWS. ``topx demo`` (``topx.offline.demo``) and the offline tests run on it.
+
+It is a test and demo harness: nothing that runs on AWS imports it. Importing it does not import moto;
+``offline()`` does. By job:
+
+* ``definition``: the ASL definition and its placeholders, the upload rule, EventBridge's input transformer.
+* ``deploy``: the stack's resources created in moto (``LocalSettings``, ``LocalPipeline``, ``deploy``).
+* ``execute``: Lambda handlers and Batch entry points run in-process, with their environment, output and clock.
+* ``patches``: moto's configuration, its patches and the moto releases they wait for, ``offline()``.
+* ``follow``: following an execution, its history, the notifications.
+* ``demo``: ``topx demo``.
+
+See docs/LOCAL.md for what the layer adds to moto, and why.
+"""
+
+from __future__ import annotations
+
+from topx.offline.definition import (
+    FUNCTION_PLACEHOLDERS,
+    DefinitionError,
+    fill_definition,
+    load_definition,
+    load_trigger,
+    placeholders,
+    transform_input,
+    upload_event_pattern,
+    upload_input_transformer,
+)
+from topx.offline.deploy import DEFAULT_REGION, LocalPipeline, LocalSettings, deploy
+from topx.offline.execute import ManualClock, resolve_command
+from topx.offline.follow import (
+    TERMINAL,
+    Notification,
+    StateEvent,
+    executions,
+    history,
+    notifications,
+    state_events,
+    top_level_states,
+    wait_for_execution,
+)
+from topx.offline.patches import (
+    MOCK_CONFIG,
+    MOTO_VERSION_TESTED,
+    RETRY_TIME_SCALE,
+    batch_params_patch_needed,
+    moto_needs,
+    offline,
+    runtime,
+    sync_retry_patch_needed,
+)
+
+__all__ = [
+    "DEFAULT_REGION",
+    "FUNCTION_PLACEHOLDERS",
+    "MOCK_CONFIG",
+    "MOTO_VERSION_TESTED",
+    "RETRY_TIME_SCALE",
+    "TERMINAL",
+    "DefinitionError",
+    "LocalPipeline",
+    "LocalSettings",
+    "ManualClock",
+    "Notification",
+    "StateEvent",
+    "batch_params_patch_needed",
+    "deploy",
+    "executions",
+    "fill_definition",
+    "history",
+    "load_definition",
+    "load_trigger",
+    "moto_needs",
+    "notifications",
+    "offline",
+    "placeholders",
+    "resolve_command",
+    "runtime",
+    "state_events",
+    "sync_retry_patch_needed",
+    "top_level_states",
+    "transform_input",
+    "upload_event_pattern",
+    "upload_input_transformer",
+    "wait_for_execution",
+]

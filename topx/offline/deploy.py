@@ -1,0 +1,240 @@
+"""What the CDK stack creates on AWS, created in moto: bucket, table, topic, the five Lambda functions, the
+train and search job queues and definitions, the state machine from the ASL file, and the upload rule.
+
+``LocalSettings`` are the deploy-time knobs CDK context sets (explicit value > ``TOPX_*`` variable > CDK
+default), baked into every function's and job's environment as infra/ bakes them; ``LocalPipeline`` names
+what ``deploy`` created, as the stack's outputs and substitutions name it. ``deploy`` runs inside
+``topx.offline.offline()``, which starts moto.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from topx.config import env_or, search_method
+from topx.contract import (
+    DEFAULT_EPOCHS,
+    DEFAULT_NUM_FACTORS,
+    DEFAULT_RETENTION_DAYS,
+    DEFAULT_SHARDS,
+    DEFAULT_TOP_X,
+    ENV_BUCKET,
+    ENV_EPOCHS,
+    ENV_HYPERPARAMETERS,
+    ENV_MAX_RMSE,
+    ENV_MIN_AUC,
+    ENV_MIN_RECALL,
+    ENV_NUM_FACTORS,
+    ENV_RETENTION_DAYS,
+    ENV_SEARCH_METHOD,
+    ENV_SHARDS,
+    ENV_TABLE,
+    ENV_TOP_X,
+    ENV_TOPIC_ARN,
+    HANDLER_MODULE,
+    SEARCH_COMMAND,
+    TRAIN_COMMAND,
+    TTL_ATTRIBUTE,
+    table_attribute_definitions,
+    table_key_schema,
+)
+from topx.offline.definition import (
+    FUNCTION_PLACEHOLDERS,
+    fill_definition,
+    load_definition,
+    load_trigger,
+    upload_event_pattern,
+    upload_input_transformer,
+)
+
+DEFAULT_REGION = "us-east-1"
+ACCOUNT_ID = "123456789012"  # moto's default account
+NAME_PREFIX = "topx-local"
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """The deploy-time knobs CDK context sets on AWS, baked into the functions' and jobs' environment.
+
+    Each is the explicit value, else the ``TOPX_*`` environment variable, else the CDK default. The
+    quality-gate thresholds, ``hyperparameters`` (JSON object text) and ``search_method`` have none:
+    unset, they are left out (and the stages search exactly).
+    """
+
+    top_x: int | None = None
+    num_factors: int | None = None
+    epochs: int | None = None
+    shards: int | None = None
+    retention_days: int | None = None
+    max_rmse: float | None = None
+    min_auc: float | None = None
+    min_recall: float | None = None
+    hyperparameters: str | None = None
+    search_method: str | None = None
+
+    def resolved(self) -> dict[str, int | float | str]:
+        from topx.stages import parse_hyperparameters
+
+        resolved: dict[str, int | float | str] = {
+            ENV_TOP_X: env_or(ENV_TOP_X, self.top_x, DEFAULT_TOP_X, int),
+            ENV_NUM_FACTORS: env_or(ENV_NUM_FACTORS, self.num_factors, DEFAULT_NUM_FACTORS, int),
+            ENV_EPOCHS: env_or(ENV_EPOCHS, self.epochs, DEFAULT_EPOCHS, int),
+            ENV_SHARDS: env_or(ENV_SHARDS, self.shards, DEFAULT_SHARDS, int),
+            ENV_RETENTION_DAYS: env_or(ENV_RETENTION_DAYS, self.retention_days, DEFAULT_RETENTION_DAYS, int),
+        }
+        for name, explicit in ((ENV_MAX_RMSE, self.max_rmse), (ENV_MIN_AUC, self.min_auc),
+                               (ENV_MIN_RECALL, self.min_recall)):
+            threshold = env_or(name, explicit, None, float)
+            if threshold is not None:
+                resolved[name] = float(threshold)
+        hyperparameters = env_or(ENV_HYPERPARAMETERS, self.hyperparameters, None)
+        if hyperparameters:
+            # The train job would refuse a bad value only once the run is under way; refuse it here.
+            parse_hyperparameters(hyperparameters, ENV_HYPERPARAMETERS)
+            resolved[ENV_HYPERPARAMETERS] = hyperparameters
+        method = env_or(ENV_SEARCH_METHOD, self.search_method, None)
+        if method:
+            # Refused here too rather than by the train job once the run is under way.
+            resolved[ENV_SEARCH_METHOD] = search_method(method)
+        return resolved
+
+    def environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
+        """What every function and job gets, as infra's ``DeploySettings.job_environment`` builds it."""
+        names = {ENV_BUCKET: bucket, ENV_TABLE: table, ENV_TOPIC_ARN: topic_arn}
+        return {**names, **{name: str(value) for name, value in self.resolved().items()}}
+
+
+@dataclass(frozen=True)
+class LocalPipeline:
+    """The resources ``deploy`` created in moto: what the CDK stack's outputs and substitutions name."""
+
+    region: str
+    bucket: str
+    table: str
+    topic_arn: str
+    function_arns: Mapping[str, str]  # handler name -> function ARN
+    train_queue_arn: str
+    train_definition_arn: str
+    search_queue_arn: str
+    search_definition_arn: str
+    state_machine_arn: str
+    rule_name: str
+    inbox_queue_url: str  # an SQS queue subscribed to the topic, to read notifications back
+
+    def substitutions(self) -> dict[str, str]:
+        """The values of the ASL's placeholders, named as infra/pipeline.py names them."""
+        return {
+            **{FUNCTION_PLACEHOLDERS[name]: arn for name, arn in self.function_arns.items()},
+            "TrainJobQueueArn": self.train_queue_arn,
+            "TrainJobDefinitionArn": self.train_definition_arn,
+            "SearchJobQueueArn": self.search_queue_arn,
+            "SearchJobDefinitionArn": self.search_definition_arn,
+            "TopicArn": self.topic_arn,
+            "TableName": self.table,
+        }
+
+
+# --------------------------------------------------------------------------- deploy into moto
+
+
+def deploy(settings: LocalSettings | None = None, *, region: str = DEFAULT_REGION,
+           name: str = NAME_PREFIX) -> LocalPipeline:
+    """Create the stack's resources in moto and the state machine from the ASL file; call inside ``offline()``."""
+    import boto3
+
+    settings = settings or LocalSettings()
+    clients = {service: boto3.client(service, region_name=region)
+               for service in ("iam", "s3", "dynamodb", "sns", "sqs", "lambda", "batch", "stepfunctions", "events")}
+    role = clients["iam"].create_role(RoleName=f"{name}-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+
+    bucket = f"{name}-data"
+    _create_bucket(clients["s3"], bucket, region)
+    # Uploads reach EventBridge, where the upload rule matches them (storage.py turns this on too).
+    clients["s3"].put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"EventBridgeConfiguration": {}}
+    )
+    table = f"{name}-recommendations"
+    _create_table(clients["dynamodb"], table)
+    topic_arn = clients["sns"].create_topic(Name=f"{name}-notifications")["TopicArn"]
+    inbox_url = clients["sqs"].create_queue(QueueName=f"{name}-inbox")["QueueUrl"]
+    inbox_arn = clients["sqs"].get_queue_attributes(QueueUrl=inbox_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    clients["sns"].subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=inbox_arn)
+
+    environment = settings.environment(bucket=bucket, table=table, topic_arn=topic_arn)
+    function_arns = {
+        handler: clients["lambda"].create_function(
+            FunctionName=f"{name}-{handler.replace('_', '-')}",
+            Role=role,
+            PackageType="Image",
+            Code={"ImageUri": f"{ACCOUNT_ID}.dkr.ecr.{region}.amazonaws.com/{name}-functions:latest"},
+            ImageConfig={"Command": [f"{HANDLER_MODULE}.{handler}"]},
+            Environment={"Variables": environment},
+            Timeout=900,
+        )["FunctionArn"]
+        for handler in FUNCTION_PLACEHOLDERS
+    }
+    train_queue, train_definition = _create_job(clients["batch"], role, f"{name}-train", TRAIN_COMMAND,
+                                                environment, {"bucket": bucket})
+    search_queue, search_definition = _create_job(
+        clients["batch"], role, f"{name}-search", SEARCH_COMMAND, environment,
+        {"bucket": bucket, "shards": environment[ENV_SHARDS]},
+    )
+    partial = LocalPipeline(
+        region=region, bucket=bucket, table=table, topic_arn=topic_arn, function_arns=function_arns,
+        train_queue_arn=train_queue, train_definition_arn=train_definition, search_queue_arn=search_queue,
+        search_definition_arn=search_definition, state_machine_arn="", rule_name=f"{name}-on-upload",
+        inbox_queue_url=inbox_url,
+    )
+    definition = fill_definition(load_definition(), partial.substitutions())
+    machine_arn = clients["stepfunctions"].create_state_machine(
+        name=f"{name}-pipeline", definition=definition, roleArn=role, type="STANDARD"
+    )["stateMachineArn"]
+
+    trigger = load_trigger()
+    clients["events"].put_rule(Name=partial.rule_name, EventPattern=json.dumps(upload_event_pattern(trigger, bucket)),
+                               State="ENABLED")
+    clients["events"].put_targets(Rule=partial.rule_name, Targets=[{
+        "Id": "Target0", "Arn": machine_arn, "RoleArn": role, "InputTransformer": upload_input_transformer(trigger),
+    }])
+    return replace(partial, state_machine_arn=machine_arn)
+
+
+def _create_bucket(s3: Any, bucket: str, region: str) -> None:
+    if region == "us-east-1":
+        s3.create_bucket(Bucket=bucket)
+    else:
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+
+
+def _create_table(ddb: Any, table: str) -> None:
+    """Keys and TTL as the deploy contract declares them (infra/storage.py builds the same)."""
+    ddb.create_table(
+        TableName=table, BillingMode="PAY_PER_REQUEST",
+        KeySchema=table_key_schema(), AttributeDefinitions=table_attribute_definitions(),
+    )
+    ddb.update_time_to_live(TableName=table,
+                            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE})
+
+
+def _create_job(batch: Any, role: str, name: str, command: Sequence[str], environment: Mapping[str, str],
+                parameters: Mapping[str, str]) -> tuple[str, str]:
+    environment_arn = batch.create_compute_environment(
+        computeEnvironmentName=name, type="UNMANAGED", state="ENABLED", serviceRole=role
+    )["computeEnvironmentArn"]
+    queue_arn = batch.create_job_queue(
+        jobQueueName=name, state="ENABLED", priority=1,
+        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment_arn}],
+    )["jobQueueArn"]
+    definition_arn = batch.register_job_definition(
+        jobDefinitionName=name, type="container", parameters=dict(parameters),
+        containerProperties={
+            "image": f"{ACCOUNT_ID}.dkr.ecr.{DEFAULT_REGION}.amazonaws.com/{name}:latest",
+            "command": list(command),
+            "environment": [{"name": key, "value": value} for key, value in environment.items()],
+            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "2048"}],
+        },
+    )["jobDefinitionArn"]
+    return queue_arn, definition_arn
