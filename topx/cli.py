@@ -208,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "planted tastes), start moto in this process, deploy the stack's resources and the "
                                    "state machine from statemachine/pipeline.asl.json into it, upload the data under "
                                    "incoming/, follow the execution state by state, and read recommendations back "
-                                   "from DynamoDB. TOPX_EPOCHS and TOPX_NUM_FACTORS set the model size. With --local, "
-                                   "run the same stages as plain local functions instead.")
-    p.add_argument("--local", action="store_true",
-                   help="run the stages locally (no AWS, no moto) and write the outputs of `topx run`")
+                                   "from DynamoDB. TOPX_EPOCHS and TOPX_NUM_FACTORS set the model size. With "
+                                   "--no-aws-stand-ins, run the same stages as plain functions instead, as `topx run` "
+                                   "does.")
+    p.add_argument("--no-aws-stand-ins", dest="aws_stand_ins", action="store_false",
+                   help="run the stages as plain functions, as `topx run` does, without the offline AWS stand-ins "
+                        "(no S3, state machine or DynamoDB; moto not needed), and write the outputs of `topx run`")
+    # The old name of --no-aws-stand-ins: hidden, and refused with a message that names the new one.
+    p.add_argument("--local", dest="renamed_local", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", metavar="DIR",
-                   help="keep the outputs here: the run's objects (runs/<run_id>/), or with --local the outputs "
-                        "of `topx run` (default: not kept)")
+                   help="keep the outputs here: the run's objects (runs/<run_id>/), or with --no-aws-stand-ins the "
+                        "outputs of `topx run` (default: not kept)")
     p.add_argument("--users", type=int, default=3000, dest="n_users", help="number of users (default 3000)")
     p.add_argument("--items", type=int, default=1500, dest="n_items", help="number of items (default 1500)")
     p.add_argument("--explicit", action="store_true", help="generate 1-5 ratings instead of play counts")
@@ -517,10 +521,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.renamed_local:
+        raise ConfigError("`topx demo --local` is now `topx demo --no-aws-stand-ins`: the same stages as plain "
+                          "functions, without the offline AWS stand-ins")
     from topx.offline.demo import run_demo
 
     return run_demo(out=args.out, n_users=args.n_users, n_items=args.n_items, implicit=not args.explicit,
-                    top_x=args.top_x, seed=args.seed, quiet=args.quiet, local=args.local)
+                    top_x=args.top_x, seed=args.seed, quiet=args.quiet, aws_stand_ins=args.aws_stand_ins)
 
 
 def cmd_recs(args: argparse.Namespace) -> int:

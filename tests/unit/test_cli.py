@@ -251,12 +251,22 @@ def test_demo_runs_small(tmp_path, capsys):
     assert len(list(out.glob("recommendations/shard=*/part-0.parquet"))) == 4
 
 
-def test_demo_local_runs_small(tmp_path, capsys):
+def test_demo_without_aws_stand_ins_runs_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--quiet", "demo", "--local", "--users", "200", "--items", "80", "--out", str(out)]) == 0
+    assert main(["--quiet", "demo", "--no-aws-stand-ins", "--users", "200", "--items", "80", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "recall_at_10" in text and "popularity" in text
     assert (out / "recommendations.parquet").exists()
+
+
+def test_demo_local_is_refused_naming_its_new_name(capsys):
+    """`--local` meant "without the AWS stand-ins" while the stand-ins lived in a module named local: renamed, hidden."""
+    assert main(["demo", "--local"]) == 2
+    assert "`topx demo --no-aws-stand-ins`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    shown = capsys.readouterr().out
+    assert "--no-aws-stand-ins" in shown and "--local" not in shown
 
 
 def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path):

@@ -1,6 +1,7 @@
 """``topx demo``: the product's promise, offline. Data dropped into S3 comes back as recommendations
 read from DynamoDB, through the state machine CDK deploys, with every step doing its real work under moto
-(``topx.offline``). ``topx demo --local`` runs the same stages as plain local functions instead.
+(the offline AWS stand-ins of ``topx.offline``). ``topx demo --no-aws-stand-ins`` runs the same stages as
+plain functions instead, as ``topx run`` does, and needs no moto.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def run_demo(
     top_x: int = 10,
     seed: int = 7,
     quiet: bool = False,
-    local: bool = False,
+    aws_stand_ins: bool = True,
 ) -> int:
-    runner = _run_local if local else _run_offline
+    runner = _run_offline if aws_stand_ins else _run_stages
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="topx-demo-"))
     try:
@@ -146,10 +147,10 @@ def _download_run(s3: Any, bucket: str, run_id: str, out: Path) -> None:
             s3.download_file(bucket, obj["Key"], str(target))
 
 
-# ----------------------------------------------------------------------------- the same stages, locally
+# ----------------------------------------------------------------------------- the same stages, no AWS stand-ins
 
 
-def _run_local(data: SyntheticData, work: Path, *, out: str | None, implicit: bool, top_x: int,
+def _run_stages(data: SyntheticData, work: Path, *, out: str | None, implicit: bool, top_x: int,
                quiet: bool) -> int:
     from topx.pipeline import DataOptions, Reporter, RunOptions, default_hyperparameters, run_all
 
