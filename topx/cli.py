@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "incoming/, follow the execution state by state, and read recommendations back "
                                    "from DynamoDB. TOPX_EPOCHS and TOPX_NUM_FACTORS set the model size. With "
                                    "--no-aws-stand-ins, run the same stages as plain functions instead, as `topx run` "
-                                   "does.")
+                                   "does. The AWS stand-ins need the offline extra: pip install 'topx[offline]'.")
     p.add_argument("--no-aws-stand-ins", dest="aws_stand_ins", action="store_false",
                    help="run the stages as plain functions, as `topx run` does, without the offline AWS stand-ins "
                         "(no S3, state machine or DynamoDB; moto not needed), and write the outputs of `topx run`")

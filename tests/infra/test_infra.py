@@ -780,6 +780,24 @@ def test_dockerfile_installs_pinned_runtime_dependencies(dockerfile: str) -> Non
     assert required <= packages | {"torch"}
 
 
+def test_the_offline_extra_is_pinned_as_requirements_txt_pins_it() -> None:
+    """`pip install 'topx[offline]'` gets the moto the offline layer patches, tested with it, and what moto
+    needs to run state machines; `make` (requirements.txt) installs the same versions."""
+    from topx.offline import MOTO_VERSION_TESTED
+
+    pins = {}
+    for line in (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==", line.strip())
+        if match:
+            pins[match.group(1).lower()] = line.strip()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extra = project["optional-dependencies"]["offline"]
+    names = [re.split(r"[<>=!~ \[;]", dep)[0].lower() for dep in extra]
+    assert set(names) == {"moto", "antlr4-python3-runtime", "jsonpath-ng"}
+    assert [pins[name] for name in names] == extra
+    assert f"moto=={MOTO_VERSION_TESTED}" in extra
+
+
 # --- context parsing (no synthesis) ----------------------------------------------------------------
 
 

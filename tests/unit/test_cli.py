@@ -269,6 +269,16 @@ def test_demo_local_is_refused_naming_its_new_name(capsys):
     assert "--no-aws-stand-ins" in shown and "--local" not in shown
 
 
+def test_demo_without_moto_names_the_extra_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "moto", None)  # as if not installed: find_spec and import both fail
+    assert main(["demo", "--users", "50", "--items", "20"]) == 2
+    captured = capsys.readouterr()
+    assert "moto missing" in captured.err and "pip install 'topx[offline]'" in captured.err
+    assert "generated" not in captured.out  # refused before any work
+
+
 def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path):
     from topx.artifact import read_model_artifact
     from topx.feature_index import FeatureIndex

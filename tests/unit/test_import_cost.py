@@ -1,7 +1,8 @@
 """Light commands stay light: the CLI's parser (every --help), reading recommendations, the deployed
 stack's client, the Lambda handlers' module and the data preparation import neither torch nor faiss; the
-deploy contract, which `cdk synth` imports, not even numpy. Each check runs in a fresh interpreter, where
-sys.modules shows exactly what the import pulled in."""
+deploy contract, which `cdk synth` imports, not even numpy; the CLI and the offline package import no moto,
+which is an optional extra. Each check runs in a fresh interpreter, where sys.modules shows exactly what the
+import pulled in."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def test_light_entry_points_import_neither_torch_nor_faiss(code: str) -> None:
 
 def test_the_probe_sees_a_heavy_import_when_there_is_one() -> None:
     assert heavy_modules_after("import topx.icd") == ["torch"]
+
+
+@pytest.mark.parametrize("code", [
+    "from topx.cli import build_parser; build_parser()",
+    "from topx.cli import main\ntry:\n    main(['demo', '--help'])\nexcept SystemExit:\n    pass",
+    # Importing the offline package does not need its extra: offline() checks for it, then imports moto.
+    "import topx.offline, topx.offline.demo",
+])
+def test_the_cli_and_the_offline_package_import_no_moto(code: str) -> None:
+    assert heavy_modules_after(code, ("moto",)) == []
 
 
 @pytest.mark.parametrize("code", ["import topx.contract", "import infra.settings"])

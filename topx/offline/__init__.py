@@ -6,8 +6,9 @@ queues and job definitions, the upload rule) and the state machine from ``statem
 with its ``${...}`` placeholders filled with those resources' ARNs. Dropping a file under ``incoming/``
 then starts an execution, as on AWS. ``topx demo`` (``topx.offline.demo``) and the offline tests run on it.
 
-It is a test and demo harness: nothing that runs on AWS imports it. Importing it does not import moto;
-``offline()`` does. By job:
+The package is the ``offline`` extra (``pip install 'topx[offline]'``: moto and what its Step Functions
+interpreter needs) and is left out of the container images: nothing that runs on AWS imports it. Importing
+it does not import moto; ``offline()`` does, and names the extra when it is missing. By job:
 
 * ``definition``: the ASL definition and its placeholders, the upload rule, EventBridge's input transformer.
 * ``deploy``: the stack's resources created in moto (``LocalSettings``, ``LocalPipeline``, ``deploy``).
@@ -50,6 +51,7 @@ from topx.offline.patches import (
     MOTO_VERSION_TESTED,
     RETRY_TIME_SCALE,
     batch_params_patch_needed,
+    check_offline_extra,
     moto_needs,
     offline,
     runtime,
@@ -70,6 +72,7 @@ __all__ = [
     "Notification",
     "StateEvent",
     "batch_params_patch_needed",
+    "check_offline_extra",
     "deploy",
     "executions",
     "fill_definition",

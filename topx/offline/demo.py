@@ -40,6 +40,10 @@ def run_demo(
     quiet: bool = False,
     aws_stand_ins: bool = True,
 ) -> int:
+    if aws_stand_ins:
+        from topx.offline import check_offline_extra
+
+        check_offline_extra()  # before the data is generated, not after
     runner = _run_offline if aws_stand_ins else _run_stages
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="topx-demo-"))

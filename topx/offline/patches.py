@@ -17,6 +17,9 @@ What changes, and why (moto 5.2.5; see docs/LOCAL.md):
   transformer applied as EventBridge applies it.
 * **Retry waits** are scaled by ``RETRY_TIME_SCALE``: the ASL waits 60 s before retrying a Batch job.
   Which errors are retried, and how often, is unchanged.
+
+moto is the ``offline`` extra of topx, not a runtime dependency: this module imports it only inside the
+functions that need it, and ``offline()`` names the extra when it is missing.
 """
 
 from __future__ import annotations
@@ -225,25 +228,30 @@ def runtime(*, retry_time_scale: float = RETRY_TIME_SCALE,
         yield
 
 
-def _check_moto_extras() -> None:
-    """moto runs state machines only with its `stepfunctions` extra installed (an ASL parser and JSONPath)."""
+# The packages of the `offline` extra (pyproject.toml), by the module each installs: moto, and what moto's
+# Step Functions interpreter needs to run a state machine (an ASL parser and JSONPath).
+OFFLINE_EXTRA_MODULES = {"moto": "moto", "antlr4": "antlr4-python3-runtime", "jsonpath_ng": "jsonpath-ng"}
+
+
+def check_offline_extra() -> None:
+    """Refuse, naming the extra to install, when moto or what it needs to run state machines is missing."""
     import importlib.util
 
-    missing = [name for name in ("antlr4", "jsonpath_ng") if importlib.util.find_spec(name) is None]
+    missing = [package for module, package in OFFLINE_EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ConfigError(f"the offline pipeline needs moto's Step Functions extra ({', '.join(missing)} missing): "
-                          f"pip install 'moto[stepfunctions]=={installed_version('moto')}'")
+        raise ConfigError(f"the offline pipeline needs the offline extra ({', '.join(missing)} missing): "
+                          f"pip install 'topx[offline]' (in a checkout: pip install -e '.[offline]')")
 
 
 @contextmanager
 def offline(*, region: str = DEFAULT_REGION, retry_time_scale: float = RETRY_TIME_SCALE,
             lambda_clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
     """moto in-process, with the execution layer, and this process's AWS clients pointed at it."""
+    check_offline_extra()  # before moto is imported, so that its absence is named, not a bare ImportError
     from moto import mock_aws
 
     from topx import stages
 
-    _check_moto_extras()
     variables = {"AWS_DEFAULT_REGION": region, "AWS_REGION": region}
     with ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, variables))
