@@ -3,7 +3,8 @@
 Synthesis only stages the build context into cdk.out; images are built by `cdk deploy` (Docker needed
 there, not for synth). The exclude lists keep the staged context small: the virtualenv, git history and
 test data never reach it, and each image leaves out the code it does not run so a change elsewhere does
-not rebuild it. Patterns follow .dockerignore syntax (CDK's default ignore mode for image assets).
+not rebuild it; `topx/offline` (the moto layer) never reaches an image. Patterns follow .dockerignore syntax
+(CDK's default ignore mode for image assets).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ COMMON_EXCLUDE: tuple[str, ...] = (
     "cdk.context.json",
     "**/node_modules",
     "tests",
+    # The offline AWS stand-ins (moto), for the tests and the demo: an optional extra nothing on AWS
+    # imports. Left out here, where the context is staged, so the images' `COPY topx` does not ship it.
+    "topx/offline",
     "benchmarks",
     "docs",
     "infra",

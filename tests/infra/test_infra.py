@@ -673,6 +673,32 @@ def test_synth_needs_no_docker_and_stages_lean_build_contexts(default: Synth) ->
     assert bundles == []
 
 
+def _imported_at_module_level(path: Path) -> set[str]:
+    """The modules a file imports when it is imported (an import inside a function waits for its call)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        for inner in ast.walk(node) if not isinstance(node, ast.FunctionDef | ast.ClassDef) else ():
+            if isinstance(inner, ast.Import):
+                found.update(alias.name for alias in inner.names)
+            elif isinstance(inner, ast.ImportFrom) and inner.module:
+                found.update([inner.module, *(f"{inner.module}.{alias.name}" for alias in inner.names)])
+    return found
+
+
+def test_the_images_leave_out_the_offline_package_and_nothing_they_run_imports_it(default: Synth) -> None:
+    """topx/offline (moto, the demo) is an optional extra: the staged contexts leave it out, so `COPY topx`
+    cannot ship it, and no module that is staged imports it on import (the CLI imports the demo only when
+    `topx demo` runs, which no image does)."""
+    assert (REPO_ROOT / "topx" / "offline" / "__init__.py").is_file()
+    manifest = json.loads((default.outdir / "Topx.assets.json").read_text(encoding="utf-8"))
+    for image in manifest["dockerImages"].values():
+        staged = default.outdir / image["source"]["directory"]
+        assert not (staged / "topx" / "offline").exists(), f"topx/offline staged into {staged.name}"
+        for path in staged.rglob("*.py"):
+            offline = {name for name in _imported_at_module_level(path) if name.startswith("topx.offline")}
+            assert not offline, f"{path.relative_to(staged)} imports {sorted(offline)}"
+
+
 # --- Dockerfiles -----------------------------------------------------------------------------------
 
 
