@@ -218,7 +218,7 @@ def _parse_hyperparameters(raw: Any) -> str | None:
 
 
 def _check_hyperparameters(text: str) -> None:
-    """Refuse what topx.stages.parse_hyperparameters would refuse when the train job reads the value: a
+    """Refuse what topx.aws.stages.parse_hyperparameters would refuse when the train job reads the value: a
     name the contract does not list as settable, or a value outside its range or choices."""
     try:
         values = json.loads(text)

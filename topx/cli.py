@@ -274,7 +274,7 @@ def _objective(args: argparse.Namespace) -> str:
 
 
 def _data_options(args: argparse.Namespace):
-    from topx.pipeline import DataOptions
+    from topx.dataset import DataOptions
 
     header = not args.no_header
     user_col, item_col, rating_col = args.user_col, args.item_col, args.rating_col
@@ -292,7 +292,7 @@ def _data_options(args: argparse.Namespace):
 
 
 def _run_options(args: argparse.Namespace):
-    from topx.pipeline import RunOptions
+    from topx.steps import RunOptions
 
     return RunOptions(
         top_x=getattr(args, "top_x", DEFAULT_TOP_X),
@@ -322,7 +322,8 @@ def _print_metrics(metrics: dict[str, Any], x: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from topx.pipeline import Reporter, run_all
+    from topx.run import run_all
+    from topx.steps import Reporter
 
     data = _data_options(args)
     metrics = run_all(data, _hyperparameters(args, data.implicit), _run_options(args), args.out,
@@ -333,7 +334,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from topx.pipeline import Reporter, load_dataset, tuned_hyperparameters
+    from topx.dataset import load_dataset
+    from topx.steps import Reporter, tuned_hyperparameters
 
     data = _data_options(args)
     hp = _hyperparameters(args, data.implicit)
@@ -349,15 +351,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from topx.dataset import load_dataset
     from topx.io import read_bytes
-    from topx.pipeline import (
-        Reporter,
-        atomic_output_dir,
-        load_dataset,
-        train_stage,
-        training_summary,
-        write_json,
-    )
+    from topx.rundir import atomic_output_dir, write_json
+    from topx.steps import Reporter, train_stage, training_summary
 
     if _starts_like_recordio(args.interactions):
         return _train_recordio(args, read_bytes(args.interactions))
@@ -376,8 +373,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _starts_like_recordio(source: str) -> bool:
     """Peek at a local file's first bytes (S3 objects are read whole later anyway)."""
+    from topx.formats.recordio import is_recordio_protobuf
     from topx.io import read_bytes
-    from topx.pipeline import is_recordio_protobuf
 
     if source.startswith("s3://"):
         return is_recordio_protobuf(read_bytes(source))
@@ -391,8 +388,9 @@ def _starts_like_recordio(source: str) -> bool:
 def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
     """SageMaker's recordIO-protobuf training data: rows of x with labels, trained as given."""
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import Reporter, atomic_output_dir, train_rows_stage, training_summary, write_json
-    from topx.recordio import read_recordio_protobuf
+    from topx.formats.recordio import read_recordio_protobuf
+    from topx.rundir import atomic_output_dir, write_json
+    from topx.steps import Reporter, train_rows_stage, training_summary
 
     hp = _hyperparameters(args, implicit=False)
     reporter = Reporter(not args.quiet)
@@ -415,7 +413,8 @@ def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import MODEL_DIR, VECTORS_DIR, read_model, vectors_stage
+    from topx.rundir import MODEL_DIR, VECTORS_DIR, read_model
+    from topx.steps import vectors_stage
 
     if bool(args.run) == bool(args.model):
         raise ConfigError("give exactly one of --run DIR or --model PATH")
@@ -423,7 +422,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         params, feature_index = read_model(Path(args.run) / MODEL_DIR)
         out = Path(args.out) if args.out else Path(args.run) / VECTORS_DIR
     else:
-        from topx.artifact import read_model_artifact
+        from topx.formats.artifact import read_model_artifact
 
         if not args.out:
             raise ConfigError("--out is required with --model")
@@ -460,7 +459,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
 
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import (
+    from topx.rundir import (
         DATA_DIR,
         INTERACTIONS_FILE,
         MODEL_DIR,
@@ -468,8 +467,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         VECTORS_DIR,
         load_ids,
         load_interactions,
-        write_recommendations_parquet,
     )
+    from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     run = Path(args.run)
@@ -488,15 +487,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from topx.pipeline import (
-        METRICS,
-        MODEL_DIR,
-        VECTORS_DIR,
-        evaluate_model,
-        load_interactions,
-        read_model,
-        write_json,
-    )
+    from topx.rundir import METRICS, MODEL_DIR, VECTORS_DIR, load_interactions, read_model, write_json
+    from topx.steps import evaluate_model
     from topx.vectors import RecipeVectors
 
     run = Path(args.run)
@@ -524,7 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
 
     table = client.resolve_table(args.table, stack=args.stack, endpoint_url=args.endpoint_url)
     rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
@@ -542,7 +534,7 @@ def cmd_recs(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
 
     uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
                         objective=args.objective,
@@ -553,7 +545,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
     found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
                                      endpoint_url=args.endpoint_url)
     if not found:

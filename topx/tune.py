@@ -59,8 +59,9 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
                          grid: dict[str, tuple[float, ...]] | None = None) -> TuneResult:
     """Search ``grid`` (default ``TUNE_GRID``) on a carve of the rows ``train_mask`` selects.
 
-    ds: a topx.pipeline.Dataset; run: its RunOptions (top_x, device, search method)."""
-    from topx.pipeline import Dataset, evaluate_model, fit, with_history
+    ds: a topx.dataset.Dataset; run: its RunOptions (top_x, device, search method)."""
+    from topx.dataset import Dataset, with_history
+    from topx.steps import evaluate_model, fit
     from topx.vectors import export_vectors
 
     if hp.learner != "icd":

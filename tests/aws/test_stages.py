@@ -10,9 +10,13 @@ import pytest
 from moto import mock_aws
 from reliability_stack import base_ratings
 
-from topx import contract, stages, store
+from topx import contract
+from topx.aws import stages, store
+from topx.config import default_hyperparameters
+from topx.dataset import DataOptions
 from topx.errors import InputDataError, StoreError
-from topx.pipeline import DataOptions, RunOptions, default_hyperparameters, run_all
+from topx.run import run_all
+from topx.steps import RunOptions
 
 BUCKET, TABLE = "topx-test-bucket", "topx-test-table"
 
@@ -217,9 +221,10 @@ def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkey
 
 
 def test_a_shard_builds_the_seen_items_of_its_own_users_only(tmp_path):
+    from topx.dataset import Dataset
     from topx.errors import ArtifactFormatError
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import INTERACTIONS_FILE, Dataset, save_interactions, user_range_interactions
+    from topx.rundir import INTERACTIONS_FILE, save_interactions, user_range_interactions
 
     rng = np.random.default_rng(0)
     index = FeatureIndex.one_hot([f"u{i}" for i in range(50)], [f"i{j}" for j in range(30)])

@@ -895,10 +895,10 @@ def test_an_out_of_range_hyperparameter_is_refused_naming_it(hyperparameters: st
 
 @pytest.mark.parametrize(("name", "value"), _hyperparameter_samples())
 def test_hyperparameters_infra_accepts_are_those_topx_accepts(name: str, value: Any) -> None:
-    """Synth refuses what training (topx.stages.parse_hyperparameters, which the train job runs on the
+    """Synth refuses what training (topx.aws.stages.parse_hyperparameters, which the train job runs on the
     value) would refuse, and accepts what it would accept (it is stricter only about an integer written
     as a fraction or a boolean, which topx would truncate)."""
-    stages = pytest.importorskip("topx.stages")
+    stages = pytest.importorskip("topx.aws.stages")
     errors = pytest.importorskip("topx.errors")
     text = json.dumps({name: value})
     try:

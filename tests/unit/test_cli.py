@@ -140,15 +140,15 @@ def test_stages_reproduce_the_whole_run(implicit_files, tmp_path):
 
 
 def test_faiss_search_writes_the_same_recommendations_as_the_exact_scan(implicit_files, tmp_path, monkeypatch):
-    import topx.pipeline
+    import topx.steps
 
-    methods, searched = [], topx.pipeline.iter_top_x
+    methods, searched = [], topx.steps.iter_top_x
 
     def recording(*args, method="exact", **kwargs):
         methods.append(method)
         return searched(*args, method=method, **kwargs)
 
-    monkeypatch.setattr(topx.pipeline, "iter_top_x", recording)
+    monkeypatch.setattr(topx.steps, "iter_top_x", recording)
     run = tmp_path / "run"
     assert main(["train", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
                  "--implicit", "--out", str(run), *FAST]) == 0
@@ -260,9 +260,9 @@ def test_demo_local_runs_small(tmp_path, capsys):
 
 
 def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path):
-    from topx.artifact import read_model_artifact
     from topx.feature_index import FeatureIndex
-    from topx.recordio import write_recordio_protobuf
+    from topx.formats.artifact import read_model_artifact
+    from topx.formats.recordio import write_recordio_protobuf
 
     data = generate(120, 60, mean_interactions=8, implicit=False, seed=3).interactions
     data = data.drop_duplicates(["user_id", "item_id"]).reset_index(drop=True)
@@ -291,7 +291,7 @@ def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path)
 
 
 def test_corrupt_recordio_is_a_clear_error(tmp_path, capsys):
-    from topx.recordio import write_recordio_protobuf
+    from topx.formats.recordio import write_recordio_protobuf
 
     path = tmp_path / "train.recordio"
     write_recordio_protobuf(path, np.eye(3, dtype=np.float32), np.ones(3, np.float32))
@@ -330,8 +330,8 @@ def test_tuning_a_rating_regressor_is_refused_by_name(explicit_csv, tmp_path, ca
 def test_history_features_come_from_training_rows_only_and_the_run_serves_them(explicit_csv, tmp_path):
     from topx import evaluate as ev
     from topx.config import default_hyperparameters
+    from topx.dataset import DataOptions, load_dataset, with_history
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import DataOptions, load_dataset, with_history
 
     data = DataOptions(str(explicit_csv), user_col="customer", item_col="sku", rating_col="stars")
     ds = load_dataset(data)

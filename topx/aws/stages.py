@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from botocore.exceptions import ClientError
 
-from topx import store
+from topx.aws import store
 from topx.config import HyperParameters, env_or, search_method
 from topx.contract import (
     DEFAULT_RETENTION_DAYS,
@@ -183,8 +183,10 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
+    from topx.dataset import DataOptions, load_dataset
     from topx.evaluate import holdout_split
-    from topx.pipeline import DataOptions, RunOptions, load_dataset, save_interactions
+    from topx.rundir import save_interactions
+    from topx.steps import RunOptions
 
     if key is None:
         key = _latest_key(bucket, INCOMING_PREFIX)
@@ -259,7 +261,7 @@ def parse_hyperparameters(raw: str, where: str) -> dict[str, Any]:
 
 def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -> HyperParameters:
     """Defaults by mode < TOPX_EPOCHS / TOPX_NUM_FACTORS < TOPX_HYPERPARAMETERS < the upload's metadata."""
-    from topx.pipeline import default_hyperparameters
+    from topx.config import default_hyperparameters
 
     hp = default_hyperparameters(
         implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
@@ -278,7 +280,7 @@ def _optional_table(bucket: str, name: str) -> str | None:
 
 
 def _load_prepared(bucket: str, run_id: str, work: Path):
-    from topx.pipeline import load_interactions
+    from topx.rundir import load_interactions
 
     _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
     feature_index = FeatureIndex.load(work / "prepared")
@@ -288,7 +290,8 @@ def _load_prepared(bucket: str, run_id: str, work: Path):
 
 def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
-    from topx.pipeline import MODEL_DIR, Reporter, RunOptions, evaluate_model, train_stage
+    from topx.rundir import MODEL_DIR
+    from topx.steps import Reporter, RunOptions, evaluate_model, train_stage
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -375,7 +378,8 @@ def _finite(value: Any) -> bool:
 
 def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Model artifact -> the recipe's user and item vectors under runs/<run_id>/vectors/."""
-    from topx.pipeline import read_model, vectors_stage
+    from topx.rundir import read_model
+    from topx.steps import vectors_stage
 
     with _workdir() as work:
         _download_prefix(bucket, model_prefix(run_id), work / "model")
@@ -397,12 +401,8 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
-    from topx.pipeline import (
-        INTERACTIONS_FILE,
-        load_ids,
-        user_range_interactions,
-        write_recommendations_parquet,
-    )
+    from topx.rundir import INTERACTIONS_FILE, load_ids, user_range_interactions
+    from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
