@@ -54,6 +54,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "rating column (SageMaker's regressor)")
     g.add_argument("--min-rating", type=float, metavar="R",
                    help="keep only rows rated >= R (as positives, for ranking); default: every row")
+    g.add_argument("--time-col", type=_column, metavar="COL",
+                   help="time of each interaction: epoch seconds or milliseconds, or ISO-8601 text. With it the "
+                        "hold-out is each user's latest rows (what a batch recommender faces), not a random draw")
+    g.add_argument("--half-life-days", type=float, metavar="DAYS",
+                   help="with --time-col: weigh each interaction by 0.5 ** (age / DAYS), age from the latest one "
+                        "(default: no recency weighting)")
+    g.add_argument("--since", metavar="DATE|DAYS",
+                   help="with --time-col: drop interactions before DATE (ISO-8601), or older than DAYS days "
+                        "before the latest one (default: keep all)")
     g.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (play counts, clicks): the same as "
                         "--objective ranking, the default")
@@ -288,6 +297,7 @@ def _data_options(args: argparse.Namespace):
         user_col=user_col, item_col=item_col, rating_col=rating_col,
         user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep,
         implicit=_objective(args) == "ranking", min_rating=getattr(args, "min_rating", None),
+        time_col=args.time_col, half_life_days=args.half_life_days, since=args.since,
     )
 
 
@@ -366,7 +376,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             ds = load_dataset(data)
         _, holdout, result, ds = train_stage(ds, hp, _run_options(args), tmp, reporter)
         write_json(tmp / "metrics.json", {**training_summary(hp, result, ds.report),
-                                          "holdout_fraction": args.holdout, "timings_s": reporter.timings})
+                                          "holdout_fraction": args.holdout, "holdout_split": ds.split,
+                                          "timings_s": reporter.timings})
     print(f"wrote {Path(args.out).resolve()}")
     return 0
 

@@ -6,17 +6,20 @@ Prepare stage read it; ``with_history`` adds the history features a model may as
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from topx import evaluate as ev
 from topx.config import HyperParameters
 from topx.encode import encode_features
-from topx.errors import InputDataError
+from topx.errors import ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
 from topx.ingest import read_feature_table, read_interactions
 
@@ -41,6 +44,19 @@ class DataOptions:
     implicit: bool = False
     # Rows rated below this are dropped before anything else (ranking: only liked items are positives).
     min_rating: float | None = None
+    # The time of each row (topx.ingest reads epoch seconds or milliseconds and ISO-8601): with it the
+    # hold-out is each user's latest rows, and the two options below apply.
+    time_col: str | int | None = None
+    # Weigh each row by 0.5 ** (its age / this many days), its age counted from the latest row.
+    half_life_days: float | None = None
+    # Drop rows older than this: an ISO-8601 date, or a number of days before the latest row.
+    since: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.time_col is None and (self.half_life_days is not None or self.since is not None):
+            raise ConfigError("a half-life and a window (--half-life-days, --since) need a time column (--time-col)")
+        if self.half_life_days is not None and not (self.half_life_days > 0 and math.isfinite(self.half_life_days)):
+            raise ConfigError(f"the half-life must be a positive number of days, got {self.half_life_days!r}")
 
 
 @dataclass
@@ -53,6 +69,39 @@ class Dataset:
     rating: np.ndarray
     implicit: bool
     report: dict[str, Any] = field(default_factory=dict)
+    # (n,) int64 seconds since the epoch of each row, when the data have a time column.
+    time: np.ndarray | None = None
+    # Recency weighting: each row weighs 0.5 ** (age in days / this), age counted from the latest row.
+    half_life_days: float | None = None
+
+    @property
+    def split(self) -> str:
+        """How the hold-out is drawn: "temporal" (each user's latest rows) with a time column, else "random"."""
+        return "random" if self.time is None else "temporal"
+
+    def holdout(self, fraction: float, seed: int, within: np.ndarray | None = None) -> np.ndarray:
+        """(n,) bool: per user, ``fraction`` of the rows ``within`` selects (all when None) held out, the
+        latest ones with a time column, a seeded random draw without (``self.split``)."""
+        rows = np.arange(len(self.user_rows)) if within is None else np.flatnonzero(within)
+        if self.time is None:
+            chosen = ev.holdout_split(self.user_rows[rows], fraction, seed)
+        else:
+            chosen = ev.temporal_split(self.user_rows[rows], self.time[rows], fraction)
+        mask = np.zeros(len(self.user_rows), dtype=bool)
+        mask[rows[chosen]] = True
+        return mask
+
+    def recency(self, mask: np.ndarray | slice) -> np.ndarray | None:
+        """(n_selected,) float32 recency weights of the rows ``mask`` selects, None without a half-life."""
+        if self.half_life_days is None or self.time is None:
+            return None
+        age_days = (self.time.max() - self.time[mask]) / 86400.0
+        return np.power(0.5, age_days / self.half_life_days).astype(np.float32)
+
+    def rows(self, mask: np.ndarray) -> Dataset:
+        """The same dataset over the rows ``mask`` selects (the feature index is shared)."""
+        return replace(self, user_rows=self.user_rows[mask], item_rows=self.item_rows[mask],
+                       rating=self.rating[mask], time=None if self.time is None else self.time[mask])
 
     @property
     def user_ids(self) -> tuple[str, ...]:
@@ -85,8 +134,18 @@ def load_dataset(opts: DataOptions) -> Dataset:
         sep=opts.sep,
         # With --min-rating the column holds ratings, negative ones too, until the threshold drops them.
         implicit=opts.implicit and opts.min_rating is None,
+        time_col=opts.time_col,
     )
     report: dict[str, Any] = {"rows_read": int(len(frame))}
+    if opts.since is not None:
+        start = _window_start(opts.since, int(frame["time"].max()))
+        old = frame["time"].to_numpy() < start
+        report["window_start"] = datetime.fromtimestamp(start, UTC).isoformat()
+        report["rows_before_window_dropped"] = int(old.sum())
+        frame = frame.loc[~old]
+        if frame.empty:
+            raise InputDataError(f"no row is at or after --since {opts.since}: there are no interactions",
+                                 source=opts.interactions)
     if opts.min_rating is not None:
         low = frame["rating"].to_numpy() < opts.min_rating
         report["rows_below_min_rating_dropped"] = int(low.sum())
@@ -113,6 +172,8 @@ def load_dataset(opts: DataOptions) -> Dataset:
     feature_index = FeatureIndex.build(user_ids, item_ids, user_matrix, user_names, item_matrix, item_names)
     report.update(n_users=len(user_ids), n_items=len(item_ids), n_interactions=int(len(frame)),
                   n_features=feature_index.n_features)
+    if opts.time_col is not None:
+        report.update(time_first=_iso(int(frame["time"].min())), time_last=_iso(int(frame["time"].max())))
     return Dataset(
         feature_index=feature_index,
         user_rows=user_codes.astype(np.int64),
@@ -120,7 +181,32 @@ def load_dataset(opts: DataOptions) -> Dataset:
         rating=frame["rating"].to_numpy(dtype=np.float32),
         implicit=opts.implicit,
         report=report,
+        time=None if opts.time_col is None else frame["time"].to_numpy(dtype=np.int64),
+        half_life_days=opts.half_life_days,
     )
+
+
+def _iso(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _window_start(since: str, latest: int) -> int:
+    """The first second kept by ``since``: a number of days before ``latest``, or an ISO-8601 date."""
+    try:
+        days = float(since)
+    except ValueError:
+        days = None
+    if days is not None:
+        if not (days > 0 and math.isfinite(days)):
+            raise ConfigError(f"--since as a number of days must be positive, got {since!r}")
+        return latest - int(days * 86400)
+    try:
+        start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"--since must be an ISO-8601 date (e.g. 2024-05-01) or a number of days, got {since!r}") from exc
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    return int(start.timestamp())
 
 
 def _check_enough_ids(ids: list[str], role: str, source: str, column: str | int) -> None:
@@ -136,14 +222,17 @@ def _check_enough_ids(ids: list[str], role: str, source: str, column: str | int)
 
 
 def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
-    """One row per (user, item): strengths add up in implicit mode; repeated ratings average."""
-    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)["rating"]
-    merged = grouped.sum() if implicit else grouped.mean()
+    """One row per (user, item): strengths add up in implicit mode; repeated ratings average; the time
+    of a repeated pair is its latest."""
+    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)
+    merged = grouped["rating"].sum() if implicit else grouped["rating"].mean()
     duplicates = int(len(frame) - len(merged))
     if duplicates == 0:
         return frame.reset_index(drop=True), 0
     out = merged.reset_index()
     out["rating"] = out["rating"].astype(np.float32)
+    if "time" in frame.columns:
+        out["time"] = grouped["time"].max().to_numpy()
     return out, duplicates
 
 

@@ -72,5 +72,8 @@ def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: Trai
         **training_summary(hp, result, ds.report),
         "top_x": run.top_x,
         "holdout_fraction": run.holdout,
+        # "temporal": each user's latest rows were held out (a time column); "random": a seeded draw.
+        "holdout_split": ds.split,
+        "half_life_days": ds.half_life_days,
         "include_seen": run.include_seen,
     }

@@ -69,8 +69,11 @@ def read_model(directory: Path) -> tuple[FMParams, FeatureIndex]:
 def save_interactions(directory: Path, ds: Dataset, holdout: np.ndarray) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / INTERACTIONS_FILE, "wb") as fh:
+        extra = {} if ds.time is None else {"time": ds.time}
+        if ds.half_life_days is not None:
+            extra["half_life_days"] = np.array(ds.half_life_days)
         np.savez_compressed(fh, user_rows=ds.user_rows, item_rows=ds.item_rows, rating=ds.rating,
-                            holdout=holdout, implicit=np.array(ds.implicit))
+                            holdout=holdout, implicit=np.array(ds.implicit), **extra)
 
 
 def load_interactions(
@@ -79,7 +82,9 @@ def load_interactions(
     path = run_dir / data_dir / INTERACTIONS_FILE
     try:
         with np.load(path) as z:
-            ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]))
+            ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]),
+                         time=z["time"] if "time" in z.files else None,
+                         half_life_days=float(z["half_life_days"]) if "half_life_days" in z.files else None)
             return ds, z["holdout"]
     # A damaged .npz fails inside zipfile and zlib, with their own exceptions (as in topx.formats.artifact).
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,

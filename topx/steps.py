@@ -96,16 +96,13 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
     """The FM's samples for the rows selected by ``mask`` (all when None).
 
     Implicit strengths become positive weights log1p(s), normalised to mean 1, so heavier
-    interactions count more without a few huge counts dominating.
+    interactions count more without a few huge counts dominating; a half-life weighs recent rows more.
     """
     sel = slice(None) if mask is None else mask
     label = ds.rating[sel]
-    weight = None
-    if ds.implicit:
-        weight = training_data_weight(label)
-        label = np.ones(len(label), dtype=np.float32)
-    else:
-        label = np.array(label, dtype=np.float32)  # a private, writable copy for the trainer
+    weight = _with_recency(training_data_weight(label) if ds.implicit else None, ds.recency(sel))
+    # Positives are 1 for ranking; ratings get a private, writable copy for the trainer.
+    label = np.ones(len(label), dtype=np.float32) if ds.implicit else np.array(label, dtype=np.float32)
     padded = _heavy("PaddedRows")
     return _heavy("TrainingData")(
         user_table=padded.from_csr(ds.feature_index.user_x),
@@ -124,11 +121,19 @@ def training_data_weight(strength: np.ndarray) -> np.ndarray | None:
     return None if np.allclose(logs, mean) else (logs / mean).astype(np.float32)
 
 
+def _with_recency(weight: np.ndarray | None, recency: np.ndarray | None) -> np.ndarray | None:
+    """The rows' weights times their recency weights (either may be None: ones), normalised to mean 1."""
+    if recency is None:
+        return weight
+    both = recency.astype(np.float64) if weight is None else weight * recency.astype(np.float64)
+    return (both / both.mean()).astype(np.float32)
+
+
 def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
     """The icd learner's observed pairs for the rows selected by ``mask`` (all when None), weighted as
     ``training_data`` weighs the positives."""
     sel = slice(None) if mask is None else mask
-    weight = training_data_weight(ds.rating[sel]) if ds.implicit else None
+    weight = _with_recency(training_data_weight(ds.rating[sel]) if ds.implicit else None, ds.recency(sel))
     return _heavy("ImplicitData")(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
                         weight)
 
@@ -151,7 +156,7 @@ def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
         return hp, None
     from topx.tune import tune_hyperparameters
 
-    train_rows = ~ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
+    train_rows = ~ds.holdout(run.holdout, hp.seed)
     with reporter.step("tune", "tuning on a validation carve of the training rows") as d:
         result = tune_hyperparameters(ds, train_rows, hp, run)
         chosen = ", ".join(f"{k}={v:g}" for k, v in result.chosen.items())
@@ -165,7 +170,7 @@ def train_stage(
     """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result, and
     the dataset the model was trained over (``ds`` with history features when ``hp`` asks for them:
     its feature index is the model's)."""
-    holdout = ev.holdout_split(ds.user_rows, run.holdout, hp.seed)
+    holdout = ds.holdout(run.holdout, hp.seed)
     ds = with_history(ds, ~holdout, hp)
     what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
     with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:

@@ -40,6 +40,7 @@ from topx.contract import (
     DEFAULT_TOP_X,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
+    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -47,6 +48,8 @@ from topx.contract import (
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
+    ENV_SINCE,
+    ENV_TIME_COL,
     ENV_TOP_X,
     FIXED_HYPERPARAMETERS,
     HYPERPARAMETERS_METADATA,
@@ -184,7 +187,6 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
     from topx.dataset import DataOptions, load_dataset
-    from topx.evaluate import holdout_split
     from topx.rundir import save_interactions
     from topx.steps import RunOptions
 
@@ -202,6 +204,9 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         items=_optional_table(bucket, "items"),
         rating_col="rating",
         implicit=implicit,
+        time_col=env_or(ENV_TIME_COL, None, None),
+        half_life_days=env_or(ENV_HALF_LIFE_DAYS, None, None, float),
+        since=env_or(ENV_SINCE, None, None),
     )
     ds = load_dataset(options)
     digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
@@ -209,7 +214,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     asked = int(env_or(ENV_SHARDS, None, DEFAULT_SHARDS, int))
     shards = max(MIN_SHARDS, min(asked, max(ds.feature_index.n_users, 1)))
     # The same seeded hold-out that training draws (RunOptions/HyperParameters defaults).
-    holdout = holdout_split(ds.user_rows, RunOptions().holdout, HyperParameters().seed)
+    holdout = ds.holdout(RunOptions().holdout, HyperParameters().seed)
     with _workdir() as work:
         ds.feature_index.save(work / "prepared")
         save_interactions(work / "prepared", ds, holdout)
@@ -307,7 +312,8 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                                  hp.learner)
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
-                       epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict())
+                       epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
+                       holdout_split=ds.split)
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
         _put_json(bucket, metrics_key(run_id), metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
