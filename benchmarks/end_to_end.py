@@ -1,4 +1,4 @@
-"""Wall time of ``topx run`` (``topx.pipeline.run_all``), stage by stage, on MovieLens 100k and on the
+"""Wall time of ``topx run`` (``topx.run.run_all``), stage by stage, on MovieLens 100k and on the
 1M-rating generated set.
 
     .venv/bin/python -m benchmarks.end_to_end --data ../shared/data/ml-100k
@@ -28,22 +28,25 @@ if __package__ in (None, ""):
 
 from benchmarks.common import DEFAULT_ML100K, log, print_json_line  # noqa: E402
 from benchmarks.train import ml1m_like_files  # noqa: E402
-from topx import pipeline  # noqa: E402
+from topx import steps  # noqa: E402
+from topx.config import default_hyperparameters
+from topx.dataset import DataOptions  # noqa: E402
 from topx.fm import train_fm  # noqa: E402
-from topx.pipeline import DataOptions, Reporter, RunOptions, default_hyperparameters, run_all  # noqa: E402
+from topx.run import run_all
+from topx.steps import Reporter, RunOptions
 
 
 def timed_run(data: DataOptions, engine: str = "fused") -> dict:
     hp = default_hyperparameters(data.implicit)
-    original = pipeline.train_fm
-    pipeline.train_fm = functools.partial(train_fm, engine=engine)
+    original = steps.train_fm
+    steps.train_fm = functools.partial(train_fm, engine=engine)
     try:
         with tempfile.TemporaryDirectory(prefix="topx-e2e-") as tmp:
             start = time.perf_counter()
             metrics = run_all(data, hp, RunOptions(progress=False), Path(tmp) / "run", reporter=Reporter(False))
             wall = time.perf_counter() - start
     finally:
-        pipeline.train_fm = original
+        steps.train_fm = original
     training = metrics.get("training", {})
     summary = {"wall_s": wall, "timings_s": metrics["timings_s"], "epochs_run": training.get("epochs_run"),
                "best_epoch": training.get("best_epoch"), "n_users": metrics["data"]["n_users"],

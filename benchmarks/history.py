@@ -40,8 +40,9 @@ def measure(users: int, setting: str, seed: int) -> dict[str, float]:
 
     from topx import evaluate as ev
     from topx.config import default_hyperparameters
+    from topx.dataset import Dataset, with_history
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import Dataset, RunOptions, fit, with_history
+    from topx.steps import RunOptions, fit
     from topx.synth import generate
 
     frame = generate(users, ITEMS, MEDIAN_INTERACTIONS, implicit=True, seed=seed).interactions

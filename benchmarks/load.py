@@ -4,7 +4,7 @@ for 10M users against DynamoDB's documented limits.
     .venv/bin/python -m benchmarks.load                      # 20,000 users x 20 items
     .venv/bin/python -m benchmarks.load --users 50000 --latency-ms 15
 
-Measured, in one run, with ``topx.store.write_recommendations``:
+Measured, in one run, with ``topx.aws.store.write_recommendations``:
 
 * ``moto``: items/s into an in-process moto table, 1 writer and ``--writers`` writers. moto is
   Python and runs in this process, so this is the loader's own overhead plus moto's, not AWS;
@@ -14,8 +14,8 @@ Measured, in one run, with ``topx.store.write_recommendations``:
   the items) still in the way; moto's CPU would otherwise cap both cases at the same rate;
 * ``requests_per_item``: BatchWriteItem calls / items (1/25 = 0.04 when nothing is throttled);
 * ``rows_from_parquet_s_per_million``: turning a shard's Parquet rows into per-user records with a
-  pandas group-by (what ``topx.stages.load_shard`` first did), per million users, and
-  ``rows_from_columns_s_per_million`` with ``topx.store.recommendations_from_columns`` (what it does
+  pandas group-by (what ``topx.aws.stages.load_shard`` first did), per million users, and
+  ``rows_from_columns_s_per_million`` with ``topx.aws.store.recommendations_from_columns`` (what it does
   now).
 
 ``estimate_10m``: hours of writing for 10M users, from the documented limits: 1 write request unit
@@ -44,7 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import log, print_json_line  # noqa: E402
-from topx import store  # noqa: E402
+from topx.aws import store  # noqa: E402
 
 TABLE = "topx-bench"
 NEW_TABLE_WRITES_PER_S = 4_000

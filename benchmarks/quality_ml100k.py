@@ -56,13 +56,17 @@ from benchmarks.common import (  # noqa: E402
     print_json_line,
 )
 from topx import evaluate as ev  # noqa: E402
-from topx.config import HyperParameters  # noqa: E402
+from topx.config import (
+    HyperParameters,  # noqa: E402
+    default_hyperparameters,
+)
+from topx.dataset import Dataset  # noqa: E402
 from topx.encode import encode_features  # noqa: E402
 from topx.feature_index import FeatureIndex  # noqa: E402
 from topx.fm import PaddedRows, TrainingData, TrainResult, predict, train_fm  # noqa: E402
 from topx.params import FMParams  # noqa: E402
-from topx.pipeline import Dataset, default_hyperparameters, training_data  # noqa: E402
 from topx.search import search_top_x  # noqa: E402
+from topx.steps import training_data
 from topx.vectors import RecipeVectors, export_vectors  # noqa: E402
 
 SEED = 42  # the ranking hold-out, every model's seed

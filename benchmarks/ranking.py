@@ -15,7 +15,7 @@ Protocol, the same for every method:
 - Users and items are indexed once over the whole file; duplicate (user, item) rows are dropped,
   keeping the latest, so a pair is never both a training and a held-out interaction.
 - Splits, per user 80/20: ``random`` by :func:`topx.evaluate.holdout_split` (``--seed``), and
-  ``temporal`` (each user's latest rows held out, :func:`temporal_split`; skipped without a time
+  ``temporal`` (each user's latest rows held out, :func:`topx.evaluate.temporal_split`; skipped without a time
   column). Relevant = the user's held-out items.
 - Every method ranks every item the user has no training interaction with; the top 10 are scored
   by :func:`topx.evaluate.ranking_metrics`. An item without training interactions can be relevant
@@ -131,24 +131,6 @@ def index_interactions(frame: pd.DataFrame) -> Interactions:
     )
 
 
-def temporal_split(user_rows: np.ndarray, times: np.ndarray, fraction: float) -> np.ndarray:
-    """(n,) bool: per user, the latest ``fraction`` of that user's rows (by time; among equal times
-    a later position counts as later), with holdout_split's count rule: floor(fraction n + 0.5)
-    rows, at most n - 1, so every user keeps a training row."""
-    n = len(user_rows)
-    mask = np.zeros(n, dtype=bool)
-    if n == 0:
-        return mask
-    order = np.lexsort((np.arange(n), times, user_rows))  # by user, then time, then position
-    sorted_users = user_rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
-    counts = np.diff(np.r_[starts, n])
-    n_held = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
-    rank_from_end = np.repeat(starts + counts, counts) - 1 - np.arange(n)  # 0 = the user's latest row
-    mask[order] = rank_from_end < np.repeat(n_held, counts)
-    return mask
-
-
 def held_out(data: Interactions, within: np.ndarray, kind: str, seed: int) -> np.ndarray:
     """(n,) bool: the rows of ``within`` ((n,) bool) that a ``kind`` ("random" or "temporal") per-user
     split of those rows alone holds out. The same rule makes the test part and the validation carve."""
@@ -157,7 +139,7 @@ def held_out(data: Interactions, within: np.ndarray, kind: str, seed: int) -> np
         chosen = ev.holdout_split(data.users[rows], HOLDOUT, seed)
     else:
         assert data.time is not None
-        chosen = temporal_split(data.users[rows], data.time[rows], HOLDOUT)
+        chosen = ev.temporal_split(data.users[rows], data.time[rows], HOLDOUT)
     out = np.zeros(len(data.users), dtype=bool)
     out[rows[chosen]] = True
     return out
@@ -421,6 +403,13 @@ def evaluate_split(data: Interactions, kind: str, args: argparse.Namespace, skip
     out.update(recall_at_10=topx.recall, ndcg_at_10=topx.ndcg, train_s=train_s, topx_wall_s=wall_s,
                ranking_users=topx.users)
 
+    if kind == "temporal":
+        # Recency weighting on (each half-life) beside off (above): topx as a user runs it with --time-col.
+        for half_life in args.half_lives:
+            weighted, _ = topx_top_items(data, train_rows, [*topx_args, "--time-col", "timestamp",
+                                                            "--half-life-days", f"{half_life:g}"])
+            out[f"recall_at_10_half_life_{half_life:g}d"] = ev.ranking_metrics(weighted, split.test, n_items).recall
+
     popularity = ev.ranking_metrics(ev.popularity_top_x(split.train, X), split.test, n_items)
     out.update(popularity_recall_at_10=popularity.recall, popularity_ndcg_at_10=popularity.ndcg)
 
@@ -466,8 +455,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     random = evaluate_split(data, "random", args, set(missing))
     # Without a time column the temporal keys are still there, null, so every run has the same keys.
-    temporal = (dict.fromkeys(random) if data.time is None
-                else evaluate_split(data, "temporal", args, set(missing)))
+    if data.time is None:
+        temporal = dict.fromkeys([*random, *(f"recall_at_10_half_life_{h:g}d" for h in args.half_lives)])
+    else:
+        temporal = evaluate_split(data, "temporal", args, set(missing))
     out.update(random)
     out.update({f"{k}_temporal": v for k, v in temporal.items()})
     out["wall_s"] = time.perf_counter() - start
@@ -479,6 +470,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_ML100K,
                         help="the unpacked ml-100k directory (its u.data; default ../shared/data/ml-100k)")
     parser.add_argument("--interactions", type=Path, help="a CSV to use instead of --data")
+    parser.add_argument("--half-lives", type=float, nargs="*", default=[30.0, 90.0, 180.0], metavar="DAYS",
+                        help="temporal split: also run topx with --half-life-days DAYS for each (default 30 90 180)")
     parser.add_argument("--user-col", default="user_id", help="--interactions user id column")
     parser.add_argument("--item-col", default="item_id", help="--interactions item id column")
     parser.add_argument("--rating-col", default="rating",

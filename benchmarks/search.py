@@ -26,7 +26,7 @@ search and speedup over it, seen items excluded in both; ``approx_recall_at_20``
 
 With ``--rss-users``, each size runs in a fresh process as a search shard would: item vectors in
 memory, user vectors memory-mapped, the shard's seen CSR loaded, results streamed to Parquet by
-``topx.pipeline.write_recommendations_parquet``; peak RSS (``getrusage`` maxrss) after the imports, after the
+``topx.steps.write_recommendations_parquet``; peak RSS (``getrusage`` maxrss) after the imports, after the
 inputs and at the end, and the time per million users, are reported.
 
 Vectors are FM-like, not iid Gaussian: see :func:`fm_like_vectors`. Prints one JSON line.
@@ -232,7 +232,7 @@ def rss_child(args: argparse.Namespace) -> int:
     Peak RSS is read three times: after the imports (torch, faiss, pyarrow, pandas), after the
     shard's inputs are loaded (item vectors, memory-mapped user vectors, seen CSR, user ids), and
     after the search streamed every batch to Parquet."""
-    from topx.pipeline import write_recommendations_parquet
+    from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     n = args.rss_child

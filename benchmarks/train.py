@@ -27,8 +27,9 @@ if __package__ in (None, ""):
 
 from benchmarks.common import log, print_json_line  # noqa: E402
 from topx.config import HyperParameters  # noqa: E402
+from topx.dataset import DataOptions, Dataset, load_dataset  # noqa: E402
 from topx.fm import predict, train_fm  # noqa: E402
-from topx.pipeline import DataOptions, Dataset, load_dataset, training_data  # noqa: E402
+from topx.steps import training_data
 from topx.synth import generate  # noqa: E402
 
 # synth draws each user's count from a log-normal with sigma 0.6, whose mean is exp(0.18) times

@@ -1,4 +1,4 @@
-"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.stages`` function, returns a dict.
+"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.aws.stages`` function, returns a dict.
 
 The image CMD picks the handler (``functions.handlers.prepare`` and so on). Events come from the state
 machine (statemachine/pipeline.asl.json); bucket and table names may also come from ``TOPX_BUCKET`` /
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from topx import stages
+from topx.aws import stages
 from topx.config import env_or
 from topx.contract import ENV_BUCKET, ENV_TABLE, MIN_SHARDS
 from topx.errors import TopxError

@@ -5,7 +5,7 @@ work: prepare and repackage hold a dataset or a model in memory; the gate and pu
 and a few table items. 3008 MB is the largest memory a new account's default quota allows.
 
 Each function has a role of its own: writing to its own log group, the S3 prefixes it reads and writes,
-and only the DynamoDB actions and partition keys it uses (see topx/store.py; the keys are
+and only the DynamoDB actions and partition keys it uses (see topx/aws/store.py; the keys are
 topx/contract.py's), nothing else.
 """
 
@@ -42,7 +42,7 @@ TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
 
 @dataclass(frozen=True)
 class TableAccess:
-    """The DynamoDB item actions a function calls (topx/store.py) and the partition keys it touches."""
+    """The DynamoDB item actions a function calls (topx/aws/store.py) and the partition keys it touches."""
 
     actions: tuple[str, ...]
     leading_keys: tuple[str, ...]

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from topx.contract import (
     DEFAULT_TOP_X,
     ENV_BUCKET,
     ENV_EPOCHS,
+    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -33,7 +35,9 @@ from topx.contract import (
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
     ENV_SHARDS,
+    ENV_SINCE,
     ENV_TABLE,
+    ENV_TIME_COL,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
     FIXED_HYPERPARAMETERS,
@@ -80,6 +84,9 @@ class DeploySettings:
     min_recall: float | None = None
     hyperparameters: str | None = None
     search_method: str | None = None
+    time_col: str | None = None
+    half_life_days: float | None = None
+    since: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -116,6 +123,13 @@ class DeploySettings:
             raise SettingsError(
                 f"context search_method must be one of {', '.join(SEARCH_METHODS)}, got {self.search_method!r}"
             )
+        if self.time_col is None and (self.half_life_days is not None or self.since is not None):
+            raise SettingsError("context half_life_days and since need context time_col (the uploads' time column)")
+        if self.half_life_days is not None and not (math.isfinite(self.half_life_days) and self.half_life_days > 0):
+            raise SettingsError(f"context half_life_days must be a positive number of days, got {self.half_life_days}")
+        if self.since is not None and not _is_window(self.since):
+            raise SettingsError(f"context since must be an ISO-8601 date (e.g. 2024-05-01) or a positive number of "
+                                f"days, got {self.since!r}")
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
@@ -154,7 +168,23 @@ class DeploySettings:
             environment[ENV_HYPERPARAMETERS] = self.hyperparameters
         if self.search_method is not None:
             environment[ENV_SEARCH_METHOD] = self.search_method
+        data = {ENV_TIME_COL: self.time_col, ENV_SINCE: self.since,
+                ENV_HALF_LIFE_DAYS: None if self.half_life_days is None else str(float(self.half_life_days))}
+        environment.update({name: value for name, value in data.items() if value is not None})
         return environment
+
+
+def _is_window(since: str) -> bool:
+    """Whether ``since`` is a positive number of days or an ISO-8601 date (what Prepare accepts)."""
+    try:
+        return float(since) > 0 and math.isfinite(float(since))
+    except ValueError:
+        pass
+    try:
+        datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _as_kwargs(settings: DeploySettings) -> dict[str, Any]:
@@ -218,7 +248,7 @@ def _parse_hyperparameters(raw: Any) -> str | None:
 
 
 def _check_hyperparameters(text: str) -> None:
-    """Refuse what topx.stages.parse_hyperparameters would refuse when the train job reads the value: a
+    """Refuse what topx.aws.stages.parse_hyperparameters would refuse when the train job reads the value: a
     name the contract does not list as settable, or a value outside its range or choices."""
     try:
         values = json.loads(text)
@@ -275,4 +305,7 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "min_recall": _parse_optional_number,
     "hyperparameters": _parse_hyperparameters,
     "search_method": _parse_optional_str,
+    "time_col": _parse_optional_str,
+    "half_life_days": _parse_optional_number,
+    "since": _parse_optional_str,
 }

@@ -66,7 +66,7 @@ class TopxStack(Stack):
 
         self.storage = storage
         self.state_machine = pipeline.state_machine
-        # The client (topx.client) finds the resources by these output names.
+        # The client (topx.aws.client) finds the resources by these output names.
         CfnOutput(
             self, OUTPUT_BUCKET, value=storage.bucket.bucket_name, description="Upload data under incoming/"
         )

@@ -18,7 +18,8 @@ import boto3
 import numpy as np
 import pandas as pd
 
-from topx import offline, store
+from topx import offline
+from topx.aws import store
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 3, 4, 3, 2, 30
 SETTINGS = offline.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS, shards=SHARDS,

@@ -54,6 +54,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "rating column (SageMaker's regressor)")
     g.add_argument("--min-rating", type=float, metavar="R",
                    help="keep only rows rated >= R (as positives, for ranking); default: every row")
+    g.add_argument("--time-col", type=_column, metavar="COL",
+                   help="time of each interaction: epoch seconds or milliseconds, or ISO-8601 text. With it the "
+                        "hold-out is each user's latest rows (what a batch recommender faces), not a random draw")
+    g.add_argument("--half-life-days", type=float, metavar="DAYS",
+                   help="with --time-col: weigh each interaction by 0.5 ** (age / DAYS), age from the latest one "
+                        "(default: no recency weighting)")
+    g.add_argument("--since", metavar="DATE|DAYS",
+                   help="with --time-col: drop interactions before DATE (ISO-8601), or older than DAYS days "
+                        "before the latest one (default: keep all)")
     g.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (play counts, clicks): the same as "
                         "--objective ranking, the default")
@@ -278,7 +287,7 @@ def _objective(args: argparse.Namespace) -> str:
 
 
 def _data_options(args: argparse.Namespace):
-    from topx.pipeline import DataOptions
+    from topx.dataset import DataOptions
 
     header = not args.no_header
     user_col, item_col, rating_col = args.user_col, args.item_col, args.rating_col
@@ -292,11 +301,12 @@ def _data_options(args: argparse.Namespace):
         user_col=user_col, item_col=item_col, rating_col=rating_col,
         user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep,
         implicit=_objective(args) == "ranking", min_rating=getattr(args, "min_rating", None),
+        time_col=args.time_col, half_life_days=args.half_life_days, since=args.since,
     )
 
 
 def _run_options(args: argparse.Namespace):
-    from topx.pipeline import RunOptions
+    from topx.steps import RunOptions
 
     return RunOptions(
         top_x=getattr(args, "top_x", DEFAULT_TOP_X),
@@ -326,7 +336,8 @@ def _print_metrics(metrics: dict[str, Any], x: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from topx.pipeline import Reporter, run_all
+    from topx.run import run_all
+    from topx.steps import Reporter
 
     data = _data_options(args)
     metrics = run_all(data, _hyperparameters(args, data.implicit), _run_options(args), args.out,
@@ -337,7 +348,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from topx.pipeline import Reporter, load_dataset, tuned_hyperparameters
+    from topx.dataset import load_dataset
+    from topx.steps import Reporter, tuned_hyperparameters
 
     data = _data_options(args)
     hp = _hyperparameters(args, data.implicit)
@@ -353,15 +365,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from topx.dataset import load_dataset
     from topx.io import read_bytes
-    from topx.pipeline import (
-        Reporter,
-        atomic_output_dir,
-        load_dataset,
-        train_stage,
-        training_summary,
-        write_json,
-    )
+    from topx.rundir import atomic_output_dir, write_json
+    from topx.steps import Reporter, train_stage, training_summary
 
     if _starts_like_recordio(args.interactions):
         return _train_recordio(args, read_bytes(args.interactions))
@@ -373,15 +380,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             ds = load_dataset(data)
         _, holdout, result, ds = train_stage(ds, hp, _run_options(args), tmp, reporter)
         write_json(tmp / "metrics.json", {**training_summary(hp, result, ds.report),
-                                          "holdout_fraction": args.holdout, "timings_s": reporter.timings})
+                                          "holdout_fraction": args.holdout, "holdout_split": ds.split,
+                                          "timings_s": reporter.timings})
     print(f"wrote {Path(args.out).resolve()}")
     return 0
 
 
 def _starts_like_recordio(source: str) -> bool:
     """Peek at a local file's first bytes (S3 objects are read whole later anyway)."""
+    from topx.formats.recordio import is_recordio_protobuf
     from topx.io import read_bytes
-    from topx.pipeline import is_recordio_protobuf
 
     if source.startswith("s3://"):
         return is_recordio_protobuf(read_bytes(source))
@@ -395,8 +403,9 @@ def _starts_like_recordio(source: str) -> bool:
 def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
     """SageMaker's recordIO-protobuf training data: rows of x with labels, trained as given."""
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import Reporter, atomic_output_dir, train_rows_stage, training_summary, write_json
-    from topx.recordio import read_recordio_protobuf
+    from topx.formats.recordio import read_recordio_protobuf
+    from topx.rundir import atomic_output_dir, write_json
+    from topx.steps import Reporter, train_rows_stage, training_summary
 
     hp = _hyperparameters(args, implicit=False)
     reporter = Reporter(not args.quiet)
@@ -419,7 +428,8 @@ def _train_recordio(args: argparse.Namespace, raw: bytes) -> int:
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import MODEL_DIR, VECTORS_DIR, read_model, vectors_stage
+    from topx.rundir import MODEL_DIR, VECTORS_DIR, read_model
+    from topx.steps import vectors_stage
 
     if bool(args.run) == bool(args.model):
         raise ConfigError("give exactly one of --run DIR or --model PATH")
@@ -427,7 +437,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         params, feature_index = read_model(Path(args.run) / MODEL_DIR)
         out = Path(args.out) if args.out else Path(args.run) / VECTORS_DIR
     else:
-        from topx.artifact import read_model_artifact
+        from topx.formats.artifact import read_model_artifact
 
         if not args.out:
             raise ConfigError("--out is required with --model")
@@ -464,7 +474,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
 
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import (
+    from topx.rundir import (
         DATA_DIR,
         INTERACTIONS_FILE,
         MODEL_DIR,
@@ -472,8 +482,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         VECTORS_DIR,
         load_ids,
         load_interactions,
-        write_recommendations_parquet,
     )
+    from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     run = Path(args.run)
@@ -492,15 +502,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from topx.pipeline import (
-        METRICS,
-        MODEL_DIR,
-        VECTORS_DIR,
-        evaluate_model,
-        load_interactions,
-        read_model,
-        write_json,
-    )
+    from topx.rundir import METRICS, MODEL_DIR, VECTORS_DIR, load_interactions, read_model, write_json
+    from topx.steps import evaluate_model
     from topx.vectors import RecipeVectors
 
     run = Path(args.run)
@@ -531,7 +534,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
 
     table = client.resolve_table(args.table, stack=args.stack, endpoint_url=args.endpoint_url)
     rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
@@ -549,7 +552,7 @@ def cmd_recs(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
 
     uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
                         objective=args.objective,
@@ -560,7 +563,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from topx import client
+    from topx.aws import client
     found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
                                      endpoint_url=args.endpoint_url)
     if not found:

@@ -34,6 +34,11 @@ ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
 ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
 ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
 ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"  # the search the recommendations and their hold-out metrics use
+# The uploads' time column (unset: none, and a random hold-out), and with it an optional recency
+# half-life in days and a window (an ISO-8601 date, or a number of days before the latest row).
+ENV_TIME_COL = "TOPX_TIME_COL"
+ENV_HALF_LIFE_DAYS = "TOPX_HALF_LIFE_DAYS"
+ENV_SINCE = "TOPX_SINCE"
 
 # --------------------------------------------------------------------------- deploy defaults and bounds
 

@@ -36,6 +36,26 @@ def holdout_split(user_rows: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return mask
 
 
+def temporal_split(user_rows: np.ndarray, times: np.ndarray, fraction: float) -> np.ndarray:
+    """Per user, the latest ``fraction`` of that user's rows (by time; among equal times a later
+    position counts as later) goes to the hold-out, with holdout_split's count rule: floor(fraction n +
+    0.5) rows, at most n - 1, so every user keeps a training row. Returns a boolean mask (n,)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
+    n = len(user_rows)
+    mask = np.zeros(n, dtype=bool)
+    if fraction == 0.0 or n == 0:
+        return mask
+    order = np.lexsort((np.arange(n), times, user_rows))  # by user, then time, then position
+    sorted_users = user_rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    n_held = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
+    rank_from_end = np.repeat(starts + counts, counts) - 1 - np.arange(n)  # 0 = the user's latest row
+    mask[order] = rank_from_end < np.repeat(n_held, counts)
+    return mask
+
+
 def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - np.asarray(truth, np.float64)) ** 2)))
 

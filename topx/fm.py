@@ -16,13 +16,12 @@ initial weights, with the same Adagrad:
   Adagrad update of only the rows the batch touches, with no autograd graph and no sparse COO
   tensors. The bookkeeping that depends only on the sample order (which rows a batch touches, and
   where each occurrence goes) is computed for many batches at once, before their steps run.
-* ``autograd``: an ``nn.Module`` with sparse embeddings and ``torch.optim.Adagrad``. It is the
+* ``autograd`` (topx.fm_reference): an ``nn.Module`` with sparse embeddings and ``torch.optim.Adagrad``. It is the
   reference the fused engine is tested against, and the baseline its benchmark reports.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import warnings
@@ -212,7 +211,10 @@ def train_fm(
     if not classifier:
         with torch.no_grad():
             model.bias.fill_(float(np.average(data.label, weights=data.weight)))
-    trainer_class = _FusedTrainer if engine == "fused" else _AutogradTrainer
+    if engine == "fused":
+        trainer_class: type = _FusedTrainer
+    else:
+        from topx.fm_reference import AutogradTrainer as trainer_class
     trainer = trainer_class(model, data, hp, generator, dev, classifier and data.sample_negatives)
     val_batches = _validation_batches(validation, hp, rng, dev) if validation is not None else None
 
@@ -247,7 +249,7 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 def _run_epochs(
-    trainer: _AutogradTrainer | _FusedTrainer,
+    trainer: _FusedTrainer,  # or topx.fm_reference.AutogradTrainer: the same methods
     val_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
     hp: HyperParameters,
     classifier: bool,
@@ -281,44 +283,6 @@ def _progress_bar(total: int, epoch: int, hp: HyperParameters, show: bool):
     return tqdm(total=total, desc=f"epoch {epoch}/{hp.epochs}", unit="batch", leave=False, disable=not show,
                 file=sys.stderr)
 
-
-class _AutogradTrainer:
-    """The reference engine: the nn.Module, autograd and torch.optim.Adagrad with sparse gradients."""
-
-    def __init__(self, model: FactorizationMachine, data: TrainingData, hp: HyperParameters,
-                 generator: torch.Generator, dev: torch.device, sample_negatives: bool) -> None:
-        self.model, self.hp, self.generator, self.dev = model, hp, generator, dev
-        self.sample_negatives = sample_negatives
-        self.optimizer = torch.optim.Adagrad(
-            [
-                {"params": [model.bias], "lr": hp.bias_lr},
-                {"params": [model.linear.weight], "lr": hp.linear_lr},
-                {"params": [model.factors.weight], "lr": hp.factors_lr},
-            ],
-            initial_accumulator_value=1e-8,
-        )
-        self.dd = _DeviceData(data, dev)
-        self.users = torch.as_tensor(data.user_rows, device=dev)
-        self.items = torch.as_tensor(data.item_rows, device=dev)
-        self.labels = torch.as_tensor(data.label, dtype=torch.float32, device=dev)
-        self.weights = None if data.weight is None else torch.as_tensor(data.weight, dtype=torch.float32, device=dev)
-
-    def run_epoch(self, epoch: int, show: bool) -> float:
-        self.model.train()
-        return _run_epoch(self.model, self.optimizer, self.dd, self.users, self.items, self.labels, self.weights,
-                          self.hp, self.generator, self.dev, show, epoch, self.sample_negatives)
-
-    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], classifier: bool) -> float:
-        return _evaluate_loss(self.model, batches, classifier)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return copy.deepcopy(self.model.state_dict())
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
-
-    def to_params(self, predictor_type: str) -> FMParams:
-        return self.model.to_params(predictor_type)
 
 
 # Occurrences (sample x design slot) whose bookkeeping is planned in one go: enough batches to
@@ -706,51 +670,6 @@ class _FusedTrainer:
         )
 
 
-def _run_epoch(
-    model: FactorizationMachine,
-    optimizer: torch.optim.Optimizer,
-    dd: _DeviceData,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor | None,
-    hp: HyperParameters,
-    generator: torch.Generator,
-    dev: torch.device,
-    show: bool,
-    epoch: int,
-    sample_negatives: bool,
-) -> float:
-    classifier = hp.predictor_type == "binary_classifier"
-    n = users.shape[0]
-    order = torch.randperm(n, generator=generator).to(dev)
-    batch = hp.mini_batch_size
-    total, count = 0.0, 0
-    steps = range(0, n, batch)
-    bar = _progress_bar(len(steps), epoch, hp, show)
-    for start in steps:
-        sel = order[start:start + batch]
-        u, i, y = users[sel], items[sel], labels[sel]
-        w = None if weights is None else weights[sel]
-        if sample_negatives:
-            u, i, y, w = _with_negatives(u, i, y, w, dd.n_items, hp.negative_samples, generator, dev)
-        index, value = dd.rows(u, i)
-        pred, sq = model(index, value)
-        if classifier:
-            per_sample = nn.functional.binary_cross_entropy_with_logits(pred, y, reduction="none")
-        else:
-            per_sample = (pred - y).pow(2)
-        data_loss = per_sample.mean() if w is None else (per_sample * w).sum() / w.sum()
-        reg = (hp.linear_wd * sq[0] + hp.factors_wd * sq[1]).mean() + hp.bias_wd * model.bias.pow(2).sum()
-        optimizer.zero_grad(set_to_none=True)
-        (data_loss + reg).backward()
-        optimizer.step()
-        total += float(data_loss.detach()) * len(sel)
-        count += len(sel)
-        bar.update()
-    bar.close()
-    return total / max(count, 1)
-
 
 def _with_negatives(
     u: torch.Tensor,
@@ -818,12 +737,6 @@ def _validation_batches(
         batches.append((index, value, torch.as_tensor(labels[start:start + step], device=dev)))
     return batches
 
-
-def _evaluate_loss(
-    model: FactorizationMachine, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], classifier: bool
-) -> float:
-    model.eval()
-    return _mean_loss(lambda index, value: model(index, value)[0], batches, classifier)
 
 
 @torch.no_grad()

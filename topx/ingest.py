@@ -35,6 +35,7 @@ from topx.io import read_bytes
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 RATING = "rating"
+TIME = "time"
 INTERACTION_COLUMNS = (USER_ID, ITEM_ID, RATING)
 
 # Separators tried when none is given, in order of preference when several fit equally well:
@@ -63,6 +64,8 @@ CSV_BLOCK_BYTES = 16 * 1024 * 1024
 # Ids become DynamoDB keys (``user#<id>``, at most 2048 bytes) and entries of a user's item (at most
 # 400 KB for x recommendations): a longer id is a broken export, refused where it is read.
 MAX_ID_BYTES = 1024
+# The largest epoch a time column may hold in seconds (year 5138): a larger number is milliseconds.
+MAX_EPOCH_SECONDS = 1e11
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def read_interactions(
     header: bool = True,
     sep: str | None = None,
     implicit: bool = False,
+    time_col: str | int | None = None,
     s3_client: Any = None,
 ) -> pd.DataFrame:
     """Read (user, item, rating) rows from ``source`` (a path or ``s3://`` URI; CSV/TSV/Parquet).
@@ -120,6 +124,10 @@ def read_interactions(
 
     ``sep``: a one-character separator (``"\\t"`` may be written as a backslash and ``t``); sniffed
     among tab, comma, semicolon, pipe and space when ``None``. Ignored for Parquet.
+
+    ``time_col``: when given, the frame has a ``time`` column too, int64 seconds since the epoch (UTC),
+    read from epoch seconds or milliseconds (numbers; milliseconds when they exceed ``MAX_EPOCH_SECONDS``),
+    ISO-8601 text (a value without an offset is UTC) or a Parquet timestamp or date.
     """
     if rating_col is None and not implicit:
         raise ConfigError("explicit ratings need a rating column; pass rating_col or implicit=True")
@@ -137,6 +145,9 @@ def read_interactions(
     rating_name = _resolve_rating_column(table, rating_col, implicit=implicit, optional=rating_optional)
     if rating_name is not None and rating_name in (user_name, item_name):
         raise ConfigError(f"rating_col names column {rating_name!r}, which is also an id column")
+    time_name = None if time_col is None else _resolve_column(table, time_col, "time")
+    if time_name is not None and time_name in (user_name, item_name, rating_name):
+        raise ConfigError(f"time_col names column {time_name!r}, which is also the user, item or rating column")
 
     users = _id_column(table, user_name, "user id")
     items = _id_column(table, item_name, "item id")
@@ -154,6 +165,8 @@ def read_interactions(
             RATING: ratings,
         }
     )
+    if time_name is not None:
+        frame[TIME] = _time_column(table, time_name)
     frame.attrs["source"] = source
     frame.attrs["row_offset"] = table.row_offset
     return frame
@@ -595,6 +608,63 @@ def _bad_number_reason(original: Any, value: float, what: str) -> str:
     if np.isinf(value):
         return f"{what} {original!r} is not finite"
     return f"{what} {original!r} is not a number"
+
+
+def _time_column(table: _Table, name: str) -> np.ndarray:
+    """Column ``name`` as int64 seconds since the epoch (UTC): (n_rows,).
+
+    Numbers are epoch seconds, or milliseconds when the largest exceeds ``MAX_EPOCH_SECONDS`` (one
+    unit for the whole column: a file mixing them is refused where a value is out of range); text is
+    ISO-8601 (``2024-05-01``, ``2024-05-01T12:30:00Z``, ``2024-05-01 12:30:00+02:00``; no offset means
+    UTC); Parquet timestamps and dates are read as they are typed.
+    """
+    column = table.data.column(name)
+    data_type = column.type
+    if pa.types.is_timestamp(data_type) or pa.types.is_date(data_type):
+        missing = _first_true(pc.is_null(column))
+        if missing is not None:
+            raise InputDataError("time is empty", source=table.source, row=table.row(missing), column=name)
+        seconds = column.cast(pa.timestamp("s", tz="UTC") if pa.types.is_timestamp(data_type) else pa.date64())
+        values = seconds.cast(pa.int64()).to_numpy()
+        return values // 1000 if pa.types.is_date(data_type) else values
+    if _is_text(data_type):
+        text = pc.utf8_trim_whitespace(column)
+        numeric = _parse_numbers(text)
+        if np.isfinite(numeric).all():
+            return _epoch_seconds(table, name, numeric)
+        return _iso_seconds(table, name, text)
+    if pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type):
+        return _epoch_seconds(table, name, _number_column(table, name, "time"))
+    raise InputDataError(f"time column has type {data_type}; expected epoch seconds or milliseconds, ISO-8601 "
+                         "text, or a timestamp", source=table.source, column=name)
+
+
+def _epoch_seconds(table: _Table, name: str, values: np.ndarray) -> np.ndarray:
+    """Epoch numbers (n,) float64 as int64 seconds: milliseconds when any exceeds MAX_EPOCH_SECONDS."""
+    millis = bool(len(values)) and float(np.nanmax(np.abs(values))) > MAX_EPOCH_SECONDS
+    seconds = values / 1000.0 if millis else values
+    unit = "milliseconds" if millis else "seconds"
+    _raise_at_first(table, name, ~np.isfinite(seconds) | (np.abs(seconds) > MAX_EPOCH_SECONDS),
+                    lambda v: f"time {v:g} is not epoch seconds or milliseconds (read as {unit})", values)
+    if millis:
+        # Milliseconds before 1973 beside later ones are seconds in a column of milliseconds.
+        _raise_at_first(table, name, np.abs(values) < MAX_EPOCH_SECONDS,
+                        lambda v: f"time {v:g} looks like epoch seconds in a column of milliseconds", values)
+    return np.floor(seconds).astype(np.int64)
+
+
+def _iso_seconds(table: _Table, name: str, text: pa.ChunkedArray) -> np.ndarray:
+    """ISO-8601 text (n,) as int64 seconds (UTC); the first value that does not parse is an error."""
+    series = pd.Series(text.to_pandas(), dtype="object")
+    parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        position = int(np.argmax(bad))
+        value = series.iloc[position]
+        reason = "time is empty" if value is None or value == "" else (
+            f"time {value!r} is not ISO-8601 (e.g. 2024-05-01 or 2024-05-01T12:30:00Z) nor epoch seconds")
+        raise InputDataError(reason, source=table.source, row=table.row(position), column=name)
+    return (parsed.astype("datetime64[ns, UTC]").to_numpy(dtype="datetime64[s]").astype(np.int64))
 
 
 def _rating_column(table: _Table, name: str, what: str, *, allow_negative: bool) -> np.ndarray:

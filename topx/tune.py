@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from topx import evaluate as ev
 from topx.config import HyperParameters
 from topx.errors import ConfigError
 
@@ -59,8 +58,9 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
                          grid: dict[str, tuple[float, ...]] | None = None) -> TuneResult:
     """Search ``grid`` (default ``TUNE_GRID``) on a carve of the rows ``train_mask`` selects.
 
-    ds: a topx.pipeline.Dataset; run: its RunOptions (top_x, device, search method)."""
-    from topx.pipeline import Dataset, evaluate_model, fit, with_history
+    ds: a topx.dataset.Dataset; run: its RunOptions (top_x, device, search method)."""
+    from topx.dataset import with_history
+    from topx.steps import evaluate_model, fit
     from topx.vectors import export_vectors
 
     if hp.learner != "icd":
@@ -68,8 +68,8 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
                           "learner icd")
     grid = TUNE_GRID if grid is None else grid
     rows = np.flatnonzero(train_mask)
-    sub = Dataset(ds.feature_index, ds.user_rows[rows], ds.item_rows[rows], ds.rating[rows], ds.implicit)
-    carve = ev.holdout_split(sub.user_rows, VALIDATION_FRACTION, hp.seed + 3)
+    sub = ds.rows(rows)
+    carve = sub.holdout(VALIDATION_FRACTION, hp.seed + 3)
     if not carve.any():
         raise ConfigError("too little data to tune: no user has enough interactions for a validation carve")
     sub = with_history(sub, ~carve, hp)

@@ -15,7 +15,7 @@ import os
 import sys
 
 from batch_jobs.args import bucket_name, filled, run_id
-from topx import stages
+from topx.aws import stages
 from topx.config import env_or
 from topx.contract import ENV_ARRAY_INDEX, ENV_SHARDS, TOPX_ERROR_EXIT
 from topx.errors import ConfigError, TopxError

@@ -14,7 +14,7 @@ import json
 import sys
 
 from batch_jobs.args import bucket_name, run_id
-from topx import stages
+from topx.aws import stages
 from topx.contract import TOPX_ERROR_EXIT
 from topx.errors import TopxError
 

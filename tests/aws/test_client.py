@@ -1,4 +1,4 @@
-"""Reading recommendations, uploading and following runs of a deployed stack: topx.client and its commands.
+"""Reading recommendations, uploading and following runs of a deployed stack: topx.aws.client and its commands.
 
 Name resolution is tested with a stand-in CloudFormation client; the commands run against the offline
 pipeline (topx.offline), which the client cannot tell from a deployed stack once the names are given.
@@ -16,7 +16,8 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 from reliability_stack import base_ratings
 
-from topx import client, offline, stages, store
+from topx import offline
+from topx.aws import client, stages, store
 from topx.cli import main
 from topx.errors import ConfigError, StoreError
 

@@ -10,9 +10,13 @@ import pytest
 from moto import mock_aws
 from reliability_stack import base_ratings
 
-from topx import contract, stages, store
+from topx import contract
+from topx.aws import stages, store
+from topx.config import default_hyperparameters
+from topx.dataset import DataOptions
 from topx.errors import InputDataError, StoreError
-from topx.pipeline import DataOptions, RunOptions, default_hyperparameters, run_all
+from topx.run import run_all
+from topx.steps import RunOptions
 
 BUCKET, TABLE = "topx-test-bucket", "topx-test-table"
 
@@ -217,9 +221,10 @@ def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkey
 
 
 def test_a_shard_builds_the_seen_items_of_its_own_users_only(tmp_path):
+    from topx.dataset import Dataset
     from topx.errors import ArtifactFormatError
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import INTERACTIONS_FILE, Dataset, save_interactions, user_range_interactions
+    from topx.rundir import INTERACTIONS_FILE, save_interactions, user_range_interactions
 
     rng = np.random.default_rng(0)
     index = FeatureIndex.one_hot([f"u{i}" for i in range(50)], [f"i{j}" for j in range(30)])
@@ -280,3 +285,20 @@ def test_an_unknown_search_method_is_refused_before_the_shard_reads_anything(mon
     with pytest.raises(ConfigError, match="TOPX_SEARCH_METHOD: unknown search method 'annoy'; expected one of "
                                           "exact, faiss, hnsw, ivf"):
         stages.search_shard(BUCKET, "20260101T000000000000Z-a", 0, 2)
+
+
+def test_a_time_column_set_at_deploy_makes_the_deployed_hold_out_temporal(aws, tmp_path, monkeypatch):
+    s3, _ = aws
+    data = base_ratings(150, 80, seed=11)
+    data["ts"] = 1_700_000_000 + np.random.default_rng(3).permutation(len(data)) * 3600
+    data.to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+    monkeypatch.setenv(contract.ENV_TIME_COL, "ts")
+    monkeypatch.setenv(contract.ENV_SINCE, "2023-11-15")
+
+    run_id = run_pipeline("incoming/ratings.csv")
+    metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
+    assert metrics["holdout_split"] == "temporal"
+    record = stages._get_json(BUCKET, contract.run_record_key(run_id))
+    kept = data["ts"] >= pd.Timestamp("2023-11-15", tz="UTC").timestamp()
+    assert record["report"]["rows_before_window_dropped"] == int((~kept).sum()) > 0

@@ -9,7 +9,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from topx import store
+from topx.aws import store
 from topx.errors import ConfigError, StoreError
 
 

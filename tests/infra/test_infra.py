@@ -345,6 +345,24 @@ def test_an_unknown_search_method_is_refused_naming_the_key_and_the_choices() ->
         DeploySettings.from_context({"search_method": "annoy"}.get)
 
 
+def test_the_time_column_and_its_window_reach_every_function_and_job_only_when_set() -> None:
+    env = DeploySettings.from_context({"time_col": "event_time", "half_life_days": "45", "since": "90"}.get
+                                      ).job_environment(bucket="b", table="t", topic_arn="a")
+    assert (env["TOPX_TIME_COL"], env["TOPX_HALF_LIFE_DAYS"], env["TOPX_SINCE"]) == ("event_time", "45.0", "90")
+    plain = DeploySettings().job_environment(bucket="b", table="t", topic_arn="a")
+    assert not {"TOPX_TIME_COL", "TOPX_HALF_LIFE_DAYS", "TOPX_SINCE"} & set(plain)
+
+
+@pytest.mark.parametrize(("context", "message"), [
+    ({"half_life_days": "30"}, "context half_life_days and since need context time_col"),
+    ({"time_col": "t", "half_life_days": "-3"}, "context half_life_days must be a positive number of days"),
+    ({"time_col": "t", "since": "last week"}, "context since must be an ISO-8601 date"),
+])
+def test_a_bad_time_setting_is_refused_at_synth_naming_the_key(context: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        DeploySettings.from_context(context.get)
+
+
 def test_infra_imports_nothing_of_topx_but_the_contract() -> None:
     """The rest of topx would drag numpy, torch and faiss into `cdk synth` (tests/unit/test_import_cost.py
     checks that the contract does not)."""
@@ -939,10 +957,10 @@ def test_an_out_of_range_hyperparameter_is_refused_naming_it(hyperparameters: st
 
 @pytest.mark.parametrize(("name", "value"), _hyperparameter_samples())
 def test_hyperparameters_infra_accepts_are_those_topx_accepts(name: str, value: Any) -> None:
-    """Synth refuses what training (topx.stages.parse_hyperparameters, which the train job runs on the
+    """Synth refuses what training (topx.aws.stages.parse_hyperparameters, which the train job runs on the
     value) would refuse, and accepts what it would accept (it is stricter only about an integer written
     as a fraction or a boolean, which topx would truncate)."""
-    stages = pytest.importorskip("topx.stages")
+    stages = pytest.importorskip("topx.aws.stages")
     errors = pytest.importorskip("topx.errors")
     text = json.dumps({name: value})
     try:

@@ -1,6 +1,6 @@
-"""The thin entry points: Lambda handlers and Batch mains parse their input and call one topx.stages function.
+"""The thin entry points: Lambda handlers and Batch mains parse their input and call one topx.aws.stages function.
 
-``topx.stages`` is replaced by a recording fake, so these tests check only the parsing layer: which
+``topx.aws.stages`` is replaced by a recording fake, so these tests check only the parsing layer: which
 stage is called with which arguments, env fallbacks, and the errors a malformed event gets.
 """
 
@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-import topx
 from topx.errors import InputDataError
 
 BUCKET, TABLE, RUN = "data-bucket", "recs-table", "run-0001"
@@ -24,7 +23,7 @@ class FakeStages(types.ModuleType):
     """Records each call; returns canned replies shaped like the real stages'."""
 
     def __init__(self) -> None:
-        super().__init__("topx.stages")
+        super().__init__("topx.aws.stages")
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.replies: dict[str, Any] = {
             "prepare_run": {
@@ -60,8 +59,10 @@ class FakeStages(types.ModuleType):
 @pytest.fixture
 def stages(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStages]:
     fake = FakeStages()
-    monkeypatch.setitem(sys.modules, "topx.stages", fake)
-    monkeypatch.setattr(topx, "stages", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "topx.aws.stages", fake)
+    import topx.aws
+
+    monkeypatch.setattr(topx.aws, "stages", fake, raising=False)
     for name in ("functions.handlers", "batch_jobs.train.main", "batch_jobs.search.main"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     for name in ("TOPX_BUCKET", "TOPX_TABLE", "TOPX_SHARDS", "AWS_BATCH_JOB_ARRAY_INDEX"):

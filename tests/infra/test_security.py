@@ -246,12 +246,12 @@ def test_the_wildcard_walker_catches_what_it_should() -> None:
 
 
 def test_table_permissions_match_the_store(synth: Synthesized) -> None:
-    """The functions may touch only the pointer and user items, and every call topx/store.py makes is granted."""
-    store = pytest.importorskip("topx.store")
+    """The functions may touch only the pointer and user items, and every call topx/aws/store.py makes is granted."""
+    store = pytest.importorskip("topx.aws.store")
     calls = set(re.findall(r"\bddb\.([a-z_]+)\(", Path(store.__file__).read_text(encoding="utf-8")))
     needed = {"dynamodb:" + "".join(part.capitalize() for part in call.split("_")) for call in calls}
     granted = {action for spec in SPECS for access in spec.table for action in access.actions}
-    assert needed <= granted, f"topx/store.py calls {sorted(needed - granted)}, which no function may"
+    assert needed <= granted, f"topx/aws/store.py calls {sorted(needed - granted)}, which no function may"
     leading_keys: set[str] = set()
     for props in synth.properties("AWS::IAM::Policy").values():
         for statement in props["PolicyDocument"]["Statement"]:

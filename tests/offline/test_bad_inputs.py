@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from reliability_stack import TOP_X, Run, Stack, base_ratings, csv_bytes, deployed
 
-from topx import store
+from topx.aws import store
 
 BASE = base_ratings()
 BASE_CSV = csv_bytes(BASE)

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 from reliability_stack import base_ratings
 
-from topx import client, offline, stages, store
+from topx import offline
+from topx.aws import client, stages, store
 from topx.cli import main
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30

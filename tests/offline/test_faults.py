@@ -29,7 +29,8 @@ import boto3
 import pytest
 from reliability_stack import SEEDED_VERSION, Reader, Run, Stack, base_ratings, csv_bytes, deployed
 
-from topx import pipeline, stages, store
+from topx import steps
+from topx.aws import stages, store
 
 BASE = base_ratings()
 UPLOAD = csv_bytes(BASE)
@@ -115,7 +116,7 @@ def cause_of_train_failures(run: Run) -> list[int]:
 def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> list[dict[str, float]]:
     """Kill the training job after its first epoch, on the first ``attempts`` attempts (None: always)."""
     killed: list[dict[str, float]] = []
-    real = pipeline.fit
+    real = steps.fit
 
     def fit(*args: Any, **kwargs: Any) -> Any:
         if attempts is None or len(killed) < attempts:
@@ -126,7 +127,7 @@ def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> l
             kwargs["on_epoch"] = die
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "fit", fit)
+    monkeypatch.setattr(steps, "fit", fit)
     return killed
 
 

@@ -160,7 +160,7 @@ def test_local_settings_refuse_hyperparameters_the_train_job_would(monkeypatch) 
 
 def test_a_deploy_searches_by_default_as_topx_run_does(monkeypatch) -> None:
     from topx.config import search_method
-    from topx.pipeline import RunOptions
+    from topx.steps import RunOptions
 
     monkeypatch.delenv("TOPX_SEARCH_METHOD", raising=False)  # what the stack sets when search_method is unset
     assert search_method() == RunOptions().search_method == "exact"

@@ -33,7 +33,7 @@ from reliability_stack import (
     deployed,
 )
 
-from topx import stages, store
+from topx.aws import stages, store
 from topx.contract import (
     ENV_EPOCHS,
     ENV_HYPERPARAMETERS,

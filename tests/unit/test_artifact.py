@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topx.artifact import (
+from topx.errors import ArtifactFormatError, TopxError
+from topx.feature_index import FeatureIndex
+from topx.formats.artifact import (
     fm_arrays,
     model_algo_bytes,
     model_tar_bytes,
@@ -24,9 +26,7 @@ from topx.artifact import (
     read_model_artifact,
     write_model_artifact,
 )
-from topx.errors import ArtifactFormatError, TopxError
-from topx.feature_index import FeatureIndex
-from topx.ndarray import dump_ndarrays, load_ndarrays
+from topx.formats.ndarray import dump_ndarrays, load_ndarrays
 from topx.params import FMParams
 
 

@@ -102,19 +102,6 @@ def test_json_line_is_one_plain_line():
     assert json.loads(line) == {"a": 0.12346, "b": None, "c": {"n": 3}, "d": [True]}
 
 
-def test_ranking_temporal_split_holds_out_each_users_latest_rows_by_the_holdout_count_rule():
-    from benchmarks.ranking import temporal_split
-
-    users = np.array([0, 0, 0, 0, 0, 1, 1, 2, 0, 0])
-    times = np.array([5, 1, 9, 3, 7, 2, 1, 4, 8, 9])
-    mask = temporal_split(users, times, 0.2)
-    # User 0 has 7 rows: round(1.4) = 1 held out, the latest; of two at time 9 the later row counts as later.
-    assert np.flatnonzero(mask).tolist() == [9]
-    mask = temporal_split(users, times, 0.5)
-    # 7 rows -> 4 (times 9, 9, 8, 7); 2 rows -> 1 (time 2); 1 row -> 0 (a user keeps a training row).
-    assert sorted(np.flatnonzero(mask).tolist()) == [2, 4, 5, 8, 9]
-
-
 def test_ranking_ease_scores_planted_co_occurrence_first():
     from benchmarks.ranking import fit_ease
 
@@ -137,5 +124,7 @@ def test_ranking_benchmark_prints_one_line_with_every_key(capsys):
             assert isinstance(doc[key + suffix], float), key + suffix
         for method in ("als", "bpr", "ease", "lightfm"):
             assert f"{method}_recall_at_10{suffix}" in doc and f"{method}_ndcg_at_10{suffix}" in doc
+    for half_life in ("30", "90", "180"):
+        assert isinstance(doc[f"recall_at_10_half_life_{half_life}d_temporal"], float)
     # topx ranks well above popularity even in the quick run (2 epochs).
     assert doc["recall_at_10"] > 1.5 * doc["popularity_recall_at_10"]

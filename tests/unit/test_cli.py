@@ -140,15 +140,15 @@ def test_stages_reproduce_the_whole_run(implicit_files, tmp_path):
 
 
 def test_faiss_search_writes_the_same_recommendations_as_the_exact_scan(implicit_files, tmp_path, monkeypatch):
-    import topx.pipeline
+    import topx.steps
 
-    methods, searched = [], topx.pipeline.iter_top_x
+    methods, searched = [], topx.steps.iter_top_x
 
     def recording(*args, method="exact", **kwargs):
         methods.append(method)
         return searched(*args, method=method, **kwargs)
 
-    monkeypatch.setattr(topx.pipeline, "iter_top_x", recording)
+    monkeypatch.setattr(topx.steps, "iter_top_x", recording)
     run = tmp_path / "run"
     assert main(["train", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
                  "--implicit", "--out", str(run), *FAST]) == 0
@@ -280,9 +280,9 @@ def test_demo_without_moto_names_the_extra_to_install(monkeypatch, capsys):
 
 
 def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path):
-    from topx.artifact import read_model_artifact
     from topx.feature_index import FeatureIndex
-    from topx.recordio import write_recordio_protobuf
+    from topx.formats.artifact import read_model_artifact
+    from topx.formats.recordio import write_recordio_protobuf
 
     data = generate(120, 60, mean_interactions=8, implicit=False, seed=3).interactions
     data = data.drop_duplicates(["user_id", "item_id"]).reset_index(drop=True)
@@ -311,7 +311,7 @@ def test_recordio_protobuf_trains_the_same_model_as_the_equivalent_csv(tmp_path)
 
 
 def test_corrupt_recordio_is_a_clear_error(tmp_path, capsys):
-    from topx.recordio import write_recordio_protobuf
+    from topx.formats.recordio import write_recordio_protobuf
 
     path = tmp_path / "train.recordio"
     write_recordio_protobuf(path, np.eye(3, dtype=np.float32), np.ones(3, np.float32))
@@ -350,8 +350,8 @@ def test_tuning_a_rating_regressor_is_refused_by_name(explicit_csv, tmp_path, ca
 def test_history_features_come_from_training_rows_only_and_the_run_serves_them(explicit_csv, tmp_path):
     from topx import evaluate as ev
     from topx.config import default_hyperparameters
+    from topx.dataset import DataOptions, load_dataset, with_history
     from topx.feature_index import FeatureIndex
-    from topx.pipeline import DataOptions, load_dataset, with_history
 
     data = DataOptions(str(explicit_csv), user_col="customer", item_col="sku", rating_col="stars")
     ds = load_dataset(data)
@@ -389,3 +389,62 @@ def test_an_unknown_history_features_value_is_refused_by_name(explicit_csv, caps
     with pytest.raises(SystemExit):
         main(["run", "--interactions", str(explicit_csv), "--history-features", "all", "--out", "x"])
     assert "--history-features" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def timed_csv(tmp_path_factory) -> Path:
+    """Interactions with a time column in ISO-8601, one day apart in a shuffled order."""
+    frame = generate(200, 80, mean_interactions=12, implicit=False, seed=4).interactions
+    days = np.random.default_rng(0).permutation(len(frame))
+    frame["when"] = (pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(days, unit="D")).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    path = tmp_path_factory.mktemp("timed") / "timed.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_with_a_time_column_the_holdout_is_each_users_latest_rows(timed_csv, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--out", str(out), *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "temporal"
+    assert metrics["data"]["time_first"] == "2024-01-01T00:00:00Z"
+    with np.load(out / "data" / "interactions.npz") as z:
+        users, time, holdout = z["user_rows"], z["time"], z["holdout"]
+    assert holdout.any()
+    for user in np.unique(users[holdout]):
+        mine = users == user
+        assert time[mine & holdout].min() > time[mine & ~holdout].max()
+
+    plain = tmp_path / "plain"
+    assert main(["run", "--interactions", str(timed_csv), "--out", str(plain), *FAST]) == 0
+    assert json.loads((plain / "metrics.json").read_text())["holdout_split"] == "random"
+
+
+def test_since_drops_older_rows_and_half_life_weighs_recent_ones(timed_csv, tmp_path):
+    from topx.dataset import DataOptions, load_dataset
+    from topx.steps import implicit_data
+
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--since", "2024-03-01",
+                 "--half-life-days", "30", "--out", str(out), *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    frame = pd.read_csv(timed_csv)
+    older = (pd.to_datetime(frame["when"]) < pd.Timestamp("2024-03-01", tz="UTC")).sum()
+    assert metrics["data"]["rows_before_window_dropped"] == older > 0
+    assert metrics["data"]["time_first"] >= "2024-03-01" and metrics["half_life_days"] == 30
+
+    ds = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, half_life_days=30))
+    weight = implicit_data(ds).weight
+    expected = np.log1p(ds.rating) * 0.5 ** ((ds.time.max() - ds.time) / 86400 / 30)
+    np.testing.assert_allclose(weight, expected / expected.mean(), rtol=1e-5)
+    days = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, since="10"))
+    assert (days.time >= days.time.max() - 10 * 86400).all() and len(days.time) < len(ds.time)
+
+
+def test_recency_and_window_without_a_time_column_are_refused_by_name(timed_csv, capsys):
+    assert main(["run", "--interactions", str(timed_csv), "--half-life-days", "30", "--out", "x", *FAST]) == 2
+    assert "need a time column (--time-col)" in capsys.readouterr().err
+    assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--since", "last week",
+                 "--out", "x", *FAST]) == 2
+    assert "--since must be an ISO-8601 date" in capsys.readouterr().err

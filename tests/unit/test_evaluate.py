@@ -59,3 +59,14 @@ def test_popularity_skips_seen_items_and_orders_ties_by_item():
     # Popularity order: 0 (3), 1 (2), 2 (1), then 3, 4 tied at 0.
     np.testing.assert_array_equal(top, [[2, 3], [1, 2], [3, 4]])
     np.testing.assert_array_equal(ev.popularity_top_x(train, 2, exclude_seen=False), [[0, 1]] * 3)
+
+
+def test_temporal_split_holds_out_each_users_latest_rows_by_the_holdout_count_rule():
+    users = np.array([0, 0, 0, 0, 0, 1, 1, 2, 0, 0])
+    times = np.array([5, 1, 9, 3, 7, 2, 1, 4, 8, 9])
+    mask = ev.temporal_split(users, times, 0.2)
+    # User 0 has 7 rows: round(1.4) = 1 held out, the latest; of two at time 9 the later row counts as later.
+    assert np.flatnonzero(mask).tolist() == [9]
+    mask = ev.temporal_split(users, times, 0.5)
+    # 7 rows -> 4 (times 9, 9, 8, 7); 2 rows -> 1 (time 2); 1 row -> 0 (a user keeps a training row).
+    assert sorted(np.flatnonzero(mask).tolist()) == [2, 4, 5, 8, 9]

@@ -29,10 +29,10 @@ def heavy_modules_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
 @pytest.mark.parametrize("code", [
     "from topx.cli import build_parser; build_parser()",
     "from topx.cli import main\ntry:\n    main(['recs', '--help'])\nexcept SystemExit:\n    pass",
-    "import topx.client, topx.store",
+    "import topx.aws.client, topx.aws.store",
     "import functions.handlers",
     # What the Prepare function runs: reading, validating and indexing the upload.
-    "from topx.pipeline import DataOptions, load_dataset, save_interactions\nimport topx.stages",
+    "from topx.dataset import DataOptions, load_dataset\nfrom topx.rundir import save_interactions\nimport topx.aws.stages",
 ])
 def test_light_entry_points_import_neither_torch_nor_faiss(code: str) -> None:
     assert heavy_modules_after(code) == []

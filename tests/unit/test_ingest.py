@@ -613,3 +613,58 @@ def test_well_formed_tables_read_back_their_values(tmp_path, cells):
         return
     expected_users = [row[0].strip('"') for row in cells]
     assert frame["user_id"].tolist() == expected_users
+
+
+# --------------------------------------------------------------------------- time column
+
+
+def write_times(tmp_path: Path, values: list[str]) -> Path:
+    path = tmp_path / "timed.csv"
+    rows = [f"u{i % 3},i{i},4,{value}" for i, value in enumerate(values)]
+    path.write_text("user,item,stars,when\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (["1700000000", "1700000100.9"], [1700000000, 1700000100]),                  # epoch seconds
+    (["1700000000000", "1700000100999"], [1700000000, 1700000100]),              # epoch milliseconds
+    (["2024-05-01", "2024-05-01T12:30:00Z"], [1714521600, 1714566600]),          # ISO-8601, UTC
+    (["2024-05-01T12:30:00+02:00", "2024-05-01 12:30:00"], [1714559400, 1714566600]),  # offsets; naive is UTC
+])
+def test_a_time_column_reads_epoch_seconds_milliseconds_and_iso_8601(tmp_path, values, expected):
+    frame = read_interactions(str(write_times(tmp_path, values)), user_col="user", item_col="item",
+                              rating_col="stars", time_col="when")
+    assert frame["time"].tolist() == expected and frame["time"].dtype == np.int64
+
+
+def test_parquet_timestamps_and_dates_are_read_as_typed(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"user_id": ["a", "b"], "item_id": ["x", "y"],
+                             "at": pa.array([1714521600_000, 1714566600_000], pa.timestamp("ms", tz="Europe/Paris")),
+                             "day": pa.array([19844, 19845], pa.date32())}), path)
+    assert read_interactions(str(path), rating_col=None, implicit=True, time_col="at")["time"].tolist() == [
+        1714521600, 1714566600]
+    assert read_interactions(str(path), rating_col=None, implicit=True, time_col="day")["time"].tolist() == [
+        1714521600, 1714608000]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (["2024-05-01", "yesterday"], "row 3, column 'when': time 'yesterday' is not ISO-8601"),
+    (["2024-05-01", ""], "row 3, column 'when': time is empty"),
+    (["1700000000000", "1700000000"], "row 3, column 'when': time 1.7e+09 looks like epoch seconds in a column of "
+                                      "milliseconds"),
+    (["1700000000", "1e30"], "row 3, column 'when': time 1e+30 is not epoch seconds or milliseconds"),
+])
+def test_a_bad_time_names_file_row_and_column(tmp_path, values, message):
+    path = write_times(tmp_path, values)
+    with pytest.raises(InputDataError) as caught:
+        read_interactions(str(path), user_col="user", item_col="item", rating_col="stars", time_col="when")
+    assert str(caught.value).startswith(str(path)) and message in str(caught.value)
+
+
+def test_a_time_column_that_is_another_role_or_absent_is_refused(tmp_path):
+    path = write_times(tmp_path, ["1700000000"])
+    with pytest.raises(ConfigError, match="time_col names column 'stars'"):
+        read_interactions(str(path), user_col="user", item_col="item", rating_col="stars", time_col="stars")
+    with pytest.raises(InputDataError, match="time"):
+        read_interactions(str(path), user_col="user", item_col="item", rating_col="stars", time_col="timestamp")

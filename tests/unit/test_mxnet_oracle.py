@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from topx.artifact import read_model_artifact, write_model_artifact
-from topx.ndarray import load_ndarrays, save_ndarrays
+from topx.formats.artifact import read_model_artifact, write_model_artifact
+from topx.formats.ndarray import load_ndarrays, save_ndarrays
+from topx.formats.recordio import read_recordio_protobuf, write_recordio_protobuf
 from topx.params import FMParams
-from topx.recordio import read_recordio_protobuf, write_recordio_protobuf
 
 ORACLE_DIR = Path(__file__).resolve().parents[1] / "oracle"
 SCRIPT = ORACLE_DIR / "mxnet_reference.py"

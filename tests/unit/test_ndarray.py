@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from topx.errors import ArtifactFormatError, TopxError
-from topx.ndarray import (
+from topx.formats.ndarray import (
     LIST_MAGIC,
     TYPE_FLAGS,
     V1_MAGIC,

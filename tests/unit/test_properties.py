@@ -23,11 +23,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from topx.dataset import DataOptions, load_dataset
 from topx.encode import encode_features
 from topx.errors import InputDataError, TopxError
 from topx.feature_index import FeatureIndex
 from topx.ingest import read_feature_table, read_interactions
-from topx.pipeline import DataOptions, load_dataset, load_interactions, save_interactions
+from topx.rundir import load_interactions, save_interactions
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topx.errors import InputDataError, TopxError
-from topx.recordio import (
+from topx.formats.recordio import (
     RECORDIO_MAGIC,
     iter_recordio,
     read_recordio_protobuf,

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import topx.search as search
+import topx.search.exact as search
 from topx.errors import ConfigError, InputDataError
 from topx.search import build_index, iter_top_x, search_top_x
 

@@ -74,7 +74,8 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
                  quiet: bool) -> int:
     import boto3
 
-    from topx import client, offline
+    from topx import offline
+    from topx.aws import client
 
     # Uploads name their columns as the prepare stage reads them: user_id, item_id, rating.
     frame = data.interactions.rename(columns={"plays": "rating"})
@@ -156,7 +157,10 @@ def _download_run(s3: Any, bucket: str, run_id: str, out: Path) -> None:
 
 def _run_stages(data: SyntheticData, work: Path, *, out: str | None, implicit: bool, top_x: int,
                quiet: bool) -> int:
-    from topx.pipeline import DataOptions, Reporter, RunOptions, default_hyperparameters, run_all
+    from topx.config import default_hyperparameters
+    from topx.dataset import DataOptions
+    from topx.run import run_all
+    from topx.steps import Reporter, RunOptions
 
     paths = data.write(work / "input")
     options = DataOptions(

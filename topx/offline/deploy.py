@@ -76,7 +76,7 @@ class LocalSettings:
     search_method: str | None = None
 
     def resolved(self) -> dict[str, int | float | str]:
-        from topx.stages import parse_hyperparameters
+        from topx.aws.stages import parse_hyperparameters
 
         resolved: dict[str, int | float | str] = {
             ENV_TOP_X: env_or(ENV_TOP_X, self.top_x, DEFAULT_TOP_X, int),

@@ -250,7 +250,7 @@ def offline(*, region: str = DEFAULT_REGION, retry_time_scale: float = RETRY_TIM
     check_offline_extra()  # before moto is imported, so that its absence is named, not a bare ImportError
     from moto import mock_aws
 
-    from topx import stages
+    from topx.aws import stages
 
     variables = {"AWS_DEFAULT_REGION": region, "AWS_REGION": region}
     with ExitStack() as stack:

@@ -495,3 +495,7 @@ def _map_entry(tensor: bytes) -> bytes:
     """A map entry ``"values" -> Value{float32_tensor: tensor}``."""
     value = _length_delimited(_VALUE_FLOAT32, tensor)
     return _length_delimited(_ENTRY_KEY, _VALUES_KEY.encode()) + _length_delimited(_ENTRY_VALUE, value)
+
+
+def is_recordio_protobuf(raw: bytes) -> bool:
+    return len(raw) >= 4 and int.from_bytes(raw[:4], "little") == RECORDIO_MAGIC

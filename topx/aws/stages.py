@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from botocore.exceptions import ClientError
 
-from topx import store
+from topx.aws import store
 from topx.config import HyperParameters, env_or, search_method
 from topx.contract import (
     DEFAULT_RETENTION_DAYS,
@@ -40,6 +40,7 @@ from topx.contract import (
     DEFAULT_TOP_X,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
+    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -47,6 +48,8 @@ from topx.contract import (
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
+    ENV_SINCE,
+    ENV_TIME_COL,
     ENV_TOP_X,
     FIXED_HYPERPARAMETERS,
     HYPERPARAMETERS_METADATA,
@@ -183,8 +186,9 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
-    from topx.evaluate import holdout_split
-    from topx.pipeline import DataOptions, RunOptions, load_dataset, save_interactions
+    from topx.dataset import DataOptions, load_dataset
+    from topx.rundir import save_interactions
+    from topx.steps import RunOptions
 
     if key is None:
         key = _latest_key(bucket, INCOMING_PREFIX)
@@ -200,6 +204,9 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         items=_optional_table(bucket, "items"),
         rating_col="rating",
         implicit=implicit,
+        time_col=env_or(ENV_TIME_COL, None, None),
+        half_life_days=env_or(ENV_HALF_LIFE_DAYS, None, None, float),
+        since=env_or(ENV_SINCE, None, None),
     )
     ds = load_dataset(options)
     digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
@@ -207,7 +214,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     asked = int(env_or(ENV_SHARDS, None, DEFAULT_SHARDS, int))
     shards = max(MIN_SHARDS, min(asked, max(ds.feature_index.n_users, 1)))
     # The same seeded hold-out that training draws (RunOptions/HyperParameters defaults).
-    holdout = holdout_split(ds.user_rows, RunOptions().holdout, HyperParameters().seed)
+    holdout = ds.holdout(RunOptions().holdout, HyperParameters().seed)
     with _workdir() as work:
         ds.feature_index.save(work / "prepared")
         save_interactions(work / "prepared", ds, holdout)
@@ -259,7 +266,7 @@ def parse_hyperparameters(raw: str, where: str) -> dict[str, Any]:
 
 def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -> HyperParameters:
     """Defaults by mode < TOPX_EPOCHS / TOPX_NUM_FACTORS < TOPX_HYPERPARAMETERS < the upload's metadata."""
-    from topx.pipeline import default_hyperparameters
+    from topx.config import default_hyperparameters
 
     hp = default_hyperparameters(
         implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
@@ -278,7 +285,7 @@ def _optional_table(bucket: str, name: str) -> str | None:
 
 
 def _load_prepared(bucket: str, run_id: str, work: Path):
-    from topx.pipeline import load_interactions
+    from topx.rundir import load_interactions
 
     _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
     feature_index = FeatureIndex.load(work / "prepared")
@@ -288,7 +295,8 @@ def _load_prepared(bucket: str, run_id: str, work: Path):
 
 def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
-    from topx.pipeline import MODEL_DIR, Reporter, RunOptions, evaluate_model, train_stage
+    from topx.rundir import MODEL_DIR
+    from topx.steps import Reporter, RunOptions, evaluate_model, train_stage
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -304,7 +312,8 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                                  hp.learner)
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
-                       epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict())
+                       epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
+                       holdout_split=ds.split)
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
         _put_json(bucket, metrics_key(run_id), metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
@@ -375,7 +384,8 @@ def _finite(value: Any) -> bool:
 
 def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Model artifact -> the recipe's user and item vectors under runs/<run_id>/vectors/."""
-    from topx.pipeline import read_model, vectors_stage
+    from topx.rundir import read_model
+    from topx.steps import vectors_stage
 
     with _workdir() as work:
         _download_prefix(bucket, model_prefix(run_id), work / "model")
@@ -397,12 +407,8 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
-    from topx.pipeline import (
-        INTERACTIONS_FILE,
-        load_ids,
-        user_range_interactions,
-        write_recommendations_parquet,
-    )
+    from topx.rundir import INTERACTIONS_FILE, load_ids, user_range_interactions
+    from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))

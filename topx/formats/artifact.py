@@ -2,7 +2,7 @@
 
 ``model.tar.gz`` holds one member, ``model_algo-1``: a zip with
 
-- ``params``: an MXNet NDArray file (``topx.ndarray``) holding ``arg:w0_weight`` (bias, (1,)),
+- ``params``: an MXNet NDArray file (``topx.formats.ndarray``) holding ``arg:w0_weight`` (bias, (1,)),
   ``arg:w1_weight`` (linear, (N, 1)) and ``arg:v`` (factors, (N, k)), float32. The ``arg:``
   prefix is MXNet's checkpoint convention, so ``mx.module.Module.load`` reads the file.
 - ``symbol.json``: the FM as an MXNet symbol (data -> score, label ``out_label``), so the zip
@@ -32,7 +32,7 @@ import numpy as np
 
 from topx.errors import ArtifactFormatError
 from topx.feature_index import FeatureIndex
-from topx.ndarray import LIST_MAGIC, NDArrays, dump_ndarrays, load_ndarrays
+from topx.formats.ndarray import LIST_MAGIC, NDArrays, dump_ndarrays, load_ndarrays
 from topx.params import FMParams
 
 MODEL_TAR = "model.tar.gz"

@@ -3,11 +3,11 @@
 Works against AWS, or against moto server or LocalStack when ``endpoint_url`` (or ``TOPX_ENDPOINT_URL``)
 points there. Resources are named explicitly, or found in the CloudFormation stack's outputs::
 
-    from topx.client import get_recommendations
+    from topx.aws.client import get_recommendations
     rec = get_recommendations("u00042", stack="Topx")   # or table="...", endpoint_url="http://localhost:5000"
     rec.items, rec.scores                                # best first
 
-Reads follow the active-version pointer (``topx.store``), so a reader sees one whole published version,
+Reads follow the active-version pointer (``topx.aws.store``), so a reader sees one whole published version,
 never a half-loaded one. Every name has one precedence: explicit argument > stack output > environment
 variable (``TOPX_TABLE``, ``TOPX_BUCKET``) > the outputs of the default stack ``Topx``.
 """
@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from topx import store
+from topx.aws import store
 from topx.config import env_or
 from topx.contract import (
     ENV_BUCKET,
@@ -39,7 +39,7 @@ from topx.contract import (
 from topx.errors import ConfigError, StoreError
 
 # Uploads go under incoming/ and may carry MODE_METADATA naming their objective (read by
-# topx.stages.prepare_run): "ranking" (also "implicit"), the default, or "rating" (also "explicit").
+# topx.aws.stages.prepare_run): "ranking" (also "implicit"), the default, or "rating" (also "explicit").
 IMPLICIT_MODE = "implicit"
 RATING_MODE = "rating"
 

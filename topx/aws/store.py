@@ -6,7 +6,7 @@ One table; its keys, TTL attribute and pointer item are the deploy contract's (t
   ``items`` (list of item ids, best first), ``scores`` (list of strings, to keep DynamoDB's
   number type out of float round-trips), and ``expires_at`` (epoch seconds, the table's TTL) once the
   version is retired: a version is loaded without one, so the live version never expires, and is
-  written again with one after a newer version went live (``topx.stages.retire_versions``);
+  written again with one after a newer version went live (``topx.aws.stages.retire_versions``);
 * one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version.
 
 Readers follow the pointer, so they see one whole version or the previous one, never a mix.

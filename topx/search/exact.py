@@ -1,36 +1,5 @@
-"""Top-x by inner product, in user batches, with seen items excluded exactly.
-
-Inner product only: L2 on these vectors ranks by |a_i|, not by the FM score, and cosine drops
-the item term's scale.
-
-**Exact search** (the default) returns the exact top-x of the float32 vectors: ranked by their
-inner product computed in float64 (each pair summed the same way, so duplicated items tie exactly
-and no float32 GEMM's rounding decides an order), ties broken by item row. It costs about one
-float32 GEMM of the same shapes, less on large catalogues:
-
-1. Items are sorted by norm, largest first, and scored block by block against a block of users
-   in reduced precision: bfloat16 on CPUs with bf16 matrix units (AMX, AVX512-BF16), where that
-   GEMM is several times faster than float32, else float32. A reduced score's error obeys a
-   proven bound (``_ErrorModel``).
-2. Each user keeps a lower bound ``L`` on their x-th best exact score among unseen items. The
-   query carries a shift, ``[u, -t] . [v, 1]`` with ``t`` = L less the largest error an item of the
-   block can carry, so an item can reach the top x only if its shifted score is >= 0: one sign
-   test per block entry, skipped for rows whose maximum is negative. Seen items are set to -inf
-   inside the block first, so nothing is over-fetched.
-3. The survivors (about 1.5x per user) carry [low, high] brackets on their exact scores; ``L``
-   rises to the x-th best low, those whose high falls below it are dropped, and the rest are
-   scored exactly and ranked.
-
-The blocks are spread over threads, one user block per thread, each thread single-threaded in
-torch: a block's work is a small GEMM plus numpy passes that release the GIL.
-
-**FAISS exact search** (``method="faiss"``): FAISS's ``IndexFlatIP``, every item scored in
-float32 by inner product. Its candidates are rescored in float64 and ranked like the exact scan's
-(ties by item row); it is exact up to float32 rounding, so it can differ from the exact scan only
-where two items' scores are that close at the x-th place.
-
-**Approximate search** (``method="hnsw"`` or ``"ivf"``, FAISS inner-product indexes) is an option
-for large catalogues. FAISS methods all exclude seen items exactly: fetched past, then rescored.
+"""topx's exact top-x scan: reduced-precision candidate scores under a proven error bound, then
+exact float64 rescoring (the method is described in topx.search's docstring).
 """
 
 from __future__ import annotations
@@ -44,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from topx.errors import ConfigError, InputDataError
+from topx.errors import ConfigError
 from topx.fm import intra_op_threads
 
 DEFAULT_BATCH_SIZE = 16384
@@ -58,25 +27,6 @@ _F32_UNIT = 2.0**-24
 _FLUSH_SLACK = 1e-35
 _RESCORE_SLOTS = 1 << 16  # candidate slots rescored at once
 _RESCORE_ROWS = 128
-
-
-@dataclass(frozen=True)
-class TopX:
-    """items: (n_users, x) int64 item rows, -1 where the catalogue ran out; scores: (n_users, x) float32."""
-
-    items: np.ndarray
-    scores: np.ndarray
-
-
-def _check(user_vectors: np.ndarray, item_vectors: np.ndarray, x: int) -> None:
-    if not isinstance(x, (int, np.integer)) or x < 1:
-        raise ConfigError(f"top-x must be a positive integer, got {x!r}")
-    if user_vectors.ndim != 2 or item_vectors.ndim != 2 or user_vectors.shape[1] != item_vectors.shape[1]:
-        raise InputDataError(
-            f"user vectors {user_vectors.shape} and item vectors {item_vectors.shape} must be 2-D with the same width"
-        )
-    if item_vectors.shape[0] == 0:
-        raise InputDataError("the item catalogue is empty: there is nothing to recommend")
 
 
 @dataclass(frozen=True)
@@ -160,25 +110,11 @@ class ExactIndex:
         return self.vectors.shape[0]
 
 
-def build_index(
-    item_vectors: np.ndarray,
-    *,
-    method: str = "exact",
-    precision: str = "auto",
-    block_items: int = BLOCK_ITEMS,
-    **approximate_options: int,
-) -> ExactIndex | FaissIndex:
-    """Prepare the item vectors (n_items, d) for :func:`iter_top_x`, once per catalogue.
-
-    ``method="exact"`` (default): ``precision`` of the candidate scores, "auto" (bf16 where the
-    CPU has bf16 matrix units, else f32), "bf16" or "f32". Results do not depend on it, only speed.
-    ``method="faiss"`` (FAISS IndexFlatIP, exact in float32), ``"hnsw"`` or ``"ivf"`` (approximate):
-    a FAISS inner-product index; see :func:`build_approximate_index`.
-    """
-    if method != "exact":
-        return build_approximate_index(item_vectors, method=method, **approximate_options)
-    if approximate_options:
-        raise ConfigError(f"options {sorted(approximate_options)} apply to approximate methods only")
+def build_exact_index(item_vectors: np.ndarray, *, precision: str = "auto",
+                      block_items: int = BLOCK_ITEMS) -> ExactIndex:
+    """The item vectors (n_items, d) prepared for the exact scan: ``precision`` of the candidate
+    scores, "auto" (bf16 where the CPU has bf16 matrix units, else f32), "bf16" or "f32". Results do
+    not depend on it, only speed."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
@@ -200,58 +136,11 @@ def build_index(
                       _ErrorModel.of(precision, vectors.shape[1]), block_items)
 
 
-def search_top_x(
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
-    x: int,
-    *,
-    seen: sp.csr_matrix | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    index: ExactIndex | FaissIndex | None = None,
-    method: str = "exact",
-) -> TopX:
-    """Top-x items for every user by inner product. ``seen``: (n_users, n_items) CSR of items to
-    exclude (None keeps everything). Ties are ordered by item row, so results are deterministic."""
-    items = np.full((user_vectors.shape[0], x), -1, dtype=np.int64)
-    scores = np.full((user_vectors.shape[0], x), -np.inf, dtype=np.float32)
-    for rows, batch_items, batch_scores in iter_top_x(
-        user_vectors, item_vectors, x, seen=seen, batch_size=batch_size, index=index, method=method
-    ):
-        items[rows] = batch_items
-        scores[rows] = batch_scores
-    return TopX(items, scores)
-
-
-def iter_top_x(
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
-    x: int,
-    *,
-    seen: sp.csr_matrix | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    index: ExactIndex | FaissIndex | None = None,
-    method: str = "exact",
-    threads: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (user rows, items (b, x), scores (b, x)) batch by batch: memory stays bounded by a batch.
-
-    ``method`` (used when ``index`` is None): "exact" (default, topx's scan), "faiss" (FAISS
-    IndexFlatIP, exact in float32), "hnsw" or "ivf" (approximate FAISS indexes).
-    ``threads``: worker threads (default: torch's intra-op thread count, one per core).
-    ``user_vectors`` may be a memory map: only one batch of it is read at a time.
-    """
-    _check(user_vectors, item_vectors, x)
-    n_users, n_items = user_vectors.shape[0], item_vectors.shape[0]
-    if seen is not None and seen.shape != (n_users, n_items):
-        raise InputDataError(f"seen matrix has shape {seen.shape}, expected ({n_users}, {n_items})")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    index = build_index(item_vectors, method=method) if index is None else index
-    if index.n_items != n_items:
-        raise InputDataError(f"the index holds {index.n_items} items, the catalogue {n_items}")
-    if isinstance(index, FaissIndex):
-        yield from _iter_approximate(index, user_vectors, x, seen, batch_size)
-        return
+def iter_exact(index: ExactIndex, user_vectors: np.ndarray, x: int, seen: sp.csr_matrix | None,
+               batch_size: int, threads: int | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The exact scan batch by batch, one block of users per worker thread (checked arguments: see
+    topx.search.iter_top_x)."""
+    n_users = user_vectors.shape[0]
     workers = max(1, threads or torch.get_num_threads())
     seen = None if seen is None else sp.csr_matrix(seen)
 
@@ -527,139 +416,3 @@ def _order_rows(scores: np.ndarray, items: np.ndarray, x: int) -> np.ndarray:
         order[ties] = np.lexsort((items[ties], -scores[ties]), axis=1)
     return order[:, :x]
 
-
-# ----------------------------------------------------------------------------- FAISS indexes (exact IndexFlatIP, approximate HNSW and IVF)
-
-
-@dataclass(frozen=True)
-class FaissIndex:
-    """A FAISS inner-product index over the items, and the search-time breadth it is queried with.
-
-    method: "faiss" (IndexFlatIP: every item scored, exact in float32; ``breadth`` unused), "hnsw"
-    (graph; ``breadth`` is efSearch) or "ivf" (inverted lists; ``breadth`` is nprobe).
-    vectors: (n_items, d) float32, for rescoring what the index returns.
-    """
-
-    index: object
-    method: str
-    breadth: int
-    vectors: np.ndarray
-
-    @property
-    def n_items(self) -> int:
-        return self.vectors.shape[0]
-
-
-# With "exact" (topx's bounded scan, above), these are the methods topx.contract.SEARCH_METHODS names.
-APPROXIMATE_METHODS = ("hnsw", "ivf")
-FAISS_METHODS = ("faiss", *APPROXIMATE_METHODS)
-HNSW_M = 32  # graph degree
-HNSW_EF_CONSTRUCTION = 128
-HNSW_EF_SEARCH = 128
-IVF_LISTS_PER_SQRT_N = 4  # nlist = 4 sqrt(n_items)
-IVF_NPROBE = 32
-
-
-def build_approximate_index(
-    item_vectors: np.ndarray,
-    *,
-    method: str,
-    breadth: int | None = None,
-    m: int = HNSW_M,
-    ef_construction: int = HNSW_EF_CONSTRUCTION,
-    nlist: int | None = None,
-    seed: int = 0,
-) -> FaissIndex:
-    """A FAISS maximum-inner-product index (METRIC_INNER_PRODUCT) over (n_items, d).
-
-    ``faiss``: IndexFlatIP, exact (every item scored in float32); ``breadth`` and the build options
-    do not apply. ``hnsw``: IndexHNSWFlat with ``m`` links per node, built with ``ef_construction``;
-    searched with efSearch = ``breadth`` (default 128). ``ivf``: IndexIVFFlat over ``nlist`` lists
-    (default 4 sqrt(n)) of a k-means on inner product; searched with nprobe = ``breadth`` (default 32).
-    Inner product throughout: the MIPS-to-L2 transform measured far worse with HNSW.
-    """
-    import faiss
-
-    if method not in FAISS_METHODS:
-        raise ConfigError(
-            f"unknown search method {method!r}: use 'exact' (topx's scan, the default), 'faiss' (FAISS "
-            "IndexFlatIP, exact in float32), 'hnsw' or 'ivf' (approximate FAISS indexes)"
-        )
-    vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-    n, d = vectors.shape
-    if method == "faiss":
-        index = faiss.IndexFlatIP(d)
-        index.add(vectors)
-        return FaissIndex(index, method, 0, vectors)
-    if method == "hnsw":
-        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        index.add(vectors)
-        return FaissIndex(index, method, breadth or HNSW_EF_SEARCH, vectors)
-    lists = max(1, min(n, nlist or int(IVF_LISTS_PER_SQRT_N * np.sqrt(n))))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
-    sample = vectors[np.random.default_rng(seed).permutation(n)[: min(n, 64 * lists)]]
-    index.cp.seed = seed
-    index.train(sample)
-    index.add(vectors)
-    return FaissIndex(index, method, min(lists, breadth or IVF_NPROBE), vectors)
-
-
-def _iter_approximate(
-    index: FaissIndex, user_vectors: np.ndarray, x: int, seen: sp.csr_matrix | None, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Top-x from a FAISS index per batch, seen items excluded: fetch 2x from the index, drop seen
-    items, and fetch again, x + |seen| deep, only for the users left with fewer than x; then rescore
-    what was found exactly and keep the x best (ties by item row).
-
-    ``faiss`` (IndexFlatIP) keeps x more unseen candidates than that (fetching 2x also without
-    seen items, refetching for users left with fewer than 2x, 2x + |seen| deep), so that items whose
-    float32 scores tie or nearly tie at the x-th place are all rescored and ranked in float64.
-    """
-    n_users = user_vectors.shape[0]
-    seen = None if seen is None else sp.csr_matrix(seen)
-    slack = x if index.method == "faiss" else 0
-    for start in range(0, n_users, batch_size):
-        rows = np.arange(start, min(start + batch_size, n_users))
-        users = np.ascontiguousarray(user_vectors[start:rows[-1] + 1], dtype=np.float32)
-        batch_seen = None if seen is None else seen[start:rows[-1] + 1]
-        first = 2 * x if batch_seen is not None or slack else x
-        found = _fetch(index, users, min(index.n_items, first), batch_seen)
-        if batch_seen is not None:
-            counts = np.diff(batch_seen.indptr)
-            short = np.flatnonzero(((found >= 0).sum(axis=1) < x + slack) & (counts > 0))
-            if len(short):
-                depth = x + slack + int(counts[short].max())
-                deep = _fetch(index, users[short], min(index.n_items, depth), batch_seen[short])
-                found = np.pad(found, ((0, 0), (0, max(0, deep.shape[1] - found.shape[1]))), constant_values=-1)
-                found[short, :deep.shape[1]] = deep
-                found[short, deep.shape[1]:] = -1
-        yield rows, *_rescore(index.vectors, users, found, found, x)
-
-
-def _fetch(index: FaissIndex, users: np.ndarray, k: int, seen: sp.csr_matrix | None) -> np.ndarray:
-    """(b, k) item rows the index returns for the users, seen ones replaced by -1."""
-    _set_breadth(index, k)
-    _, found = index.index.search(users, k)
-    return found if seen is None else _drop_seen(seen, found)
-
-
-def _set_breadth(index: FaissIndex, fetch: int) -> None:
-    if index.method == "hnsw":
-        index.index.hnsw.efSearch = max(index.breadth, fetch)  # HNSW returns at most efSearch results
-    elif index.method == "ivf":
-        index.index.nprobe = index.breadth
-
-
-def _drop_seen(seen_rows: sp.csr_matrix, found: np.ndarray) -> np.ndarray:
-    """found (b, k) item rows (-1 = none) with every seen (user, item) pair replaced by -1."""
-    n_items = seen_rows.shape[1]
-    b = found.shape[0]
-    seen_keys = np.repeat(np.arange(b, dtype=np.int64), np.diff(seen_rows.indptr)) * n_items + seen_rows.indices
-    seen_keys.sort()
-    keys = np.arange(b, dtype=np.int64)[:, None] * n_items + found
-    if len(seen_keys) == 0:
-        return found
-    pos = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
-    return np.where((seen_keys[pos] == keys) | (found < 0), -1, found)

@@ -1,0 +1,281 @@
+"""The interactions a run trains on: reading them (and the optional feature tables) into a Dataset.
+
+``load_dataset`` reads, validates, aggregates and indexes the interactions file as ``topx run`` and the
+Prepare stage read it; ``with_history`` adds the history features a model may ask for.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from topx import evaluate as ev
+from topx.config import HyperParameters
+from topx.encode import encode_features
+from topx.errors import ConfigError, InputDataError
+from topx.feature_index import FeatureIndex
+from topx.ingest import read_feature_table, read_interactions
+
+MIN_DISTINCT_IDS = 2  # users and items an interactions file must name
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data are and how to read them (the CLI's data options)."""
+
+    interactions: str
+    users: str | None = None
+    items: str | None = None
+    user_col: str | int = "user_id"
+    item_col: str | int = "item_id"
+    rating_col: str | int | None = "rating"
+    user_key: str | int | None = None
+    item_key: str | int | None = None
+    header: bool = True
+    sep: str | None = None
+    # The rating column is interaction strength (absent: 1 per row), as the ranking objective reads it.
+    implicit: bool = False
+    # Rows rated below this are dropped before anything else (ranking: only liked items are positives).
+    min_rating: float | None = None
+    # The time of each row (topx.ingest reads epoch seconds or milliseconds and ISO-8601): with it the
+    # hold-out is each user's latest rows, and the two options below apply.
+    time_col: str | int | None = None
+    # Weigh each row by 0.5 ** (its age / this many days), its age counted from the latest row.
+    half_life_days: float | None = None
+    # Drop rows older than this: an ISO-8601 date, or a number of days before the latest row.
+    since: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.time_col is None and (self.half_life_days is not None or self.since is not None):
+            raise ConfigError("a half-life and a window (--half-life-days, --since) need a time column (--time-col)")
+        if self.half_life_days is not None and not (self.half_life_days > 0 and math.isfinite(self.half_life_days)):
+            raise ConfigError(f"the half-life must be a positive number of days, got {self.half_life_days!r}")
+
+
+@dataclass
+class Dataset:
+    """Interactions over integer rows. user_rows/item_rows: (n,) int64; rating: (n,) float32."""
+
+    feature_index: FeatureIndex
+    user_rows: np.ndarray
+    item_rows: np.ndarray
+    rating: np.ndarray
+    implicit: bool
+    report: dict[str, Any] = field(default_factory=dict)
+    # (n,) int64 seconds since the epoch of each row, when the data have a time column.
+    time: np.ndarray | None = None
+    # Recency weighting: each row weighs 0.5 ** (age in days / this), age counted from the latest row.
+    half_life_days: float | None = None
+
+    @property
+    def split(self) -> str:
+        """How the hold-out is drawn: "temporal" (each user's latest rows) with a time column, else "random"."""
+        return "random" if self.time is None else "temporal"
+
+    def holdout(self, fraction: float, seed: int, within: np.ndarray | None = None) -> np.ndarray:
+        """(n,) bool: per user, ``fraction`` of the rows ``within`` selects (all when None) held out, the
+        latest ones with a time column, a seeded random draw without (``self.split``)."""
+        rows = np.arange(len(self.user_rows)) if within is None else np.flatnonzero(within)
+        if self.time is None:
+            chosen = ev.holdout_split(self.user_rows[rows], fraction, seed)
+        else:
+            chosen = ev.temporal_split(self.user_rows[rows], self.time[rows], fraction)
+        mask = np.zeros(len(self.user_rows), dtype=bool)
+        mask[rows[chosen]] = True
+        return mask
+
+    def recency(self, mask: np.ndarray | slice) -> np.ndarray | None:
+        """(n_selected,) float32 recency weights of the rows ``mask`` selects, None without a half-life."""
+        if self.half_life_days is None or self.time is None:
+            return None
+        age_days = (self.time.max() - self.time[mask]) / 86400.0
+        return np.power(0.5, age_days / self.half_life_days).astype(np.float32)
+
+    def rows(self, mask: np.ndarray) -> Dataset:
+        """The same dataset over the rows ``mask`` selects (the feature index is shared)."""
+        return replace(self, user_rows=self.user_rows[mask], item_rows=self.item_rows[mask],
+                       rating=self.rating[mask], time=None if self.time is None else self.time[mask])
+
+    @property
+    def user_ids(self) -> tuple[str, ...]:
+        return self.feature_index.user_ids
+
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        return self.feature_index.item_ids
+
+    def matrix(self, mask: np.ndarray | None = None) -> sp.csr_matrix:
+        """(n_users, n_items) CSR of the interactions (optionally a subset)."""
+        rows = self.user_rows if mask is None else self.user_rows[mask]
+        cols = self.item_rows if mask is None else self.item_rows[mask]
+        data = np.ones(len(rows), dtype=np.float32)
+        shape = (self.feature_index.n_users, self.feature_index.n_items)
+        out = sp.csr_matrix((data, (rows, cols)), shape=shape)
+        out.sum_duplicates()
+        return out
+
+
+def load_dataset(opts: DataOptions) -> Dataset:
+    """Read, validate and index the interactions and the optional feature tables."""
+    header = opts.header
+    frame = read_interactions(
+        opts.interactions,
+        user_col=opts.user_col,
+        item_col=opts.item_col,
+        rating_col=opts.rating_col,
+        header=header,
+        sep=opts.sep,
+        # With --min-rating the column holds ratings, negative ones too, until the threshold drops them.
+        implicit=opts.implicit and opts.min_rating is None,
+        time_col=opts.time_col,
+    )
+    report: dict[str, Any] = {"rows_read": int(len(frame))}
+    if opts.since is not None:
+        start = _window_start(opts.since, int(frame["time"].max()))
+        old = frame["time"].to_numpy() < start
+        report["window_start"] = datetime.fromtimestamp(start, UTC).isoformat()
+        report["rows_before_window_dropped"] = int(old.sum())
+        frame = frame.loc[~old]
+        if frame.empty:
+            raise InputDataError(f"no row is at or after --since {opts.since}: there are no interactions",
+                                 source=opts.interactions)
+    if opts.min_rating is not None:
+        low = frame["rating"].to_numpy() < opts.min_rating
+        report["rows_below_min_rating_dropped"] = int(low.sum())
+        frame = frame.loc[~low]
+        if frame.empty:
+            raise InputDataError(f"no row has a rating >= --min-rating {opts.min_rating:g}: there are no interactions",
+                                 source=opts.interactions)
+    if opts.implicit:
+        zero = frame["rating"].to_numpy() <= 0
+        report["zero_strength_rows_dropped"] = int(zero.sum())
+        frame = frame.loc[~zero]
+        if frame.empty:
+            raise InputDataError("every row has strength 0: there are no interactions", source=opts.interactions)
+    frame, duplicates = _aggregate(frame, opts.implicit)
+    report["duplicate_pairs_merged"] = duplicates
+    user_codes, user_ids = pd.factorize(frame["user_id"], sort=True)
+    item_codes, item_ids = pd.factorize(frame["item_id"], sort=True)
+    user_ids = [str(u) for u in user_ids]
+    item_ids = [str(i) for i in item_ids]
+    _check_enough_ids(user_ids, "user", opts.interactions, opts.user_col)
+    _check_enough_ids(item_ids, "item", opts.interactions, opts.item_col)
+    user_matrix, user_names = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep, user_ids, report, "users")
+    item_matrix, item_names = _side_features(opts.items, opts.item_key, opts.item_col, header, opts.sep, item_ids, report, "items")
+    feature_index = FeatureIndex.build(user_ids, item_ids, user_matrix, user_names, item_matrix, item_names)
+    report.update(n_users=len(user_ids), n_items=len(item_ids), n_interactions=int(len(frame)),
+                  n_features=feature_index.n_features)
+    if opts.time_col is not None:
+        report.update(time_first=_iso(int(frame["time"].min())), time_last=_iso(int(frame["time"].max())))
+    return Dataset(
+        feature_index=feature_index,
+        user_rows=user_codes.astype(np.int64),
+        item_rows=item_codes.astype(np.int64),
+        rating=frame["rating"].to_numpy(dtype=np.float32),
+        implicit=opts.implicit,
+        report=report,
+        time=None if opts.time_col is None else frame["time"].to_numpy(dtype=np.int64),
+        half_life_days=opts.half_life_days,
+    )
+
+
+def _iso(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _window_start(since: str, latest: int) -> int:
+    """The first second kept by ``since``: a number of days before ``latest``, or an ISO-8601 date."""
+    try:
+        days = float(since)
+    except ValueError:
+        days = None
+    if days is not None:
+        if not (days > 0 and math.isfinite(days)):
+            raise ConfigError(f"--since as a number of days must be positive, got {since!r}")
+        return latest - int(days * 86400)
+    try:
+        start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"--since must be an ISO-8601 date (e.g. 2024-05-01) or a number of days, got {since!r}") from exc
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    return int(start.timestamp())
+
+
+def _check_enough_ids(ids: list[str], role: str, source: str, column: str | int) -> None:
+    """One item leaves nothing to recommend (every user has it); one user leaves nothing to learn
+    from other users. Either is an incomplete export, refused before any training."""
+    if len(ids) < MIN_DISTINCT_IDS:
+        raise InputDataError(
+            f"only {len(ids)} distinct {role} id ({ids[0]!r}); a recommender needs at least "
+            f"{MIN_DISTINCT_IDS} users and {MIN_DISTINCT_IDS} items",
+            source=source,
+            column=str(column),
+        )
+
+
+def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
+    """One row per (user, item): strengths add up in implicit mode; repeated ratings average; the time
+    of a repeated pair is its latest."""
+    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)
+    merged = grouped["rating"].sum() if implicit else grouped["rating"].mean()
+    duplicates = int(len(frame) - len(merged))
+    if duplicates == 0:
+        return frame.reset_index(drop=True), 0
+    out = merged.reset_index()
+    out["rating"] = out["rating"].astype(np.float32)
+    if "time" in frame.columns:
+        out["time"] = grouped["time"].max().to_numpy()
+    return out, duplicates
+
+
+def _side_features(
+    source: str | None,
+    key: str | int | None,
+    id_col: str | int,
+    header: bool,
+    sep: str | None,
+    ids: list[str],
+    report: dict[str, Any],
+    name: str,
+) -> tuple[sp.csr_matrix | None, tuple[str, ...]]:
+    if source is None:
+        return None, ()
+    key_col = key if key is not None else (id_col if header else 0)
+    table = read_feature_table(source, key_col=key_col, header=header, sep=sep)
+    encoded = encode_features(table, ids, source=source)
+    report[f"{name}_features"] = {
+        "source": source,
+        "columns": len(encoded.names),
+        "rows_for_unknown_ids": encoded.unknown_ids,
+        "unknown_id_examples": list(encoded.unknown_examples),
+        "ids_without_features": encoded.missing_ids,
+    }
+    if encoded.unknown_ids:
+        print(
+            f"[topx] note: {source}: {encoded.unknown_ids} row(s) describe {name} with no interactions "
+            f"(e.g. {', '.join(encoded.unknown_examples)}); they are ignored.",
+            file=sys.stderr,
+        )
+    return encoded.matrix, tuple(encoded.names)
+
+
+def with_history(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters) -> Dataset:
+    """``ds`` with the history features ``hp.history_features`` names, built from the rows ``mask``
+    selects (the rows training sees: a hold-out never leaks into a user's history); ``ds`` itself when
+    it names none."""
+    if hp.history_features == "none":
+        return ds
+    sel = slice(None) if mask is None else mask
+    index = ds.feature_index.with_history(ds.user_rows[sel], ds.item_rows[sel],
+                                          users=hp.history_features in ("user", "both"),
+                                          items=hp.history_features in ("item", "both"))
+    report = {**ds.report, "n_features": index.n_features, "history_features": hp.history_features}
+    return replace(ds, feature_index=index, report=report)

@@ -1,0 +1,79 @@
+"""The whole run, as ``topx run`` does it: ingest -> (tune) -> train -> vectors -> recommend -> evaluate,
+into a run directory (topx.rundir) that appears only when every step succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from topx.config import HyperParameters
+from topx.dataset import DataOptions, Dataset, load_dataset
+from topx.rundir import METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
+from topx.steps import (
+    Reporter,
+    RunOptions,
+    evaluate_model,
+    train_stage,
+    training_summary,
+    tuned_hyperparameters,
+    vectors_stage,
+    write_recommendations_parquet,
+)
+
+if TYPE_CHECKING:
+    from topx.fm import TrainResult
+
+
+def run_all(
+    data: DataOptions,
+    hp: HyperParameters,
+    run: RunOptions,
+    out: str | os.PathLike[str],
+    *,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Every stage, into ``out`` atomically. Returns the metrics written to metrics.json."""
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    with atomic_output_dir(Path(out)) as tmp:
+        with reporter.step("ingest", f"reading {data.interactions}") as d:
+            ds = load_dataset(data)
+            d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
+                           f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
+        hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
+        params, holdout, result, ds = train_stage(ds, hp, run, tmp, reporter)
+        with reporter.step("vectors", "building the recipe's user and item vectors"):
+            vectors = vectors_stage(params, ds.feature_index, tmp / VECTORS_DIR)
+        with reporter.step("recommend", f"top-{run.top_x} for {ds.feature_index.n_users:,} users "
+                                        f"({run.search_method} search)") as d:
+            seen = None if run.include_seen else ds.matrix()
+            user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
+            n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
+                                           method=run.search_method)
+            d["result"] = f"{n_rows:,} rows."
+        with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
+            metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
+        metrics.update(_run_summary(ds, hp, run, result))
+        if tuning is not None:
+            metrics["tuning"] = tuning
+        metrics["timings_s"] = dict(reporter.timings)
+        metrics["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+        write_json(tmp / METRICS, metrics)
+    return metrics
+
+
+def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: TrainResult) -> dict[str, Any]:
+    return {
+        **training_summary(hp, result, ds.report),
+        "top_x": run.top_x,
+        "holdout_fraction": run.holdout,
+        # "temporal": each user's latest rows were held out (a time column); "random": a seeded draw.
+        "holdout_split": ds.split,
+        "half_life_days": ds.half_life_days,
+        "include_seen": run.include_seen,
+    }

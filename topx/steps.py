@@ -1,0 +1,353 @@
+"""The steps of a run: train, vectors, recommend, evaluate.
+
+``topx run`` (topx.run) calls them in order over one run directory (topx.rundir); the deployed stages
+(topx.aws.stages) call the same functions one at a time. The torch- and faiss-backed learners and the
+search are imported when first used, so reading data never loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from topx import evaluate as ev
+from topx.config import HyperParameters
+from topx.contract import DEFAULT_SEARCH_METHOD
+from topx.dataset import Dataset, with_history
+from topx.errors import ConfigError, InputDataError
+from topx.feature_index import FeatureIndex
+from topx.params import FMParams
+from topx.rundir import DATA_DIR, IDS_FILE, MODEL_DIR, save_interactions, write_model
+from topx.vectors import RecipeVectors, export_vectors
+
+if TYPE_CHECKING:
+    from topx.fm import TrainingData, TrainResult
+    from topx.icd import ImplicitData
+
+
+# Names from the torch- and faiss-backed modules, imported when first used: reading and preparing data
+# (the Prepare function, topx --help) never loads them. ``steps.<name>`` resolves them too, so a test
+# or benchmark can replace one (monkeypatch), and the stages below call whatever is there.
+_HEAVY = {"train_fm": "topx.fm", "PaddedRows": "topx.fm", "TrainingData": "topx.fm", "TrainResult": "topx.fm",
+          "train_icd": "topx.icd", "ImplicitData": "topx.icd", "iter_top_x": "topx.search"}
+
+
+def _heavy(name: str) -> Any:
+    """The object ``name`` of _HEAVY: a replacement set on this module if there is one, else the real one."""
+    if name in globals():
+        return globals()[name]
+    import importlib
+
+    return getattr(importlib.import_module(_HEAVY[name]), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAVY:
+        return _heavy(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    top_x: int = 10
+    holdout: float = 0.2
+    include_seen: bool = False
+    device: str | None = None
+    relevance_threshold: float | None = None
+    eval_users: int = 20000
+    progress: bool | None = None
+    search_method: str = DEFAULT_SEARCH_METHOD  # of the recommendations: one of topx.contract.SEARCH_METHODS
+    tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
+
+
+class Reporter:
+    """One line per step on stderr, with its wall time."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str, message: str) -> Iterator[dict[str, str]]:
+        detail: dict[str, str] = {}
+        start = time.perf_counter()
+        if self.enabled:
+            print(f"[topx] {message} ...", file=sys.stderr, flush=True)
+        yield detail
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(self.timings.get(name, 0.0) + elapsed, 3)
+        if self.enabled:
+            extra = f" {detail['result']}" if "result" in detail else ""
+            print(f"[topx]   done in {elapsed:.1f} s.{extra}", file=sys.stderr, flush=True)
+
+
+def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
+    """The FM's samples for the rows selected by ``mask`` (all when None).
+
+    Implicit strengths become positive weights log1p(s), normalised to mean 1, so heavier
+    interactions count more without a few huge counts dominating; a half-life weighs recent rows more.
+    """
+    sel = slice(None) if mask is None else mask
+    label = ds.rating[sel]
+    weight = _with_recency(training_data_weight(label) if ds.implicit else None, ds.recency(sel))
+    # Positives are 1 for ranking; ratings get a private, writable copy for the trainer.
+    label = np.ones(len(label), dtype=np.float32) if ds.implicit else np.array(label, dtype=np.float32)
+    padded = _heavy("PaddedRows")
+    return _heavy("TrainingData")(
+        user_table=padded.from_csr(ds.feature_index.user_x),
+        item_table=padded.from_csr(ds.feature_index.item_x),
+        user_rows=ds.user_rows[sel],
+        item_rows=ds.item_rows[sel],
+        label=label,
+        weight=weight,
+    )
+
+
+def training_data_weight(strength: np.ndarray) -> np.ndarray | None:
+    """(n,) positive weights log1p(strength), normalised to mean 1; None when all are equal."""
+    logs = np.log1p(np.maximum(strength, 0).astype(np.float64))
+    mean = logs.mean() if len(logs) else 1.0
+    return None if np.allclose(logs, mean) else (logs / mean).astype(np.float32)
+
+
+def _with_recency(weight: np.ndarray | None, recency: np.ndarray | None) -> np.ndarray | None:
+    """The rows' weights times their recency weights (either may be None: ones), normalised to mean 1."""
+    if recency is None:
+        return weight
+    both = recency.astype(np.float64) if weight is None else weight * recency.astype(np.float64)
+    return (both / both.mean()).astype(np.float32)
+
+
+def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
+    """The icd learner's observed pairs for the rows selected by ``mask`` (all when None), weighted as
+    ``training_data`` weighs the positives."""
+    sel = slice(None) if mask is None else mask
+    weight = _with_recency(training_data_weight(ds.rating[sel]) if ds.implicit else None, ds.recency(sel))
+    return _heavy("ImplicitData")(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
+                        weight)
+
+
+def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptions,
+        on_epoch: Any = None) -> TrainResult:
+    """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names."""
+    if hp.learner == "icd":
+        return _heavy("train_icd")(implicit_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+                         progress=run.progress, on_epoch=on_epoch)
+    return _heavy("train_fm")(training_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
+                    progress=run.progress, on_epoch=on_epoch)
+
+
+def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
+                          reporter: Reporter) -> tuple[HyperParameters, dict[str, Any] | None]:
+    """With ``run.tune``, the settings topx.tune finds on a carve of the rows training will see (the
+    hold-out stays unseen) and its report; else ``hp`` as given and None."""
+    if not run.tune:
+        return hp, None
+    from topx.tune import tune_hyperparameters
+
+    train_rows = ~ds.holdout(run.holdout, hp.seed)
+    with reporter.step("tune", "tuning on a validation carve of the training rows") as d:
+        result = tune_hyperparameters(ds, train_rows, hp, run)
+        chosen = ", ".join(f"{k}={v:g}" for k, v in result.chosen.items())
+        d["result"] = f"chose {chosen}: {result.metric} {result.best:.4f} on the carve ({result.gain:+.1%})."
+    return replace(hp, **result.chosen), result.as_dict()
+
+
+def train_stage(
+    ds: Dataset, hp: HyperParameters, run: RunOptions, out: Path, reporter: Reporter
+) -> tuple[FMParams, np.ndarray, TrainResult, Dataset]:
+    """Split, train, and write model/ and data/ into ``out``. Returns params, hold-out mask, result, and
+    the dataset the model was trained over (``ds`` with history features when ``hp`` asks for them:
+    its feature index is the model's)."""
+    holdout = ds.holdout(run.holdout, hp.seed)
+    ds = with_history(ds, ~holdout, hp)
+    what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
+    with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
+        result = fit(ds, ~holdout, hp, run)
+        d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
+    write_model(out / MODEL_DIR, result.params, ds.feature_index)
+    save_interactions(out / DATA_DIR, ds, holdout)
+    return result.params, holdout, result, ds
+
+
+def train_rows_stage(
+    x: sp.csr_matrix,
+    y: np.ndarray,
+    hp: HyperParameters,
+    run: RunOptions,
+    out: Path,
+    reporter: Reporter,
+    *,
+    source: str,
+    feature_index: FeatureIndex | None = None,
+) -> TrainResult:
+    """Train on design rows given whole, as SageMaker's recordIO-protobuf data carry them.
+
+    x: (n, N) CSR; y: (n,) labels (ratings for a regressor, 0/1 for a classifier). Each row is its
+    own sample, so the FM sees exactly the x it would see from the equivalent interactions file.
+    """
+    if hp.learner != "sgd":
+        raise ConfigError("design rows given whole train with learner sgd: the icd learner needs the user and "
+                          "item tables apart")
+    if hp.history_features != "none":
+        raise ConfigError("design rows given whole carry their own features: history features are built from "
+                          "an interactions table; leave history_features at none")
+    if not np.all(np.isfinite(y)):
+        row = int(np.flatnonzero(~np.isfinite(y))[0]) + 1
+        raise InputDataError("label is missing or not finite", source=source, row=row, column="label")
+    if hp.predictor_type == "binary_classifier" and not np.isin(y, (0.0, 1.0)).all():
+        row = int(np.flatnonzero(~np.isin(y, (0.0, 1.0)))[0]) + 1
+        raise InputDataError("a binary_classifier needs labels 0 or 1", source=source, row=row, column="label")
+    if feature_index is not None and feature_index.n_features != x.shape[1]:
+        raise InputDataError(f"rows have {x.shape[1]} features but the feature index names {feature_index.n_features}",
+                             source=source)
+    padded = _heavy("PaddedRows")
+    empty_item = padded(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    data = _heavy("TrainingData")(padded.from_csr(x), empty_item, np.arange(x.shape[0], dtype=np.int64),
+                        np.zeros(x.shape[0], dtype=np.int64), np.asarray(y, np.float32), sample_negatives=False)
+    with reporter.step("train", f"training the FM on {x.shape[0]:,} rows x {x.shape[1]:,} features ({hp.predictor_type})") as d:
+        result = _heavy("train_fm")(data, x.shape[1], hp, device=run.device, progress=run.progress)
+        d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
+    write_model(out / MODEL_DIR, result.params, feature_index)
+    return result
+
+
+def vectors_stage(params: FMParams, feature_index: FeatureIndex, out: Path) -> RecipeVectors:
+    vectors = export_vectors(params, feature_index)
+    vectors.save(out)
+    (out / IDS_FILE).write_text(
+        json.dumps({"user_ids": list(feature_index.user_ids), "item_ids": list(feature_index.item_ids)},
+                   ensure_ascii=False),
+        encoding="utf-8",
+    )
+    return vectors
+
+
+RECOMMENDATION_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+)
+
+
+def write_recommendations_parquet(
+    path: Path,
+    vectors: RecipeVectors,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    top_x: int,
+    seen: sp.csr_matrix | None,
+    *,
+    method: str = "exact",
+) -> int:
+    """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
+
+    ``method``: the search, as :func:`topx.search.iter_top_x` takes it (default "exact").
+
+    The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
+    regressor, a logit for a classifier.
+    """
+    rows_written = 0
+    with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
+        for rows, items, scores in _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
+                                              method=method):
+            valid = items >= 0
+            n_valid = valid.sum(axis=1)
+            user_col = np.repeat(user_ids[rows], n_valid)
+            rank_col = np.concatenate([np.arange(1, k + 1, dtype=np.int32) for k in n_valid]) if len(rows) else []
+            item_col = item_ids[items[valid]]
+            score_col = (scores + vectors.user_constants[rows][:, None].astype(np.float32))[valid]
+            table = pa.table(
+                {"user_id": pa.array(user_col, pa.string()), "rank": pa.array(rank_col, pa.int32()),
+                 "item_id": pa.array(item_col, pa.string()), "score": pa.array(score_col, pa.float32())},
+                schema=RECOMMENDATION_SCHEMA,
+            )
+            writer.write_table(table)
+            rows_written += table.num_rows
+    return rows_written
+
+
+def evaluate_model(
+    params: FMParams,
+    vectors: RecipeVectors,
+    ds: Dataset,
+    holdout: np.ndarray,
+    run: RunOptions,
+    seed: int,
+    learner: str = "sgd",
+) -> dict[str, Any]:
+    """Hold-out error and ranking at x, beside the popularity baseline, by the same code."""
+    metrics: dict[str, Any] = {"n_train": int((~holdout).sum()), "n_holdout": int(holdout.sum())}
+    if not holdout.any():
+        metrics["note"] = "no hold-out (holdout fraction 0 or too little data): nothing to evaluate"
+        return metrics
+    users, items = ds.user_rows[holdout], ds.item_rows[holdout]
+    pair_scores = (vectors.user_vectors[users] * vectors.item_vectors[items]).sum(axis=1) + vectors.user_constants[users]
+    if params.predictor_type == "regressor":
+        metrics["rmse"] = ev.rmse(pair_scores, ds.rating[holdout])
+        metrics["rmse_global_mean"] = ev.rmse(np.full(len(users), ds.rating[~holdout].mean()), ds.rating[holdout])
+    else:
+        rng = np.random.default_rng(seed + 1)
+        neg_items = rng.integers(0, ds.feature_index.n_items, size=len(users))
+        neg_scores = (vectors.user_vectors[users] * vectors.item_vectors[neg_items]).sum(axis=1) + vectors.user_constants[users]
+        logits = np.concatenate([pair_scores, neg_scores])
+        labels = np.concatenate([np.ones(len(users)), np.zeros(len(users))])
+        metrics["auc"] = ev.auc(logits, labels)
+        if learner == "sgd":  # icd's scores rank, but are not logits: a log loss of them would mislead
+            metrics["log_loss"] = ev.log_loss(logits, labels)
+
+    relevant_mask = holdout.copy()
+    if run.relevance_threshold is not None:
+        relevant_mask &= ds.rating >= run.relevance_threshold
+    train = ds.matrix(~holdout)
+    relevant = ds.matrix(relevant_mask)
+    eval_users = _sample_users(relevant, run.eval_users, seed)
+    x = run.top_x
+    sub_vectors = RecipeVectors(vectors.user_vectors[eval_users], vectors.item_vectors, vectors.user_constants[eval_users])
+    top = np.full((len(eval_users), x), -1, dtype=np.int64)
+    # Ranked by the search that writes the recommendations, so the metrics describe what is served.
+    for rows, batch_items, _ in _heavy("iter_top_x")(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users],
+                                           method=run.search_method):
+        top[rows] = batch_items
+    model_rank = ev.ranking_metrics(top, relevant[eval_users], ds.feature_index.n_items)
+    popular = ev.popularity_top_x(train, x)[eval_users]
+    pop_rank = ev.ranking_metrics(popular, relevant[eval_users], ds.feature_index.n_items)
+    metrics.update(model_rank.as_dict("", x))
+    metrics.update(pop_rank.as_dict("popularity_", x))
+    if pop_rank.recall > 0:
+        metrics[f"lift_over_popularity_recall_at_{x}"] = model_rank.recall / pop_rank.recall
+    metrics["ranking_users"] = model_rank.users
+    metrics["search_method"] = run.search_method
+    metrics["relevance"] = ("held-out items" if run.relevance_threshold is None
+                            else f"held-out items rated >= {run.relevance_threshold}")
+    return metrics
+
+
+def _sample_users(relevant: sp.csr_matrix, limit: int, seed: int) -> np.ndarray:
+    """Users with at least one relevant item; a seeded sample of ``limit`` of them when there are more."""
+    candidates = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if len(candidates) > limit:
+        candidates = np.sort(np.random.default_rng(seed + 2).choice(candidates, size=limit, replace=False))
+    return candidates
+
+
+def training_summary(hp: HyperParameters, result: TrainResult, data: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json records of a training: the data report, the settings and the history."""
+    return {
+        "objective": "ranking" if hp.predictor_type == "binary_classifier" else "rating",
+        "predictor_type": hp.predictor_type,
+        "learner": hp.learner,
+        "data": data,
+        "hyperparameters": hp.to_dict(),
+        "training": {"device": result.device, "best_epoch": result.best_epoch,
+                     "epochs_run": len(result.history), "history": result.history},
+    }
