@@ -23,6 +23,7 @@ from topx.contract import (
     DEFAULT_TOP_X,
     ENV_BUCKET,
     ENV_EPOCHS,
+    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -31,7 +32,9 @@ from topx.contract import (
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
     ENV_SHARDS,
+    ENV_SINCE,
     ENV_TABLE,
+    ENV_TIME_COL,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
     HANDLER_MODULE,
@@ -74,6 +77,9 @@ class LocalSettings:
     min_recall: float | None = None
     hyperparameters: str | None = None
     search_method: str | None = None
+    time_col: str | None = None
+    half_life_days: float | None = None
+    since: str | None = None
 
     def resolved(self) -> dict[str, int | float | str]:
         from topx.aws.stages import parse_hyperparameters
@@ -99,6 +105,10 @@ class LocalSettings:
         if method:
             # Refused here too rather than by the train job once the run is under way.
             resolved[ENV_SEARCH_METHOD] = search_method(method)
+        data = {ENV_TIME_COL: env_or(ENV_TIME_COL, self.time_col, None),
+                ENV_HALF_LIFE_DAYS: env_or(ENV_HALF_LIFE_DAYS, self.half_life_days, None, float),
+                ENV_SINCE: env_or(ENV_SINCE, self.since, None)}
+        resolved.update({name: value for name, value in data.items() if value not in (None, "")})
         return resolved
 
     def environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
