@@ -34,7 +34,7 @@ from infra.access import (
 )
 from infra.images import function_code
 from infra.logs import log_group
-from topx.contract import HANDLER_MODULE, POINTER_PARTITION, USER_PARTITION_PREFIX
+from topx.contract import FALLBACK_PARTITION, HANDLER_MODULE, POINTER_PARTITION, USER_PARTITION_PREFIX
 
 # Active tracing adds these to every function's role; X-Ray offers no narrower resource.
 TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
@@ -94,9 +94,11 @@ SPECS: tuple[FunctionSpec, ...] = (
         timeout=Duration.minutes(15),
         ephemeral_gib=2,
         # store.write_recommendations: the run's user items and, when retiring, superseded versions'
-        # items; store.active_version: which versions are superseded. Never a write to the pointer.
+        # items; store.write_fallback / expire_fallback: the run's fallback list, and a superseded one's
+        # TTL; store.active_version: which versions are superseded. Never a write to the pointer.
         table=(
             TableAccess(("dynamodb:BatchWriteItem",), (f"{USER_PARTITION_PREFIX}*",)),
+            TableAccess(("dynamodb:PutItem", "dynamodb:UpdateItem"), (FALLBACK_PARTITION,)),
             TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),
         ),
         # The load's manifest (a copy), and retiring: read, then delete, older versions' manifests.
@@ -108,8 +110,10 @@ SPECS: tuple[FunctionSpec, ...] = (
         memory_mb=1024,
         timeout=Duration.minutes(5),
         writes_runs=False,
-        # store.publish_version: one conditional write of the pointer item; active_version on a superseded run.
-        table=(TableAccess(("dynamodb:PutItem", "dynamodb:GetItem"), (POINTER_PARTITION,)),),
+        # store.publish_version: one conditional write of the pointer item; active_version on a superseded run;
+        # store.has_fallback: the run's fallback list is there before readers can be sent to it.
+        table=(TableAccess(("dynamodb:PutItem", "dynamodb:GetItem"), (POINTER_PARTITION,)),
+               TableAccess(("dynamodb:GetItem",), (FALLBACK_PARTITION,))),
         versions=("s3:PutObject",),  # a copy of the run's metrics
     ),
 )

@@ -540,12 +540,16 @@ def cmd_recs(args: argparse.Namespace) -> int:
     rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
     if args.json:
         print(json.dumps({"user_id": args.user_id, "items": rec.items if rec else [],
-                          "scores": rec.scores if rec else []}))
+                          "scores": rec.scores if rec else [], "fallback": bool(rec and rec.fallback)}))
         return 0 if rec else 1
     if rec is None:
-        print(f"no recommendations for {args.user_id!r} in {table} (unknown user, or nothing published yet)")
+        print(f"no recommendations for {args.user_id!r} in {table} (nothing published yet)")
         return 1
-    print(f"recommendations for {args.user_id} ({table}):")
+    if rec.fallback:
+        print(f"fallback list for {args.user_id} ({table}): the live version has no list of this user's own, "
+              "so this is its list for users it has not seen:")
+    else:
+        print(f"recommendations for {args.user_id} ({table}):")
     for rank, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True), start=1):
         print(f"  {rank:>3}. {item}  {score:+.4f}")
     return 0

@@ -167,6 +167,11 @@ def metrics_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}metrics.json"
 
 
+def fallback_key(run_id: str) -> str:
+    """The run's fallback list (Parquet: rank, item_id, score, source), for users the model has not seen."""
+    return f"{run_prefix(run_id)}fallback.parquet"
+
+
 def _shard(shard: int) -> str:
     return f"shard={shard:04d}"
 
@@ -202,7 +207,8 @@ def version_shard_prefix(run_id: str, shard: int) -> str:
 
 
 # --------------------------------------------------------------------------- DynamoDB (one table)
-# A recommendations item per (user, version): pk = "user#<user_id>", sk = "v#<version>"; one pointer item
+# A recommendations item per (user, version): pk = "user#<user_id>", sk = "v#<version>"; a fallback item per
+# version, pk = "fallback", sk = "v#<version>", the list for users it has none for; one pointer item
 # pk = "pointer", sk = "active" naming the live version. Retired versions' items carry expires_at (epoch
 # seconds), the table's TTL. The functions' table permissions are limited to these partition keys.
 
@@ -213,6 +219,8 @@ TTL_ATTRIBUTE = "expires_at"  # epoch seconds; only retired versions' items carr
 POINTER_PARTITION = "pointer"
 POINTER_SORT = "active"
 USER_PARTITION_PREFIX = "user#"
+# The fallback list's partition: reserved, since every user's partition key starts with USER_PARTITION_PREFIX.
+FALLBACK_PARTITION = "fallback"
 VERSION_SORT_PREFIX = "v#"
 # The key of the active-version pointer item.
 POINTER_KEY: Mapping[str, str] = MappingProxyType({PARTITION_KEY: POINTER_PARTITION, SORT_KEY: POINTER_SORT})
@@ -221,6 +229,11 @@ POINTER_KEY: Mapping[str, str] = MappingProxyType({PARTITION_KEY: POINTER_PARTIT
 def user_item_key(user_id: str, version: str) -> dict[str, str]:
     """The key of one user's recommendations under one version (plain strings, not DynamoDB-typed)."""
     return {PARTITION_KEY: f"{USER_PARTITION_PREFIX}{user_id}", SORT_KEY: f"{VERSION_SORT_PREFIX}{version}"}
+
+
+def fallback_item_key(version: str) -> dict[str, str]:
+    """The key of one version's fallback list (plain strings)."""
+    return {PARTITION_KEY: FALLBACK_PARTITION, SORT_KEY: f"{VERSION_SORT_PREFIX}{version}"}
 
 
 def table_key_schema() -> list[dict[str, str]]:

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from topx.config import HyperParameters
 from topx.dataset import DataOptions, Dataset, load_dataset
-from topx.rundir import METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
+from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
 from topx.steps import (
     Reporter,
     RunOptions,
     evaluate_model,
+    fallback_list,
     train_stage,
     training_summary,
     tuned_hyperparameters,
@@ -58,6 +60,10 @@ def run_all(
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
+        with reporter.step("fallback", "choosing the list for users the model has not seen") as d:
+            fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x)
+            pq.write_table(fallback, tmp / FALLBACK)
+            d["result"] = f"{metrics['fallback']['source']}."
         metrics.update(_run_summary(ds, hp, run, result))
         if tuning is not None:
             metrics["tuning"] = tuning

@@ -6,6 +6,7 @@ A run directory holds:
     data/             interactions.npz: the aggregated (user row, item row, rating) and hold-out mask
     vectors/          user_vectors.npy, item_vectors.npy, user_constants.npy, ids.json
     recommendations.parquet   user_id, rank (1..x), item_id, score
+    fallback.parquet          rank (1..x), item_id, score, source: the list for users the model has not seen
     metrics.json
 
 ``atomic_output_dir`` builds one in a temporary directory beside its destination and moves it into
@@ -46,6 +47,7 @@ RECOMMENDATIONS = "recommendations.parquet"
 
 
 METRICS = "metrics.json"
+FALLBACK = "fallback.parquet"  # the list for users the model has not seen (steps.fallback_list)
 
 
 INTERACTIONS_FILE = "interactions.npz"

@@ -351,3 +351,51 @@ def training_summary(hp: HyperParameters, result: TrainResult, data: dict[str, A
         "training": {"device": result.device, "best_epoch": result.best_epoch,
                      "epochs_run": len(result.history), "history": result.history},
     }
+
+
+# --------------------------------------------------------------------------- the fallback list
+
+FALLBACK_SOURCES = ("popularity", "model")
+FALLBACK_SCHEMA = pa.schema(
+    [("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32()), ("source", pa.string())]
+)
+
+
+def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: int) -> tuple[pa.Table, dict[str, Any]]:
+    """The best x items for a user the model has not seen, and how they were chosen.
+
+    Two candidates: popularity (the items most users interacted with in training, ties by item row) and
+    the model's list for an empty user (no features: the FM scores an item by its own term, the last
+    entry of its recipe vector). Each is given, unchanged, to every user with held-out rows, as if
+    that user were unknown, and scored by recall@x on the hold-out; the better one wins, popularity on
+    a tie or without a hold-out. Returns the list (rank, item_id, score, source) and a report.
+    """
+    train = ds.matrix(~holdout)
+    counts = np.asarray((train != 0).sum(axis=0)).reshape(-1).astype(np.float64)
+    own_term = vectors.item_vectors[:, -1].astype(np.float64)
+    n_items = ds.feature_index.n_items
+    lists = {
+        "popularity": (np.lexsort((np.arange(n_items), -counts))[:x], counts),
+        "model": (np.lexsort((np.arange(n_items), -own_term))[:x], own_term),
+    }
+    report: dict[str, Any] = {"x": x}
+    chosen = "popularity"
+    relevant = ds.matrix(holdout)
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if len(users):
+        recall = {name: ev.ranking_metrics(np.broadcast_to(items, (len(users), len(items))), relevant[users],
+                                           n_items).recall for name, (items, _) in lists.items()}
+        report.update({f"{name}_recall_at_{x}": value for name, value in recall.items()})
+        chosen = "model" if recall["model"] > recall["popularity"] else "popularity"
+        report["validated_on"] = f"the hold-out of {len(users):,} users, each given the same list"
+    else:
+        report["validated_on"] = "nothing: no hold-out, so popularity"
+    report["source"] = chosen
+    items, scores = lists[chosen]
+    table = pa.table({
+        "rank": pa.array(np.arange(1, len(items) + 1, dtype=np.int32)),
+        "item_id": pa.array([ds.item_ids[i] for i in items], pa.string()),
+        "score": pa.array(scores[items].astype(np.float32)),
+        "source": pa.array([chosen] * len(items), pa.string()),
+    }, schema=FALLBACK_SCHEMA)
+    return table, report

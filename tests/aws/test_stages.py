@@ -79,7 +79,12 @@ def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):
         rec = store.get_recommendations(TABLE, user, client=ddb)
         assert rec is not None and rec.items == list(group.sort_values("rank")["item_id"]), user
         np.testing.assert_allclose(rec.scores, group.sort_values("rank")["score"], rtol=1e-5)
-    assert store.get_recommendations(TABLE, "nobody", client=ddb) is None
+        assert not rec.fallback
+    # A user the run has not seen gets the run's fallback list, the same one `topx run` writes.
+    unknown = store.get_recommendations(TABLE, "nobody", client=ddb)
+    fallback = pd.read_parquet(local / "fallback.parquet").sort_values("rank")
+    assert unknown.fallback and unknown.items == fallback["item_id"].tolist()
+    np.testing.assert_allclose(unknown.scores, fallback["score"], rtol=1e-5)
 
 
 def test_a_failed_run_leaves_the_live_version(aws, tmp_path):
@@ -302,3 +307,21 @@ def test_a_time_column_set_at_deploy_makes_the_deployed_hold_out_temporal(aws, t
     record = stages._get_json(BUCKET, contract.run_record_key(run_id))
     kept = data["ts"] >= pd.Timestamp("2023-11-15", tz="UTC").timestamp()
     assert record["report"]["rows_before_window_dropped"] == int((~kept).sum()) > 0
+
+
+def test_a_run_whose_fallback_list_is_missing_is_not_published(aws, tmp_path):
+    s3, ddb = aws
+    base_ratings(60, 40, seed=12).to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+    prepared = stages.prepare_run(BUCKET, "incoming/ratings.csv")
+    run_id = prepared["run_id"]
+    stages.train_run(BUCKET, run_id)
+    stages.repackage_run(BUCKET, run_id)
+    for shard in prepared["shard_ids"]:
+        stages.search_shard(BUCKET, run_id, shard, prepared["shards"])
+        stages.load_shard(BUCKET, run_id, shard, TABLE)
+    assert store.has_fallback(TABLE, run_id, client=ddb)
+    ddb.delete_item(TableName=TABLE, Key=store._typed(contract.fallback_item_key(run_id)))
+    with pytest.raises(StoreError, match="its fallback list is not in the table; not publishing"):
+        stages.publish_version(BUCKET, run_id, TABLE, prepared["shards"])
+    assert store.active_version(TABLE, client=ddb) is None

@@ -246,7 +246,8 @@ def test_the_wildcard_walker_catches_what_it_should() -> None:
 
 
 def test_table_permissions_match_the_store(synth: Synthesized) -> None:
-    """The functions may touch only the pointer and user items, and every call topx/aws/store.py makes is granted."""
+    """The functions may touch only the pointer, user and fallback items, and every call topx/aws/store.py makes
+    is granted."""
     store = pytest.importorskip("topx.aws.store")
     calls = set(re.findall(r"\bddb\.([a-z_]+)\(", Path(store.__file__).read_text(encoding="utf-8")))
     needed = {"dynamodb:" + "".join(part.capitalize() for part in call.split("_")) for call in calls}
@@ -259,10 +260,11 @@ def test_table_permissions_match_the_store(synth: Synthesized) -> None:
                 assert "dynamodb:LeadingKeys" in json.dumps(statement.get("Condition", {}))
                 leading_keys.update(statement["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"])
     # The partition keys the store reads and writes are the ones granted, and nothing else is.
-    written = {store.pointer_key()["pk"]["S"], store.user_key("u1", "v1")["pk"]["S"]}
+    written = {store.pointer_key()["pk"]["S"], store.user_key("u1", "v1")["pk"]["S"],
+               store._typed(store.fallback_item_key("v1"))["pk"]["S"]}
     covered = {key for key in written if any(fnmatch.fnmatchcase(key, pattern) for pattern in leading_keys)}
     assert covered == written, leading_keys
-    assert len(leading_keys) == 2, leading_keys
+    assert len(leading_keys) == 3, leading_keys
 
 
 # --- secrets -------------------------------------------------------------------------------------------

@@ -332,7 +332,11 @@ def test_only_superseded_versions_expire(live: Stack, monkeypatch: pytest.Monkey
     assert expiry[second.run_id] == expiry[third.run_id] == {None}, "a version live during the load is kept"
     now = time.time()  # each shard of the third load retired a share, at its own time
     assert all(now + (RETENTION_DAYS - 1) * 86400 < t < now + (RETENTION_DAYS + 1) * 86400 for t in expiry[first.run_id])
-    assert len([i for i in live.items() if i.get("version", {}).get("S") == first.run_id]) == len(USERS)
+    first_items = [i for i in live.items() if i.get("version", {}).get("S") == first.run_id]
+    assert len([i for i in first_items if i["pk"]["S"].startswith("user#")]) == len(USERS)
+    # Its fallback list (one item, pk "fallback") expires with it: it is among the expiries checked above.
+    (fallback,) = [i for i in first_items if i["pk"]["S"] == "fallback"]
+    assert "expires_at" in fallback
     assert version_objects(live, first.run_id) == []
     # Retired, not deleted: the first version stays readable until its TTL (a reader who followed the
     # pointer just before it moved still finds its items), with what it held.

@@ -60,6 +60,7 @@ from topx.contract import (
     MODE_METADATA,
     VERSION_OBJECT_RE,
     VERSIONS_PREFIX,
+    fallback_key,
     feature_table_prefix,
     loaded_key,
     metrics_key,
@@ -295,8 +296,10 @@ def _load_prepared(bucket: str, run_id: str, work: Path):
 
 def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
+    import pyarrow.parquet as pq
+
     from topx.rundir import MODEL_DIR
-    from topx.steps import Reporter, RunOptions, evaluate_model, train_stage
+    from topx.steps import Reporter, RunOptions, evaluate_model, fallback_list, train_stage
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -308,8 +311,11 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                          search_method=search_method())
         out = work / "out"
         params, _, result, ds = train_stage(ds, hp, run, out, Reporter(False))
-        metrics = evaluate_model(params, export_vectors(params, ds.feature_index), ds, holdout, run, hp.seed,
-                                 hp.learner)
+        vectors = export_vectors(params, ds.feature_index)
+        metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
+        fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x)
+        pq.write_table(fallback, work / "fallback.parquet")
+        s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
@@ -461,10 +467,25 @@ def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, An
         # The managed copy goes multipart beyond 5 GB, where a single CopyObject is refused.
         s3_client().copy({"Bucket": bucket, "Key": source}, bucket, manifest + name)
     written = store.write_recommendations(table, run_id, rows, expires_at=None, client=dynamodb_client())
+    if shard == 0:
+        _load_fallback(bucket, run_id, table)
     _put_json(bucket, loaded_key(run_id, shard), {"shard": shard, "written": written})
     shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
     retired = retire_versions(bucket, table, shard, shards)
     return {"shard": shard, "written": int(written), "retired": retired}
+
+
+def _load_fallback(bucket: str, run_id: str, table: str) -> None:
+    """Write the run's fallback list (``fallback_key``) to the table under the run's version."""
+    key = fallback_key(run_id)
+    with _workdir() as work:
+        try:
+            s3_client().download_file(bucket, key, str(work / "fallback.parquet"))
+        except ClientError as exc:
+            raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
+    store.write_fallback(table, run_id, frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist(),
+                         client=dynamodb_client())
 
 
 def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[store.Recommendation]:
@@ -536,6 +557,8 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
                 rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
                 retired["users"] += store.write_recommendations(table, version, rows, expires_at=expires_at,
                                                                 client=dynamodb_client())
+                if manifest_shard == 0:
+                    store.expire_fallback(table, version, expires_at, client=dynamodb_client())
                 retired["manifests"] += 1
             # The searched file first: it is what marks a manifest as still to be retired.
             for name in sorted(files, key=lambda n: n != MANIFEST_SEARCHED):
@@ -564,6 +587,9 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     expected_users = int(run["report"]["n_users"])
     if written != expected_users:
         raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
+    if not store.has_fallback(table, run_id, client=dynamodb_client()):
+        # Readers get the fallback list for any user without one of their own: never publish without it.
+        raise StoreError(f"run {run_id}: its fallback list is not in the table; not publishing")
     # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one.
     s3_client().copy_object(Bucket=bucket, Key=version_metrics_key(run_id),
                             CopySource={"Bucket": bucket, "Key": metrics_key(run_id)})

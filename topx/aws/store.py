@@ -7,6 +7,8 @@ One table; its keys, TTL attribute and pointer item are the deploy contract's (t
   number type out of float round-trips), and ``expires_at`` (epoch seconds, the table's TTL) once the
   version is retired: a version is loaded without one, so the live version never expires, and is
   written again with one after a newer version went live (``topx.aws.stages.retire_versions``);
+* a fallback item per version, ``pk = "fallback"``, ``sk = "v#<version>"``: the list for a user the
+  version has no item for (``topx.steps.fallback_list``), which the reader returns marked as such;
 * one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version.
 
 Readers follow the pointer, so they see one whole version or the previous one, never a mix.
@@ -26,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from topx.contract import ENV_ENDPOINT_URL, PARTITION_KEY, POINTER_KEY, TTL_ATTRIBUTE, user_item_key
+from topx.contract import (
+    ENV_ENDPOINT_URL,
+    PARTITION_KEY,
+    POINTER_KEY,
+    TTL_ATTRIBUTE,
+    fallback_item_key,
+    user_item_key,
+)
 from topx.errors import ConfigError, StoreError
 
 BATCH_LIMIT = 25  # DynamoDB BatchWriteItem takes at most 25 items per request
@@ -52,9 +61,13 @@ def dynamodb_client(client: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class Recommendation:
+    """One user's list, best first. ``fallback``: the user has no list of their own in the version (the
+    model has not seen them), and this is the version's list for such users."""
+
     user_id: str
     items: list[str]
     scores: list[float]
+    fallback: bool = False
 
 
 def recommendations_from_columns(
@@ -209,17 +222,55 @@ def publish_version(table: str, version: str, *, users: int, client: Any = None)
 
 
 def get_recommendations(table: str, user_id: str, *, client: Any = None) -> Recommendation | None:
-    """The live recommendations of one user, following the pointer; None when there are none."""
+    """The live recommendations of one user, following the pointer. A user the live version has no item
+    for gets the version's fallback list, marked ``fallback=True``. None only while nothing is live (or
+    the live version predates fallback lists)."""
     ddb = dynamodb_client(client)
     version = active_version(table, client=ddb)
     if version is None:
         return None
-    reply = ddb.get_item(TableName=table, Key=user_key(user_id, version))
-    item = reply.get("Item")
-    if item is None:
-        return None
+    item = ddb.get_item(TableName=table, Key=user_key(user_id, version)).get("Item")
+    fallback = item is None
+    if fallback:
+        item = ddb.get_item(TableName=table, Key=_typed(fallback_item_key(version))).get("Item")
+        if item is None:
+            return None
     return Recommendation(
         user_id=user_id,
         items=[v["S"] for v in item["items"]["L"]],
         scores=[float(v["N"]) for v in item["scores"]["L"]],
+        fallback=fallback,
     )
+
+
+def write_fallback(table: str, version: str, items: list[str], scores: list[float], *, client: Any = None) -> None:
+    """Write one version's fallback list (no TTL: the version may go live)."""
+    ddb = dynamodb_client(client)
+    ddb.put_item(TableName=table, Item={
+        **_typed(fallback_item_key(version)),
+        "version": {"S": version},
+        "items": {"L": [{"S": i} for i in items]},
+        "scores": {"L": [{"N": repr(float(s))} for s in scores]},
+    })
+
+
+def has_fallback(table: str, version: str, *, client: Any = None) -> bool:
+    ddb = dynamodb_client(client)
+    return "Item" in ddb.get_item(TableName=table, Key=_typed(fallback_item_key(version)), ConsistentRead=True)
+
+
+def expire_fallback(table: str, version: str, expires_at: int, *, client: Any = None) -> bool:
+    """Give a retired version's fallback list its TTL. Returns False when the version has none."""
+    from botocore.exceptions import ClientError
+
+    ddb = dynamodb_client(client)
+    try:
+        ddb.update_item(TableName=table, Key=_typed(fallback_item_key(version)),
+                        UpdateExpression="SET #t = :t", ConditionExpression=f"attribute_exists({PARTITION_KEY})",
+                        ExpressionAttributeNames={"#t": TTL_ATTRIBUTE},
+                        ExpressionAttributeValues={":t": {"N": str(int(expires_at))}})
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
