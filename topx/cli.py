@@ -45,6 +45,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="key column of the --users table (default: the --user-col name)")
     g.add_argument("--item-key", type=_column, metavar="COL",
                    help="key column of the --items table (default: the --item-col name)")
+    g.add_argument("--no-cold-items", dest="cold_items", action="store_false",
+                   help="leave out --items rows with no interactions (default: they are recommended from their "
+                        "features alone, so new products get a chance)")
+    g.add_argument("--no-cold-users", dest="cold_users", action="store_false",
+                   help="leave out --users rows with no interactions (default: they get recommendations from "
+                        "their features alone, marked cold_user)")
     g.add_argument("--no-header", action="store_true",
                    help="files have no header row: columns are given by 0-based position")
     g.add_argument("--sep", metavar="SEP", help=r"field separator (default: sniffed among , \t ; |)")
@@ -302,6 +308,7 @@ def _data_options(args: argparse.Namespace):
         user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep,
         implicit=_objective(args) == "ranking", min_rating=getattr(args, "min_rating", None),
         time_col=args.time_col, half_life_days=args.half_life_days, since=args.since,
+        cold_items=args.cold_items, cold_users=args.cold_users,
     )
 
 
@@ -489,13 +496,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     run = Path(args.run)
     vectors = RecipeVectors.load(run / VECTORS_DIR)
     user_ids, item_ids = load_ids(run / VECTORS_DIR)
-    seen = None
-    if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
-        ds, _ = load_interactions(run, FeatureIndex.load(run / MODEL_DIR))
-        seen = ds.matrix()
+    seen, cold_users_from = None, None
+    if (run / MODEL_DIR).exists():
+        index = FeatureIndex.load(run / MODEL_DIR)
+        cold_users_from = index.n_warm_users
+        if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
+            seen = load_interactions(run, index)[0].matrix()
     tmp = run / f".{RECOMMENDATIONS}.tmp"
-    n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object), args.top_x, seen,
-                              method=args.search_method)
+    n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object),
+                                      args.top_x, seen, method=args.search_method, cold_users_from=cold_users_from)
     tmp.replace(run / RECOMMENDATIONS)
     print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
     return 0
@@ -540,7 +549,8 @@ def cmd_recs(args: argparse.Namespace) -> int:
     rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
     if args.json:
         print(json.dumps({"user_id": args.user_id, "items": rec.items if rec else [],
-                          "scores": rec.scores if rec else [], "fallback": bool(rec and rec.fallback)}))
+                          "scores": rec.scores if rec else [], "fallback": bool(rec and rec.fallback),
+                          "cold_user": bool(rec and rec.cold_user)}))
         return 0 if rec else 1
     if rec is None:
         print(f"no recommendations for {args.user_id!r} in {table} (nothing published yet)")
@@ -549,7 +559,8 @@ def cmd_recs(args: argparse.Namespace) -> int:
         print(f"fallback list for {args.user_id} ({table}): the live version has no list of this user's own, "
               "so this is its list for users it has not seen:")
     else:
-        print(f"recommendations for {args.user_id} ({table}):")
+        cold = " (from their features: no interactions yet)" if rec.cold_user else ""
+        print(f"recommendations for {args.user_id} ({table}){cold}:")
     for rank, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True), start=1):
         print(f"  {rank:>3}. {item}  {score:+.4f}")
     return 0

@@ -51,6 +51,10 @@ class DataOptions:
     half_life_days: float | None = None
     # Drop rows older than this: an ISO-8601 date, or a number of days before the latest row.
     since: str | None = None
+    # Ids of the --items (--users) table with no interactions become cold items (users): recommended
+    # (given recommendations) from their features alone. False leaves them out.
+    cold_items: bool = True
+    cold_users: bool = True
 
     def __post_init__(self) -> None:
         if self.time_col is None and (self.half_life_days is not None or self.since is not None):
@@ -167,11 +171,14 @@ def load_dataset(opts: DataOptions) -> Dataset:
     item_ids = [str(i) for i in item_ids]
     _check_enough_ids(user_ids, "user", opts.interactions, opts.user_col)
     _check_enough_ids(item_ids, "item", opts.interactions, opts.item_col)
-    user_matrix, user_names = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep, user_ids, report, "users")
-    item_matrix, item_names = _side_features(opts.items, opts.item_key, opts.item_col, header, opts.sep, item_ids, report, "items")
-    feature_index = FeatureIndex.build(user_ids, item_ids, user_matrix, user_names, item_matrix, item_names)
-    report.update(n_users=len(user_ids), n_items=len(item_ids), n_interactions=int(len(frame)),
-                  n_features=feature_index.n_features)
+    user_matrix, user_names, cold_users = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep,
+                                                         user_ids, report, "users", opts.cold_users)
+    item_matrix, item_names, cold_items = _side_features(opts.items, opts.item_key, opts.item_col, header, opts.sep,
+                                                         item_ids, report, "items", opts.cold_items)
+    feature_index = FeatureIndex.build(user_ids + cold_users, item_ids + cold_items, user_matrix, user_names,
+                                       item_matrix, item_names, cold_users=len(cold_users), cold_items=len(cold_items))
+    report.update(n_users=feature_index.n_users, n_items=feature_index.n_items, n_interactions=int(len(frame)),
+                  n_features=feature_index.n_features, cold_users=len(cold_users), cold_items=len(cold_items))
     if opts.time_col is not None:
         report.update(time_first=_iso(int(frame["time"].min())), time_last=_iso(int(frame["time"].max())))
     return Dataset(
@@ -245,12 +252,17 @@ def _side_features(
     ids: list[str],
     report: dict[str, Any],
     name: str,
-) -> tuple[sp.csr_matrix | None, tuple[str, ...]]:
+    cold: bool,
+) -> tuple[sp.csr_matrix | None, tuple[str, ...], list[str]]:
+    """The table's encoded features for ``ids`` and, when ``cold``, for the table's other ids (its rows
+    for entities with no interactions, in table order), and those other ids."""
     if source is None:
-        return None, ()
+        return None, (), []
     key_col = key if key is not None else (id_col if header else 0)
     table = read_feature_table(source, key_col=key_col, header=header, sep=sep)
-    encoded = encode_features(table, ids, source=source)
+    keys = pd.Index(table.index.astype("str").to_numpy(dtype=object), dtype=object)
+    cold_ids = [str(k) for k in keys[~keys.isin(ids)]] if cold else []
+    encoded = encode_features(table, [*ids, *cold_ids], source=source)
     report[f"{name}_features"] = {
         "source": source,
         "columns": len(encoded.names),
@@ -261,10 +273,10 @@ def _side_features(
     if encoded.unknown_ids:
         print(
             f"[topx] note: {source}: {encoded.unknown_ids} row(s) describe {name} with no interactions "
-            f"(e.g. {', '.join(encoded.unknown_examples)}); they are ignored.",
+            f"(e.g. {', '.join(encoded.unknown_examples)}); they are ignored (--no-cold-{name}).",
             file=sys.stderr,
         )
-    return encoded.matrix, tuple(encoded.names)
+    return encoded.matrix, tuple(encoded.names), cold_ids
 
 
 def with_history(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters) -> Dataset:

@@ -42,9 +42,15 @@ class FeatureIndex:
     item_ids: tuple[str, ...]
     user_x: sp.csr_matrix
     item_x: sp.csr_matrix
+    # Cold users and items: the last ``cold_users`` of user_ids (``cold_items`` of item_ids) have no
+    # interactions and no id feature; their x holds their side features alone.
+    cold_users: int = 0
+    cold_items: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.names)
+        if not (0 <= self.cold_users <= len(self.user_ids) and 0 <= self.cold_items <= len(self.item_ids)):
+            raise ArtifactFormatError("feature index: more cold users or items than ids")
         if len(self.owners) != n:
             raise ArtifactFormatError(f"feature index: {len(self.owners)} owners for {n} names")
         if self.user_x.shape != (len(self.user_ids), n):
@@ -68,6 +74,16 @@ class FeatureIndex:
     def n_items(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def n_warm_users(self) -> int:
+        """Users with interactions (the first rows): the ones training sees."""
+        return self.n_users - self.cold_users
+
+    @property
+    def n_warm_items(self) -> int:
+        """Items with interactions (the first rows): the ones training sees."""
+        return self.n_items - self.cold_items
+
     @classmethod
     def build(
         cls,
@@ -77,26 +93,33 @@ class FeatureIndex:
         user_feature_names: Sequence[str] = (),
         item_features: sp.spmatrix | None = None,
         item_feature_names: Sequence[str] = (),
+        *,
+        cold_users: int = 0,
+        cold_items: int = 0,
     ) -> FeatureIndex:
-        """Lay out ids and side features. ``user_features``: (n_users, n_uf) aligned with user_ids."""
+        """Lay out ids and side features. ``user_features``: (n_users, n_uf) aligned with user_ids.
+
+        The last ``cold_users`` user ids (``cold_items`` item ids) get no id feature: they have no
+        interactions to learn one from, and their x is their side features alone."""
         n_users, n_items = len(user_ids), len(item_ids)
+        warm_users, warm_items = n_users - cold_users, n_items - cold_items
         n_uf, n_if = len(user_feature_names), len(item_feature_names)
         uf = sp.csr_matrix((n_users, n_uf), dtype=np.float32) if user_features is None else sp.csr_matrix(user_features, dtype=np.float32)
         itf = sp.csr_matrix((n_items, n_if), dtype=np.float32) if item_features is None else sp.csr_matrix(item_features, dtype=np.float32)
         if uf.shape != (n_users, n_uf) or itf.shape != (n_items, n_if):
             raise ArtifactFormatError("feature index: side feature matrices do not match the id and name counts")
         names = (
-            [f"user_id={u}" for u in user_ids]
-            + [f"item_id={i}" for i in item_ids]
+            [f"user_id={u}" for u in user_ids[:warm_users]]
+            + [f"item_id={i}" for i in item_ids[:warm_items]]
             + list(user_feature_names)
             + list(item_feature_names)
         )
-        owners = ["user"] * n_users + ["item"] * n_items + ["user"] * n_uf + ["item"] * n_if
+        owners = ["user"] * warm_users + ["item"] * warm_items + ["user"] * n_uf + ["item"] * n_if
         n = len(names)
         user_x = sp.hstack(
             [
-                sp.identity(n_users, dtype=np.float32, format="csr"),
-                sp.csr_matrix((n_users, n_items), dtype=np.float32),
+                sp.identity(n_users, dtype=np.float32, format="csr")[:, :warm_users],
+                sp.csr_matrix((n_users, warm_items), dtype=np.float32),
                 uf,
                 sp.csr_matrix((n_users, n_if), dtype=np.float32),
             ],
@@ -104,8 +127,8 @@ class FeatureIndex:
         )
         item_x = sp.hstack(
             [
-                sp.csr_matrix((n_items, n_users), dtype=np.float32),
-                sp.identity(n_items, dtype=np.float32, format="csr"),
+                sp.csr_matrix((n_items, warm_users), dtype=np.float32),
+                sp.identity(n_items, dtype=np.float32, format="csr")[:, :warm_items],
                 sp.csr_matrix((n_items, n_uf), dtype=np.float32),
                 itf,
             ],
@@ -113,11 +136,11 @@ class FeatureIndex:
         )
         assert user_x.shape[1] == n
         return cls(tuple(names), tuple(owners), tuple(map(str, user_ids)), tuple(map(str, item_ids)),
-                   _clean(user_x), _clean(item_x))
+                   _clean(user_x), _clean(item_x), cold_users, cold_items)
 
     def side_features(self, owner: str) -> tuple[sp.csr_matrix, tuple[str, ...]]:
         """(n_entities, n_side) the side features of ``owner`` ('user' or 'item'), without the ids."""
-        n_ids = self.n_users + self.n_items
+        n_ids = self.n_warm_users + self.n_warm_items
         cols = [j for j in range(n_ids, self.n_features) if self.owners[j] == owner]
         table = self.user_x if owner == "user" else self.item_x
         return table[:, cols], tuple(self.names[j] for j in cols)
@@ -147,7 +170,8 @@ class FeatureIndex:
         if items:
             itf = sp.hstack([itf, normalised(sp.csr_matrix(pairs.T))], format="csr")
             i_names = i_names + tuple(f"history:user_id={u}" for u in self.user_ids)
-        return FeatureIndex.build(self.user_ids, self.item_ids, uf, u_names, itf, i_names)
+        return FeatureIndex.build(self.user_ids, self.item_ids, uf, u_names, itf, i_names,
+                                  cold_users=self.cold_users, cold_items=self.cold_items)
 
     @classmethod
     def one_hot(cls, user_ids: Sequence[str], item_ids: Sequence[str]) -> FeatureIndex:
@@ -164,6 +188,8 @@ class FeatureIndex:
             "features": [{"name": n, "owner": o} for n, o in zip(self.names, self.owners, strict=True)],
             "user_ids": list(self.user_ids),
             "item_ids": list(self.item_ids),
+            "cold_users": self.cold_users,
+            "cold_items": self.cold_items,
         }
         (out / INDEX_FILE).write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
         with open(out / DESIGN_FILE, "wb") as fh:
@@ -191,7 +217,8 @@ class FeatureIndex:
             owners = tuple(str(f["owner"]) for f in doc["features"])
             user_ids = tuple(str(u) for u in doc["user_ids"])
             item_ids = tuple(str(i) for i in doc["item_ids"])
-        except (KeyError, TypeError) as exc:
+            cold_users, cold_items = int(doc.get("cold_users", 0)), int(doc.get("cold_items", 0))
+        except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactFormatError(f"{index_path}: feature index is missing {exc}") from exc
         n = len(names)
         if design_path.exists():
@@ -206,7 +233,7 @@ class FeatureIndex:
             # Without design.npz the index describes ids only: each user and item is its id one-hot.
             user_x = _one_hot_rows(names, "user_id=", user_ids, index_path)
             item_x = _one_hot_rows(names, "item_id=", item_ids, index_path)
-        return cls(names, owners, user_ids, item_ids, _clean(user_x), _clean(item_x))
+        return cls(names, owners, user_ids, item_ids, _clean(user_x), _clean(item_x), cold_users, cold_items)
 
 
 def _one_hot_rows(names: Sequence[str], prefix: str, ids: Sequence[str], source: Path) -> sp.csr_matrix:

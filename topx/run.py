@@ -55,8 +55,10 @@ def run_all(
                                         f"({run.search_method} search)") as d:
             seen = None if run.include_seen else ds.matrix()
             user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
+            fi, counts = ds.feature_index, {}
             n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
-                                           method=run.search_method)
+                                                   method=run.search_method, cold_users_from=fi.n_warm_users,
+                                                   cold_items_from=fi.n_warm_items, counts=counts)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
@@ -65,6 +67,9 @@ def run_all(
             pq.write_table(fallback, tmp / FALLBACK)
             d["result"] = f"{metrics['fallback']['source']}."
         metrics.update(_run_summary(ds, hp, run, result))
+        metrics["cold"] = {"items": fi.cold_items, "users": fi.cold_users,
+                           "cold_item_rows": counts.get("cold_item_rows", 0),
+                           "cold_item_share": counts.get("cold_item_rows", 0) / max(counts.get("rows", 0), 1)}
         if tuning is not None:
             metrics["tuning"] = tuning
         metrics["timings_s"] = dict(reporter.timings)

@@ -104,9 +104,10 @@ def training_data(ds: Dataset, mask: np.ndarray | None = None) -> TrainingData:
     # Positives are 1 for ranking; ratings get a private, writable copy for the trainer.
     label = np.ones(len(label), dtype=np.float32) if ds.implicit else np.array(label, dtype=np.float32)
     padded = _heavy("PaddedRows")
+    user_x, item_x = _warm_design(ds)
     return _heavy("TrainingData")(
-        user_table=padded.from_csr(ds.feature_index.user_x),
-        item_table=padded.from_csr(ds.feature_index.item_x),
+        user_table=padded.from_csr(user_x),
+        item_table=padded.from_csr(item_x),
         user_rows=ds.user_rows[sel],
         item_rows=ds.item_rows[sel],
         label=label,
@@ -119,6 +120,14 @@ def training_data_weight(strength: np.ndarray) -> np.ndarray | None:
     logs = np.log1p(np.maximum(strength, 0).astype(np.float64))
     mean = logs.mean() if len(logs) else 1.0
     return None if np.allclose(logs, mean) else (logs / mean).astype(np.float32)
+
+
+def _warm_design(ds: Dataset) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The design rows training sees: users and items with interactions. Cold ones (FeatureIndex's last
+    rows) are left out, so that no learner treats an item nobody could see yet as one everybody passed
+    over (or samples it as a negative); they are scored from their features once trained."""
+    fi = ds.feature_index
+    return fi.user_x[:fi.n_warm_users], fi.item_x[:fi.n_warm_items]
 
 
 def _with_recency(weight: np.ndarray | None, recency: np.ndarray | None) -> np.ndarray | None:
@@ -134,7 +143,8 @@ def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
     ``training_data`` weighs the positives."""
     sel = slice(None) if mask is None else mask
     weight = _with_recency(training_data_weight(ds.rating[sel]) if ds.implicit else None, ds.recency(sel))
-    return _heavy("ImplicitData")(ds.feature_index.user_x, ds.feature_index.item_x, ds.user_rows[sel], ds.item_rows[sel],
+    user_x, item_x = _warm_design(ds)
+    return _heavy("ImplicitData")(user_x, item_x, ds.user_rows[sel], ds.item_rows[sel],
                         weight)
 
 
@@ -234,8 +244,10 @@ def vectors_stage(params: FMParams, feature_index: FeatureIndex, out: Path) -> R
     return vectors
 
 
+# cold_user: the user has no interactions, and the list comes from their features alone.
 RECOMMENDATION_SCHEMA = pa.schema(
-    [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+    [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32()),
+     ("cold_user", pa.bool_())]
 )
 
 
@@ -248,10 +260,16 @@ def write_recommendations_parquet(
     seen: sp.csr_matrix | None,
     *,
     method: str = "exact",
+    cold_users_from: int | None = None,
+    cold_items_from: int | None = None,
+    counts: dict[str, int] | None = None,
 ) -> int:
     """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
 
     ``method``: the search, as :func:`topx.search.iter_top_x` takes it (default "exact").
+    ``cold_users_from``: the first user row that is a cold user (rows are of ``vectors``; None: none),
+    marked in the ``cold_user`` column. ``cold_items_from``: the first cold item row; with ``counts``,
+    ``counts["cold_item_rows"]`` and ``counts["rows"]`` add up the lists' cold items and all rows.
 
     The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
     regressor, a logit for a classifier.
@@ -266,13 +284,20 @@ def write_recommendations_parquet(
             rank_col = np.concatenate([np.arange(1, k + 1, dtype=np.int32) for k in n_valid]) if len(rows) else []
             item_col = item_ids[items[valid]]
             score_col = (scores + vectors.user_constants[rows][:, None].astype(np.float32))[valid]
+            cold_col = np.repeat(rows >= cold_users_from if cold_users_from is not None
+                                 else np.zeros(len(rows), bool), n_valid)
             table = pa.table(
                 {"user_id": pa.array(user_col, pa.string()), "rank": pa.array(rank_col, pa.int32()),
-                 "item_id": pa.array(item_col, pa.string()), "score": pa.array(score_col, pa.float32())},
+                 "item_id": pa.array(item_col, pa.string()), "score": pa.array(score_col, pa.float32()),
+                 "cold_user": pa.array(cold_col, pa.bool_())},
                 schema=RECOMMENDATION_SCHEMA,
             )
             writer.write_table(table)
             rows_written += table.num_rows
+            if counts is not None:
+                counts["rows"] = counts.get("rows", 0) + table.num_rows
+                cold_rows = int((items[valid] >= cold_items_from).sum()) if cold_items_from is not None else 0
+                counts["cold_item_rows"] = counts.get("cold_item_rows", 0) + cold_rows
     return rows_written
 
 

@@ -144,7 +144,8 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert main(["recs", "u00003", "--table", pipeline.table, "--json"]) == 0
         reply = json.loads(capsys.readouterr().out)
         rec = client.get_recommendations("u00003", table=pipeline.table)
-        assert reply == {"user_id": "u00003", "items": rec.items, "scores": rec.scores, "fallback": False}
+        assert reply == {"user_id": "u00003", "items": rec.items, "scores": rec.scores, "fallback": False,
+                         "cold_user": False}
         assert not rec.fallback
         # A user the model has not seen gets the version's fallback list, marked as such.
         assert main(["recs", "nobody", "--table", pipeline.table]) == 0
@@ -154,5 +155,5 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         reply = json.loads(capsys.readouterr().out)
         unknown = client.get_recommendations("nobody", table=pipeline.table)
         assert unknown.fallback and reply == {"user_id": "nobody", "items": unknown.items, "scores": unknown.scores,
-                                              "fallback": True}
+                                              "fallback": True, "cold_user": False}
         assert len(unknown.items) == len(rec.items)

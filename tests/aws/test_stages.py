@@ -325,3 +325,31 @@ def test_a_run_whose_fallback_list_is_missing_is_not_published(aws, tmp_path):
     with pytest.raises(StoreError, match="its fallback list is not in the table; not publishing"):
         stages.publish_version(BUCKET, run_id, TABLE, prepared["shards"])
     assert store.active_version(TABLE, client=ddb) is None
+
+
+def test_the_deployed_pipeline_recommends_cold_items_and_serves_cold_users(aws, tmp_path, monkeypatch):
+    """Items and users the feature tables list but the interactions do not reach the table: new items in
+    lists, and new users with a list of their own, marked cold_user."""
+    s3, ddb = aws
+    monkeypatch.setenv("TOPX_EPOCHS", "8")
+    rng = np.random.default_rng(7)
+    rows = [(f"u{u}", f"{'ab'[u % 2]}{i}") for u in range(60) for i in rng.choice(12, size=7, replace=False)]
+    pd.DataFrame(rows, columns=["user_id", "item_id"]).to_csv(tmp_path / "plays.csv", index=False)
+    items = [(f"{c}{i}", c) for c in "ab" for i in range(12)] + [("new-a", "a"), ("new-b", "b")]
+    pd.DataFrame(items, columns=["item_id", "category"]).to_csv(tmp_path / "items.csv", index=False)
+    users = [(f"u{u}", "ab"[u % 2]) for u in range(60)] + [("newbie-a", "a")]
+    pd.DataFrame(users, columns=["user_id", "taste"]).to_csv(tmp_path / "users.csv", index=False)
+    s3.upload_file(str(tmp_path / "items.csv"), BUCKET, contract.feature_table_prefix("items") + "items.csv")
+    s3.upload_file(str(tmp_path / "users.csv"), BUCKET, contract.feature_table_prefix("users") + "users.csv")
+    s3.upload_file(str(tmp_path / "plays.csv"), BUCKET, "incoming/plays.csv")
+
+    run_id = run_pipeline("incoming/plays.csv")
+    newbie = store.get_recommendations(TABLE, "newbie-a", client=ddb)
+    assert newbie.cold_user and not newbie.fallback and all(i.startswith(("a", "new-a")) for i in newbie.items)
+    lists = [store.get_recommendations(TABLE, f"u{u}", client=ddb) for u in range(60)]
+    assert not any(rec.cold_user for rec in lists)
+    assert sum("new-a" in rec.items for rec in lists[::2]) >= 0.25 * 30  # beside 5 unseen a-items each
+    assert not any("new-b" in rec.items for rec in lists[::2])
+    searched = [stages._get_json(BUCKET, contract.searched_key(run_id, s)) for s in range(3)]
+    assert sum(s["cold_item_rows"] for s in searched) == sum(rec.items.count("new-a") + rec.items.count("new-b")
+                                                             for rec in [*lists, newbie])

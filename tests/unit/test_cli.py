@@ -42,7 +42,7 @@ def test_run_on_renamed_columns_and_float_ratings(explicit_csv, tmp_path, capsys
                  "--rating-col", "stars", "--objective", "rating", "--top-x", "5", "--out", str(out), *FAST])
     assert code == 0
     recs = read_recs(out)
-    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score", "cold_user"]
     ratings = pd.read_csv(explicit_csv, dtype={"customer": str, "sku": str})
     assert recs["user_id"].nunique() == ratings["customer"].nunique()
     assert (recs.groupby("user_id")["rank"].apply(list) == pd.Series([[1, 2, 3, 4, 5]] * recs["user_id"].nunique(),
@@ -448,3 +448,52 @@ def test_recency_and_window_without_a_time_column_are_refused_by_name(timed_csv,
     assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--since", "last week",
                  "--out", "x", *FAST]) == 2
     assert "--since must be an ISO-8601 date" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def planted_cold(tmp_path_factory) -> dict[str, Path]:
+    """Two tastes: users u0, u2, ... take items of category a, the others of category b; the items
+    table also lists new-a and new-b (no interactions yet), the users table newbie-a and newbie-b."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for user in range(60):
+        taste = "ab"[user % 2]
+        for item in rng.choice(12, size=7, replace=False):
+            rows.append((f"u{user}", f"{taste}{item}"))
+    directory = tmp_path_factory.mktemp("cold")
+    paths = {"interactions": directory / "plays.csv", "items": directory / "items.csv",
+             "users": directory / "users.csv"}
+    pd.DataFrame(rows, columns=["user_id", "item_id"]).to_csv(paths["interactions"], index=False)
+    items = [(f"{c}{i}", c) for c in "ab" for i in range(12)] + [("new-a", "a"), ("new-b", "b")]
+    pd.DataFrame(items, columns=["item_id", "category"]).to_csv(paths["items"], index=False)
+    users = [(f"u{u}", "ab"[u % 2]) for u in range(60)] + [("newbie-a", "a"), ("newbie-b", "b")]
+    pd.DataFrame(users, columns=["user_id", "taste"]).to_csv(paths["users"], index=False)
+    return paths
+
+
+def test_cold_items_and_users_are_recommended_from_their_features(planted_cold, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(planted_cold["interactions"]), "--items", str(planted_cold["items"]),
+                 "--users", str(planted_cold["users"]), "--top-x", "5", "--epochs", "8", "--quiet",
+                 "--out", str(out)]) == 0
+    recs = read_recs(out)
+    lists = {user: group.sort_values("rank")["item_id"].tolist() for user, group in recs.groupby("user_id")}
+    a_users = [f"u{u}" for u in range(0, 60, 2)]
+    # The new item of a user's own category reaches most of their lists; the other category's never does.
+    assert sum("new-a" in lists[u] for u in a_users) >= 0.8 * len(a_users)
+    assert not any("new-b" in lists[u] for u in a_users)
+    # A new user with a taste is given that taste's items, and is marked as recommended from features.
+    assert all(item.startswith(("a", "new-a")) for item in lists["newbie-a"])
+    assert all(item.startswith(("b", "new-b")) for item in lists["newbie-b"])
+    cold_flags = recs.groupby("user_id")["cold_user"].first()
+    assert cold_flags[["newbie-a", "newbie-b"]].all() and not cold_flags.drop(["newbie-a", "newbie-b"]).any()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cold"]["items"] == 2 and metrics["cold"]["users"] == 2
+    assert metrics["cold"]["cold_item_rows"] == recs["item_id"].isin(["new-a", "new-b"]).sum() > 0
+
+    without = tmp_path / "without"
+    assert main(["run", "--interactions", str(planted_cold["interactions"]), "--items", str(planted_cold["items"]),
+                 "--users", str(planted_cold["users"]), "--no-cold-items", "--no-cold-users", "--quiet",
+                 "--out", str(without)]) == 0
+    plain = read_recs(without)
+    assert not plain["item_id"].isin(["new-a", "new-b"]).any() and "newbie-a" not in set(plain["user_id"])

@@ -438,15 +438,21 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
-        written = write_recommendations_parquet(path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen,
-                                        method=method)
+        # Cold users and items (no interactions: recommended from their features) are the last rows.
+        report = _get_json(bucket, run_record_key(run_id))["report"]
+        counts: dict[str, int] = {}
+        written = write_recommendations_parquet(
+            path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen, method=method,
+            cold_users_from=len(user_ids) - int(report.get("cold_users", 0)) - start,
+            cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts)
         with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
         # A user who has seen every item gets no row; load still writes them (an empty list), so
         # that publish can count every user of the run.
         without = [str(u) for u in shard_user_ids if u not in with_items]
         s3_client().upload_file(str(path), bucket, recommendations_key(run_id, shard))
     _put_json(bucket, searched_key(run_id, shard),
-              {"shard": shard, "users": int(len(rows)), "rows": int(written), "users_without_items": without})
+              {"shard": shard, "users": int(len(rows)), "rows": int(written), "users_without_items": without,
+               "cold_item_rows": int(counts.get("cold_item_rows", 0))})
     return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(written)}
 
 
@@ -503,9 +509,10 @@ def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[s
     if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(searched["rows"]):
         raise StoreError(f"s3://{bucket}/{key}: {frame['user_id'].nunique()} users and {len(frame)} rows, but the "
                          f"search wrote {searched['users']} users and {searched['rows']} rows; not loading")
+    cold = frame["cold_user"].to_numpy() if "cold_user" in frame.columns else None
     return itertools.chain(
         store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
-                                           frame["item_id"].to_numpy(), frame["score"].to_numpy()),
+                                           frame["item_id"].to_numpy(), frame["score"].to_numpy(), cold),
         (store.Recommendation(user, [], []) for user in without),
     )
 
