@@ -43,7 +43,8 @@ class FeatureIndex:
     user_x: sp.csr_matrix
     item_x: sp.csr_matrix
     # Cold users and items: the last ``cold_users`` of user_ids (``cold_items`` of item_ids) have no
-    # interactions and no id feature; their x holds their side features alone.
+    # interactions. Training leaves them out; their id features' parameters are then mapped from their
+    # side features (topx.coldstart).
     cold_users: int = 0
     cold_items: int = 0
 
@@ -98,28 +99,25 @@ class FeatureIndex:
         cold_items: int = 0,
     ) -> FeatureIndex:
         """Lay out ids and side features. ``user_features``: (n_users, n_uf) aligned with user_ids.
-
-        The last ``cold_users`` user ids (``cold_items`` item ids) get no id feature: they have no
-        interactions to learn one from, and their x is their side features alone."""
+        The last ``cold_users`` user ids (``cold_items`` item ids) are cold: without interactions."""
         n_users, n_items = len(user_ids), len(item_ids)
-        warm_users, warm_items = n_users - cold_users, n_items - cold_items
         n_uf, n_if = len(user_feature_names), len(item_feature_names)
         uf = sp.csr_matrix((n_users, n_uf), dtype=np.float32) if user_features is None else sp.csr_matrix(user_features, dtype=np.float32)
         itf = sp.csr_matrix((n_items, n_if), dtype=np.float32) if item_features is None else sp.csr_matrix(item_features, dtype=np.float32)
         if uf.shape != (n_users, n_uf) or itf.shape != (n_items, n_if):
             raise ArtifactFormatError("feature index: side feature matrices do not match the id and name counts")
         names = (
-            [f"user_id={u}" for u in user_ids[:warm_users]]
-            + [f"item_id={i}" for i in item_ids[:warm_items]]
+            [f"user_id={u}" for u in user_ids]
+            + [f"item_id={i}" for i in item_ids]
             + list(user_feature_names)
             + list(item_feature_names)
         )
-        owners = ["user"] * warm_users + ["item"] * warm_items + ["user"] * n_uf + ["item"] * n_if
+        owners = ["user"] * n_users + ["item"] * n_items + ["user"] * n_uf + ["item"] * n_if
         n = len(names)
         user_x = sp.hstack(
             [
-                sp.identity(n_users, dtype=np.float32, format="csr")[:, :warm_users],
-                sp.csr_matrix((n_users, warm_items), dtype=np.float32),
+                sp.identity(n_users, dtype=np.float32, format="csr"),
+                sp.csr_matrix((n_users, n_items), dtype=np.float32),
                 uf,
                 sp.csr_matrix((n_users, n_if), dtype=np.float32),
             ],
@@ -127,8 +125,8 @@ class FeatureIndex:
         )
         item_x = sp.hstack(
             [
-                sp.csr_matrix((n_items, warm_users), dtype=np.float32),
-                sp.identity(n_items, dtype=np.float32, format="csr")[:, :warm_items],
+                sp.csr_matrix((n_items, n_users), dtype=np.float32),
+                sp.identity(n_items, dtype=np.float32, format="csr"),
                 sp.csr_matrix((n_items, n_uf), dtype=np.float32),
                 itf,
             ],
@@ -140,7 +138,7 @@ class FeatureIndex:
 
     def side_features(self, owner: str) -> tuple[sp.csr_matrix, tuple[str, ...]]:
         """(n_entities, n_side) the side features of ``owner`` ('user' or 'item'), without the ids."""
-        n_ids = self.n_warm_users + self.n_warm_items
+        n_ids = self.n_users + self.n_items
         cols = [j for j in range(n_ids, self.n_features) if self.owners[j] == owner]
         table = self.user_x if owner == "user" else self.item_x
         return table[:, cols], tuple(self.names[j] for j in cols)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from topx import evaluate as ev
+from topx.coldstart import map_cold_parameters
 from topx.config import HyperParameters
 from topx.contract import DEFAULT_SEARCH_METHOD
 from topx.dataset import Dataset, with_history
@@ -185,6 +186,7 @@ def train_stage(
     what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
     with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
         result = fit(ds, ~holdout, hp, run)
+        result = replace(result, params=map_cold_parameters(result.params, ds.feature_index))
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
     write_model(out / MODEL_DIR, result.params, ds.feature_index)
     save_interactions(out / DATA_DIR, ds, holdout)
