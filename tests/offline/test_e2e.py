@@ -291,3 +291,32 @@ def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(
     assert note.subject == "topx: pipeline run failed"
     assert "incoming/bad.csv, row 3, column 'rating'" in note.message
     assert store.active_version(stack.pipeline.table, client=stack.ddb) == live
+
+
+def test_time_cold_entities_and_the_fallback_through_the_state_machine(tmp_path: Path) -> None:
+    """With a time column set at deploy and feature tables listing new users and items, one upload gives
+    a temporal hold-out, lists for new users (marked cold_user) that may hold new items, and the
+    fallback list for an id nobody uploaded."""
+    ratings = base_ratings(150, 80, seed=11)
+    ratings["ts"] = 1_700_000_000 + ratings.index.to_numpy() * 600
+    items = pd.DataFrame({"item_id": sorted(ratings["item_id"].unique()) + ["new-item"]})
+    items["kind"] = ["k" + str(len(i) % 3) for i in items["item_id"]]
+    users = pd.DataFrame({"user_id": sorted(ratings["user_id"].unique()) + ["new-user"]})
+    users["segment"] = ["s" + str(len(u) % 2) for u in users["user_id"]]
+    with offline.offline():
+        pipeline = offline.deploy(offline.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS,
+                                                      shards=SHARDS, time_col="ts"))
+        s3, ddb = boto3.client("s3"), boto3.client("dynamodb")
+        s3.put_object(Bucket=pipeline.bucket, Key="features/items/items.csv", Body=items.to_csv(index=False).encode())
+        s3.put_object(Bucket=pipeline.bucket, Key="features/users/users.csv", Body=users.to_csv(index=False).encode())
+        run = Offline(pipeline, s3, ddb).upload("incoming/ratings.csv", ratings.to_csv(index=False).encode())
+        assert run is not None and run["status"] == "SUCCEEDED", run
+        live = store.active_version(pipeline.table, client=ddb)
+        metrics = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=f"versions/{live}/metrics.json")["Body"].read())
+        assert metrics["holdout_split"] == "temporal" and metrics["fallback"]["source"] in ("popularity", "model")
+        newcomer = client.get_recommendations("new-user", table=pipeline.table)
+        assert newcomer.cold_user and not newcomer.fallback and len(newcomer.items) == TOP_X
+        stranger = client.get_recommendations("never-seen", table=pipeline.table)
+        assert stranger.fallback and len(stranger.items) == TOP_X
+        record = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=f"runs/{live}/run.json")["Body"].read())
+        assert record["report"]["cold_items"] == 1 and record["report"]["cold_users"] == 1
