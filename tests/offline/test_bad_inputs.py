@@ -144,6 +144,15 @@ def check_feature_report(name: str, **expected: int) -> Callable[[Stack, Run], N
     return check
 
 
+def check_cold_items(count: int) -> Callable[[Stack, Run], None]:
+    def check(stack: Stack, run: Run) -> None:
+        every_user_served(stack, run)
+        report = report_of(stack, run)
+        assert report["cold_items"] == count and report["items_features"]["rows_for_unknown_ids"] == 0, report
+
+    return check
+
+
 BIG = base_ratings(n_users=1200, n_items=60, seed=4)
 
 
@@ -248,9 +257,10 @@ CASES = [
     Case("feature_with_a_single_value", X + "r.csv", lambda: BASE_CSV,
          features={"features/users.csv": ("user_id,plan\n" + "".join(f"{u},basic\n" for u in USERS)).encode()},
          check=check_feature_report("users", columns=1)),
+    # Rows for items with no interactions are new products: cold items, scored from their features.
     Case("features_for_unknown_ids", X + "r.csv", lambda: BASE_CSV,
          features={"features/items.csv": b"item_id,color\ni00001,red\nnope-1,blue\nnope-2,red\nnope-3,green\n"},
-         check=check_feature_report("items", rows_for_unknown_ids=3)),
+         check=check_cold_items(3)),
     Case("feature_with_missing_values", X + "r.csv", lambda: BASE_CSV,
          features={"features/users.csv": b"user_id,age,country\nu00000,NA,de\nu00001,,\nu00002,33,fr\n"},
          check=check_feature_report("users", columns=3)),

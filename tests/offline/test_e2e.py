@@ -320,3 +320,7 @@ def test_time_cold_entities_and_the_fallback_through_the_state_machine(tmp_path:
         assert stranger.fallback and len(stranger.items) == TOP_X
         record = json.loads(s3.get_object(Bucket=pipeline.bucket, Key=f"runs/{live}/run.json")["Body"].read())
         assert record["report"]["cold_items"] == 1 and record["report"]["cold_users"] == 1
+        # The published metrics count the cold ones and how often the new item made a list.
+        lists = [client.get_recommendations(u, table=pipeline.table) for u in users["user_id"]]
+        assert metrics["cold"]["items"] == metrics["cold"]["users"] == 1
+        assert metrics["cold"]["cold_item_rows"] == sum(rec.items.count("new-item") for rec in lists)

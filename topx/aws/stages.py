@@ -597,9 +597,15 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     if not store.has_fallback(table, run_id, client=dynamodb_client()):
         # Readers get the fallback list for any user without one of their own: never publish without it.
         raise StoreError(f"run {run_id}: its fallback list is not in the table; not publishing")
-    # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one.
-    s3_client().copy_object(Bucket=bucket, Key=version_metrics_key(run_id),
-                            CopySource={"Bucket": bucket, "Key": metrics_key(run_id)})
+    # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one; with
+    # what the search made of the cold users and items, which only the shards know.
+    metrics = _get_json(bucket, metrics_key(run_id))
+    cold_rows = sum(int(_get_json(bucket, searched_key(run_id, shard)).get("cold_item_rows", 0))
+                    for shard in range(expected_shards))
+    rows = sum(int(_get_json(bucket, searched_key(run_id, shard))["rows"]) for shard in range(expected_shards))
+    metrics["cold"] = {"items": int(run["report"].get("cold_items", 0)), "users": int(run["report"].get("cold_users", 0)),
+                       "cold_item_rows": cold_rows, "cold_item_share": cold_rows / max(rows, 1)}
+    _put_json(bucket, version_metrics_key(run_id), metrics)
     published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
     if not published:
         live = store.active_version(table, client=dynamodb_client())
