@@ -7,6 +7,7 @@ synthesized template, so the offline pipeline cannot drift from the deployed one
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -264,12 +265,16 @@ def test_installed_moto_still_needs_the_sync_retry_patch(monkeypatch) -> None:
 
     def first_job_fails(self: Any, include_start_attempt: bool, job: Any) -> None:
         finished.append(job)
-        failing = {"MOTO_SIMPLE_BATCH_FAIL_AFTER": "0"} if len(finished) == 1 else {}
-        with mock.patch.dict("os.environ", failing):  # moto's docker-free Batch fails jobs when this is set
+        # moto's docker-free Batch fails jobs while this is "0" ("" does not). Set, never removed: this
+        # runs on moto's thread while the test's thread may be iterating the environment.
+        os.environ["MOTO_SIMPLE_BATCH_FAIL_AFTER"] = "0" if len(finished) == 1 else ""
+        try:
             finish(self, include_start_attempt, job)
+        finally:
+            os.environ["MOTO_SIMPLE_BATCH_FAIL_AFTER"] = ""
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("MOTO_SIMPLE_BATCH_FAIL_AFTER", raising=False)
+    monkeypatch.setenv("MOTO_SIMPLE_BATCH_FAIL_AFTER", "")
     monkeypatch.setattr(BatchBackend, "describe_jobs", slow_describe_jobs)
     monkeypatch.setattr(BatchSimpleBackend, "_mark_job_as_finished", first_job_fails)
     task = {"Resource": "arn:aws:states:::batch:submitJob.sync",
@@ -341,3 +346,28 @@ def test_swapping_the_output_streams_under_a_printing_thread_does_not_crash():
     ''')
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_run_never_removes_an_environment_key_another_thread_may_be_iterating(monkeypatch) -> None:
+    """botocore iterates os.environ whenever a client is made, on any thread; a key removed under that
+    iteration raised KeyError in a test's thread while a function ran. A run only ever sets keys."""
+    from topx.offline import execute
+
+    class NoRemoval(dict):
+        def __delitem__(self, key: str) -> None:
+            raise AssertionError(f"removed {key}")
+
+        def clear(self) -> None:
+            raise AssertionError("cleared")
+
+        def pop(self, *args: Any) -> Any:
+            raise AssertionError(f"popped {args[0]}")
+
+    env = NoRemoval({"HOME": "/root", "TOPX_TOP_X": "7", "AWS_LAMBDA_FUNCTION_NAME": "caller"})
+    monkeypatch.setattr(os, "environ", env)
+    with execute._environment({"TOPX_BUCKET": "b", "AWS_BATCH_JOB_ARRAY_INDEX": "2", "AWS_REGION": "us-east-1"}):
+        # The run sees its own settings, and none of the caller's topx or Lambda ones ("" reads as unset).
+        assert (env["TOPX_BUCKET"], env["AWS_BATCH_JOB_ARRAY_INDEX"]) == ("b", "2")
+        assert env["TOPX_TOP_X"] == env["AWS_LAMBDA_FUNCTION_NAME"] == ""
+    assert env == {"HOME": "/root", "TOPX_TOP_X": "7", "AWS_LAMBDA_FUNCTION_NAME": "caller", "TOPX_BUCKET": "",
+                   "AWS_BATCH_JOB_ARRAY_INDEX": "", "AWS_REGION": "us-east-1"}

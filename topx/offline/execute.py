@@ -60,16 +60,28 @@ _CONFIGURED_PREFIXES = ("TOPX_", "AWS_BATCH_", "AWS_LAMBDA_")
 
 @contextmanager
 def _environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """The process environment of one function or job run: the caller's, minus topx settings, plus ``variables``."""
-    saved = dict(os.environ)
+    """The process environment of one function or job run: the caller's, minus topx settings, plus ``variables``.
+
+    Keys are only ever set, never removed, during the run or after it: other threads read the
+    environment meanwhile (botocore iterates it to find proxies whenever a client is made), and a key
+    removed between an iteration's listing and its lookup raises KeyError in that thread. A setting
+    the run must not see (``_CONFIGURED_PREFIXES``) is set to "" instead, which topx reads as unset
+    (``topx.config.env_or``); afterwards such a key the caller did not have stays "", the others get
+    their values back.
+    """
+    saved = {name: os.environ.get(name) for name in [*os.environ, *variables]}
     try:
-        for name in [n for n in os.environ if n.startswith(_CONFIGURED_PREFIXES)]:
-            del os.environ[name]
+        for name, value in saved.items():
+            if value is not None and name.startswith(_CONFIGURED_PREFIXES) and name not in variables:
+                os.environ[name] = ""
         os.environ.update(variables)
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for name, value in saved.items():
+            if value is not None:
+                os.environ[name] = value
+            elif name.startswith(_CONFIGURED_PREFIXES):
+                os.environ[name] = ""
 
 
 class _RoutedStream(io.TextIOBase):
