@@ -30,8 +30,10 @@ def _column(value: str) -> str | int:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--interactions", required=True, metavar="FILE",
-                   help="interactions file: CSV, TSV or Parquet (optionally .gz), a local path or s3:// URI")
+    g.add_argument("--interactions", required=True, metavar="FILE|DIR",
+                   help="interactions: a CSV, TSV or Parquet file (optionally .gz), or a folder of part files as "
+                        "Spark, Glue and Athena export them (key=value partition folders become columns; "
+                        "_SUCCESS and other markers are skipped); a local path or an s3:// URI or prefix")
     g.add_argument("--users", metavar="FILE", help="optional user feature table keyed by user id")
     g.add_argument("--items", metavar="FILE", help="optional item feature table keyed by item id")
     g.add_argument("--user-col", type=_column, default="user_id", metavar="COL",

@@ -19,7 +19,7 @@ import csv
 import io
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from topx.errors import ConfigError, InputDataError
-from topx.io import read_bytes
+from topx.io import S3_SCHEME, Part, dataset_parts, default_s3_client, read_bytes
 
 USER_ID = "user_id"
 ITEM_ID = "item_id"
@@ -136,8 +136,42 @@ def read_interactions(
     if not header:
         user_col, item_col = _positional_default(user_col, USER_ID, 0), _positional_default(item_col, ITEM_ID, 1)
         rating_col = _positional_default(rating_col, RATING, 2)
-    table = _load_table(source, header=header, sep=sep, s3_client=s3_client)
+    if s3_client is None and source.startswith(S3_SCHEME):
+        s3_client = default_s3_client()  # one client for listing and reading every part
+    parts = dataset_parts(source, s3_client=s3_client)
+    frames, first = [], None
+    for part in parts:
+        table = _with_partitions(_load_table(part.source, header=header, sep=sep, s3_client=s3_client), part)
+        if first is None:
+            first = table
+        elif table.columns != first.columns:
+            raise InputDataError(
+                f"its columns {table.columns} differ from those of {first.source} ({first.columns}); the parts "
+                "of one dataset must have the same columns", source=part.source)
+        frames.append(_interactions_frame(table, user_col, item_col, rating_col, time_col, implicit=implicit,
+                                          rating_optional=rating_optional))
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    frame.attrs["source"] = source
+    frame.attrs["row_offset"] = first.row_offset if len(frames) == 1 else 0
+    frame.attrs["parts"] = [part.source for part in parts]
+    return frame
 
+
+def _with_partitions(table: _Table, part: Part) -> _Table:
+    """The part's rows with its ``key=value`` partition folders as columns (text), unless the file has
+    a column of that name already."""
+    added = {name: value for name, value in part.partitions.items() if name not in table.columns}
+    if not added:
+        return table
+    data = table.data
+    for name, value in added.items():
+        data = data.append_column(name, pa.array([value] * data.num_rows, pa.string()))
+    return replace(table, data=data)
+
+
+def _interactions_frame(table: _Table, user_col: str | int, item_col: str | int, rating_col: str | int | None,
+                        time_col: str | int | None, *, implicit: bool, rating_optional: bool) -> pd.DataFrame:
+    """One file's (user, item, rating[, time]) rows, checked (``read_interactions``)."""
     user_name = _resolve_column(table, user_col, "user id")
     item_name = _resolve_column(table, item_col, "item id")
     if user_name == item_name:
@@ -167,8 +201,6 @@ def read_interactions(
     )
     if time_name is not None:
         frame[TIME] = _time_column(table, time_name)
-    frame.attrs["source"] = source
-    frame.attrs["row_offset"] = table.row_offset
     return frame
 
 

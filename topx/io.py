@@ -9,8 +9,10 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from topx.contract import ENV_ENDPOINT_URL
 from topx.errors import InputDataError
@@ -46,6 +48,96 @@ def read_bytes(source: str, *, s3_client: Any = None) -> bytes:
     return raw
 
 
+@dataclass(frozen=True)
+class Part:
+    """One data file of a dataset: its path or ``s3://`` URI, and the ``key=value`` partition folders
+    between the dataset's root and it, as Spark, Hive and Athena write them (``{"dt": "2024-05-01"}``)."""
+
+    source: str
+    partitions: dict[str, str]
+
+
+def dataset_parts(source: str, *, s3_client: Any = None) -> list[Part]:
+    """The data files of ``source``: itself when it is a file (or an S3 object), else every file under
+    it (a local folder, or an S3 prefix: a URI ending in ``/``, or one with no object of its own), in
+    path order, skipping what exports write beside the data: names starting with ``_`` or ``.``
+    anywhere below the root (``_SUCCESS``, ``_committed_*``, ``_started_*``, ``_temporary/``, ``.crc``
+    files), ``*.crc``, and empty files and "folder" objects. A folder with no data file is an error."""
+    if source.startswith(S3_SCHEME):
+        return _s3_parts(source, s3_client)
+    root = Path(source)
+    if not root.is_dir():
+        return [Part(source, {})]
+    parts = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if _is_data(relative.parts, path.stat().st_size):
+            parts.append(Part(str(path), _partitions(relative.parts[:-1])))
+    if not parts:
+        raise InputDataError("the folder holds no data file (only markers or empty files)", source=source)
+    return parts
+
+
+def _is_data(segments: tuple[str, ...] | list[str], size: int) -> bool:
+    return size > 0 and not segments[-1].endswith(".crc") and not any(s.startswith(("_", ".")) for s in segments)
+
+
+def _partitions(folders: tuple[str, ...] | list[str]) -> dict[str, str]:
+    found = {}
+    for folder in folders:
+        name, sep, value = folder.partition("=")
+        if sep and name:
+            found[unquote(name)] = unquote(value)
+    return found
+
+
+def _s3_parts(uri: str, s3_client: Any) -> list[Part]:
+    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    if not bucket:
+        raise InputDataError("not an S3 URI; expected s3://bucket/key or s3://bucket/prefix/", source=uri)
+    client = s3_client if s3_client is not None else default_s3_client()
+    prefix = key if key.endswith("/") or not key else key + "/"
+    if key and not key.endswith("/") and _s3_object_exists(client, bucket, key, uri):
+        return [Part(uri, {})]
+    from botocore.exceptions import ClientError
+
+    parts = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                segments = obj["Key"][len(prefix):].split("/")
+                if obj["Key"].endswith("/") or not _is_data(segments, int(obj.get("Size", 0))):
+                    continue
+                parts.append(Part(f"{S3_SCHEME}{bucket}/{obj['Key']}", _partitions(segments[:-1])))
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        reason = _S3_NOT_READABLE.get(code)
+        if reason is None:
+            raise
+        raise InputDataError(f"{reason} ({code})", source=uri) from exc
+    if not parts:
+        what = ("object not found, and no data object under it as a prefix" if key and not key.endswith("/")
+                else "no data object under this prefix (only markers, empty objects, or nothing)")
+        raise InputDataError(what, source=uri)
+    return sorted(parts, key=lambda part: part.source)
+
+
+def _s3_object_exists(client: Any, bucket: str, key: str, uri: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return False
+        reason = _S3_NOT_READABLE.get(code)
+        if reason is None:
+            raise
+        raise InputDataError(f"{reason} ({code})", source=uri) from exc
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; a URI without a key is an error."""
     bucket, _, key = uri[len(S3_SCHEME):].partition("/")
@@ -72,7 +164,7 @@ def _read_s3(uri: str, s3_client: Any) -> bytes:
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3_uri(uri)
-    client = s3_client if s3_client is not None else _default_s3_client()
+    client = s3_client if s3_client is not None else default_s3_client()
     try:
         response = client.get_object(Bucket=bucket, Key=key)
         return response["Body"].read()
@@ -84,7 +176,8 @@ def _read_s3(uri: str, s3_client: Any) -> bytes:
         raise InputDataError(f"{reason} ({code})", source=uri) from exc
 
 
-def _default_s3_client() -> Any:
+def default_s3_client() -> Any:
+    """A boto3 S3 client, for ``TOPX_ENDPOINT_URL`` when that is set."""
     import boto3
 
     return boto3.client("s3", endpoint_url=os.environ.get(ENV_ENDPOINT_URL) or None)

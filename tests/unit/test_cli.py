@@ -497,3 +497,22 @@ def test_cold_items_and_users_are_recommended_from_their_features(planted_cold, 
                  "--out", str(without)]) == 0
     plain = read_recs(without)
     assert not plain["item_id"].isin(["new-a", "new-b"]).any() and "newbie-a" not in set(plain["user_id"])
+
+
+def test_run_on_a_spark_style_folder_export(tmp_path):
+    """Parts under dt=... folders with _SUCCESS and .crc files beside them, warehouse column names."""
+    data = generate(120, 60, mean_interactions=10, implicit=True, seed=5).interactions
+    data = data.rename(columns={"user_id": "customer_id", "item_id": "product_id"})
+    halves = np.array_split(np.arange(len(data)), 2)
+    for day, rows in zip(("2024-05-01", "2024-05-02"), halves, strict=True):
+        folder = tmp_path / "export" / f"dt={day}"
+        folder.mkdir(parents=True)
+        data.iloc[rows].to_parquet(folder / "part-00000.snappy.parquet")
+        (folder / ".part-00000.snappy.parquet.crc").write_bytes(b"x")
+    (tmp_path / "export" / "_SUCCESS").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(tmp_path / "export"), "--user-col", "customer_id", "--item-col",
+                 "product_id", "--rating-col", "plays", "--time-col", "dt", "--out", str(out), *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["rows_read"] == len(data) and metrics["holdout_split"] == "temporal"
+    assert set(read_recs(out)["user_id"]) == set(data["customer_id"])

@@ -668,3 +668,66 @@ def test_a_time_column_that_is_another_role_or_absent_is_refused(tmp_path):
         read_interactions(str(path), user_col="user", item_col="item", rating_col="stars", time_col="stars")
     with pytest.raises(InputDataError, match="time"):
         read_interactions(str(path), user_col="user", item_col="item", rating_col="stars", time_col="timestamp")
+
+
+# --------------------------------------------------------------------------- a dataset is a folder or a prefix
+
+
+def spark_export(root: Path) -> pd.DataFrame:
+    """A Spark/Glue-style export: Parquet parts under dt=... partition folders, with the markers and
+    checksums Spark writes beside them. Returns every row written."""
+    rows = []
+    for day, users in (("2024-05-01", ["u1", "u2"]), ("2024-05-02", ["u2", "u3"])):
+        folder = root / f"dt={day}"
+        folder.mkdir(parents=True)
+        part = pd.DataFrame({"customer": users, "sku": ["a", "b"], "qty": [1, 3]})
+        part.to_parquet(folder / "part-00000-1f2e.c000.snappy.parquet")
+        (folder / ".part-00000-1f2e.c000.snappy.parquet.crc").write_bytes(b"crc")
+        rows.append(part.assign(dt=day))
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / "_committed_8812").write_text("{}")
+    (root / "_started_8812").write_text("")
+    (root / "_temporary" / "0").mkdir(parents=True)
+    (root / "_temporary" / "0" / "part-9.parquet").write_bytes(b"half written")
+    (root / "empty.csv").write_bytes(b"")
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_a_folder_export_is_read_whole_with_its_partition_columns_and_without_its_markers(tmp_path):
+    written = spark_export(tmp_path / "export")
+    frame = read_interactions(str(tmp_path / "export"), user_col="customer", item_col="sku", rating_col="qty",
+                              implicit=True, time_col="dt")
+    assert frame[["user_id", "item_id", "rating"]].values.tolist() == written[["customer", "sku", "qty"]].values.tolist()
+    # The partition folder is a column like any other: here, the time of each row.
+    assert frame["time"].tolist() == [1714521600] * 2 + [1714608000] * 2
+    assert len(frame.attrs["parts"]) == 2
+
+
+def test_an_s3_prefix_is_read_whole(s3, tmp_path):
+    written = spark_export(tmp_path / "export")
+    for path in sorted(p for p in (tmp_path / "export").rglob("*") if p.is_file()):
+        s3.upload_file(str(path), "bkt", "incoming/" + path.relative_to(tmp_path / "export").as_posix())
+    s3.put_object(Bucket="bkt", Key="incoming/folder/", Body=b"")  # a console-made "folder"
+    for uri in ("s3://bkt/incoming/", "s3://bkt/incoming"):
+        frame = read_interactions(uri, user_col="customer", item_col="sku", rating_col="qty", implicit=True,
+                                  s3_client=s3)
+        assert frame["user_id"].tolist() == written["customer"].tolist()
+
+
+def test_parts_that_disagree_or_cannot_be_read_are_named(tmp_path):
+    root = tmp_path / "athena"
+    root.mkdir()
+    (root / "20240501_0001.csv").write_text("user_id,item_id,rating\nu1,a,4\n")
+    (root / "20240501_0002.csv").write_text("user_id,item_id,stars\nu2,b,5\n")
+    with pytest.raises(InputDataError) as caught:
+        read_interactions(str(root))
+    message = str(caught.value)
+    assert message.startswith(str(root / "20240501_0002.csv")) and str(root / "20240501_0001.csv") in message
+    (root / "20240501_0002.csv").write_text("user_id,item_id,rating\nu2,b,5\nu3,c,high\n")
+    with pytest.raises(InputDataError, match=r"20240501_0002\.csv, row 3, column 'rating': rating 'high'"):
+        read_interactions(str(root))
+    for name in ("20240501_0001.csv", "20240501_0002.csv"):
+        (root / name).unlink()
+    (root / "_SUCCESS").write_bytes(b"")
+    with pytest.raises(InputDataError, match="holds no data file"):
+        read_interactions(str(root))
