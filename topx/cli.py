@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true",
                    help="first search the ranking learner's weight decay and unobserved weight on a validation "
                         "carve of the training rows (as `topx tune`), then train with the winner")
+    p.add_argument("--filters", metavar="FILE",
+                   help="a filter file (JSON, docs/FORMATS.md): which items may be recommended, by the --items "
+                        "table's columns and by id; checked before training, applied exactly by the search")
 
     p = add_command("tune", help="search the ranking learner's settings on a validation carve of your data",
                        description="Carve a seeded 20%% of each user's training rows (the --holdout rows stay "
@@ -212,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search the top-x items of every user by inner product and write recommendations.parquet.")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
     _add_ranking_options(p)
+    p.add_argument("--filters", metavar="FILE", help="a filter file (JSON): which items may be recommended")
+    p.add_argument("--items", metavar="FILE", help="the items table the filter rules read (keyed by --item-key)")
+    p.add_argument("--item-key", type=_column, default="item_id", metavar="COL",
+                   help="key column of the --items table (default: item_id)")
 
     p = add_command("evaluate", help="hold-out metrics of a run against a popularity baseline",
                        description="RMSE (regressor) or AUC and log loss (classifier), and recall, NDCG, MAP and "
@@ -327,6 +334,7 @@ def _run_options(args: argparse.Namespace):
         progress=False if args.quiet else None,
         search_method=getattr(args, "search_method", DEFAULT_SEARCH_METHOD),
         tune=getattr(args, "tune", False),
+        filters=getattr(args, "filters", None),
     )
 
 
@@ -348,6 +356,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from topx.run import run_all
     from topx.steps import Reporter
 
+    if args.filters is not None:
+        from topx.filters import load_filters
+
+        load_filters(args.filters)  # its structure is checked before anything is read
     data = _data_options(args)
     metrics = run_all(data, _hyperparameters(args, data.implicit), _run_options(args), args.out,
                       reporter=Reporter(not args.quiet))
@@ -504,9 +516,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         cold_users_from = index.n_warm_users
         if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
             seen = load_interactions(run, index)[0].matrix()
+    eligible = None
+    if args.filters is not None:
+        from topx.filters import eligible_items, load_filters
+        from topx.ingest import read_feature_table
+
+        table = None if args.items is None else read_feature_table(args.items, key_col=args.item_key)
+        eligible = eligible_items(load_filters(args.filters), list(item_ids), table)
     tmp = run / f".{RECOMMENDATIONS}.tmp"
     n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object),
-                                      args.top_x, seen, method=args.search_method, cold_users_from=cold_users_from)
+                                      args.top_x, seen, method=args.search_method, cold_users_from=cold_users_from,
+                                      eligible=eligible)
     tmp.replace(run / RECOMMENDATIONS)
     print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
     return 0

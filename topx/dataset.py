@@ -243,6 +243,14 @@ def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
     return out, duplicates
 
 
+def items_table(opts: DataOptions) -> pd.DataFrame | None:
+    """The items table as read (not encoded), indexed by item id; None without one."""
+    if opts.items is None:
+        return None
+    key_col = opts.item_key if opts.item_key is not None else (opts.item_col if opts.header else 0)
+    return read_feature_table(opts.items, key_col=key_col, header=opts.header, sep=opts.sep)
+
+
 def _side_features(
     source: str | None,
     key: str | int | None,

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from topx.config import HyperParameters
-from topx.dataset import DataOptions, Dataset, load_dataset
+from topx.dataset import DataOptions, Dataset, items_table, load_dataset
+from topx.filters import eligible_items, load_filters
 from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
 from topx.steps import (
     Reporter,
@@ -45,6 +46,10 @@ def run_all(
     with atomic_output_dir(Path(out)) as tmp:
         with reporter.step("ingest", f"reading {data.interactions}") as d:
             ds = load_dataset(data)
+            # The filters are checked against the items table now, before any training.
+            eligible = None
+            if run.filters is not None:
+                eligible = eligible_items(load_filters(run.filters), ds.item_ids, items_table(data))
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
@@ -58,7 +63,8 @@ def run_all(
             fi, counts = ds.feature_index, {}
             n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
                                                    method=run.search_method, cold_users_from=fi.n_warm_users,
-                                                   cold_items_from=fi.n_warm_items, counts=counts)
+                                                   cold_items_from=fi.n_warm_items, counts=counts,
+                                                   eligible=eligible)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
@@ -67,6 +73,9 @@ def run_all(
             pq.write_table(fallback, tmp / FALLBACK)
             d["result"] = f"{metrics['fallback']['source']}."
         metrics.update(_run_summary(ds, hp, run, result))
+        if eligible is not None:
+            metrics["filters"] = {"file": run.filters, "eligible_items": int(eligible.sum()),
+                                  "note": "the hold-out metrics rank every item; the recommendations only eligible ones"}
         metrics["cold"] = {"items": fi.cold_items, "users": fi.cold_users,
                            "cold_item_rows": counts.get("cold_item_rows", 0),
                            "cold_item_share": counts.get("cold_item_rows", 0) / max(counts.get("rows", 0), 1)}

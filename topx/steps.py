@@ -69,6 +69,7 @@ class RunOptions:
     eval_users: int = 20000
     progress: bool | None = None
     search_method: str = DEFAULT_SEARCH_METHOD  # of the recommendations: one of topx.contract.SEARCH_METHODS
+    filters: str | None = None  # a filter file (topx.filters): which items may be recommended
     tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
 
 
@@ -265,6 +266,7 @@ def write_recommendations_parquet(
     cold_users_from: int | None = None,
     cold_items_from: int | None = None,
     counts: dict[str, int] | None = None,
+    eligible: np.ndarray | None = None,
 ) -> int:
     """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
 
@@ -272,11 +274,19 @@ def write_recommendations_parquet(
     ``cold_users_from``: the first user row that is a cold user (rows are of ``vectors``; None: none),
     marked in the ``cold_user`` column. ``cold_items_from``: the first cold item row; with ``counts``,
     ``counts["cold_item_rows"]`` and ``counts["rows"]`` add up the lists' cold items and all rows.
+    ``eligible``: (n_items,) bool, the items that may be recommended (topx.filters); the search runs
+    over those alone, so each list is the exact top-x of the eligible unseen items.
 
     The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
     regressor, a logit for a classifier.
     """
     rows_written = 0
+    catalogue = np.arange(len(item_ids))
+    if eligible is not None:
+        catalogue = np.flatnonzero(eligible)
+        vectors = RecipeVectors(vectors.user_vectors, vectors.item_vectors[catalogue], vectors.user_constants)
+        item_ids = np.asarray(item_ids, dtype=object)[catalogue]
+        seen = None if seen is None else sp.csr_matrix(seen)[:, catalogue]
     with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
         for rows, items, scores in _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
                                               method=method):
@@ -298,7 +308,8 @@ def write_recommendations_parquet(
             rows_written += table.num_rows
             if counts is not None:
                 counts["rows"] = counts.get("rows", 0) + table.num_rows
-                cold_rows = int((items[valid] >= cold_items_from).sum()) if cold_items_from is not None else 0
+                cold_rows = (int((catalogue[items[valid]] >= cold_items_from).sum())
+                             if cold_items_from is not None else 0)
                 counts["cold_item_rows"] = counts.get("cold_item_rows", 0) + cold_rows
     return rows_written
 

@@ -1,0 +1,108 @@
+"""Filters: which items may be recommended. Checked before any work, applied exactly by the search."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from topx.cli import main
+from topx.errors import ConfigError
+from topx.filters import eligible_items, parse_filters
+from topx.steps import write_recommendations_parquet
+from topx.synth import generate
+from topx.vectors import RecipeVectors
+
+TABLE = pd.DataFrame({"category": ["books", "games", "books", "toys", "games"],
+                      "price": [5.0, 60.0, 20.0, 15.0, np.nan],
+                      "in_stock": ["true", "true", "false", "TRUE", "true"]},
+                     index=pd.Index(["i0", "i1", "i2", "i3", "i4"], name="item_id"))
+IDS = ["i0", "i1", "i2", "i3", "i4", "i5"]  # i5 is not in the table: it meets no rule
+
+
+def test_include_exclude_and_ids_combine_as_documented() -> None:
+    rules = parse_filters({"items": {"include": [{"column": "category", "in": ["books", "games"]}],
+                                     "exclude": [{"column": "in_stock", "equals": False}],
+                                     "exclude_ids": ["i0"]}})
+    assert eligible_items(rules, IDS, TABLE).tolist() == [False, True, False, False, True, False]
+    between = parse_filters({"items": {"include": [{"column": "price", "between": [5, 20]}]}})
+    assert eligible_items(between, IDS, TABLE).tolist() == [True, False, True, True, False, False]
+    not_in = parse_filters({"items": {"exclude": [{"column": "category", "not_in": ["books"]}]}})
+    # Excluding what is not a book keeps the books, and the items with no category at all.
+    assert eligible_items(not_in, IDS, TABLE).tolist() == [True, False, True, False, False, True]
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"item": {}}, "unknown keys ['item']"),
+    ({"items": {"include": [{"column": "price", "above": 3}]}}, "items.include[0]: a rule takes exactly one operator"),
+    ({"items": {"exclude": [{"column": "price", "between": [9, 1]}]}}, "items.exclude[0].between must be [low, high]"),
+    ({"items": {"include": [{"column": "category", "in": []}]}}, "items.include[0].in must be a non-empty list"),
+    ({"items": {"exclude_ids": "i0"}}, "items.exclude_ids must be a list"),
+])
+def test_a_malformed_file_is_refused_naming_the_rule_and_field(doc, message) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_filters(doc, "f.json")
+    assert str(caught.value).startswith("f.json") and message in str(caught.value)
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"items": {"include": [{"column": "colour", "in": ["red"]}]}},
+     "items.include[0]: the items table has no column 'colour'"),
+    ({"items": {"include": [{"column": "price", "in": ["cheap"]}]}},
+     "items.include[0]: column 'price' holds numbers"),
+    ({"items": {"exclude": [{"column": "category", "between": [1, 2]}]}},
+     "items.exclude[0]: 'between' needs a numeric column"),
+    ({"items": {"include": [{"column": "category", "in": ["food"]}]}}, "the filters leave no item eligible"),
+])
+def test_rules_that_cannot_apply_are_errors_not_silent_no_ops(doc, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        eligible_items(parse_filters(doc), IDS, TABLE)
+
+
+def test_the_search_returns_the_exact_top_x_of_the_eligible_unseen_items(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    users, items, x = 40, 300, 7
+    vectors = RecipeVectors(rng.normal(size=(users, 9)).astype(np.float32),
+                            rng.normal(size=(items, 9)).astype(np.float32), rng.normal(size=users))
+    seen = sp.random(users, items, density=0.1, format="csr", random_state=4)
+    eligible = rng.random(items) < 0.3
+    item_ids = np.array([f"i{j}" for j in range(items)], dtype=object)
+    path = tmp_path / "recs.parquet"
+    write_recommendations_parquet(path, vectors, np.array([f"u{u}" for u in range(users)], dtype=object), item_ids,
+                                  x, seen, eligible=eligible)
+    got = pq.read_table(path).to_pandas()
+    scores = vectors.user_vectors.astype(np.float64) @ vectors.item_vectors.astype(np.float64).T
+    for u in range(users):
+        allowed = np.flatnonzero(eligible & (seen[u].toarray().ravel() == 0))
+        best = allowed[np.lexsort((allowed, -scores[u, allowed]))][:x]
+        mine = got[got["user_id"] == f"u{u}"].sort_values("rank")["item_id"].tolist()
+        assert mine == item_ids[best].tolist(), u
+
+
+def test_run_with_filters_recommends_eligible_items_only_and_checks_them_before_training(tmp_path, capsys) -> None:
+    files = generate(200, 80, mean_interactions=10, implicit=True, seed=2).write(tmp_path / "data")
+    items = pd.read_csv(files["items"])
+    category_column = "category"
+    kept = sorted(items[category_column].dropna().unique())[:2]
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"items": {"include": [{"column": category_column, "in": kept},
+                                                         {"column": "price", "between": [0, 1000]}],
+                                             "exclude_ids": [str(items["item_id"].iloc[0])]}}))
+    out = tmp_path / "out"
+    common = ["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--items",
+              str(files["items"]), "--epochs", "3", "--num-factors", "8", "--quiet"]
+    assert main([*common, "--filters", str(filters), "--out", str(out)]) == 0
+    recs = pd.read_parquet(out / "recommendations.parquet")
+    allowed = set(items.loc[items[category_column].isin(kept), "item_id"].astype(str)) - {str(items["item_id"].iloc[0])}
+    assert set(recs["item_id"]) <= allowed
+    assert json.loads((out / "metrics.json").read_text())["filters"]["eligible_items"] == len(allowed)
+
+    filters.write_text(json.dumps({"items": {"exclude": [{"column": "no_such_column", "equals": 1}]}}))
+    assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "bad")]) == 2
+    assert "items.exclude[0]: the items table has no column 'no_such_column'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

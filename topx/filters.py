@@ -1,0 +1,185 @@
+"""Item eligibility: which items may be recommended, by their attributes and by id, applied exactly.
+
+A filter file (JSON) names the rules; docs/FORMATS.md specifies it. For example::
+
+    {
+      "items": {
+        "include": [{"column": "category", "in": ["books", "games"]},
+                    {"column": "price", "between": [5, 50]}],
+        "exclude": [{"column": "in_stock", "equals": false},
+                    {"column": "status", "not_in": ["active"]}],
+        "exclude_ids": ["sku-0042"]
+      }
+    }
+
+An item is eligible when it meets every ``include`` rule, no ``exclude`` rule, and is not in
+``exclude_ids``. Rules read the columns of the items table (``--items``); an item the table does not
+list has no attribute values, so it meets no rule. The whole file is checked before any work: an
+unknown key, column or operator, a value of the wrong type for its column, or rules that leave no
+item eligible are errors naming the rule and the field.
+
+The search applies eligibility exactly: it searches the eligible items only (``restrict``), so the top
+x is the best x eligible unseen items by the FM's score, as brute force over eligible items gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from topx.errors import ConfigError
+
+OPERATORS = ("equals", "in", "not_in", "between")
+_ITEM_KEYS = ("include", "exclude", "exclude_ids")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``column`` ``operator`` ``value``; ``where`` names it in errors (``items.exclude[1]``)."""
+
+    column: str
+    operator: str
+    value: Any
+    where: str
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    include: tuple[Rule, ...] = ()
+    exclude: tuple[Rule, ...] = ()
+    exclude_ids: frozenset[str] = frozenset()
+
+    @property
+    def columns(self) -> set[str]:
+        return {rule.column for rule in (*self.include, *self.exclude)}
+
+
+def load_filters(path: str | Path) -> ItemFilter:
+    """Read and check a filter file's structure (the columns are checked against the items table by
+    ``eligible_items``)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the filter file: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: the filter file is not valid JSON: {exc}") from exc
+    return parse_filters(doc, str(path))
+
+
+def parse_filters(doc: Any, source: str = "filters") -> ItemFilter:
+    if not isinstance(doc, dict) or set(doc) - {"items"}:
+        unknown = sorted(set(doc) - {"items"}) if isinstance(doc, dict) else None
+        raise ConfigError(f"{source}: a filter file is a JSON object with the key 'items'"
+                          + (f"; unknown keys {unknown}" if unknown else ""))
+    items = doc.get("items", {})
+    if not isinstance(items, dict) or set(items) - set(_ITEM_KEYS):
+        unknown = sorted(set(items) - set(_ITEM_KEYS)) if isinstance(items, dict) else None
+        raise ConfigError(f"{source}: 'items' is an object with keys {', '.join(_ITEM_KEYS)}"
+                          + (f"; unknown keys {unknown}" if unknown else ""))
+    rules = {kind: tuple(_rule(r, f"items.{kind}[{i}]", source) for i, r in enumerate(_list(items, kind, source)))
+             for kind in ("include", "exclude")}
+    ids = _list(items, "exclude_ids", source)
+    if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{source}: items.exclude_ids must list item ids (strings)")
+    return ItemFilter(rules["include"], rules["exclude"], frozenset(str(i) for i in ids))
+
+
+def _list(items: dict[str, Any], key: str, source: str) -> list[Any]:
+    value = items.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: items.{key} must be a list")
+    return value
+
+
+def _rule(raw: Any, where: str, source: str) -> Rule:
+    if not isinstance(raw, dict) or "column" not in raw:
+        raise ConfigError(f"{source}: {where}: a rule is an object with 'column' and one of {', '.join(OPERATORS)}")
+    operators = [key for key in raw if key != "column"]
+    unknown = [key for key in operators if key not in OPERATORS]
+    if unknown or len(operators) != 1:
+        raise ConfigError(f"{source}: {where}: a rule takes exactly one operator of {', '.join(OPERATORS)}, got "
+                          f"{operators}")
+    column, operator = raw["column"], operators[0]
+    if not isinstance(column, str) or not column:
+        raise ConfigError(f"{source}: {where}.column must be a column name")
+    value = raw[operator]
+    if operator in ("in", "not_in") and (not isinstance(value, list) or not value):
+        raise ConfigError(f"{source}: {where}.{operator} must be a non-empty list of values")
+    if operator == "between" and not (isinstance(value, list) and len(value) == 2
+                                      and all(_is_number(v) for v in value) and value[0] <= value[1]):
+        raise ConfigError(f"{source}: {where}.between must be [low, high], two numbers with low <= high")
+    if operator == "equals" and isinstance(value, list | dict):
+        raise ConfigError(f"{source}: {where}.equals must be one value (use 'in' for several)")
+    return Rule(column, operator, value, f"{source}: {where}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def eligible_items(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str],
+                   table: pd.DataFrame | None) -> np.ndarray:
+    """(n_items,) bool: which of ``item_ids`` the filter lets through. ``table``: the items table
+    (indexed by item id, as ``topx.ingest.read_feature_table`` reads it), needed when a rule reads a
+    column. Raises ``ConfigError`` naming the rule when its column is unknown or its value cannot be
+    compared with the column's, and when no item is left."""
+    ids = pd.Index([str(i) for i in item_ids], dtype=object)
+    keep = ~ids.isin(list(item_filter.exclude_ids))
+    if item_filter.columns and table is None:
+        rule = next(iter((*item_filter.include, *item_filter.exclude)))
+        raise ConfigError(f"{rule.where}: rules on columns need the items table (--items)")
+    if table is not None:
+        rows = pd.Index(table.index.astype(str), dtype=object).get_indexer(ids)
+        for rule in item_filter.include:
+            keep &= _matches(rule, table, rows)
+        for rule in item_filter.exclude:
+            keep &= ~_matches(rule, table, rows)
+    if not keep.any():
+        raise ConfigError("the filters leave no item eligible: nothing could be recommended")
+    return np.asarray(keep, dtype=bool)
+
+
+def _matches(rule: Rule, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """(n,) bool per item: whether its attribute meets ``rule``; an item without a row or a value, never."""
+    if rule.column not in table.columns:
+        raise ConfigError(f"{rule.where}: the items table has no column {rule.column!r} (it has "
+                          f"{', '.join(map(str, table.columns))})")
+    column = table[rule.column]
+    numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+    values = list(rule.value) if rule.operator in ("in", "not_in", "between") else [rule.value]
+    if numeric and not all(_is_number(v) for v in values):
+        raise ConfigError(f"{rule.where}: column {rule.column!r} holds numbers; {rule.operator} "
+                          f"{rule.value!r} does not compare with them")
+    if rule.operator == "between" and not numeric:
+        raise ConfigError(f"{rule.where}: 'between' needs a numeric column; {rule.column!r} is not")
+    present = column.notna().to_numpy()
+    if numeric:
+        data = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        if rule.operator == "between":
+            hit = (data >= values[0]) & (data <= values[1])
+        else:
+            hit = np.isin(data, np.asarray(values, dtype=np.float64))
+    else:
+        text = column.astype(str).str.strip().str.lower().to_numpy()
+        wanted = np.asarray([_as_text(v) for v in values], dtype=object)
+        hit = np.isin(text, wanted)
+    hit &= present
+    if rule.operator == "not_in":
+        hit = ~hit & present
+    out = np.zeros(len(rows), dtype=bool)
+    known = rows >= 0
+    out[known] = hit[rows[known]]
+    return out
+
+
+def _as_text(value: Any) -> str:
+    """A rule's value as the items table's text reads it: booleans as true/false, case-insensitive."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip().lower()
