@@ -157,3 +157,44 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert unknown.fallback and reply == {"user_id": "nobody", "items": unknown.items, "scores": unknown.scores,
                                               "fallback": True, "cold_user": False}
         assert len(unknown.items) == len(rec.items)
+
+
+def test_a_reader_reads_the_pointer_once_per_cache_period_and_each_list_in_one_get(monkeypatch) -> None:
+    from topx.aws import store as store_module
+    from topx.contract import table_attribute_definitions, table_key_schema
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        ddb = boto3.client("dynamodb")
+        ddb.create_table(TableName="t", BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
+                         AttributeDefinitions=table_attribute_definitions())
+        for version, item in (("v1", "old"), ("v2", "new")):
+            store_module.write_recommendations("t", version, [store_module.Recommendation("u1", [item], [1.0])],
+                                               expires_at=None, client=ddb)
+            store_module.write_fallback("t", version, ["top"], [9.0], client=ddb)
+        store_module.publish_version("t", "v1", users=1, client=ddb)
+
+        calls: list[tuple[str, bool]] = []
+
+        class Counting:
+            def get_item(self, **kwargs):
+                calls.append((kwargs["Key"]["pk"]["S"], kwargs.get("ConsistentRead", False)))
+                return ddb.get_item(**kwargs)
+
+        now = [100.0]
+        reader = client.Reader(table="t", client=Counting(), pointer_cache_s=5.0, clock=lambda: now[0])
+        assert reader.get("u1").items == ["old"]
+        assert reader.get("u1").items == ["old"] and reader.get("nobody").fallback
+        # One eventually consistent pointer read, then one GetItem per list (two for the fallback).
+        assert calls == [("pointer", False), ("user#u1", False), ("user#u1", False), ("user#nobody", False),
+                         ("fallback", False)]
+        store_module.publish_version("t", "v2", users=1, client=ddb)
+        now[0] += 4.9
+        assert reader.get("u1").items == ["old"], "within the cache period the reader keeps its version"
+        now[0] += 0.2
+        assert reader.get("u1").items == ["new"]
+        assert calls[-2:] == [("pointer", False), ("user#u1", False)]
+    with pytest.raises(ConfigError, match="pointer_cache_s must be >= 0"):
+        client.Reader(table="t", client=object(), pointer_cache_s=-1)

@@ -15,7 +15,8 @@ variable (``TOPX_TABLE``, ``TOPX_BUCKET``) > the outputs of the default stack ``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -164,11 +165,40 @@ def _table_errors(table: str) -> Iterator[None]:
 
 def get_recommendations(user_id: str, *, table: str | None = None, stack: str | None = None,
                         endpoint_url: str | None = None, client: Any = None) -> store.Recommendation | None:
-    """The live top-x of ``user_id`` (items best first, with scores), or None when the user has none."""
+    """The live top-x of ``user_id`` (items best first, with scores): its own list, or the version's
+    fallback list marked ``fallback``; None only while nothing is published. One call resolves the
+    table and reads the pointer afresh: an application serving many reads uses ``Reader``."""
     name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     ddb = client or aws_client("dynamodb", endpoint_url)
     with _table_errors(name):
         return store.get_recommendations(name, str(user_id), client=ddb)
+
+
+# How long a Reader trusts the live version it read (seconds): a publish reaches its readers within it.
+POINTER_CACHE_S = 5.0
+
+
+class Reader:
+    """Recommendations for an application: the table is resolved and the client made once, and the live
+    version is remembered for ``pointer_cache_s`` (read eventually consistently), so a read is one
+    GetItem (two when the user has no list: the fallback's), not two or three.
+
+        reader = Reader(stack="Topx")
+        reader.get("u00042")
+    """
+
+    def __init__(self, *, table: str | None = None, stack: str | None = None, endpoint_url: str | None = None,
+                 client: Any = None, pointer_cache_s: float = POINTER_CACHE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not pointer_cache_s >= 0:
+            raise ConfigError(f"pointer_cache_s must be >= 0 seconds, got {pointer_cache_s!r}")
+        self.table = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
+        self._ddb = client or aws_client("dynamodb", endpoint_url)
+        self._pointer = store.PointerCache(pointer_cache_s, clock)
+
+    def get(self, user_id: str) -> store.Recommendation | None:
+        with _table_errors(self.table):
+            return store.get_recommendations(self.table, str(user_id), client=self._ddb, pointer=self._pointer)
 
 
 def live_version(*, table: str | None = None, stack: str | None = None, endpoint_url: str | None = None,

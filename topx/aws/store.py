@@ -21,9 +21,9 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -199,11 +199,34 @@ def _flush(ddb: Any, table: str, requests: list[dict[str, Any]], sleep: Any) -> 
     raise StoreError(f"table {table}: {len(pending)} item(s) still unprocessed after {MAX_ATTEMPTS} attempts")
 
 
-def active_version(table: str, *, client: Any = None) -> str | None:
+def active_version(table: str, *, client: Any = None, consistent: bool = True) -> str | None:
+    """The live version; ``consistent=False`` reads the pointer eventually consistently (half the cost,
+    and it may lag a just-moved pointer by about a second)."""
     ddb = dynamodb_client(client)
-    reply = ddb.get_item(TableName=table, Key=pointer_key(), ConsistentRead=True)
+    reply = ddb.get_item(TableName=table, Key=pointer_key(), ConsistentRead=consistent)
     item = reply.get("Item")
     return None if item is None else item["version"]["S"]
+
+
+@dataclass
+class PointerCache:
+    """The live version per table, remembered for ``max_age_s`` (read eventually consistently), so that
+    a reader's request is one GetItem, not two. A reader sees a newly published version at most
+    ``max_age_s`` (plus the read's own lag) after the pointer moved; versions stay complete well beyond
+    that, so a list is never read from half a version. ``clock``: seconds, monotonic (injectable)."""
+
+    max_age_s: float
+    clock: Callable[[], float] = time.monotonic
+    _entries: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+
+    def version(self, table: str, ddb: Any) -> str | None:
+        now = self.clock()
+        cached = self._entries.get(table)
+        if cached is not None and now - cached[1] < self.max_age_s:
+            return cached[0]
+        version = active_version(table, client=ddb, consistent=False)
+        self._entries[table] = (version, now)
+        return version
 
 
 def publish_version(table: str, version: str, *, users: int, client: Any = None) -> bool:
@@ -228,12 +251,13 @@ def publish_version(table: str, version: str, *, users: int, client: Any = None)
     return True
 
 
-def get_recommendations(table: str, user_id: str, *, client: Any = None) -> Recommendation | None:
+def get_recommendations(table: str, user_id: str, *, client: Any = None,
+                        pointer: PointerCache | None = None) -> Recommendation | None:
     """The live recommendations of one user, following the pointer. A user the live version has no item
     for gets the version's fallback list, marked ``fallback=True``. None only while nothing is live (or
     the live version predates fallback lists)."""
     ddb = dynamodb_client(client)
-    version = active_version(table, client=ddb)
+    version = active_version(table, client=ddb) if pointer is None else pointer.version(table, ddb)
     if version is None:
         return None
     item = ddb.get_item(TableName=table, Key=user_key(user_id, version)).get("Item")
