@@ -516,17 +516,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         cold_users_from = index.n_warm_users
         if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
             seen = load_interactions(run, index)[0].matrix()
-    eligible = None
+    eligible = diversity = None
     if args.filters is not None:
-        from topx.filters import eligible_items, load_filters
+        from topx.filters import eligible_items, item_groups, load_filters
         from topx.ingest import read_feature_table
 
         table = None if args.items is None else read_feature_table(args.items, key_col=args.item_key)
-        eligible = eligible_items(load_filters(args.filters), list(item_ids), table)
+        rules = load_filters(args.filters)
+        eligible = eligible_items(rules, list(item_ids), table)
+        diversity = item_groups(rules, list(item_ids), table)
     tmp = run / f".{RECOMMENDATIONS}.tmp"
     n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object),
                                       args.top_x, seen, method=args.search_method, cold_users_from=cold_users_from,
-                                      eligible=eligible)
+                                      eligible=eligible, diversity=diversity)
     tmp.replace(run / RECOMMENDATIONS)
     print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
     return 0

@@ -36,7 +36,7 @@ import pandas as pd
 from topx.errors import ConfigError
 
 OPERATORS = ("equals", "in", "not_in", "between")
-_ITEM_KEYS = ("include", "exclude", "exclude_ids")
+_ITEM_KEYS = ("include", "exclude", "exclude_ids", "max_per")
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,13 @@ class ItemFilter:
     include: tuple[Rule, ...] = ()
     exclude: tuple[Rule, ...] = ()
     exclude_ids: frozenset[str] = frozenset()
+    # Diversity: at most ``count`` items of a list share a value of ``column`` (None: no cap).
+    max_per: tuple[str, int] | None = None
 
     @property
     def columns(self) -> set[str]:
-        return {rule.column for rule in (*self.include, *self.exclude)}
+        rules = {rule.column for rule in (*self.include, *self.exclude)}
+        return rules | ({self.max_per[0]} if self.max_per else set())
 
 
 def load_filters(path: str | Path) -> ItemFilter:
@@ -87,7 +90,18 @@ def parse_filters(doc: Any, source: str = "filters") -> ItemFilter:
     ids = _list(items, "exclude_ids", source)
     if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
         raise ConfigError(f"{source}: items.exclude_ids must list item ids (strings)")
-    return ItemFilter(rules["include"], rules["exclude"], frozenset(str(i) for i in ids))
+    return ItemFilter(rules["include"], rules["exclude"], frozenset(str(i) for i in ids),
+                      _max_per(items.get("max_per"), source))
+
+
+def _max_per(raw: Any, source: str) -> tuple[str, int] | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and set(raw) == {"column", "count"} and isinstance(raw["column"], str)
+            and isinstance(raw["count"], int) and not isinstance(raw["count"], bool) and raw["count"] >= 1):
+        raise ConfigError(f"{source}: items.max_per must be {{\"column\": NAME, \"count\": N}} with N >= 1, "
+                          f"got {raw!r}")
+    return raw["column"], raw["count"]
 
 
 def _list(items: dict[str, Any], key: str, source: str) -> list[Any]:
@@ -131,9 +145,9 @@ def eligible_items(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str
     compared with the column's, and when no item is left."""
     ids = pd.Index([str(i) for i in item_ids], dtype=object)
     keep = ~ids.isin(list(item_filter.exclude_ids))
-    if item_filter.columns and table is None:
-        rule = next(iter((*item_filter.include, *item_filter.exclude)))
-        raise ConfigError(f"{rule.where}: rules on columns need the items table (--items)")
+    rules = (*item_filter.include, *item_filter.exclude)
+    if rules and table is None:
+        raise ConfigError(f"{rules[0].where}: rules on columns need the items table (--items)")
     if table is not None:
         rows = pd.Index(table.index.astype(str), dtype=object).get_indexer(ids)
         for rule in item_filter.include:
@@ -143,6 +157,28 @@ def eligible_items(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str
     if not keep.any():
         raise ConfigError("the filters leave no item eligible: nothing could be recommended")
     return np.asarray(keep, dtype=bool)
+
+
+def item_groups(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str],
+                table: pd.DataFrame | None) -> tuple[np.ndarray, int] | None:
+    """For ``max_per``: each item's group (a code per value of the column; -1 for an item with no
+    value, which no cap limits) and the cap; None without ``max_per``."""
+    if item_filter.max_per is None:
+        return None
+    column, count = item_filter.max_per
+    where = "filters: items.max_per"
+    if table is None:
+        raise ConfigError(f"{where}: a cap per column value needs the items table (--items)")
+    if column not in table.columns:
+        raise ConfigError(f"{where}: the items table has no column {column!r} (it has "
+                          f"{', '.join(map(str, table.columns))})")
+    values = table[column]
+    text = values.astype(str).str.strip().str.lower().where(values.notna())
+    codes, _ = pd.factorize(text)
+    rows = pd.Index(table.index.astype(str), dtype=object).get_indexer(pd.Index([str(i) for i in item_ids]))
+    groups = np.full(len(rows), -1, dtype=np.int64)
+    groups[rows >= 0] = codes[rows[rows >= 0]]
+    return groups, count
 
 
 def _matches(rule: Rule, table: pd.DataFrame, rows: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from topx.config import HyperParameters
 from topx.dataset import DataOptions, Dataset, items_table, load_dataset
-from topx.filters import eligible_items, load_filters
+from topx.filters import eligible_items, item_groups, load_filters
 from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
 from topx.steps import (
     Reporter,
@@ -47,9 +47,11 @@ def run_all(
         with reporter.step("ingest", f"reading {data.interactions}") as d:
             ds = load_dataset(data)
             # The filters are checked against the items table now, before any training.
-            eligible = None
+            eligible = diversity = None
             if run.filters is not None:
-                eligible = eligible_items(load_filters(run.filters), ds.item_ids, items_table(data))
+                rules, table = load_filters(run.filters), items_table(data)
+                eligible = eligible_items(rules, ds.item_ids, table)
+                diversity = item_groups(rules, ds.item_ids, table)
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
@@ -64,7 +66,7 @@ def run_all(
             n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,
                                                    method=run.search_method, cold_users_from=fi.n_warm_users,
                                                    cold_items_from=fi.n_warm_items, counts=counts,
-                                                   eligible=eligible)
+                                                   eligible=eligible, diversity=diversity)
             d["result"] = f"{n_rows:,} rows."
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)

@@ -267,6 +267,7 @@ def write_recommendations_parquet(
     cold_items_from: int | None = None,
     counts: dict[str, int] | None = None,
     eligible: np.ndarray | None = None,
+    diversity: tuple[np.ndarray, int] | None = None,
 ) -> int:
     """Stream the top-x of every user to Parquet, one batch at a time. Returns rows written.
 
@@ -275,7 +276,8 @@ def write_recommendations_parquet(
     marked in the ``cold_user`` column. ``cold_items_from``: the first cold item row; with ``counts``,
     ``counts["cold_item_rows"]`` and ``counts["rows"]`` add up the lists' cold items and all rows.
     ``eligible``: (n_items,) bool, the items that may be recommended (topx.filters); the search runs
-    over those alone, so each list is the exact top-x of the eligible unseen items.
+    over those alone, so each list is the exact top-x of the eligible unseen items. ``diversity``: each
+    item's group (n_items,) and the most items of one group a list may hold (topx.filters.item_groups).
 
     The score written is the FM's prediction for the pair (a_u . a_i + c_u): a rating for a
     regressor, a logit for a classifier.
@@ -287,9 +289,15 @@ def write_recommendations_parquet(
         vectors = RecipeVectors(vectors.user_vectors, vectors.item_vectors[catalogue], vectors.user_constants)
         item_ids = np.asarray(item_ids, dtype=object)[catalogue]
         seen = None if seen is None else sp.csr_matrix(seen)[:, catalogue]
+    if diversity is None:
+        batches = _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen, method=method)
+    else:
+        from topx.search import iter_top_x_capped
+
+        batches = iter_top_x_capped(vectors.user_vectors, vectors.item_vectors, top_x, diversity[0][catalogue],
+                                    diversity[1], seen=seen, method=method)
     with pq.ParquetWriter(path, RECOMMENDATION_SCHEMA) as writer:
-        for rows, items, scores in _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen,
-                                              method=method):
+        for rows, items, scores in batches:
             valid = items >= 0
             n_valid = valid.sum(axis=1)
             user_col = np.repeat(user_ids[rows], n_valid)

@@ -106,3 +106,45 @@ def test_run_with_filters_recommends_eligible_items_only_and_checks_them_before_
     assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "bad")]) == 2
     assert "items.exclude[0]: the items table has no column 'no_such_column'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_cap_per_group_gives_the_exact_best_list_with_at_most_that_many_of_each(tmp_path) -> None:
+    """Brute force: over every way to pick items, the best x by score with at most `cap` per group is
+    found greedily in score order (a cap is a matroid), so that is the oracle."""
+    rng = np.random.default_rng(8)
+    users, items, x, cap = 30, 120, 6, 2
+    vectors = RecipeVectors(rng.normal(size=(users, 5)).astype(np.float32),
+                            rng.normal(size=(items, 5)).astype(np.float32), np.zeros(users))
+    groups = rng.integers(-1, 4, items)  # four groups, and some items in none
+    seen = sp.random(users, items, density=0.1, format="csr", random_state=9)
+    eligible = rng.random(items) < 0.8
+    item_ids = np.array([f"i{j}" for j in range(items)], dtype=object)
+    path = tmp_path / "recs.parquet"
+    write_recommendations_parquet(path, vectors, np.array([f"u{u}" for u in range(users)], dtype=object), item_ids,
+                                  x, seen, eligible=eligible, diversity=(groups, cap))
+    got = pq.read_table(path).to_pandas()
+    scores = vectors.user_vectors.astype(np.float64) @ vectors.item_vectors.astype(np.float64).T
+    for u in range(users):
+        allowed = np.flatnonzero(eligible & (seen[u].toarray().ravel() == 0))
+        expected, taken = [], {}
+        for item in allowed[np.lexsort((allowed, -scores[u, allowed]))]:
+            g = groups[item]
+            if g >= 0 and taken.get(g, 0) >= cap:
+                continue
+            taken[g] = taken.get(g, 0) + 1
+            expected.append(item)
+            if len(expected) == x:
+                break
+        mine = got[got["user_id"] == f"u{u}"].sort_values("rank")["item_id"].tolist()
+        assert mine == item_ids[expected].tolist(), u
+
+
+def test_max_per_is_checked_like_the_rules() -> None:
+    with pytest.raises(ConfigError, match=re.escape("items.max_per must be")):
+        parse_filters({"items": {"max_per": {"column": "category", "count": 0}}}, "f.json")
+    from topx.filters import item_groups
+
+    with pytest.raises(ConfigError, match="items.max_per: the items table has no column 'genre'"):
+        item_groups(parse_filters({"items": {"max_per": {"column": "genre", "count": 2}}}), IDS, TABLE)
+    groups, cap = item_groups(parse_filters({"items": {"max_per": {"column": "category", "count": 2}}}), IDS, TABLE)
+    assert cap == 2 and groups[0] == groups[2] != groups[1] and groups[5] == -1

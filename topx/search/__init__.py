@@ -158,3 +158,59 @@ def iter_top_x(
         yield from _iter_approximate(index, user_vectors, x, seen, batch_size)
         return
     yield from iter_exact(index, user_vectors, x, seen, batch_size, threads)
+
+
+def iter_top_x_capped(
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    x: int,
+    groups: np.ndarray,
+    cap: int,
+    *,
+    seen: sp.csr_matrix | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    method: str = "exact",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """As :func:`iter_top_x`, with at most ``cap`` items of each group in a list (diversity).
+
+    ``groups``: (n_items,) int, each item's group (for example its category's code); -1 for an item in
+    no group, which no cap limits. The capped top-x takes at most ``cap`` items of a group, and those are
+    the group's best, so it lies within the union of every group's own top-min(cap, x) (and the
+    ungrouped items' top-x): each is searched exactly over its items alone, and the union is ranked by
+    score (ties by item row). So the result is exact, not a greedy pass over one over-fetched list.
+    """
+    _check(user_vectors, item_vectors, x)
+    if not isinstance(cap, int | np.integer) or cap < 1:
+        raise ConfigError(f"the cap per group must be a positive integer, got {cap!r}")
+    groups = np.asarray(groups)
+    if groups.shape != (item_vectors.shape[0],):
+        raise InputDataError(f"groups has shape {groups.shape}, expected ({item_vectors.shape[0]},)")
+    seen = None if seen is None else sp.csr_matrix(seen)
+    parts = []
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        depth = min(x if group < 0 else min(cap, x), len(members))
+        index = build_index(np.ascontiguousarray(item_vectors[members]), method=method)
+        parts.append((members, depth, index))
+    n_users = user_vectors.shape[0]
+    for start in range(0, n_users, batch_size):
+        stop = min(start + batch_size, n_users)
+        users = user_vectors[start:stop]
+        found_items = []
+        for members, depth, index in parts:
+            part_seen = None if seen is None else seen[start:stop][:, members]
+            top = search_top_x(users, item_vectors[members], depth, seen=part_seen, index=index)
+            found_items.append(np.where(top.items >= 0, members[np.maximum(top.items, 0)], -1))
+        items = np.hstack(found_items)
+        # Ranked in float64 as the exact scan ranks, so that groups' float32 scores decide no order.
+        exact = np.einsum("bd,bkd->bk", np.asarray(users, dtype=np.float64),
+                          np.asarray(item_vectors, dtype=np.float64)[np.maximum(items, 0)])
+        scores = np.where(items >= 0, exact, -np.inf)
+        # Best score first, ties by item row; empty slots (-1, -inf) last.
+        order = np.lexsort((np.where(items >= 0, items, np.iinfo(np.int64).max), -scores), axis=1)[:, :x]
+        items, scores = np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+        if items.shape[1] < x:
+            pad = x - items.shape[1]
+            items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        yield np.arange(start, stop), items, scores.astype(np.float32)
