@@ -16,7 +16,9 @@ In one run, interleaved and repeated (best of ``--reps``, because the machine ma
   block sizes raised (``distance_compute_blas_query_bs`` / ``database_bs``).
 
 Ratios: ``ratio_to_gemm`` = topx / gemm, ``speedup_vs_numpy``, ``speedup_vs_faiss_default``,
-``exclude_seen_overhead`` = topx_seen / topx - 1. ``exact`` checks a sample of users against a
+``exclude_seen_overhead`` = topx_seen / topx - 1. ``filtered_s``: the same search restricted to a random
+``--eligible-fraction`` of the items as ``topx.filters`` restricts it (the cut, its index and the search),
+seen items excluded; ``filter_overhead`` = filtered / topx_seen - 1. ``exact`` checks a sample of users against a
 float64 brute force (ids and order, ties by item row).
 
 With ``--approx-items``, FAISS HNSW and IVF (inner product) are swept over their search breadth
@@ -56,6 +58,7 @@ import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import log, print_json_line  # noqa: E402
+from topx.filters import restrict  # noqa: E402
 from topx.search import build_index, iter_top_x, search_top_x  # noqa: E402
 
 
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--approx-items", default="", help="comma-separated catalogue sizes for the approximate search")
     parser.add_argument("--approx-users", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eligible-fraction", type=float, default=0.5,
+                        help="share of the items a filter leaves eligible in the filtered timing (default 0.5)")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--rss-prepare", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--user-file", default="", help=argparse.SUPPRESS)
@@ -394,12 +399,23 @@ def timing(args: argparse.Namespace) -> dict:
         for _ in iter_top_x(users, items, args.x, seen=seen if with_seen else None, index=index):
             pass
 
+    # Filters as topx applies them: the catalogue cut to the eligible items (half, drawn at random),
+    # then the same exact search over those, seen items excluded; the cut and the index are timed too.
+    eligible = np.random.default_rng(args.seed + 7).random(args.items) < args.eligible_fraction
+
+    def run_filtered() -> None:
+        rows, sub_items, sub_seen = restrict(items, seen, eligible)
+        for _, found, _ in iter_top_x(users, sub_items, args.x, seen=sub_seen,
+                                      index=build_index(sub_items, precision=args.precision)):
+            rows[found[found >= 0]]
+
     contenders = {
         "gemm_torch_1024x4096": lambda: gemm_torch(users, items, 1024, 4096),
         "gemm_torch_workers_1024x1024": lambda: gemm_torch_workers(users, items, 1024, 1024),
         "gemm_numpy_4096": lambda: gemm_numpy(users, items_t, 4096),
         "topx": lambda: run_topx(False),
         "topx_seen": lambda: run_topx(True),
+        "filtered": run_filtered,
         "faiss_default": lambda: faiss_top_x(base_users, items, args.x, tuned=False),
         "faiss_tuned": lambda: faiss_top_x(base_users, items, args.x, tuned=True),
         "numpy": lambda: numpy_top_x(base_users, items_t, args.x),
@@ -429,6 +445,10 @@ def timing(args: argparse.Namespace) -> dict:
         "speedup_vs_faiss_tuned": best["faiss_tuned"] / best["topx"],
         "faiss_default_ratio_to_gemm": best["faiss_default"] / gemm_s,
         "exclude_seen_overhead": best["topx_seen"] / best["topx"] - 1,
+        "filtered_s": best["filtered"], "eligible_fraction": args.eligible_fraction,
+        # Filtering's cost over the unfiltered search with seen items excluded (negative: it saves time,
+        # as fewer items are scored).
+        "filter_overhead": best["filtered"] / best["topx_seen"] - 1,
         "topx_s_per_million_users": best["topx"] / args.users * 1e6,
         "exact": bool(exact),
     }

@@ -219,3 +219,14 @@ def _as_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value).strip().lower()
+
+
+def restrict(item_vectors: np.ndarray, seen: Any, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The catalogue cut to the eligible items: their rows (n_eligible,), their vectors, and the seen
+    matrix's columns for them (None stays None). A search over these is a search over eligible items
+    alone; ``rows[found]`` maps its results back to item rows."""
+    import scipy.sparse as sp
+
+    rows = np.flatnonzero(eligible)
+    return rows, np.ascontiguousarray(item_vectors[rows]), None if seen is None else sp.csr_matrix(seen)[:, rows]
+

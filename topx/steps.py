@@ -285,10 +285,11 @@ def write_recommendations_parquet(
     rows_written = 0
     catalogue = np.arange(len(item_ids))
     if eligible is not None:
-        catalogue = np.flatnonzero(eligible)
-        vectors = RecipeVectors(vectors.user_vectors, vectors.item_vectors[catalogue], vectors.user_constants)
+        from topx.filters import restrict
+
+        catalogue, item_vectors, seen = restrict(vectors.item_vectors, seen, eligible)
+        vectors = RecipeVectors(vectors.user_vectors, item_vectors, vectors.user_constants)
         item_ids = np.asarray(item_ids, dtype=object)[catalogue]
-        seen = None if seen is None else sp.csr_matrix(seen)[:, catalogue]
     if diversity is None:
         batches = _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, top_x, seen=seen, method=method)
     else:
