@@ -47,9 +47,13 @@ DEFAULT_NUM_FACTORS = 64  # what the stack sets TOPX_NUM_FACTORS to unless conte
 DEFAULT_EPOCHS = 30  # what the stack sets TOPX_EPOCHS to unless context says otherwise
 DEFAULT_SHARDS = 4  # user shards, when neither context nor TOPX_SHARDS says
 DEFAULT_RETENTION_DAYS = 30  # days until runs/ objects expire and a retired version's items do
-# AWS Batch rejects array jobs with fewer than 2 children, and caps them at 10,000.
+# AWS Batch rejects array jobs with fewer than 2 children (and caps them at 10,000). The Load state
+# runs one iteration per shard inside the execution, 8 history events each, and a standard execution
+# stops at 25,000 events: 2,500 shards leave some 5,000 for the other states and retried loads
+# (tests/offline/test_e2e.py measures the events per shard).
 MIN_SHARDS = 2
-MAX_SHARDS = 10_000
+MAX_SHARDS = 2_500
+EXECUTION_HISTORY_LIMIT = 25_000  # events in one standard Step Functions execution
 
 # The searches topx.search runs: "exact" (topx's bounded scan), "faiss" (FAISS IndexFlatIP, exact in
 # float32), "hnsw" / "ivf" (approximate FAISS indexes).

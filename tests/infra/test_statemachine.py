@@ -76,6 +76,12 @@ def test_load_iterations_get_what_load_shard_parses(asl: dict[str, Any]) -> None
     assert inner["Parameters"] == {"FunctionName": "${LoadShardFunctionArn}", "Payload.$": "$"}
 
 
+def test_load_keeps_no_per_shard_result_in_the_execution_state(asl: dict[str, Any]) -> None:
+    """Kept, a {shard, written} per shard outgrows the 256 KB state limit near 8,000 shards, raising
+    States.DataLimitExceeded, which no States.ALL catch sees. Publish reads the counts from S3."""
+    assert asl["States"]["Load"]["ResultPath"] is None
+
+
 def test_numbers_in_the_definition_are_literals_not_placeholders() -> None:
     text = ASL_PATH.read_text(encoding="utf-8")
     assert not re.search(r":\s*\$\{", text), "a ${...} placeholder outside a string would not be valid JSON"

@@ -131,6 +131,22 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline,
     (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: new recommendations published"
     assert run_id in note.message and "150 users" in note.message
+    assert_the_largest_run_fits_one_execution(execution["history"])
+
+
+def assert_the_largest_run_fits_one_execution(history: list[dict[str, Any]]) -> None:
+    """Measured here, not assumed: the history events each shard's Load iteration adds. With the most
+    shards the settings allow, a run's history stays under the execution's limit, with room for the
+    other states and a retried load per ten shards."""
+    from topx.contract import EXECUTION_HISTORY_LIMIT, MAX_SHARDS
+
+    load = [i for i, e in enumerate(history) if e["type"].endswith("StateEntered")
+            and e["stateEnteredEventDetails"]["name"] in ("Load", "Publish")]
+    inside = history[load[0] + 1:load[1]]
+    per_shard = len(inside) / SHARDS
+    others = len(history) - len(inside)
+    retries = MAX_SHARDS / 10 * 4  # a retried attempt adds its scheduled, started and ended events, and more
+    assert per_shard * MAX_SHARDS + others + retries < EXECUTION_HISTORY_LIMIT, (per_shard, others)
 
 
 # --------------------------------------------------------------------------- publishing is atomic
