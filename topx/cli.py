@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filters", metavar="FILE",
                    help="a filter file (JSON, docs/FORMATS.md): which items may be recommended, by the --items "
                         "table's columns and by id; checked before training, applied exactly by the search")
+    p.add_argument("--responses", metavar="FILE",
+                   help="(user_id, item_id) pairs to leave out of each user's list, as seen items are: items "
+                        "dismissed, bought elsewhere, already sent")
 
     p = add_command("tune", help="search the ranking learner's settings on a validation carve of your data",
                        description="Carve a seeded 20%% of each user's training rows (the --holdout rows stay "
@@ -216,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
     _add_ranking_options(p)
     p.add_argument("--filters", metavar="FILE", help="a filter file (JSON): which items may be recommended")
+    p.add_argument("--responses", metavar="FILE",
+                   help="(user_id, item_id) pairs to leave out of each user's list: re-applied without retraining")
     p.add_argument("--items", metavar="FILE", help="the items table the filter rules read (keyed by --item-key)")
     p.add_argument("--item-key", type=_column, default="item_id", metavar="COL",
                    help="key column of the --items table (default: item_id)")
@@ -335,6 +340,7 @@ def _run_options(args: argparse.Namespace):
         search_method=getattr(args, "search_method", DEFAULT_SEARCH_METHOD),
         tune=getattr(args, "tune", False),
         filters=getattr(args, "filters", None),
+        responses=getattr(args, "responses", None),
     )
 
 
@@ -516,6 +522,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         cold_users_from = index.n_warm_users
         if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
             seen = load_interactions(run, index)[0].matrix()
+    if args.responses is not None:
+        from topx.filters import read_responses
+
+        dismissed = read_responses(args.responses, list(user_ids), list(item_ids))
+        seen = dismissed if seen is None else ((seen + dismissed) > 0).astype(np.float32).tocsr()
     eligible = diversity = None
     if args.filters is not None:
         from topx.filters import eligible_items, item_groups, load_filters

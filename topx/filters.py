@@ -230,3 +230,23 @@ def restrict(item_vectors: np.ndarray, seen: Any, eligible: np.ndarray) -> tuple
     rows = np.flatnonzero(eligible)
     return rows, np.ascontiguousarray(item_vectors[rows]), None if seen is None else sp.csr_matrix(seen)[:, rows]
 
+
+def read_responses(source: str, user_ids: Any, item_ids: Any, *, s3_client: Any = None) -> Any:
+    """(n_users, n_items) CSR of the (user, item) pairs in a responses table: items a user dismissed,
+    bought elsewhere or was already sent, to leave out of their next lists as seen items are. The table
+    has ``user_id`` and ``item_id`` columns (others, such as a time, are ignored); a file, folder or S3
+    prefix as ``--interactions`` takes. Pairs naming a user or an item the run does not know are skipped."""
+    import scipy.sparse as sp
+
+    from topx.ingest import read_interactions
+
+    frame = read_interactions(source, rating_col=None, implicit=True, s3_client=s3_client)
+    users = pd.Index([str(u) for u in user_ids], dtype=object).get_indexer(frame["user_id"].astype(str))
+    items = pd.Index([str(i) for i in item_ids], dtype=object).get_indexer(frame["item_id"].astype(str))
+    known = (users >= 0) & (items >= 0)
+    out = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (users[known], items[known])),
+                        shape=(len(user_ids), len(item_ids)))
+    out.sum_duplicates()
+    out.data[:] = 1.0
+    return out
+

@@ -70,6 +70,7 @@ class RunOptions:
     progress: bool | None = None
     search_method: str = DEFAULT_SEARCH_METHOD  # of the recommendations: one of topx.contract.SEARCH_METHODS
     filters: str | None = None  # a filter file (topx.filters): which items may be recommended
+    responses: str | None = None  # (user_id, item_id) pairs left out of the lists as seen items are
     tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
 
 

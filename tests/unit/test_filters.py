@@ -148,3 +148,30 @@ def test_max_per_is_checked_like_the_rules() -> None:
         item_groups(parse_filters({"items": {"max_per": {"column": "genre", "count": 2}}}), IDS, TABLE)
     groups, cap = item_groups(parse_filters({"items": {"max_per": {"column": "category", "count": 2}}}), IDS, TABLE)
     assert cap == 2 and groups[0] == groups[2] != groups[1] and groups[5] == -1
+
+
+def test_responses_leave_items_out_of_the_next_lists_without_retraining(tmp_path) -> None:
+    files = generate(150, 60, mean_interactions=10, implicit=True, seed=6).write(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--epochs", "3",
+                 "--num-factors", "8", "--quiet", "--out", str(out)]) == 0
+    before = pd.read_parquet(out / "recommendations.parquet")
+    first = before[before["rank"] == 1][["user_id", "item_id"]]
+    responses = tmp_path / "dismissed.csv"
+    first.assign(time="2024-05-01").to_csv(responses, index=False)  # every user dismissed their top item
+    model = (out / "model" / "model.tar.gz").read_bytes()
+
+    assert main(["recommend", "--run", str(out), "--responses", str(responses), "--quiet"]) == 0
+    after = pd.read_parquet(out / "recommendations.parquet")
+    assert (out / "model" / "model.tar.gz").read_bytes() == model, "nothing was retrained"
+    merged = after.merge(first, on=["user_id", "item_id"])
+    assert merged.empty, "a dismissed item came back"
+    # The lists move up by one: each user's old second item is now first.
+    second = before[before["rank"] == 2].set_index("user_id")["item_id"]
+    new_first = after[after["rank"] == 1].set_index("user_id")["item_id"]
+    assert (new_first == second.reindex(new_first.index)).all()
+
+    fresh = tmp_path / "fresh"
+    assert main(["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--epochs", "3",
+                 "--num-factors", "8", "--quiet", "--responses", str(responses), "--out", str(fresh)]) == 0
+    assert pd.read_parquet(fresh / "recommendations.parquet").merge(first, on=["user_id", "item_id"]).empty
