@@ -18,41 +18,41 @@ def holdout_split(user_rows: np.ndarray, fraction: float, seed: int) -> np.ndarr
     Returns a boolean mask (n,) of held-out rows. Every user keeps at least one training row, so
     a user with a single interaction is never held out entirely.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
-    n = len(user_rows)
-    mask = np.zeros(n, dtype=bool)
+    n = _checked(user_rows, fraction)
     if fraction == 0.0 or n == 0:
-        return mask
-    rng = np.random.default_rng(seed)
-    keys = rng.random(n)
-    order = np.lexsort((keys, user_rows))            # rows grouped by user, random order within
-    sorted_users = user_rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
-    counts = np.diff(np.r_[starts, n])
-    n_test = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
-    rank_in_user = np.arange(n) - np.repeat(starts, counts)
-    mask[order] = rank_in_user < np.repeat(n_test, counts)
-    return mask
+        return np.zeros(n, dtype=bool)
+    keys = np.random.default_rng(seed).random(n)
+    return _first_of_each_user(user_rows, np.lexsort((keys, user_rows)), fraction)  # random order per user
 
 
 def temporal_split(user_rows: np.ndarray, times: np.ndarray, fraction: float) -> np.ndarray:
     """Per user, the latest ``fraction`` of that user's rows (by time; among equal times a later
     position counts as later) goes to the hold-out, with holdout_split's count rule: floor(fraction n +
     0.5) rows, at most n - 1, so every user keeps a training row. Returns a boolean mask (n,)."""
+    n = _checked(user_rows, fraction)
+    if fraction == 0.0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    latest_first = np.lexsort((-np.arange(n), -np.asarray(times, dtype=np.int64), user_rows))
+    return _first_of_each_user(user_rows, latest_first, fraction)
+
+
+def _checked(user_rows: np.ndarray, fraction: float) -> int:
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"hold-out fraction must be in [0, 1), got {fraction!r}")
+    return len(user_rows)
+
+
+def _first_of_each_user(user_rows: np.ndarray, order: np.ndarray, fraction: float) -> np.ndarray:
+    """(n,) bool: of each user's rows, taken in ``order`` (rows grouped by user), the first
+    floor(fraction count + 0.5), at most count - 1."""
     n = len(user_rows)
-    mask = np.zeros(n, dtype=bool)
-    if fraction == 0.0 or n == 0:
-        return mask
-    order = np.lexsort((np.arange(n), times, user_rows))  # by user, then time, then position
     sorted_users = user_rows[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
     counts = np.diff(np.r_[starts, n])
     n_held = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
-    rank_from_end = np.repeat(starts + counts, counts) - 1 - np.arange(n)  # 0 = the user's latest row
-    mask[order] = rank_from_end < np.repeat(n_held, counts)
+    rank_in_user = np.arange(n) - np.repeat(starts, counts)
+    mask = np.zeros(n, dtype=bool)
+    mask[order] = rank_in_user < np.repeat(n_held, counts)
     return mask
 
 

@@ -110,11 +110,8 @@ def _s3_parts(uri: str, s3_client: Any) -> list[Part]:
                     continue
                 parts.append(Part(f"{S3_SCHEME}{bucket}/{obj['Key']}", _partitions(segments[:-1])))
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        reason = _S3_NOT_READABLE.get(code)
-        if reason is None:
-            raise
-        raise InputDataError(f"{reason} ({code})", source=uri) from exc
+        _raise_if_not_readable(exc, uri)
+        raise
     if not parts:
         what = ("object not found, and no data object under it as a prefix" if key and not key.endswith("/")
                 else "no data object under this prefix (only markers, empty objects, or nothing)")
@@ -129,13 +126,10 @@ def _s3_object_exists(client: Any, bucket: str, key: str, uri: str) -> bool:
         client.head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
+        if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
             return False
-        reason = _S3_NOT_READABLE.get(code)
-        if reason is None:
-            raise
-        raise InputDataError(f"{reason} ({code})", source=uri) from exc
+        _raise_if_not_readable(exc, uri)
+        raise
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -169,10 +163,16 @@ def _read_s3(uri: str, s3_client: Any) -> bytes:
         response = client.get_object(Bucket=bucket, Key=key)
         return response["Body"].read()
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        reason = _S3_NOT_READABLE.get(code)
-        if reason is None:
-            raise
+        _raise_if_not_readable(exc, uri)
+        raise
+
+
+def _raise_if_not_readable(exc: Exception, uri: str) -> None:
+    """Raise an InputDataError naming ``uri`` when an S3 error means "we cannot read this" (missing,
+    denied, archived); return for the others (throttling, 5xx: a retry may fix those)."""
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    reason = _S3_NOT_READABLE.get(code)
+    if reason is not None:
         raise InputDataError(f"{reason} ({code})", source=uri) from exc
 
 
