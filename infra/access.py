@@ -57,8 +57,9 @@ MANAGED_POLICIES: Mapping[str, str] = {
     ECS_INSTANCE_POLICY: (
         "The GPU instances' role: the ECS agent registers the instance in the cluster AWS Batch creates and "
         "names at run time, and AWS Batch documents this policy for it; a hand-copied policy would drift "
-        "from what each new agent needs. Containers cannot use it: IMDSv2 with a hop limit of 1 keeps the "
-        "instance credentials from them, and jobs run with their own job role."
+        "from what each new agent needs. Containers do not use it: Batch runs EC2 jobs with host networking, "
+        "so the instances drop the train image's user's packets to the metadata service at boot "
+        "(infra/compute.py), and jobs run with their own job role."
     ),
 }
 

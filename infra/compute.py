@@ -52,6 +52,17 @@ GPU_ROOT_VOLUME_GIB = 100
 FARGATE_SPOT_INTERRUPTED = "Your Spot Task was interrupted*"
 
 
+# The user the train image runs as (batch_jobs/train/Dockerfile: useradd --uid).
+TRAIN_JOB_UID = 10001
+INSTANCE_METADATA_ADDRESS = "169.254.169.254"
+
+
+def block_metadata_command(uid: int) -> str:
+    """The shell command that drops user ``uid``'s packets to the instance metadata service."""
+    return (f"iptables --insert OUTPUT --destination {INSTANCE_METADATA_ADDRESS} --match owner "
+            f"--uid-owner {uid} --jump DROP")
+
+
 @dataclass(frozen=True)
 class Job:
     queue: batch.JobQueue
@@ -205,14 +216,23 @@ class Compute(Construct):
         return vpc
 
     def _gpu_launch_template(self) -> ec2.LaunchTemplate:
+        # AWS Batch runs EC2 jobs with host networking, where a hop limit of 1 does not keep a container
+        # from the instance metadata service (and the instance role's credentials): the container's
+        # packets leave from the host's own network stack. The train image runs as TRAIN_JOB_UID, so
+        # the host drops that user's packets to the metadata address; jobs use their job role through
+        # the ECS credential endpoint (169.254.170.2), which stays open.
+        commands = ec2.UserData.for_linux()
+        commands.add_commands(block_metadata_command(TRAIN_JOB_UID))
+        user_data = ec2.MultipartUserData()  # AWS Batch reads launch-template user data in MIME parts
+        user_data.add_user_data_part(commands, ec2.MultipartBody.SHELL_SCRIPT, True)
         return ec2.LaunchTemplate(
             self,
             "GpuLaunchTemplate",
-            # IMDSv2 only, and one hop: containers cannot reach the instance's credentials; jobs use
-            # their job role through the ECS credential endpoint instead.
+            # IMDSv2 only, and one hop: a process in a bridged container could not reach it either.
             http_tokens=ec2.LaunchTemplateHttpTokens.REQUIRED,
             http_endpoint=True,
             http_put_response_hop_limit=1,
+            user_data=user_data,
             # The CUDA PyTorch image is several GB unpacked; the AMI's default root volume is 30 GiB.
             block_devices=[
                 ec2.BlockDevice(

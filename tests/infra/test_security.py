@@ -378,6 +378,32 @@ def test_every_store_is_encrypted_at_rest(synth: Synthesized) -> None:
         assert props.get("EnableKeyRotation") is True, logical_id
 
 
+def test_the_train_container_cannot_reach_the_instance_metadata_service(synth: Synthesized) -> None:
+    """Batch's EC2 jobs use host networking, where a hop limit does not stop a container: the GPU
+    instances drop the train image's user's packets to the metadata address at boot."""
+    import re as regex
+
+    from infra.compute import TRAIN_JOB_UID, block_metadata_command
+
+    dockerfile = (Path(__file__).resolve().parents[2] / "batch_jobs" / "train" / "Dockerfile").read_text()
+    assert regex.search(rf"useradd [^\n]*--uid {TRAIN_JOB_UID}\b", dockerfile) and "\nUSER topx" in dockerfile
+    (props,) = synth.properties("AWS::EC2::LaunchTemplate").values()
+    data = props["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    def strings(node: Any) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, dict):
+            return [text for value in node.values() for text in strings(value)]
+        if isinstance(node, list):
+            return [text for value in node for text in strings(value)]
+        return []
+
+    texts = strings(data["UserData"])
+    assert any("Content-Type: multipart/mixed" in t for t in texts)  # MIME parts, as AWS Batch requires
+    assert any(block_metadata_command(TRAIN_JOB_UID) in t for t in texts), texts
+
+
 def test_every_bucket_denies_requests_without_tls(synth: Synthesized) -> None:
     denied: dict[str, set[str]] = {}
     for props in synth.properties("AWS::S3::BucketPolicy").values():
