@@ -18,7 +18,17 @@ from aws_cdk import aws_s3 as s3
 from constructs import IConstruct
 
 from infra.nag import acknowledge
-from topx.contract import FEATURES_PREFIX, INCOMING_PREFIX, RUNS_PREFIX, VERSIONS_PREFIX
+from topx.contract import (
+    CONFIG_PREFIX,
+    FEATURES_PREFIX,
+    INCOMING_PREFIX,
+    RESPONSES_PREFIX,
+    RUNS_PREFIX,
+    VERSIONS_PREFIX,
+)
+
+# What Prepare reads besides runs/: the upload, the side tables, the filter file and the responses.
+INPUT_PREFIXES = (INCOMING_PREFIX, FEATURES_PREFIX, CONFIG_PREFIX, RESPONSES_PREFIX)
 
 _XRAY_PUT = "X-Ray trace upload (active tracing) has no resource-level permissions."
 _XRAY_SAMPLING = "X-Ray sampling (state machine tracing) has no resource-level permissions."
@@ -91,10 +101,11 @@ def version_objects(bucket: s3.IBucket, actions: Sequence[str]) -> iam.PolicySta
 
 
 def read_inputs(bucket: s3.IBucket) -> iam.PolicyStatement:
-    """The upload under incoming/ and the side tables under features/ (read by prepare only)."""
+    """The upload under incoming/, the side tables under features/, the filter file under config/ and the
+    responses under responses/ (read by prepare only)."""
     return iam.PolicyStatement(
         actions=["s3:GetObject"],
-        resources=[bucket.arn_for_objects(f"{prefix}*") for prefix in (INCOMING_PREFIX, FEATURES_PREFIX)],
+        resources=[bucket.arn_for_objects(f"{prefix}*") for prefix in INPUT_PREFIXES],
     )
 
 
@@ -133,10 +144,11 @@ def acknowledge_run_objects(
         )
     if inputs:
         reason = (
-            "Prepare reads whatever the user uploads under incoming/ and the side tables under features/; "
-            "read-only and limited to those prefixes."
+            "Prepare reads whatever the user uploads under incoming/, the side tables under features/, the "
+            "filter file under config/ and the responses under responses/; read-only and limited to those "
+            "prefixes."
         )
-        for prefix in (INCOMING_PREFIX, FEATURES_PREFIX):
+        for prefix in INPUT_PREFIXES:
             acknowledge(scope, object_wildcard_finding(bucket, prefix), reason)
 
 

@@ -121,6 +121,9 @@ INCOMING_PREFIX = "incoming/"  # uploads; the trigger's key prefix (statemachine
 FEATURES_PREFIX = "features/"  # side tables every run reads
 RUNS_PREFIX = "runs/"  # one prefix per run, expired by lifecycle after the retention days
 VERSIONS_PREFIX = "versions/"  # what live and not yet retired versions keep beyond runs/' lifecycle
+CONFIG_PREFIX = "config/"  # settings a run reads: FILTERS_KEY
+FILTERS_KEY = f"{CONFIG_PREFIX}filters.json"  # the filter file (topx.filters) every run applies
+RESPONSES_PREFIX = "responses/"  # (user_id, item_id) pairs left out of the next lists (topx.filters)
 # The files of a version's shard manifest (version_shard_prefix): the recommendations and the search's counts.
 MANIFEST_RECOMMENDATIONS = "part-0.parquet"
 MANIFEST_SEARCHED = "searched.json"
@@ -169,6 +172,12 @@ def run_record_key(run_id: str) -> str:
 def metrics_key(run_id: str) -> str:
     """The run's hold-out metrics."""
     return f"{run_prefix(run_id)}metrics.json"
+
+
+def run_filters_key(run_id: str) -> str:
+    """What Prepare made of the filter file and the responses for this run (NumPy .npz): the eligible
+    items, the diversity groups and cap, the (user row, item row) pairs to leave out."""
+    return f"{run_prefix(run_id)}filters.npz"
 
 
 def fallback_key(run_id: str) -> str:

@@ -3,6 +3,8 @@ from DynamoDB through the pointer, equal to what `topx run` computes locally fro
 
 from __future__ import annotations
 
+import json
+
 import boto3
 import numpy as np
 import pandas as pd
@@ -14,7 +16,7 @@ from topx import contract
 from topx.aws import stages, store
 from topx.config import default_hyperparameters
 from topx.dataset import DataOptions
-from topx.errors import InputDataError, StoreError
+from topx.errors import ConfigError, InputDataError, StoreError
 from topx.run import run_all
 from topx.steps import RunOptions
 
@@ -353,3 +355,36 @@ def test_the_deployed_pipeline_recommends_cold_items_and_serves_cold_users(aws, 
     searched = [stages._get_json(BUCKET, contract.searched_key(run_id, s)) for s in range(3)]
     assert sum(s["cold_item_rows"] for s in searched) == sum(rec.items.count("new-a") + rec.items.count("new-b")
                                                              for rec in [*lists, newbie])
+
+
+def test_the_deployed_pipeline_applies_the_filter_file_and_the_responses(aws, tmp_path):
+    s3, ddb = aws
+    data = base_ratings(150, 80, seed=11)
+    data.to_csv(tmp_path / "ratings.csv", index=False)
+    items = sorted(data["item_id"].unique())
+    table = pd.DataFrame({"item_id": items, "category": [["a", "b", "c"][i % 3] for i in range(len(items))],
+                          "in_stock": ["false" if i % 10 == 0 else "true" for i in range(len(items))]})
+    s3.put_object(Bucket=BUCKET, Key="features/items/items.csv", Body=table.to_csv(index=False).encode())
+    rules = {"items": {"exclude": [{"column": "in_stock", "equals": False}], "max_per": {"column": "category",
+                                                                                        "count": 2}}}
+    s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY, Body=json.dumps(rules).encode())
+    users = sorted(data["user_id"].unique())
+    dismissed = pd.DataFrame({"user_id": users[:20], "item_id": [items[1]] * 20})
+    s3.put_object(Bucket=BUCKET, Key=contract.RESPONSES_PREFIX + "2024-05-01.csv",
+                  Body=dismissed.to_csv(index=False).encode())
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+
+    run_pipeline("incoming/ratings.csv")
+    category = dict(zip(table["item_id"], table["category"], strict=True))
+    out_of_stock = set(table.loc[table["in_stock"] == "false", "item_id"])
+    for user in users:
+        rec = store.get_recommendations(TABLE, user, client=ddb)
+        assert len(rec.items) == 5 and not set(rec.items) & out_of_stock, user
+        assert max(pd.Series([category[i] for i in rec.items]).value_counts()) <= 2, user
+        if user in users[:20]:
+            assert items[1] not in rec.items, user
+
+    s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY,
+                  Body=json.dumps({"items": {"include": [{"column": "colour", "in": ["red"]}]}}).encode())
+    with pytest.raises(ConfigError, match=r"items.include\[0\]: the items table has no column 'colour'"):
+        stages.prepare_run(BUCKET, "incoming/ratings.csv")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from botocore.exceptions import ClientError
 
 from topx.aws import store
@@ -51,6 +52,7 @@ from topx.contract import (
     ENV_SINCE,
     ENV_TIME_COL,
     ENV_TOP_X,
+    FILTERS_KEY,
     FIXED_HYPERPARAMETERS,
     HYPERPARAMETERS_METADATA,
     INCOMING_PREFIX,
@@ -58,6 +60,7 @@ from topx.contract import (
     MANIFEST_SEARCHED,
     MIN_SHARDS,
     MODE_METADATA,
+    RESPONSES_PREFIX,
     VERSION_OBJECT_RE,
     VERSIONS_PREFIX,
     fallback_key,
@@ -67,6 +70,7 @@ from topx.contract import (
     model_prefix,
     prepared_prefix,
     recommendations_key,
+    run_filters_key,
     run_record_key,
     searched_key,
     vectors_prefix,
@@ -210,6 +214,9 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         since=env_or(ENV_SINCE, None, None),
     )
     ds = load_dataset(options)
+    # The filter file and the responses, checked and resolved now: a bad rule fails the run here, before
+    # anything trains, and every shard applies what this run saw.
+    filters = _prepared_filters(bucket, options, ds)
     digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{digest}"
     asked = int(env_or(ENV_SHARDS, None, DEFAULT_SHARDS, int))
@@ -220,15 +227,59 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         ds.feature_index.save(work / "prepared")
         save_interactions(work / "prepared", ds, holdout)
         _upload_dir(work / "prepared", bucket, prepared_prefix(run_id))
+        if filters is not None:
+            np.savez_compressed(work / "filters.npz", **filters)
+            s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
     _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "implicit": implicit,
                                                "objective": objective,
                                                "shards": shards, "report": ds.report,
-                                               "hyperparameters": overrides})
+                                               "hyperparameters": overrides,
+                                               "filters": None if filters is None else {
+                                                   "eligible_items": int(filters["eligible"].sum()),
+                                                   "max_per": int(filters["cap"]) or None,
+                                                   "responses": int(len(filters["response_users"]))}})
     return {
         "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
         "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
         "n_interactions": int(len(ds.rating)),
     }
+
+
+def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarray] | None:
+    """The run's filters (``config/filters.json``) and responses (under ``responses/``) resolved against
+    its users and items, as arrays for ``filters.npz``; None when there is neither."""
+    from topx.dataset import items_table
+    from topx.filters import eligible_items, item_groups, parse_filters, read_responses
+
+    rules = None
+    try:
+        raw = s3_client().get_object(Bucket=bucket, Key=FILTERS_KEY)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+    else:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"s3://{bucket}/{FILTERS_KEY}: the filter file is not valid JSON: {exc}") from exc
+        rules = parse_filters(doc, f"s3://{bucket}/{FILTERS_KEY}")
+    has_responses = _latest_key(bucket, RESPONSES_PREFIX) is not None
+    if rules is None and not has_responses:
+        return None
+    n_items = ds.feature_index.n_items
+    out = {"eligible": np.ones(n_items, dtype=bool), "groups": np.full(n_items, -1, dtype=np.int64),
+           "cap": np.array(0), "response_users": np.zeros(0, np.int64), "response_items": np.zeros(0, np.int64)}
+    if rules is not None:
+        table = items_table(options)
+        out["eligible"] = eligible_items(rules, ds.item_ids, table)
+        diversity = item_groups(rules, ds.item_ids, table)
+        if diversity is not None:
+            out["groups"], out["cap"] = diversity[0], np.array(diversity[1])
+    if has_responses:
+        pairs = read_responses(f"s3://{bucket}/{RESPONSES_PREFIX}", ds.user_ids, ds.item_ids,
+                               s3_client=s3_client()).tocoo()
+        out["response_users"], out["response_items"] = pairs.row.astype(np.int64), pairs.col.astype(np.int64)
+    return out
 
 
 def _objective(head: dict[str, Any], source: str) -> str:
@@ -436,15 +487,29 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         part = RecipeVectors(vectors.user_vectors[start:stop], np.ascontiguousarray(vectors.item_vectors),
                              vectors.user_constants[start:stop])
         seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
+        record = _get_json(bucket, run_record_key(run_id))
+        eligible = diversity = None
+        if record.get("filters"):
+            s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
+            with np.load(work / "filters.npz") as z:
+                eligible = z["eligible"]
+                if int(z["cap"]) > 0:
+                    diversity = (z["groups"], int(z["cap"]))
+                mine = (z["response_users"] >= start) & (z["response_users"] < stop)
+                dismissed = sp.csr_matrix((np.ones(int(mine.sum()), np.float32),
+                                           (z["response_users"][mine] - start, z["response_items"][mine])),
+                                          shape=seen.shape)
+            seen = ((seen + dismissed) > 0).astype(np.float32).tocsr()
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
         # Cold users and items (no interactions: recommended from their features) are the last rows.
-        report = _get_json(bucket, run_record_key(run_id))["report"]
+        report = record["report"]
         counts: dict[str, int] = {}
         written = write_recommendations_parquet(
             path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen, method=method,
             cold_users_from=len(user_ids) - int(report.get("cold_users", 0)) - start,
-            cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts)
+            cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts,
+            eligible=eligible, diversity=diversity)
         with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
         # A user who has seen every item gets no row; load still writes them (an empty list), so
         # that publish can count every user of the run.
