@@ -353,9 +353,21 @@ def _print_metrics(metrics: dict[str, Any], x: int) -> None:
         print(f"metrics: {metrics.get('note', 'none')}")
         return
     width = max(len(k) for k in shown) if shown else 0
-    print("metrics (hold-out):")
+    print(f"metrics (hold-out, {metrics.get('holdout_split', 'random')} split):")
     for k, v in shown.items():
         print(f"  {k:<{width}}  {v:.4f}")
+    recall, popular = metrics.get(f"recall_at_{x}"), metrics.get(f"popularity_recall_at_{x}")
+    if metrics.get("objective") == "ranking" and recall is not None and popular is not None and recall <= popular:
+        print(f"note: the model's recall@{x} does not beat recommending the most popular items on this data "
+              f"(the deployed quality gate would refuse it); try --tune, or more interactions per user")
+    cold = metrics.get("cold") or {}
+    if cold.get("items") or cold.get("users"):
+        print(f"cold (no interactions, scored from features): {cold.get('items', 0)} item(s), "
+              f"{cold.get('users', 0)} user(s); cold items fill {cold.get('cold_item_share', 0):.1%} of the lists")
+    if "filters" in metrics:
+        print(f"filters: {metrics['filters']['eligible_items']:,} item(s) eligible")
+    if "fallback" in metrics:
+        print(f"fallback list (for users the model has not seen): {metrics['fallback']['source']}, in fallback.parquet")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

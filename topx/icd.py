@@ -456,7 +456,9 @@ def _one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
     (faster than index_add_ over wide rows on a CPU)."""
     n = len(index)
     coords = torch.stack([index, torch.arange(n, device=index.device)])
-    return torch.sparse_coo_tensor(coords, torch.ones(n, dtype=dtype, device=index.device), (m, n)).coalesce()
+    # The coordinates are built here and valid by construction: no invariant check (nor its warning).
+    return torch.sparse_coo_tensor(coords, torch.ones(n, dtype=dtype, device=index.device), (m, n),
+                                   check_invariants=False).coalesce()
 
 
 def train_icd(

@@ -516,3 +516,16 @@ def test_run_on_a_spark_style_folder_export(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["rows_read"] == len(data) and metrics["holdout_split"] == "temporal"
     assert set(read_recs(out)["user_id"]) == set(data["customer_id"])
+
+
+def test_the_summary_says_when_the_model_loses_to_popularity_and_what_else_the_run_wrote(implicit_files, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(implicit_files["interactions"]), "--rating-col", "plays",
+                 "--items", str(implicit_files["items"]), "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    loses = metrics["recall_at_10"] <= metrics["popularity_recall_at_10"]
+    assert ("does not beat recommending the most popular items" in printed) == loses
+    assert f"fallback list (for users the model has not seen): {metrics['fallback']['source']}" in printed
+    assert "metrics (hold-out, random split):" in printed
