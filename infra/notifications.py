@@ -14,6 +14,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
@@ -68,13 +69,19 @@ class Notifications(Construct):
         if email:
             self.topic.add_subscription(subscriptions.EmailSubscription(email))
 
-    def add_alarms(self, state_machine: sfn.IStateMachine, queues: Sequence[batch.IJobQueue]) -> None:
-        """Alarm on failed or timed-out executions, and forward failed Batch jobs of our queues."""
+    def add_alarms(self, state_machine: sfn.IStateMachine, queues: Sequence[batch.IJobQueue],
+                   dead_letters: sqs.IQueue | None = None) -> None:
+        """Alarm on failed or timed-out executions and on undelivered trigger events, and forward failed
+        Batch jobs of our queues."""
         action = cloudwatch_actions.SnsAction(self.topic)
-        for name, metric in (
+        alarms = [
             ("ExecutionsFailed", state_machine.metric_failed(period=ALARM_PERIOD)),
             ("ExecutionsTimedOut", state_machine.metric_timed_out(period=ALARM_PERIOD)),
-        ):
+        ]
+        if dead_letters is not None:
+            alarms.append(("TriggerEventsUndelivered",
+                           dead_letters.metric_approximate_number_of_messages_visible(period=ALARM_PERIOD)))
+        for name, metric in alarms:
             alarm = cloudwatch.Alarm(
                 self,
                 f"{name}Alarm",

@@ -62,7 +62,8 @@ class TopxStack(Stack):
             schedule=settings.schedule,
             logs_key=log_key,
         )
-        notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs])
+        notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs],
+                                 pipeline.trigger_dead_letters)
 
         self.storage = storage
         self.state_machine = pipeline.state_machine

@@ -571,6 +571,27 @@ def test_schedule_rule_exists_only_when_context_sets_it(default: Synth, custom: 
     }
 
 
+def test_an_event_that_cannot_start_a_run_is_retried_then_kept_and_alarmed(custom: Synth) -> None:
+    """Both rules' state-machine targets retry, then send what they could not deliver to one
+    dead-letter queue, and an alarm on that queue tells the topic (an upload is never lost silently)."""
+    from infra.pipeline import TRIGGER_MAX_EVENT_AGE_HOURS, TRIGGER_RETRY_ATTEMPTS
+
+    (queue_id,) = custom.resources("AWS::SQS::Queue")
+    rules = [r["Properties"] for r in custom.resources("AWS::Events::Rule").values()
+             if any("StateMachine" in json.dumps(t.get("Arn")) for t in r["Properties"]["Targets"])]
+    assert len(rules) == 2  # the upload rule and the schedule
+    for rule in rules:
+        (target,) = rule["Targets"]
+        assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+        assert target["RetryPolicy"] == {"MaximumRetryAttempts": TRIGGER_RETRY_ATTEMPTS,
+                                         "MaximumEventAgeInSeconds": TRIGGER_MAX_EVENT_AGE_HOURS * 3600}
+    alarms = [a["Properties"] for a in custom.resources("AWS::CloudWatch::Alarm").values()
+              if a["Properties"].get("Namespace") == "AWS/SQS"]
+    (alarm,) = alarms
+    assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible" and alarm["AlarmActions"]
+    assert custom.resources("AWS::SQS::Queue")[queue_id]["Properties"]["SqsManagedSseEnabled"] is True
+
+
 def _log_bucket(synth: Synth) -> str:
     """The logical id of the access-log bucket (the one other buckets log into)."""
     data = synth.only_with("AWS::S3::Bucket", "LoggingConfiguration")
