@@ -535,10 +535,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
             seen = load_interactions(run, index)[0].matrix()
     if args.responses is not None:
-        from topx.filters import read_responses
+        from topx.filters import exclude_also, read_responses
 
         dismissed = read_responses(args.responses, list(user_ids), list(item_ids))
-        seen = dismissed if seen is None else ((seen + dismissed) > 0).astype(np.float32).tocsr()
+        seen = exclude_also(seen, dismissed)
     eligible = diversity = None
     if args.filters is not None:
         from topx.filters import eligible_items, item_groups, load_filters

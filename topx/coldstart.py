@@ -14,6 +14,7 @@ the warm items that share its features do, on average. The model stays an FM ove
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from topx.feature_index import FeatureIndex
 from topx.params import FMParams
@@ -31,13 +32,15 @@ def map_cold_parameters(params: FMParams, index: FeatureIndex) -> FMParams:
         if cold == 0:
             continue
         side, _ = index.side_features(owner)
-        design = np.hstack([side.toarray().astype(np.float64), np.ones((side.shape[0], 1))])
+        # Sparse [features, 1]: only the (features + 1)^2 Gramian is dense, never entities x features.
+        design = sp.hstack([side.astype(np.float64), np.ones((side.shape[0], 1))], format="csr")
+        warm_design = design[:warm]
         ids = np.arange(first_id, first_id + warm + cold)
         target = np.hstack([factors[ids[:warm]].astype(np.float64), linear[ids[:warm], None].astype(np.float64)])
-        gram = design[:warm].T @ design[:warm]
+        gram = (warm_design.T @ warm_design).toarray()
         penalty = RIDGE * max(float(np.mean(np.diag(gram))), 1e-12) * np.eye(gram.shape[0])
         penalty[-1, -1] = 0.0  # the intercept (the warm entities' mean) is not shrunk
-        mapping = np.linalg.solve(gram + penalty + 1e-12 * np.eye(gram.shape[0]), design[:warm].T @ target)
+        mapping = np.linalg.solve(gram + penalty + 1e-12 * np.eye(gram.shape[0]), warm_design.T @ target)
         mapped = design[warm:] @ mapping
         factors[ids[warm:]] = mapped[:, :-1].astype(factors.dtype)
         linear[ids[warm:]] = mapped[:, -1].astype(linear.dtype)

@@ -250,3 +250,8 @@ def read_responses(source: str, user_ids: Any, item_ids: Any, *, s3_client: Any 
     out.data[:] = 1.0
     return out
 
+
+def exclude_also(seen: Any, dismissed: Any) -> Any:
+    """The seen matrix with the ``dismissed`` pairs (same shape) added: what the search leaves out."""
+    return dismissed if seen is None else ((seen + dismissed) > 0).astype(np.float32).tocsr()
+

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from topx.config import HyperParameters
 from topx.dataset import DataOptions, Dataset, items_table, load_dataset
-from topx.filters import eligible_items, item_groups, load_filters, read_responses
+from topx.filters import eligible_items, exclude_also, item_groups, load_filters, read_responses
 from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
 from topx.steps import (
     Reporter,
@@ -63,7 +63,7 @@ def run_all(
             seen = None if run.include_seen else ds.matrix()
             if run.responses is not None:
                 dismissed = read_responses(run.responses, ds.user_ids, ds.item_ids)
-                seen = dismissed if seen is None else ((seen + dismissed) > 0).astype(np.float32).tocsr()
+                seen = exclude_also(seen, dismissed)
             user_ids, item_ids = np.asarray(ds.user_ids, dtype=object), np.asarray(ds.item_ids, dtype=object)
             fi, counts = ds.feature_index, {}
             n_rows = write_recommendations_parquet(tmp / RECOMMENDATIONS, vectors, user_ids, item_ids, run.top_x, seen,

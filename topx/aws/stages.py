@@ -464,6 +464,7 @@ def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
 def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
+    from topx.filters import exclude_also
     from topx.rundir import INTERACTIONS_FILE, load_ids, user_range_interactions
     from topx.steps import write_recommendations_parquet
     from topx.vectors import RecipeVectors
@@ -499,7 +500,7 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
                 dismissed = sp.csr_matrix((np.ones(int(mine.sum()), np.float32),
                                            (z["response_users"][mine] - start, z["response_items"][mine])),
                                           shape=seen.shape)
-            seen = ((seen + dismissed) > 0).astype(np.float32).tocsr()
+            seen = exclude_also(seen, dismissed)
         path = work / "part-0.parquet"
         shard_user_ids = np.asarray(user_ids, object)[rows]
         # Cold users and items (no interactions: recommended from their features) are the last rows.
@@ -665,9 +666,9 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one; with
     # what the search made of the cold users and items, which only the shards know.
     metrics = _get_json(bucket, metrics_key(run_id))
-    cold_rows = sum(int(_get_json(bucket, searched_key(run_id, shard)).get("cold_item_rows", 0))
-                    for shard in range(expected_shards))
-    rows = sum(int(_get_json(bucket, searched_key(run_id, shard))["rows"]) for shard in range(expected_shards))
+    searched = [_get_json(bucket, searched_key(run_id, shard)) for shard in range(expected_shards)]
+    cold_rows = sum(int(counts.get("cold_item_rows", 0)) for counts in searched)
+    rows = sum(int(counts["rows"]) for counts in searched)
     metrics["cold"] = {"items": int(run["report"].get("cold_items", 0)), "users": int(run["report"].get("cold_users", 0)),
                        "cold_item_rows": cold_rows, "cold_item_share": cold_rows / max(rows, 1)}
     _put_json(bucket, version_metrics_key(run_id), metrics)

@@ -204,7 +204,7 @@ def iter_top_x_capped(
         items = np.hstack(found_items)
         # Ranked in float64 as the exact scan ranks, so that groups' float32 scores decide no order.
         exact = np.einsum("bd,bkd->bk", np.asarray(users, dtype=np.float64),
-                          np.asarray(item_vectors, dtype=np.float64)[np.maximum(items, 0)])
+                          item_vectors[np.maximum(items, 0)].astype(np.float64))
         scores = np.where(items >= 0, exact, -np.inf)
         # Best score first, ties by item row; empty slots (-1, -inf) last.
         order = np.lexsort((np.where(items >= 0, items, np.iinfo(np.int64).max), -scores), axis=1)[:, :x]
