@@ -99,6 +99,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regularization-exponent", type=float, metavar="NU",
                    help="icd: weight decay scales with each feature's pairs to this power "
                         f"(default {ranking.regularization_exponent}; 0 = plain weight decay)")
+    g.add_argument("--cg-steps", type=int, metavar="S",
+                   help="icd: conjugate-gradient steps per update of the id features, 0 for the exact solve "
+                        f"(default {ranking.cg_steps})")
     g.add_argument("--history-features", choices=HISTORY_FEATURES,
                    help="add each user's training items as user features (user), each item's users as item "
                         "features (item), both, or none (default none: on the validation carves measured in "
@@ -287,7 +290,7 @@ def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameter
     names = ("num_factors", "epochs", "mini_batch_size", "predictor_type", "bias_lr", "linear_lr", "factors_lr",
              "bias_wd", "linear_wd", "factors_wd", "bias_init_sigma", "linear_init_sigma", "factors_init_sigma",
              "negative_samples", "seed", "learner", "unobserved_weight", "regularization_exponent",
-             "history_features")
+             "cg_steps", "history_features")
     return default_hyperparameters("ranking" if implicit else "rating", **{n: getattr(args, n, None) for n in names})
 
 

@@ -49,6 +49,9 @@ class HyperParameters:
     # weight decay (0: plain weight decay). The ranking defaults are MODE_DEFAULTS' below.
     unobserved_weight: float = 0.1
     regularization_exponent: float = 1.0
+    # icd: steps of conjugate gradients per update of id features (0: the exact solve of each feature's
+    # system). Fewer flops per observed pair (k, not k^2) and no factorisation make large k affordable.
+    cg_steps: int = 0
     # History features (topx.feature_index.FeatureIndex.with_history): "user" adds each user's training
     # items as user features, "item" each item's users as item features, "both" both; "none" neither.
     history_features: str = "none"
@@ -77,6 +80,8 @@ class HyperParameters:
             raise ConfigError(f"history_features must be one of {HISTORY_FEATURES}, got {self.history_features!r}")
         if self.learner == "icd" and self.unobserved_weight <= 0:
             raise ConfigError("unobserved_weight must be > 0 for the icd learner")
+        if not isinstance(self.cg_steps, int) or isinstance(self.cg_steps, bool) or self.cg_steps < 0:
+            raise ConfigError(f"cg_steps must be a non-negative integer, got {self.cg_steps!r}")
         if not isinstance(self.negative_samples, int) or self.negative_samples < 1:
             raise ConfigError(f"negative_samples must be a positive integer, got {self.negative_samples!r}")
         if not (0.0 <= self.validation_fraction < 0.5):

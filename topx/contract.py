@@ -87,6 +87,7 @@ HYPERPARAMETER_RANGES: Mapping[str, tuple[type, float, float]] = MappingProxyTyp
     "negative_samples": (int, 1, math.inf),
     "unobserved_weight": (float, 0, 1_000_000),
     "regularization_exponent": (float, 0, 1_000_000),
+    "cg_steps": (int, 0, math.inf),
     "validation_fraction": (float, 0, 0.5),
     "early_stopping_patience": (int, 1, math.inf),
     "seed": (int, -math.inf, math.inf),

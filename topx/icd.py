@@ -134,6 +134,9 @@ class _Group:
     has_context: bool = True
     # Whether each feature has one entity (an id column): sums over a feature's entities are then copies.
     one_to_one: bool = False
+    # Whether, besides, each entity's pairs lie in one block: then each block's features can be solved
+    # for on their own (the conjugate-gradient update).
+    blockwise: bool = False
 
 
 @dataclass
@@ -175,6 +178,14 @@ class _Side:
         entities, local, value = sub.row.astype(np.int64), sub.col.astype(np.int64), sub.data.astype(np.float32)
         order = np.lexsort((entities, local))
         entities, local, value = entities[order], local[order], value[order]
+        if len(local) == len(cols):
+            # One entity per feature (an id column): the entities whose pairs fill more than one block form
+            # a group of their own, so that every other group's entities each lie in one block.
+            big = degree[entities] > _block_pairs(k)
+            if big.any() and not big.all():
+                for part in (~big, big):
+                    yield from self._chunks(cols[part], degree, k, alpha0, exponent)
+                return
         bounds = np.searchsorted(local, np.arange(0, len(cols) + _CHUNK_FEATURES, _CHUNK_FEATURES))
         for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if hi > lo:
@@ -198,6 +209,7 @@ class _Side:
             reg_scale=torch.as_tensor(scale, dtype=torch.float32, device=self.dev),
             has_context=bool((self.row_nnz[entities] > 1).any()),
             one_to_one=one_to_one,
+            blockwise=one_to_one and bool(degree[entities].max() <= _block_pairs(k)),
         )
 
     def _blocks(self, entities: np.ndarray, local: np.ndarray, k: int) -> Iterator[_Block]:
@@ -205,7 +217,7 @@ class _Side:
         (k+2)-vectors; an entity with more pairs than one block holds is split over several blocks."""
         start, stop = self.pairs_indptr[entities], self.pairs_indptr[entities + 1]
         degree = stop - start
-        budget = max(_BLOCK_BYTES // ((k + 2) * 4), 1)
+        budget = _block_pairs(k)
         positions = np.argsort(degree, kind="stable")
         pieces: list[tuple[int, int, int]] = []  # (position in group, first pair, pair count)
         for pos in positions[degree[positions] > budget]:  # rare: split the biggest entities
@@ -240,6 +252,11 @@ class _Side:
         return _Block(torch.as_tensor(members.astype(np.int64), device=self.dev),
                       torch.as_tensor(other.astype(np.int64), device=self.dev),
                       torch.as_tensor(weight, device=self.dev), distinct)
+
+
+def _block_pairs(k: int) -> int:
+    """Pairs one block holds at most: _BLOCK_BYTES of gathered (k+2)-vectors."""
+    return max(_BLOCK_BYTES // ((k + 2) * 4), 1)
 
 
 class _ICD:
@@ -293,9 +310,11 @@ class _ICD:
 
     def _this_vectors(self, side: _Side, entities: torch.Tensor) -> torch.Tensor:
         """(n, k + 2) t-vectors [P, const, 1] of ``entities`` of the side being updated: t . o is the FM."""
-        const = self._constant(side)[entities]
-        ones = torch.ones_like(const)
-        return torch.cat([side.p[entities], const[:, None], ones[:, None]], dim=1)
+        p = side.p[entities]
+        const = side.lin[entities] + 0.5 * (p.pow(2).sum(1) - side.sq[entities])
+        if side is self.users:
+            const = const + self.bias
+        return torch.cat([p, const[:, None], torch.ones_like(const)[:, None]], dim=1)
 
     # ------------------------------------------------------------------ updates
 
@@ -313,6 +332,10 @@ class _ICD:
             self._update_group(side, group, o, gram)
 
     def _update_group(self, side: _Side, group: _Group, o: torch.Tensor, gram: torch.Tensor) -> None:
+        if self.hp.cg_steps and group.blockwise:
+            for block in group.blocks:
+                self._update_block_cg(side, group, block, o, gram)
+            return
         k, a0, m = self.k, self.alpha0, len(group.features)
         theta = torch.cat([self.v[group.features], self.w[group.features, None]], dim=1)   # (m, k+1)
         x = group.value                                                                     # (n,)
@@ -366,6 +389,61 @@ class _ICD:
         step = self._solve(hess, grad)
         self._apply(side, group, theta, -step)
 
+    def _update_block_cg(self, side: _Side, group: _Group, block: _Block, o: torch.Tensor,
+                         gram: torch.Tensor) -> None:
+        """The features of one block of an id-like group, by ``cg_steps`` steps of conjugate gradients
+        from the current parameters, never forming their (k+1) x (k+1) systems (as implicit ALS does):
+        each step costs O(k) per observed pair instead of O(k^2), and no factorisation, so large k is
+        cheap. Each step lowers the loss; with k+1 steps it would reach the exact minimiser.
+
+        Per feature, the system is H = a0 x^2 (J_s + e l^T + l e^T + J_kk e e^T) + sum_pairs cw (q + e)(q + e)^T
+        + R, where q = [Q, 1] of the pair's other entity, l the last row of J_s and e the entity's other
+        features' sum (zero for an id-only entity): the same terms _update_group adds up."""
+        k, a0 = self.k, self.alpha0
+        features = group.features[group.local[block.members]]
+        entities = group.entities[block.members]
+        x = group.value[block.members]
+        theta = torch.cat([self.v[features], self.w[features, None]], dim=1)               # (n_b, k+1)
+        t = self._this_vectors(side, entities)                                              # (n_b, k+2)
+        e = torch.zeros_like(theta)
+        e[:, :k] = side.p[entities] - theta[:, :k] * x[:, None]
+        ob = o[block.other]                                                                 # (n_b, L, k+2)
+        os = ob[:, :, :k + 1]
+        pred = torch.bmm(ob, t[:, :, None])[:, :, 0]
+        c = block.weight
+        real = (c > 0).to(c.dtype)
+        resid = c * (pred - 1.0) - a0 * pred * real
+        x2 = x * x
+        cw = (c - a0) * real * x2[:, None]
+        gram_s = gram[:k + 1, :k + 1]
+        last = gram_s[k]
+        jt = (t @ gram)[:, :k + 1]
+        reg = torch.full((k + 1,), float(self.hp.factors_wd), device=self.dev)
+        reg[k] = float(self.hp.linear_wd)
+        reg = group.reg_scale[group.local[block.members], None] * reg[None, :]
+        grad = a0 * x[:, None] * (jt + e * jt[:, k:k + 1])
+        grad += torch.bmm((resid * x[:, None])[:, None, :], os)[:, 0] + (resid.sum(1) * x)[:, None] * e
+        grad += reg * theta
+        a0x2 = a0 * x2[:, None]
+        if group.has_context:
+            cw_sum = cw.sum(1, keepdim=True)
+            mv = torch.bmm(cw[:, None, :], os)[:, 0]
+
+        def times_hessian(p: torch.Tensor) -> torch.Tensor:
+            q = torch.bmm(os, p[:, :, None])[:, :, 0] * cw                                  # (n_b, L)
+            out = torch.bmm(q[:, None, :], os)[:, 0] + a0x2 * (p @ gram_s) + reg * p
+            if group.has_context:
+                ep = (e * p).sum(1, keepdim=True)
+                lp = (p @ last)[:, None]
+                out += a0x2 * (e * lp + last[None, :] * ep + gram_s[k, k] * e * ep)
+                out += (q.sum(1, keepdim=True) + cw_sum * ep) * e + mv * ep
+            return out
+
+        step = _conjugate_gradient(times_hessian, grad, self.hp.cg_steps)
+        single = _Group(features, entities, torch.arange(len(features), device=self.dev), x, [], group.reg_scale,
+                        group.has_context, True)
+        self._apply(side, single, theta, -step)
+
     @staticmethod
     def _solve(hess: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """(m, k+1) solutions of the m systems: in float32, and again in float64 for a system whose
@@ -387,9 +465,10 @@ class _ICD:
         self.v[group.features] = new[:, :k]
         self.w[group.features] = new[:, k]
         x = group.value
-        side.p.index_add_(0, group.entities, delta[group.local, :k] * x[:, None])
-        side.lin.index_add_(0, group.entities, delta[group.local, k] * x)
-        side.sq.index_add_(0, group.entities, (new_sq - old_sq)[group.local] * x * x)
+        # No entity has two features of one group: each entity's row is updated once, by indexing.
+        side.p[group.entities] += delta[group.local, :k] * x[:, None]
+        side.lin[group.entities] += delta[group.local, k] * x
+        side.sq[group.entities] += (new_sq - old_sq)[group.local] * x * x
 
     def _id_blocks(self) -> Iterator[_Block]:
         """Every observed pair exactly once: the blocks of the user group that covers every user."""
@@ -428,6 +507,27 @@ class _ICD:
     def to_params(self, predictor_type: str) -> FMParams:
         return FMParams(float(self.bias.cpu()), self.w.cpu().numpy().copy(), self.v.cpu().numpy().copy(),
                         predictor_type)
+
+
+def _conjugate_gradient(times: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, steps: int) -> torch.Tensor:
+    """(n, d) approximate solutions of the n positive definite systems H_j s_j = rhs_j, from s = 0, by
+    ``steps`` steps of conjugate gradients (``times`` multiplies each row by its H_j)."""
+    out = torch.zeros_like(rhs)
+    resid = rhs.clone()
+    direction = resid.clone()
+    norm = (resid * resid).sum(1)
+    for _ in range(steps):
+        h_dir = times(direction)
+        curvature = (direction * h_dir).sum(1)
+        alpha = torch.where(curvature > 0, norm / curvature.clamp_min(torch.finfo(rhs.dtype).tiny),
+                            torch.zeros_like(norm))
+        out += alpha[:, None] * direction
+        resid -= alpha[:, None] * h_dir
+        new_norm = (resid * resid).sum(1)
+        beta = torch.where(norm > 0, new_norm / norm.clamp_min(torch.finfo(rhs.dtype).tiny), torch.zeros_like(norm))
+        direction = resid + beta[:, None] * direction
+        norm = new_norm
+    return out
 
 
 def _segment_sum(group: _Group, values: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import topx.icd as icd_module
 from topx.config import HyperParameters
 from topx.errors import InputDataError
 from topx.feature_index import FeatureIndex
@@ -72,10 +73,13 @@ def brute_loss(model: _ICD, fi: FeatureIndex, data: ImplicitData, v: torch.Tenso
     return loss + penalty
 
 
-@pytest.mark.parametrize(("side_features", "history"), [(False, False), (True, False), (True, True)])
-def test_each_group_step_is_the_exact_minimiser(side_features: bool, history: bool) -> None:
+@pytest.mark.parametrize(("side_features", "history", "cg_steps"),
+                         [(False, False, 0), (True, False, 0), (True, True, 0), (False, False, 12), (True, False, 12)])
+def test_each_group_step_is_the_exact_minimiser(side_features: bool, history: bool, cg_steps: int) -> None:
+    """Exactly with the Cholesky solve; with conjugate gradients (on the id groups) once they take enough
+    steps: k + 1 = 4 in exact arithmetic, a few more in float32."""
     fi, data = small_problem(side_features=side_features, history=history)
-    hp = hyper()
+    hp = hyper(cg_steps=cg_steps)
     model = _ICD(data, fi.n_features, hp, torch.device("cpu"))
     with torch.no_grad():
         for this, other in ((model.users, model.items), (model.items, model.users)):
@@ -101,9 +105,11 @@ def test_each_group_step_is_the_exact_minimiser(side_features: bool, history: bo
             assert torch.allclose(sq, this.sq, atol=1e-5)
 
 
-def test_the_loss_it_reports_is_the_all_pairs_loss_and_it_never_rises() -> None:
+@pytest.mark.parametrize("cg_steps", [0, 1])
+def test_the_loss_it_reports_is_the_all_pairs_loss_and_it_never_rises(cg_steps: int) -> None:
+    """Also with a single conjugate-gradient step per update: an inexact step still lowers the loss."""
     fi, data = small_problem()
-    hp = hyper(epochs=6)
+    hp = hyper(epochs=6, cg_steps=cg_steps)
     model = _ICD(data, fi.n_features, hp, torch.device("cpu"))
     previous = np.inf
     with torch.no_grad():
@@ -154,6 +160,27 @@ def test_it_recovers_planted_tastes() -> None:
         theirs = scores[user, unseen & (half != taste[user])]
         if len(own) and len(theirs):
             assert own.min() > theirs.max(), user
+
+
+def test_conjugate_gradients_with_big_entities_split_over_blocks_solve_as_the_exact_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entities with more pairs than a block holds are split over blocks, which per-block conjugate
+    gradients cannot solve: they form a group of their own that takes the exact path. Whatever the
+    budget, and CG run to convergence or the exact solve, training gives the same model."""
+    fi, data = small_problem(side_features=False)
+    hp = hyper(epochs=3)
+    reference = train_icd(data, fi.n_features, hp, device="cpu", progress=False).params
+    monkeypatch.setattr(icd_module, "_BLOCK_BYTES", 3 * (hp.num_factors + 2) * 4)   # 3 pairs a block
+    model = _ICD(data, fi.n_features, replace(hp, cg_steps=12), torch.device("cpu"))
+    degree = np.bincount(data.user_rows, minlength=fi.n_users)
+    for group in model.users.groups:
+        big = degree[group.entities.numpy()] > 3
+        assert group.blockwise == (not big.any()) and (big.all() or not big.any())
+    assert any(g.blockwise for g in model.users.groups) and not all(g.blockwise for g in model.users.groups)
+    for cg_steps in (0, 12):
+        params = train_icd(data, fi.n_features, replace(hp, cg_steps=cg_steps), device="cpu", progress=False).params
+        np.testing.assert_allclose(params.factors, reference.factors, atol=2e-4)
+        np.testing.assert_allclose(params.linear, reference.linear, atol=2e-4)
 
 
 def test_groups_never_hold_two_features_of_one_row() -> None:
