@@ -34,9 +34,9 @@ from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
 from topx import contract
 from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
-HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish")
+HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report")
 MAIN_PATH = [
-    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
+    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
 ]  # fmt: skip
 CUSTOM_CONTEXT = {
