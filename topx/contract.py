@@ -179,11 +179,6 @@ def report_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}report.html"
 
 
-def gate_key(run_id: str) -> str:
-    """The quality gate's verdict on the run (JSON: passed, reason, metrics, live), for the report."""
-    return f"{run_prefix(run_id)}gate.json"
-
-
 def run_filters_key(run_id: str) -> str:
     """What Prepare made of the filter file and the responses for this run (NumPy .npz): the eligible
     items, the diversity groups and cap, the (user row, item row) pairs to leave out."""
