@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 20
 
-.PHONY: demo test lint clean bench-deps
+.PHONY: demo test lint clean bench-deps chromium
 
 LINT_PATHS := $(wildcard topx tests functions batch_jobs infra benchmarks)
 
@@ -17,9 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/topx demo
+	$(VENV)/bin/topx demo --out demo-out
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(PY) -m pytest -q
 
@@ -36,6 +36,10 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet .bench-build/lightfm-1.17/dist/*.whl
 	$(PY) -m pip install --quiet -r benchmarks/requirements-baselines.txt
 	rm -rf .bench-build
+
+# The report tests render report.html in headless Chromium (Debian's package; needs root, as on CI).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -190,6 +190,16 @@ def repackage(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     return dict(stages.repackage_run(parsed.bucket, parsed.run_id))
 
 
+def report(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """``{"bucket", "run_id", "gate": {...} | null}`` -> ``{"run_id", "report": "s3://...", "bytes"}``."""
+    parsed = RunEvent.parse(event)
+    gate = _object(event).get("gate")
+    if gate is not None and not isinstance(gate, Mapping):
+        raise EventError(f"event field 'gate' must be the quality gate's reply (an object) or null, got {gate!r}")
+    _log("report", parsed)
+    return dict(stages.report_run(parsed.bucket, parsed.run_id, None if gate is None else dict(gate)))
+
+
 def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """-> ``{"shard": int, "written": int, "retired": {"manifests": int, "users": int}}``."""
     parsed = LoadShardEvent.parse(event)

@@ -105,6 +105,15 @@ SPECS: tuple[FunctionSpec, ...] = (
         versions=("s3:GetObject", "s3:PutObject", "s3:DeleteObject"),
     ),
     FunctionSpec(
+        "report",
+        "Write the run report: one HTML page of the run's data, training, metrics and lists",
+        # One count per user and per item, the shards' lists streamed: sized as prepare is.
+        memory_mb=3008,
+        timeout=Duration.minutes(15),
+        ephemeral_gib=4,
+        reads_inputs=True,  # the items table, for titles
+    ),
+    FunctionSpec(
         "publish",
         "Check every shard is loaded, then flip the active-version pointer",
         memory_mb=1024,

@@ -97,6 +97,7 @@ class Pipeline(Construct):
             "RepackageFunctionArn": functions["repackage"].function_arn,
             "LoadShardFunctionArn": functions["load_shard"].function_arn,
             "PublishFunctionArn": functions["publish"].function_arn,
+            "ReportFunctionArn": functions["report"].function_arn,
             "TrainJobQueueArn": train.queue.job_queue_arn,
             "TrainJobDefinitionArn": train.definition.job_definition_arn,
             "SearchJobQueueArn": search.queue.job_queue_arn,

@@ -48,3 +48,26 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytes
     for item in items:
         if offline in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The headless browser the report tests render with. Where it is missing it is installed (Debian's
+    ``chromium``; ``make test`` installs it too); when that fails the tests are skipped on a developer's
+    machine, but fail under CI (CI=true), so that CI never passes without having rendered the pages."""
+    import shutil
+    import subprocess
+
+    from chromium import chromium_binary
+
+    found = chromium_binary()
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        found = chromium_binary()
+    if found is None:
+        message = "chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + ": CI must render the report")
+        pytest.skip(message)
+    return found

@@ -278,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="NAME", help="object name under incoming/ (default: the file's name)")
     _add_stack_options(p, bucket=True)
 
+    p = add_command("report", help="the run report: one HTML page of a run's data, training, metrics and lists",
+                       description="Write report.html into a run directory of `topx run` again (RUN_DIR), or fetch "
+                                   "a deployed run's report from the stack's bucket (--run-id), and open it in the "
+                                   "browser. `topx run` and the deployed pipeline write it anyway.")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory written by `topx run`")
+    p.add_argument("--run-id", metavar="ID", help="a deployed run (its id, as `topx status` and the notifications "
+                                                  "name it): fetch runs/ID/report.html from the stack's bucket")
+    p.add_argument("--items", metavar="FILE",
+                   help="with RUN_DIR: the items table, for titles (default: the one the run read, keyed by its "
+                        "first column)")
+    p.add_argument("--item-key", type=_column, metavar="COL", help="key column of --items (default: its first column)")
+    p.add_argument("--out", metavar="FILE", help="with --run-id: where to save it (default: ./report-ID.html)")
+    p.add_argument("--no-open", dest="open", action="store_false", help="do not open it in the browser")
+    _add_stack_options(p, bucket=True)
+
     p = add_command("status", help="the pipeline's latest executions and the live version",
                        description="List the state machine's most recent executions, newest first, and the version "
                                    "readers currently see.")
@@ -386,6 +401,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       reporter=Reporter(not args.quiet))
     _print_metrics(metrics, args.top_x)
     print(f"wrote {Path(args.out).resolve()}")
+    print(f"report: {(Path(args.out) / 'report.html').resolve()} (open it in a browser)")
     return 0
 
 
@@ -592,6 +608,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     top_x=args.top_x, seed=args.seed, quiet=args.quiet, aws_stand_ins=args.aws_stand_ins)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    if bool(args.run_dir) == bool(args.run_id):
+        raise ConfigError("give a run directory (RUN_DIR) or a deployed run (--run-id ID), one of them")
+    if args.run_id:
+        from topx.aws import client
+
+        path = client.fetch_report(args.run_id, args.out or f"report-{args.run_id}.html", bucket=args.bucket,
+                                   stack=args.stack, endpoint_url=args.endpoint_url)
+    else:
+        from topx.report import write_run_report
+
+        path = write_run_report(args.run_dir, items_table=_report_items(args))
+    print(f"report: {path.resolve()}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def _report_items(args: argparse.Namespace):
+    """The items table for the report's titles: --items, else the one the run read (metrics.json names it)."""
+    from topx.ingest import read_feature_table
+    from topx.rundir import METRICS
+
+    source = args.items
+    if source is None:
+        try:
+            metrics = json.loads((Path(args.run_dir) / METRICS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # write_run_report names the missing or damaged file
+        source = ((metrics.get("data") or {}).get("items_features") or {}).get("source")
+        if source is None or not (source.startswith("s3://") or Path(source).exists()):
+            return None
+    return read_feature_table(source, key_col=0 if args.item_key is None else args.item_key)
+
+
 def cmd_recs(args: argparse.Namespace) -> int:
     from topx.aws import client
 
@@ -651,7 +704,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
-            "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status}
+            "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,6 +175,11 @@ def metrics_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}metrics.json"
 
 
+def report_key(run_id: str) -> str:
+    """The run report (HTML, topx.report): one self-contained page."""
+    return f"{run_prefix(run_id)}report.html"
+
+
 def run_filters_key(run_id: str) -> str:
     """What Prepare made of the filter file and the responses for this run (NumPy .npz): the eligible
     items, the diversity groups and cap, the (user row, item row) pairs to leave out."""

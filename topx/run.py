@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from topx.config import HyperParameters
 from topx.dataset import DataOptions, Dataset, items_table, load_dataset
 from topx.filters import eligible_items, exclude_also, item_groups, load_filters, read_responses
+from topx.report import write_run_report
 from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
 from topx.steps import (
     Reporter,
@@ -89,6 +90,8 @@ def run_all(
         metrics["timings_s"] = dict(reporter.timings)
         metrics["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         write_json(tmp / METRICS, metrics)
+        with reporter.step("report", "writing the run report"):
+            write_run_report(tmp, items_table=items_table(data), name=Path(out).resolve().name)
     return metrics
 
 

@@ -8,6 +8,7 @@ A run directory holds:
     recommendations.parquet   user_id, rank (1..x), item_id, score
     fallback.parquet          rank (1..x), item_id, score, source: the list for users the model has not seen
     metrics.json
+    report.html               the run report: one self-contained page (topx.report)
 
 ``atomic_output_dir`` builds one in a temporary directory beside its destination and moves it into
 place only when every step succeeded, so an existing output is never half-overwritten.
@@ -47,6 +48,7 @@ RECOMMENDATIONS = "recommendations.parquet"
 
 
 METRICS = "metrics.json"
+REPORT = "report.html"  # the run report (topx.report), beside metrics.json
 FALLBACK = "fallback.parquet"  # the list for users the model has not seen (steps.fallback_list)
 
 
@@ -100,9 +102,25 @@ def user_range_interactions(
     """(stop - start, n_items) CSR of the saved interactions of user rows start..stop-1 (a search
     shard's seen items; ``Dataset.matrix()[start:stop]``), read from interactions.npz ``chunk`` rows at a
     time: memory follows the range's interactions, not the whole run's."""
-    path = run_dir / data_dir / INTERACTIONS_FILE
     users: list[np.ndarray] = []
     items: list[np.ndarray] = []
+    for user_part, item_part in iter_interaction_rows(run_dir, data_dir, chunk):
+        keep = (user_part >= start) & (user_part < stop)
+        users.append(user_part[keep].astype(np.int64) - start)
+        items.append(item_part[keep].astype(np.int64))
+    rows = np.concatenate(users) if users else np.zeros(0, np.int64)
+    cols = np.concatenate(items) if items else np.zeros(0, np.int64)
+    out = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(max(stop - start, 0), n_items))
+    out.sum_duplicates()
+    return out
+
+
+def iter_interaction_rows(
+    run_dir: Path, data_dir: str = DATA_DIR, chunk: int = 1 << 22
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The saved interactions' (user row, item row) pairs, ``chunk`` at a time, as two (n,) arrays read
+    straight from interactions.npz: memory follows the chunk, not the run."""
+    path = run_dir / data_dir / INTERACTIONS_FILE
     try:
         with zipfile.ZipFile(path) as archive, archive.open("user_rows.npy") as u, archive.open("item_rows.npy") as i:
             (u_dtype, length), (i_dtype, i_length) = _npy_vector_header(u), _npy_vector_header(i)
@@ -110,17 +128,9 @@ def user_range_interactions(
                 raise ValueError(f"user_rows has {length} rows and item_rows {i_length}")
             for offset in range(0, length, chunk):
                 count = min(chunk, length - offset)
-                user_part, item_part = _read_items(u, count, u_dtype), _read_items(i, count, i_dtype)
-                keep = (user_part >= start) & (user_part < stop)
-                users.append(user_part[keep].astype(np.int64) - start)
-                items.append(item_part[keep].astype(np.int64))
+                yield _read_items(u, count, u_dtype), _read_items(i, count, i_dtype)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ArtifactFormatError(f"{path}: cannot read the run's interactions ({exc})") from exc
-    rows = np.concatenate(users) if users else np.zeros(0, np.int64)
-    cols = np.concatenate(items) if items else np.zeros(0, np.int64)
-    out = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(max(stop - start, 0), n_items))
-    out.sum_duplicates()
-    return out
 
 
 def _npy_vector_header(fh: Any) -> tuple[np.dtype, int]:

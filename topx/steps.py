@@ -187,8 +187,17 @@ def train_stage(
     ds = with_history(ds, ~holdout, hp)
     what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
     with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
-        result = fit(ds, ~holdout, hp, run)
-        result = replace(result, params=map_cold_parameters(result.params, ds.feature_index))
+        seconds, clock = [], [time.perf_counter()]
+
+        def timed(_record: dict[str, float]) -> None:  # each epoch's wall time, for the report
+            now = time.perf_counter()
+            seconds.append(round(now - clock[0], 3))
+            clock[0] = now
+
+        result = fit(ds, ~holdout, hp, run, on_epoch=timed)
+        history = [{**record, "seconds": s} for record, s in zip(result.history, seconds, strict=False)]
+        result = replace(result, params=map_cold_parameters(result.params, ds.feature_index),
+                         history=history if len(seconds) == len(result.history) else result.history)
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
     write_model(out / MODEL_DIR, result.params, ds.feature_index)
     save_interactions(out / DATA_DIR, ds, holdout)

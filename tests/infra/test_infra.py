@@ -34,9 +34,9 @@ from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
 from topx import contract
 from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
-HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish")
+HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report")
 MAIN_PATH = [
-    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
+    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
 ]  # fmt: skip
 CUSTOM_CONTEXT = {
@@ -427,11 +427,15 @@ def test_every_task_retries_and_every_step_is_caught(default: Synth) -> None:
                 assert "States.TaskFailed" not in retried, f"{name} would retry project errors"
         if name in inner:
             continue  # the Map state catches for its iterations
-        expected_next = {"NotifySuccess": "Succeed", "NotifyRejected": "Rejected", "NotifyFailure": "Fail"}
+        # A report that fails is kept in the output and the run goes on to publish.
+        expected_next = {"NotifySuccess": "Succeed", "NotifyRejected": "Rejected", "NotifyFailure": "Fail",
+                         "Report": "Publish"}
         (catcher,) = state["Catch"]
         assert catcher["ErrorEquals"] == ["States.ALL"]
         assert catcher["Next"] == expected_next.get(name, "NotifyFailure"), name
-        if name not in expected_next:
+        if name == "Report":
+            assert catcher["ResultPath"] == "$.report_error"
+        elif name not in expected_next:
             assert catcher["ResultPath"] == "$.error"
     assert {s["Retry"][-1]["MaxAttempts"] for s in (states["Train"], states["Search"])} == {1}
 

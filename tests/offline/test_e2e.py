@@ -25,7 +25,7 @@ from topx.aws import client, stages, store
 from topx.cli import main
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
-MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Publish",
+MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
              "NotifySuccess", "Succeed"]
 
 
@@ -133,6 +133,17 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline,
     assert run_id in note.message and "150 users" in note.message
     assert_the_largest_run_fits_one_execution(execution["history"])
 
+    # The run report: under the run's prefix, named by the notification, fetched by `topx report --run-id`.
+    uri = f"s3://{stack.pipeline.bucket}/runs/{run_id}/report.html"
+    assert f"Report: {uri}." in note.message
+    page = tmp_path / "deployed-report.html"
+    assert main(["report", "--run-id", run_id, "--bucket", stack.pipeline.bucket, "--out", str(page), "--no-open"]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and f"topx run {run_id}" in html
+    assert 'data-verdict="good"' in html and "The quality gate <b>passed</b>" in html
+    assert f'data-metric="recall_at_{TOP_X}" data-value="{json.dumps(metrics[f"recall_at_{TOP_X}"])}"' in html
+    assert html.count('class="user"') == 5 and 'data-plot="popularity"' in html and 'data-plot="training"' in html
+
 
 def assert_the_largest_run_fits_one_execution(history: list[dict[str, Any]]) -> None:
     """Measured here, not assumed: the history events each shard's Load iteration adds. With the most
@@ -141,7 +152,7 @@ def assert_the_largest_run_fits_one_execution(history: list[dict[str, Any]]) -> 
     from topx.contract import EXECUTION_HISTORY_LIMIT, MAX_SHARDS
 
     load = [i for i, e in enumerate(history) if e["type"].endswith("StateEntered")
-            and e["stateEnteredEventDetails"]["name"] in ("Load", "Publish")]
+            and e["stateEnteredEventDetails"]["name"] in ("Load", "Report")]
     inside = history[load[0] + 1:load[1]]
     per_shard = len(inside) / SHARDS
     others = len(history) - len(inside)

@@ -241,13 +241,14 @@ def test_demo_runs_small(tmp_path, capsys):
     assert main(["demo", "--users", "200", "--items", "80", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "the upload rule started execution" in text
-    for state in ("Prepare", "Train", "QualityGate", "Repackage", "Search", "Load", "Publish", "NotifySuccess"):
+    for state in ("Prepare", "Train", "QualityGate", "Repackage", "Search", "Load", "Report", "Publish", "NotifySuccess"):
         assert re.search(rf"^  {state} +done in", text, re.MULTILINE), state
     assert "read back from DynamoDB through the pointer" in text
     assert re.search(r"^  u00000:\n +1\. i\d+", text, re.MULTILINE)
     assert "recall_at_10" in text and "popularity" in text
     # --out keeps the run's objects, as the pipeline wrote them to S3.
     assert (out / "metrics.json").exists() and (out / "model" / "model.tar.gz").exists()
+    assert (out / "report.html").exists() and f"report: {(out / 'report.html').resolve()}" in text
     assert len(list(out.glob("recommendations/shard=*/part-0.parquet"))) == 4
 
 

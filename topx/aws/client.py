@@ -36,6 +36,7 @@ from topx.contract import (
     OUTPUT_TOPIC,
     STACK_NAME,
     incoming_key,
+    report_key,
 )
 from topx.errors import ConfigError, StoreError
 
@@ -242,6 +243,28 @@ def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = N
     with aws_errors():
         s3.upload_file(str(source), name, target, ExtraArgs=extra)
     return f"s3://{name}/{target}"
+
+
+def fetch_report(run_id: str, out: str | Path, *, bucket: str | None = None, stack: str | None = None,
+                 endpoint_url: str | None = None, client: Any = None) -> Path:
+    """Download a deployed run's report (``runs/<run_id>/report.html``) to ``out``; returns its path."""
+    from botocore.exceptions import ClientError
+
+    name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
+    key = report_key(run_id)
+    s3 = client or aws_client("s3", endpoint_url)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with aws_errors():
+        try:
+            body = s3.get_object(Bucket=name, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ConfigError(f"s3://{name}/{key} does not exist: no run {run_id!r}, its report is not written "
+                                  "yet, or runs/ has expired it (`topx status` lists the executions)") from exc
+            raise
+    target.write_bytes(body)
+    return target
 
 
 def latest_executions(*, state_machine_arn: str | None = None, stack: str | None = None, limit: int = 10,

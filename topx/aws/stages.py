@@ -70,6 +70,7 @@ from topx.contract import (
     model_prefix,
     prepared_prefix,
     recommendations_key,
+    report_key,
     run_filters_key,
     run_record_key,
     searched_key,
@@ -350,7 +351,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from topx.rundir import MODEL_DIR
-    from topx.steps import Reporter, RunOptions, evaluate_model, fallback_list, train_stage
+    from topx.steps import Reporter, RunOptions, evaluate_model, fallback_list, train_stage, training_summary
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -367,6 +368,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x)
         pq.write_table(fallback, work / "fallback.parquet")
         s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
+        metrics.update(training_summary(hp, result, ds.report))  # the history and the data, for the run report
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
@@ -416,12 +418,22 @@ def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
         return rejected(f"{name} {value:.4f} does not beat recommending the most popular items "
                         f"({baseline_name} {baseline:.4f})")
     live = store.active_version(table, client=dynamodb_client())
+    compared: dict[str, Any] = {}
     if live is not None and live != run_id:
-        live_value = _live_metrics(bucket, live).get(name)
+        live_metrics = _live_metrics(bucket, live)
+        # What the report shows beside this run's metrics: the live model's, on its own hold-out.
+        compared = {"live": {"version": live, "metrics": {k: live_metrics[k] for k in _live_shown(x)
+                                                          if _finite(live_metrics.get(k))}}}
+        live_value = live_metrics.get(name)
         slack = LIVE_RMSE_SLACK if regressor else LIVE_RECALL_SLACK
         if live_value is not None and _finite(live_value) and worse(value, live_value * slack):
-            return rejected(f"{name} {value:.4f} is clearly worse than the live model's {live_value:.4f} ({live})")
-    return {"passed": True, "reason": "metrics within thresholds", "metrics": summary}
+            return {**rejected(f"{name} {value:.4f} is clearly worse than the live model's {live_value:.4f} ({live})"),
+                    **compared}
+    return {"passed": True, "reason": "metrics within thresholds", "metrics": summary, **compared}
+
+
+def _live_shown(x: int) -> tuple[str, ...]:
+    return ("rmse", "auc", "log_loss", f"recall_at_{x}", f"ndcg_at_{x}", f"map_at_{x}", f"coverage_at_{x}")
 
 
 def _live_metrics(bucket: str, live: str) -> dict[str, Any]:
@@ -680,4 +692,52 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
                 f"run {run_id} was not published: the live version {live} is newer, and the pointer never "
                 f"goes backwards; its items stay unread and are given an expiry by a later run's load"
             )
-    return {"run_id": run_id, "published": True, "users": written, "already_live": not published}
+    return {"run_id": run_id, "published": True, "users": written, "already_live": not published,
+            "report": _report_uri(bucket, run_id)}
+
+
+def _report_uri(bucket: str, run_id: str) -> str:
+    """The run report's S3 URI, or why there is none (the Report state failed; the run publishes anyway)."""
+    key = report_key(run_id)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return f"none: s3://{bucket}/{key} was not written (see the Report state's error)"
+        raise
+    return f"s3://{bucket}/{key}"
+
+
+def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the run report (topx.report) to ``runs/<run_id>/report.html``: the prepared interactions, the
+    metrics, every shard's recommendations, the items table's titles, and the quality gate's reply
+    ``gate`` with the live model it compared against. Streams the interactions and the shards, so its
+    memory follows the users and items counts, not the interactions or the lists."""
+    from topx.ingest import read_feature_table
+    from topx.report import build_report, parquet_rows, recommendation_frames
+    from topx.rundir import INTERACTIONS_FILE, iter_interaction_rows
+
+    metrics = _get_json(bucket, metrics_key(run_id))
+    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
+    with _workdir() as work:
+        _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
+        feature_index = FeatureIndex.load(work / "prepared")
+        paths = []
+        for shard in range(shards):
+            path = work / f"part-{shard}.parquet"
+            key = recommendations_key(run_id, shard)
+            try:
+                s3_client().download_file(bucket, key, str(path))
+            except ClientError as exc:
+                raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+            paths.append(path)
+        items_uri = _optional_table(bucket, "items")
+        items = None if items_uri is None else read_feature_table(items_uri, key_col="item_id", s3_client=s3_client())
+        interactions = (iter_interaction_rows(work / "prepared", data_dir="")
+                        if (work / "prepared" / INTERACTIONS_FILE).exists() else None)
+        page = build_report(metrics, feature_index, interactions, recommendation_frames(paths),
+                            title=f"topx run {run_id}", expected_rows=parquet_rows(paths), items_table=items,
+                            gate=gate, live=(gate or {}).get("live"))
+    key = report_key(run_id)
+    s3_client().put_object(Bucket=bucket, Key=key, Body=page.encode("utf-8"), ContentType="text/html; charset=utf-8")
+    return {"run_id": run_id, "report": f"s3://{bucket}/{key}", "bytes": len(page.encode("utf-8"))}

@@ -30,6 +30,7 @@ FUNCTION_PLACEHOLDERS = {
     "repackage": "RepackageFunctionArn",
     "load_shard": "LoadShardFunctionArn",
     "publish": "PublishFunctionArn",
+    "report": "ReportFunctionArn",
 }
 
 

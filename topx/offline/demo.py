@@ -17,7 +17,14 @@ from typing import Any
 import pandas as pd
 
 from topx.config import env_or
-from topx.contract import ENV_EPOCHS, ENV_NUM_FACTORS, feature_table_prefix, metrics_key, run_prefix
+from topx.contract import (
+    ENV_EPOCHS,
+    ENV_NUM_FACTORS,
+    feature_table_prefix,
+    metrics_key,
+    report_key,
+    run_prefix,
+)
 from topx.synth import SyntheticData, generate
 
 # The demo's model size: small enough for a laptop CPU, big enough to beat popularity clearly.
@@ -124,6 +131,9 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
         _print_metrics(metrics, top_x, f"hold-out metrics from s3://{pipeline.bucket}/{metrics_key(run_id)}")
         if out:
             _download_run(s3, pipeline.bucket, run_id, Path(out))
+            print(f"\nreport: {(Path(out) / 'report.html').resolve()} (open it in a browser)")
+        else:
+            print(f"\nreport: s3://{pipeline.bucket}/{report_key(run_id)} (gone with the stand-ins: keep it with --out DIR)")
     return 0
 
 
@@ -178,6 +188,8 @@ def _run_stages(data: SyntheticData, work: Path, *, out: str | None, implicit: b
         rows = recs[recs["user_id"] == user]
         _print_user(user, list(zip(rows["item_id"], rows["score"], strict=True)), data.items)
     _print_metrics(metrics, top_x, "hold-out metrics")
+    if out:
+        print(f"\nreport: {(result_dir / 'report.html').resolve()} (open it in a browser)")
     return 0
 
 
