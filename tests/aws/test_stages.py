@@ -300,8 +300,7 @@ def test_a_time_column_set_at_deploy_makes_the_deployed_hold_out_temporal(aws, t
     data["ts"] = 1_700_000_000 + np.random.default_rng(3).permutation(len(data)) * 3600
     data.to_csv(tmp_path / "ratings.csv", index=False)
     s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
-    monkeypatch.setenv(contract.ENV_TIME_COL, "ts")
-    monkeypatch.setenv(contract.ENV_SINCE, "2023-11-15")
+    monkeypatch.setenv(contract.ENV_DATASET, json.dumps({"time_col": "ts", "since": "2023-11-15"}))
 
     run_id = run_pipeline("incoming/ratings.csv")
     metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
