@@ -188,7 +188,7 @@ def _dataset_from_context(get: Callable[[str], Any]) -> dict[str, Any]:
         if raw is not None:
             shorthands[name] = _number_or_text(raw) if name == "half_life_days" else raw
     try:
-        shorthand = check_dataset_config(shorthands, deployed=True)
+        shorthand = check_dataset_config(shorthands, deployed=True, together=False)
     except DatasetConfigError as exc:
         raise SettingsError(f"context {exc.field}: {exc.reason}") from exc
     raw, where = get("dataset"), "context dataset"
@@ -214,7 +214,9 @@ def _dataset_from_context(get: Callable[[str], Any]) -> dict[str, Any]:
                                 "one place")
     try:
         return merge_dataset_configs(shorthand, dataset)
-    except DatasetConfigError as exc:
+    except DatasetConfigError as exc:  # the dataset passed alone: a shorthand asks what neither sets
+        if raw is None:
+            raise SettingsError(f"context {exc.field}: {exc.reason}") from exc
         raise SettingsError(f"{where} with context {', '.join(shorthand)}: {exc}") from exc
 
 

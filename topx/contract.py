@@ -114,7 +114,7 @@ DEFAULT_OBJECTIVE = "ranking"
 # wrong table, checked from the listing before any part is read. The deployed Prepare holds the data in
 # 3008 MB of memory, so larger data fit the CLI on a larger machine better (docs/DEPLOY.md).
 DEFAULT_MAX_BYTES = 1 << 30
-# Each field's kind: "path" (a file, folder or s3:// URI; in the deployment a key in the data bucket),
+# Each field's kind: "path" (a file, folder or s3:// URI; in the deployment a key under features/),
 # "column" (a name, or a 0-based position), "objective", "number", "days" (a positive number), "window"
 # (an ISO-8601 date, or a positive number of days before the latest row), "flag" (true or false),
 # "separator" (one character, or \t), "bytes" (a positive integer).
@@ -158,7 +158,7 @@ def check_dataset_config(doc: Any, *, deployed: bool = False, together: bool = T
     """The fields ``doc`` (a JSON object) sets, each checked, normalised (``since`` as text, ``sep`` as
     its character), with null fields kept as None; raises ``DatasetConfigError`` naming the first field at
     fault. ``deployed``: as the deployment reads it (no ``interactions``; ``users`` and ``items`` are keys
-    in the data bucket). ``together``: the fields are checked together too (``check_dataset_fields_together``;
+    under ``features/`` in the data bucket). ``together``: the fields are checked together too (``check_dataset_fields_together``;
     ``merge_dataset_configs`` does it for configurations that only make sense merged)."""
     if not isinstance(doc, Mapping):
         raise DatasetConfigError(None, f"expected a JSON object of dataset fields, got {type(doc).__name__}")
@@ -176,9 +176,10 @@ def check_dataset_config(doc: Any, *, deployed: bool = False, together: bool = T
             checked[name] = _DATASET_KINDS[DATASET_FIELDS[name]](value)
         except ValueError as exc:
             raise DatasetConfigError(name, f"{exc}, got {value!r}") from None
-        if deployed and DATASET_FIELDS[name] == "path" and (value.startswith(("s3://", "/")) or "://" in value):
-            raise DatasetConfigError(name, f"expected a key in the data bucket (e.g. features/{name}.csv), got "
-                                           f"{value!r}")
+        if deployed and DATASET_FIELDS[name] == "path" and not value.startswith(FEATURES_PREFIX):
+            # Prepare's role reads the bucket's input prefixes only (infra/access.py), side tables under this one.
+            raise DatasetConfigError(name, f"expected a key under {FEATURES_PREFIX} in the data bucket (e.g. "
+                                           f"{FEATURES_PREFIX}{name}.csv), got {value!r}")
     if together:
         check_dataset_fields_together(checked)
     return checked

@@ -101,7 +101,7 @@ def test_the_deployment_refuses_what_only_the_cli_reads() -> None:
     with pytest.raises(contract.DatasetConfigError, match="interactions: the deployment trains on what arrives "
                                                           "under incoming/"):
         contract.check_dataset_config({"interactions": "x.csv"}, deployed=True)
-    with pytest.raises(contract.DatasetConfigError, match="users: expected a key in the data bucket"):
+    with pytest.raises(contract.DatasetConfigError, match="users: expected a key under features/ in the data bucket"):
         contract.check_dataset_config({"users": "s3://other/users.csv"}, deployed=True)
     # A null field unsets the one beneath it; the merged fields are checked together.
     merged = contract.merge_dataset_configs({"time_col": "t", "since": "30", "user_col": "u"},

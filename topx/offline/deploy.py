@@ -121,7 +121,7 @@ class LocalSettings:
                                                       ("half_life_days", self.half_life_days)) if value is not None}
         try:
             doc = json.loads(text) if text else {}
-            return merge_dataset_configs(check_dataset_config(shorthands, deployed=True),
+            return merge_dataset_configs(check_dataset_config(shorthands, deployed=True, together=False),
                                          check_dataset_config(doc, deployed=True))
         except (ValueError, DatasetConfigError) as exc:
             raise ConfigError(f"dataset configuration ({ENV_DATASET}): {exc}") from exc
