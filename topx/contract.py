@@ -294,7 +294,8 @@ _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
 # --------------------------------------------------------------------------- S3 layout (one bucket)
 # incoming/...                             uploads: each object created here starts a run
 # config/dataset.json, config/filters.json how a run reads the uploads, and which items it may recommend
-# features/users*, features/items*         optional side tables; the latest object of each is used
+# features/users*, features/items*         optional side tables; the latest object of each is used, unless
+#                                          the dataset configuration names others under features/
 # runs/<run_id>/prepared/                  feature index + indexed interactions + hold-out mask
 # runs/<run_id>/run.json                   the run's source, shards, data report and upload overrides
 # runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); user and item vectors

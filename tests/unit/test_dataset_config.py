@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -144,3 +145,23 @@ def test_recommend_takes_the_items_table_and_its_key_from_the_file(tmp_path: Pat
     eligible = set(renamed.loc[renamed[column] == kept, "sku"].astype(str))
     recommended = set(pd.read_parquet(out / "recommendations.parquet")["item_id"])
     assert recommended and recommended <= eligible < set(renamed["sku"].astype(str))
+
+
+def _json_blocks(path: Path, heading: str) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, flags=re.S)]
+
+
+def test_the_documented_exports_are_configurations_topx_accepts() -> None:
+    root = Path(__file__).resolve().parents[2]
+    cli = _json_blocks(root / "README.md", "### The dataset configuration")
+    deployed = _json_blocks(root / "docs" / "DEPLOY.md", "### The dataset configuration")
+    assert len(cli) == len(deployed) == 3
+    for local, remote in zip(cli, deployed, strict=True):
+        assert data_options(contract.check_dataset_config(local)).interactions == local["interactions"]
+        contract.check_dataset_config(remote, deployed=True)
+        # The deployed one is the README's without interactions, its items table under features/.
+        assert {k: v for k, v in local.items() if k not in ("interactions", "items")} == \
+               {k: v for k, v in remote.items() if k != "items"}
