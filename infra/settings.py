@@ -127,9 +127,11 @@ class DeploySettings:
             )
         if self.dataset is not None:
             try:
-                check_dataset_config(json.loads(self.dataset), deployed=True)
+                checked = merge_dataset_configs(check_dataset_config(json.loads(self.dataset), deployed=True))
             except (ValueError, DatasetConfigError) as exc:
                 raise SettingsError(f"context dataset: {exc}") from exc
+            # One spelling of one configuration: what Prepare and the offline layer read, field by field.
+            object.__setattr__(self, "dataset", json.dumps(checked, sort_keys=True) if checked else None)
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
