@@ -13,7 +13,6 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from topx.contract import (
     DEFAULT_SHARDS,
     DEFAULT_TOP_X,
     ENV_BUCKET,
+    ENV_DATASET,
     ENV_EPOCHS,
-    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -35,9 +34,7 @@ from topx.contract import (
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
     ENV_SHARDS,
-    ENV_SINCE,
     ENV_TABLE,
-    ENV_TIME_COL,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
     FIXED_HYPERPARAMETERS,
@@ -46,6 +43,9 @@ from topx.contract import (
     MAX_SHARDS,
     MIN_SHARDS,
     SEARCH_METHODS,
+    DatasetConfigError,
+    check_dataset_config,
+    merge_dataset_configs,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,9 @@ MIN_MAX_VCPUS = 4
 
 _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+# Context parameters that set one field of the dataset configuration each, from before there was one;
+# still read, and folded into it.
+DATASET_SHORTHANDS = ("time_col", "half_life_days", "since")
 
 
 class SettingsError(ValueError):
@@ -84,9 +87,8 @@ class DeploySettings:
     min_recall: float | None = None
     hyperparameters: str | None = None
     search_method: str | None = None
-    time_col: str | None = None
-    half_life_days: float | None = None
-    since: str | None = None
+    # The dataset configuration (topx.contract.DATASET_FIELDS) as JSON object text: TOPX_DATASET.
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -123,13 +125,13 @@ class DeploySettings:
             raise SettingsError(
                 f"context search_method must be one of {', '.join(SEARCH_METHODS)}, got {self.search_method!r}"
             )
-        if self.time_col is None and (self.half_life_days is not None or self.since is not None):
-            raise SettingsError("context half_life_days and since need context time_col (the uploads' time column)")
-        if self.half_life_days is not None and not (math.isfinite(self.half_life_days) and self.half_life_days > 0):
-            raise SettingsError(f"context half_life_days must be a positive number of days, got {self.half_life_days}")
-        if self.since is not None and not _is_window(self.since):
-            raise SettingsError(f"context since must be an ISO-8601 date (e.g. 2024-05-01) or a positive number of "
-                                f"days, got {self.since!r}")
+        if self.dataset is not None:
+            try:
+                checked = merge_dataset_configs(check_dataset_config(json.loads(self.dataset), deployed=True))
+            except (ValueError, DatasetConfigError) as exc:
+                raise SettingsError(f"context dataset: {exc}") from exc
+            # One spelling of one configuration: what Prepare and the offline layer read, field by field.
+            object.__setattr__(self, "dataset", json.dumps(checked, sort_keys=True) if checked else None)
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> DeploySettings:
@@ -144,6 +146,9 @@ class DeploySettings:
                 values[name] = parse(raw)
             except (TypeError, ValueError) as exc:
                 raise SettingsError(f"context {name}: cannot read {raw!r}: {exc}") from exc
+        dataset = _dataset_from_context(get)
+        if dataset:
+            values["dataset"] = json.dumps(dataset, sort_keys=True)
         return cls(**{**_as_kwargs(defaults), **values})
 
     def job_environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
@@ -168,27 +173,72 @@ class DeploySettings:
             environment[ENV_HYPERPARAMETERS] = self.hyperparameters
         if self.search_method is not None:
             environment[ENV_SEARCH_METHOD] = self.search_method
-        data = {ENV_TIME_COL: self.time_col, ENV_SINCE: self.since,
-                ENV_HALF_LIFE_DAYS: None if self.half_life_days is None else str(float(self.half_life_days))}
-        environment.update({name: value for name, value in data.items() if value is not None})
+        if self.dataset is not None:
+            environment[ENV_DATASET] = self.dataset
         return environment
 
 
-def _is_window(since: str) -> bool:
-    """Whether ``since`` is a positive number of days or an ISO-8601 date (what Prepare accepts)."""
+def _dataset_from_context(get: Callable[[str], Any]) -> dict[str, Any]:
+    """Context ``dataset`` (a JSON object in cdk.json, its text, or the path of a JSON file), with the
+    shorthands ``time_col``, ``half_life_days`` and ``since`` folded in; checked as Prepare checks it, each
+    error naming the context parameter, the file and the field."""
+    shorthands: dict[str, Any] = {}
+    for name in DATASET_SHORTHANDS:
+        raw = get(name)
+        if isinstance(raw, str) and not raw.strip():
+            continue  # `-c since=` (empty) sets none, like leaving it unset
+        if raw is not None:
+            shorthands[name] = _number_or_text(raw) if name == "half_life_days" else raw
     try:
-        return float(since) > 0 and math.isfinite(float(since))
-    except ValueError:
-        pass
+        shorthand = check_dataset_config(shorthands, deployed=True, together=False)
+    except DatasetConfigError as exc:
+        raise SettingsError(f"context {exc.field}: {exc.reason}") from exc
+    raw, where = get("dataset"), "context dataset"
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text:
+            raw = None
+        elif text.startswith("{"):
+            raw = _json_object(text, where)
+        else:
+            where = f"context dataset ({text})"
+            try:
+                raw = _json_object(Path(text).read_text(encoding="utf-8"), where)
+            except OSError as exc:
+                raise SettingsError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
     try:
-        datetime.fromisoformat(since.replace("Z", "+00:00"))
+        dataset = {} if raw is None else check_dataset_config(raw, deployed=True)
+    except DatasetConfigError as exc:
+        raise SettingsError(f"{where}: {exc}") from exc
+    for name, value in shorthand.items():
+        if name in dataset and dataset[name] != value:
+            raise SettingsError(f"context {name} is {value!r} but {where} sets {name} {dataset[name]!r}; set it in "
+                                "one place")
+    try:
+        return merge_dataset_configs(shorthand, dataset)
+    except DatasetConfigError as exc:  # the dataset passed alone: a shorthand asks what neither sets
+        if raw is None:
+            raise SettingsError(f"context {exc.field}: {exc.reason}") from exc
+        raise SettingsError(f"{where} with context {', '.join(shorthand)}: {exc}") from exc
+
+
+def _json_object(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: not valid JSON: {exc}") from exc
+
+
+def _number_or_text(raw: Any) -> Any:
+    """`-c half_life_days=45` arrives as text: its number, so that the contract's check reads it as one."""
+    try:
+        return float(raw) if isinstance(raw, str) else raw
     except ValueError:
-        return False
-    return True
+        return raw
 
 
 def _as_kwargs(settings: DeploySettings) -> dict[str, Any]:
-    return {name: getattr(settings, name) for name in _PARSERS}
+    return {name: getattr(settings, name) for name in (*_PARSERS, "dataset")}
 
 
 def _parse_int(raw: Any) -> int:
@@ -305,7 +355,4 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "min_recall": _parse_optional_number,
     "hyperparameters": _parse_hyperparameters,
     "search_method": _parse_optional_str,
-    "time_col": _parse_optional_str,
-    "half_life_days": _parse_optional_number,
-    "since": _parse_optional_str,
 }

@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from topx import __version__
-from topx.config import DEFAULT_OBJECTIVE, OBJECTIVES, HyperParameters, default_hyperparameters
-from topx.contract import DEFAULT_SEARCH_METHOD, DEFAULT_TOP_X, HISTORY_FEATURES, LEARNERS, SEARCH_METHODS
+from topx.config import OBJECTIVES, HyperParameters, default_hyperparameters
+from topx.contract import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SEARCH_METHOD,
+    DEFAULT_TOP_X,
+    HISTORY_FEATURES,
+    LEARNERS,
+    SEARCH_METHODS,
+)
 from topx.errors import ConfigError, TopxError
 
 EXIT_USER_ERROR = 2
@@ -30,30 +37,35 @@ def _column(value: str) -> str | int:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--interactions", required=True, metavar="FILE|DIR",
+    g.add_argument("--dataset", metavar="FILE",
+                   help="a dataset configuration (JSON, docs/FORMATS.md): these options as fields named like them "
+                        "(user_col, time_col, objective, ...), the same file a deployment reads; the options "
+                        "given here override its fields")
+    g.add_argument("--interactions", metavar="FILE|DIR",
                    help="interactions: a CSV, TSV or Parquet file (optionally .gz), or a folder of part files as "
                         "Spark, Glue and Athena export them (key=value partition folders become columns; "
-                        "_SUCCESS and other markers are skipped); a local path or an s3:// URI or prefix")
+                        "_SUCCESS and other markers are skipped); a local path or an s3:// URI or prefix. "
+                        "Required unless --dataset names it")
     g.add_argument("--users", metavar="FILE", help="optional user feature table keyed by user id")
     g.add_argument("--items", metavar="FILE", help="optional item feature table keyed by item id")
-    g.add_argument("--user-col", type=_column, default="user_id", metavar="COL",
+    g.add_argument("--user-col", type=_column, metavar="COL",
                    help="user id column (default: user_id; 0 without a header)")
-    g.add_argument("--item-col", type=_column, default="item_id", metavar="COL",
+    g.add_argument("--item-col", type=_column, metavar="COL",
                    help="item id column (default: item_id; 1 without a header)")
-    g.add_argument("--rating-col", type=_column, default="rating", metavar="COL",
+    g.add_argument("--rating-col", type=_column, metavar="COL",
                    help="rating or strength column (default: rating; 2 without a header). For ranking it weighs "
                         "each interaction and may be absent (1 per row); --objective rating predicts it")
     g.add_argument("--user-key", type=_column, metavar="COL",
                    help="key column of the --users table (default: the --user-col name)")
     g.add_argument("--item-key", type=_column, metavar="COL",
                    help="key column of the --items table (default: the --item-col name)")
-    g.add_argument("--no-cold-items", dest="cold_items", action="store_false",
+    g.add_argument("--no-cold-items", action="store_true", default=None,
                    help="leave out --items rows with no interactions (default: they are recommended from their "
                         "features alone, so new products get a chance)")
-    g.add_argument("--no-cold-users", dest="cold_users", action="store_false",
+    g.add_argument("--no-cold-users", action="store_true", default=None,
                    help="leave out --users rows with no interactions (default: they get recommendations from "
                         "their features alone, marked cold_user)")
-    g.add_argument("--no-header", action="store_true",
+    g.add_argument("--no-header", action="store_true", default=None,
                    help="files have no header row: columns are given by 0-based position")
     g.add_argument("--sep", metavar="SEP", help=r"field separator (default: sniffed among , \t ; |)")
     g.add_argument("--objective", choices=OBJECTIVES, default=None,
@@ -74,6 +86,9 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (play counts, clicks): the same as "
                         "--objective ranking, the default")
+    g.add_argument("--max-bytes", type=int, metavar="N",
+                   help=f"refuse interactions whose parts hold more than N bytes together, as stored, before "
+                        f"reading any (default {DEFAULT_MAX_BYTES:,}: a guard against exporting the wrong table)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -225,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--responses", metavar="FILE",
                    help="(user_id, item_id) pairs to leave out of each user's list: re-applied without retraining")
     p.add_argument("--items", metavar="FILE", help="the items table the filter rules read (keyed by --item-key)")
-    p.add_argument("--item-key", type=_column, default="item_id", metavar="COL",
-                   help="key column of the --items table (default: item_id)")
+    p.add_argument("--item-key", type=_column, metavar="COL",
+                   help="key column of the --items table (default: the item id column, item_id)")
+    p.add_argument("--dataset", metavar="FILE",
+                   help="a dataset configuration (JSON): its items, item_key and item_col, under --items and "
+                        "--item-key")
 
     p = add_command("evaluate", help="hold-out metrics of a run against a popularity baseline",
                        description="RMSE (regressor) or AUC and log loss (classifier), and recall, NDCG, MAP and "
@@ -309,8 +327,9 @@ def _hyperparameters(args: argparse.Namespace, implicit: bool) -> HyperParameter
     return default_hyperparameters("ranking" if implicit else "rating", **{n: getattr(args, n, None) for n in names})
 
 
-def _objective(args: argparse.Namespace) -> str:
-    """--objective, with --implicit and --predictor-type as the older ways of saying it."""
+def _objective(args: argparse.Namespace) -> str | None:
+    """--objective, with --implicit and --predictor-type as the older ways of saying it; None when none
+    of them is given."""
     chosen = getattr(args, "objective", None)
     if getattr(args, "implicit", False):
         if chosen == "rating":
@@ -321,27 +340,32 @@ def _objective(args: argparse.Namespace) -> str:
     implied = {"regressor": "rating", "binary_classifier": "ranking"}.get(predictor or "")
     if chosen is not None and implied is not None and implied != chosen:
         raise ConfigError(f"--predictor-type {predictor} trains for {implied}, not --objective {chosen}")
-    return chosen or implied or DEFAULT_OBJECTIVE
+    return chosen or implied
+
+
+def _dataset_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The --dataset file's fields, overridden by the data options given on the command line (each field is
+    the option of the same name); checked by the one rule the deployment checks with too."""
+    from topx.contract import DATASET_FIELDS, DatasetConfigError, check_dataset_config, merge_dataset_configs
+    from topx.dataset import read_dataset_config
+
+    from_file = read_dataset_config(args.dataset) if getattr(args, "dataset", None) else {}
+    given = {name: getattr(args, name) for name in DATASET_FIELDS if getattr(args, name, None) is not None}
+    if _objective(args) is not None:
+        given["objective"] = _objective(args)
+    try:
+        flags = check_dataset_config(given, together=False)
+        return merge_dataset_configs(from_file, flags)
+    except DatasetConfigError as exc:
+        if from_file and exc.field not in given:
+            raise ConfigError(f"{args.dataset} with the options given: {exc}") from exc
+        raise ConfigError(f"--{str(exc.field).replace('_', '-')}: {exc.reason}") from exc
 
 
 def _data_options(args: argparse.Namespace):
-    from topx.dataset import DataOptions
+    from topx.dataset import data_options
 
-    header = not args.no_header
-    user_col, item_col, rating_col = args.user_col, args.item_col, args.rating_col
-    if not header:
-        # Without a header the default names mean the first three positions.
-        user_col = 0 if user_col == "user_id" else user_col
-        item_col = 1 if item_col == "item_id" else item_col
-        rating_col = 2 if rating_col == "rating" else rating_col
-    return DataOptions(
-        interactions=args.interactions, users=args.users, items=args.items,
-        user_col=user_col, item_col=item_col, rating_col=rating_col,
-        user_key=args.user_key, item_key=args.item_key, header=header, sep=args.sep,
-        implicit=_objective(args) == "ranking", min_rating=getattr(args, "min_rating", None),
-        time_col=args.time_col, half_life_days=args.half_life_days, since=args.since,
-        cold_items=args.cold_items, cold_users=args.cold_users,
-    )
+    return data_options(_dataset_config(args))
 
 
 def _run_options(args: argparse.Namespace):
@@ -428,6 +452,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from topx.rundir import atomic_output_dir, write_json
     from topx.steps import Reporter, train_stage, training_summary
 
+    if args.interactions is None:
+        args.interactions = _data_options(args).interactions  # named by --dataset
     if _starts_like_recordio(args.interactions):
         return _train_recordio(args, read_bytes(args.interactions))
     data = _data_options(args)
@@ -563,7 +589,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         from topx.filters import eligible_items, item_groups, load_filters
         from topx.ingest import read_feature_table
 
-        table = None if args.items is None else read_feature_table(args.items, key_col=args.item_key)
+        from_file = {}
+        if args.dataset is not None:
+            from topx.dataset import read_dataset_config
+
+            from_file = read_dataset_config(args.dataset)
+        items = args.items if args.items is not None else from_file.get("items")
+        # The items table's key: as given, else the dataset's item_key, else its item id column.
+        item_key = next(k for k in (args.item_key, from_file.get("item_key"), from_file.get("item_col"), "item_id")
+                        if k is not None)
+        table = None if items is None else read_feature_table(items, key_col=item_key)
         rules = load_filters(args.filters)
         eligible = eligible_items(rules, list(item_ids), table)
         diversity = item_groups(rules, list(item_ids), table)

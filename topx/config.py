@@ -12,14 +12,21 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from topx.contract import DEFAULT_SEARCH_METHOD, ENV_SEARCH_METHOD, HISTORY_FEATURES, LEARNERS, SEARCH_METHODS
+from topx.contract import (
+    DEFAULT_OBJECTIVE,
+    DEFAULT_SEARCH_METHOD,
+    ENV_SEARCH_METHOD,
+    HISTORY_FEATURES,
+    LEARNERS,
+    OBJECTIVES,
+    SEARCH_METHODS,
+)
 from topx.errors import ConfigError
 from topx.params import PREDICTOR_TYPES
 
-# What the model is trained for: "ranking" (interactions are positives, every other pair a negative; the
-# default) or "rating" (a regressor of the rating column, SageMaker's predictor_type "regressor").
-OBJECTIVES = ("ranking", "rating")
-DEFAULT_OBJECTIVE = "ranking"
+# What the model is trained for (OBJECTIVES, the contract's, as the dataset configuration names them):
+# "ranking" (interactions are positives, every other pair a negative; the default) or "rating" (a regressor
+# of the rating column, SageMaker's predictor_type "regressor").
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from types import MappingProxyType
+from typing import Any
 
 # --------------------------------------------------------------------------- environment variables
 # What the stack sets on every Lambda function and Batch job, and what topx reads.
@@ -34,11 +36,9 @@ ENV_MAX_RMSE = "TOPX_MAX_RMSE"  # regressor: highest hold-out RMSE published
 ENV_MIN_AUC = "TOPX_MIN_AUC"  # binary classifier: lowest hold-out AUC published
 ENV_MIN_RECALL = "TOPX_MIN_RECALL"  # lowest recall@x published (either predictor type)
 ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"  # the search the recommendations and their hold-out metrics use
-# The uploads' time column (unset: none, and a random hold-out), and with it an optional recency
-# half-life in days and a window (an ISO-8601 date, or a number of days before the latest row).
-ENV_TIME_COL = "TOPX_TIME_COL"
-ENV_HALF_LIFE_DAYS = "TOPX_HALF_LIFE_DAYS"
-ENV_SINCE = "TOPX_SINCE"
+# The deployment's dataset configuration (DATASET_FIELDS, as JSON object text): how Prepare reads the uploads.
+# config/dataset.json in the bucket overrides it field by field at run time.
+ENV_DATASET = "TOPX_DATASET"
 
 # --------------------------------------------------------------------------- deploy defaults and bounds
 
@@ -104,9 +104,199 @@ HYPERPARAMETER_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 MODE_METADATA = "topx-mode"
 HYPERPARAMETERS_METADATA = "topx-hyperparameters"
 
+# --------------------------------------------------------------------------- the dataset configuration
+# How to read a dataset, the same for `topx run --dataset FILE` and the deployment (CDK context ``dataset``,
+# then config/dataset.json). Each field is named as the CLI option that sets it (``--user-col`` is
+# ``user_col``, ``--no-header`` is ``no_header``); a null field is unset: its default holds.
+
+OBJECTIVES = ("ranking", "rating")  # what the model is trained for (topx.config)
+DEFAULT_OBJECTIVE = "ranking"
+# The most bytes a dataset's parts may hold together, as stored (compressed): a guard against exporting the
+# wrong table, checked from the listing before any part is read. The deployed Prepare holds the data in
+# 3008 MB of memory, so larger data fit the CLI on a larger machine better (docs/DEPLOY.md).
+DEFAULT_MAX_BYTES = 1 << 30
+# Each field's kind: "path" (a file, folder or s3:// URI; in the deployment a key under features/),
+# "column" (a name, or a 0-based position), "objective", "number", "days" (a positive number), "window"
+# (an ISO-8601 date, or a positive number of days before the latest row), "flag" (true or false),
+# "separator" (one character, or \t), "bytes" (a positive integer).
+DATASET_FIELDS: Mapping[str, str] = MappingProxyType({
+    "interactions": "path",
+    "users": "path",
+    "items": "path",
+    "user_col": "column",
+    "item_col": "column",
+    "rating_col": "column",
+    "time_col": "column",
+    "user_key": "column",
+    "item_key": "column",
+    "objective": "objective",
+    "min_rating": "number",
+    "half_life_days": "days",
+    "since": "window",
+    "no_header": "flag",
+    "sep": "separator",
+    "no_cold_items": "flag",
+    "no_cold_users": "flag",
+    "max_bytes": "bytes",
+})
+# The deployment trains on what arrives under incoming/: a dataset configuration there names no interactions.
+NOT_DEPLOYED_FIELDS: Mapping[str, str] = MappingProxyType({
+    "interactions": "the deployment trains on what arrives under incoming/; interactions is for the CLI",
+})
+
+
+class DatasetConfigError(ValueError):
+    """A dataset configuration field has a value topx cannot read with; ``field`` names it (None: the
+    configuration as a whole). Callers say where the configuration came from."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(reason if field is None else f"{field}: {reason}")
+
+
+def check_dataset_config(doc: Any, *, deployed: bool = False, together: bool = True) -> dict[str, Any]:
+    """The fields ``doc`` (a JSON object) sets, each checked, normalised (``since`` as text, ``sep`` as
+    its character), with null fields kept as None; raises ``DatasetConfigError`` naming the first field at
+    fault. ``deployed``: as the deployment reads it (no ``interactions``; ``users`` and ``items`` are keys
+    under ``features/`` in the data bucket). ``together``: the fields are checked together too (``check_dataset_fields_together``;
+    ``merge_dataset_configs`` does it for configurations that only make sense merged)."""
+    if not isinstance(doc, Mapping):
+        raise DatasetConfigError(None, f"expected a JSON object of dataset fields, got {type(doc).__name__}")
+    unknown = sorted(str(name) for name in doc if name not in DATASET_FIELDS)
+    if unknown:
+        raise DatasetConfigError(unknown[0], f"unknown field; the fields are {', '.join(DATASET_FIELDS)}")
+    checked: dict[str, Any] = {}
+    for name, value in doc.items():
+        if value is None:
+            checked[name] = None
+            continue
+        if deployed and name in NOT_DEPLOYED_FIELDS:
+            raise DatasetConfigError(name, NOT_DEPLOYED_FIELDS[name])
+        try:
+            checked[name] = _DATASET_KINDS[DATASET_FIELDS[name]](value)
+        except ValueError as exc:
+            raise DatasetConfigError(name, f"{exc}, got {value!r}") from None
+        if deployed and DATASET_FIELDS[name] == "path" and not value.startswith(FEATURES_PREFIX):
+            # Prepare's role reads the bucket's input prefixes only (infra/access.py), side tables under this one.
+            raise DatasetConfigError(name, f"expected a key under {FEATURES_PREFIX} in the data bucket (e.g. "
+                                           f"{FEATURES_PREFIX}{name}.csv), got {value!r}")
+    if together:
+        check_dataset_fields_together(checked)
+    return checked
+
+
+def check_dataset_fields_together(config: Mapping[str, Any]) -> None:
+    """What one field asks of another (null fields count as unset)."""
+    if config.get("time_col") is None:
+        for name in ("half_life_days", "since"):
+            if config.get(name) is not None:
+                raise DatasetConfigError(name, "needs a time column (time_col)")
+    columns = {name: config.get(name) for name in ("user_col", "item_col", "rating_col", "time_col")}
+    named = [(name, value) for name, value in columns.items() if value is not None]
+    for position, (name, value) in enumerate(named):
+        for other, other_value in named[:position]:
+            if other_value == value:
+                raise DatasetConfigError(name, f"names column {value!r}, as {other} does")
+
+
+def merge_dataset_configs(*configs: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked configurations, later ones overriding earlier ones field by field (a null field unsets the
+    field); returns the fields set, checked together."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        merged.update(config)
+    merged = {name: value for name, value in merged.items() if value is not None}
+    check_dataset_fields_together(merged)
+    return merged
+
+
+def is_window(since: Any) -> bool:
+    """Whether ``since`` is a positive number of days (a number, or its text) or an ISO-8601 date."""
+    try:
+        days = float(since)
+    except (TypeError, ValueError):
+        days = None
+    if days is not None:
+        return days > 0 and math.isfinite(days) and not isinstance(since, bool)
+    if not isinstance(since, str):
+        return False
+    try:
+        datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def check_separator(sep: str) -> str:
+    """A field separator as given (one character other than a quote or newline; ``\\t`` is a tab) as
+    its character; ValueError otherwise."""
+    if sep == "\\t":
+        return "\t"
+    if not isinstance(sep, str) or len(sep) != 1 or sep in "\"\r\n":
+        raise ValueError("expected one character other than a quote or newline (\\t for a tab)")
+    return sep
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a path, a key or an s3:// URI")
+    return value
+
+
+def _column(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "" or (
+            isinstance(value, int) and value < 0):
+        raise ValueError("expected a column name, or a 0-based position")
+    return value
+
+
+def _objective(value: Any) -> str:
+    if value not in OBJECTIVES:
+        raise ValueError(f"expected one of {', '.join(OBJECTIVES)}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return float(value)
+
+
+def _days(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError("expected a positive number of days")
+    return float(value)
+
+
+def _window(value: Any) -> str:
+    if not is_window(value):
+        raise ValueError("expected an ISO-8601 date (e.g. 2024-05-01) or a positive number of days")
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a positive whole number of bytes")
+    return value
+
+
+_DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
+    "path": _path, "column": _column, "objective": _objective, "number": _number, "days": _days,
+    "window": _window, "flag": _flag, "separator": check_separator, "bytes": _bytes,
+})
+
 # --------------------------------------------------------------------------- S3 layout (one bucket)
 # incoming/...                             uploads: each object created here starts a run
-# features/users*, features/items*         optional side tables; the latest object of each is used
+# config/dataset.json, config/filters.json how a run reads the uploads, and which items it may recommend
+# features/users*, features/items*         optional side tables; the latest object of each is used, unless
+#                                          the dataset configuration names others under features/
 # runs/<run_id>/prepared/                  feature index + indexed interactions + hold-out mask
 # runs/<run_id>/run.json                   the run's source, shards, data report and upload overrides
 # runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); user and item vectors
@@ -122,8 +312,9 @@ INCOMING_PREFIX = "incoming/"  # uploads; the trigger's key prefix (statemachine
 FEATURES_PREFIX = "features/"  # side tables every run reads
 RUNS_PREFIX = "runs/"  # one prefix per run, expired by lifecycle after the retention days
 VERSIONS_PREFIX = "versions/"  # what live and not yet retired versions keep beyond runs/' lifecycle
-CONFIG_PREFIX = "config/"  # settings a run reads: FILTERS_KEY
+CONFIG_PREFIX = "config/"  # settings a run reads: FILTERS_KEY, DATASET_KEY
 FILTERS_KEY = f"{CONFIG_PREFIX}filters.json"  # the filter file (topx.filters) every run applies
+DATASET_KEY = f"{CONFIG_PREFIX}dataset.json"  # the dataset configuration, over the deployed one (ENV_DATASET)
 RESPONSES_PREFIX = "responses/"  # (user_id, item_id) pairs left out of the next lists (topx.filters)
 # The files of a version's shard manifest (version_shard_prefix): the recommendations and the search's counts.
 MANIFEST_RECOMMENDATIONS = "part-0.parquet"

@@ -6,10 +6,13 @@ Prepare stage read it; ``with_history`` adds the history features a model may as
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,13 @@ import scipy.sparse as sp
 
 from topx import evaluate as ev
 from topx.config import HyperParameters
+from topx.contract import (
+    DATASET_FIELDS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_OBJECTIVE,
+    DatasetConfigError,
+    check_dataset_config,
+)
 from topx.encode import encode_features
 from topx.errors import ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
@@ -55,6 +65,8 @@ class DataOptions:
     # (given recommendations) from their features alone. False leaves them out.
     cold_items: bool = True
     cold_users: bool = True
+    # The most bytes the interactions' parts may hold together, as stored; None: no limit.
+    max_bytes: int | None = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.time_col is None and (self.half_life_days is not None or self.since is not None):
@@ -126,6 +138,51 @@ class Dataset:
         return out
 
 
+def data_options(config: Mapping[str, Any]) -> DataOptions:
+    """DataOptions from a checked dataset configuration (``topx.contract.check_dataset_config``: fields named
+    as the CLI's options); a field absent or null takes the option's default. Without a header the id and
+    rating columns default to positions 0, 1 and 2."""
+    values = {name: value for name, value in config.items() if value is not None}
+    if values.get("interactions") is None:
+        raise ConfigError("no interactions: give --interactions, or interactions in the dataset configuration")
+    header = not values.get("no_header", False)
+    return DataOptions(
+        interactions=values["interactions"], users=values.get("users"), items=values.get("items"),
+        user_col=values.get("user_col", "user_id" if header else 0),
+        item_col=values.get("item_col", "item_id" if header else 1),
+        rating_col=values.get("rating_col", "rating" if header else 2),
+        user_key=values.get("user_key"), item_key=values.get("item_key"), header=header, sep=values.get("sep"),
+        implicit=values.get("objective", DEFAULT_OBJECTIVE) == "ranking", min_rating=values.get("min_rating"),
+        time_col=values.get("time_col"), half_life_days=values.get("half_life_days"), since=values.get("since"),
+        cold_items=not values.get("no_cold_items", False), cold_users=not values.get("no_cold_users", False),
+        max_bytes=values.get("max_bytes", DEFAULT_MAX_BYTES),
+    )
+
+
+def read_dataset_config(path: str) -> dict[str, Any]:
+    """A dataset configuration file (JSON; a local path or an ``s3://`` URI), checked: errors name the file
+    and the field. Relative ``interactions``, ``users`` and ``items`` paths of a local file are taken from
+    the file's folder, so that the file may sit beside its data."""
+    from topx.io import S3_SCHEME, read_bytes
+
+    raw = read_bytes(path)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: the dataset configuration is not valid JSON: {exc}") from exc
+    try:
+        config = check_dataset_config(doc)
+    except DatasetConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not path.startswith(S3_SCHEME):
+        folder = Path(path).parent
+        for name in (n for n, kind in DATASET_FIELDS.items() if kind == "path"):
+            value = config.get(name)
+            if value is not None and not value.startswith(S3_SCHEME) and not Path(value).is_absolute():
+                config[name] = str(folder / value)
+    return config
+
+
 def load_dataset(opts: DataOptions) -> Dataset:
     """Read, validate and index the interactions and the optional feature tables."""
     header = opts.header
@@ -139,6 +196,7 @@ def load_dataset(opts: DataOptions) -> Dataset:
         # With --min-rating the column holds ratings, negative ones too, until the threshold drops them.
         implicit=opts.implicit and opts.min_rating is None,
         time_col=opts.time_col,
+        max_bytes=opts.max_bytes,
     )
     report: dict[str, Any] = {"rows_read": int(len(frame))}
     if opts.since is not None:

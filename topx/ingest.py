@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from topx.contract import check_separator
 from topx.errors import ConfigError, InputDataError
 from topx.io import S3_SCHEME, Part, dataset_parts, default_s3_client, read_bytes
 
@@ -104,6 +105,7 @@ def read_interactions(
     sep: str | None = None,
     implicit: bool = False,
     time_col: str | int | None = None,
+    max_bytes: int | None = None,
     s3_client: Any = None,
 ) -> pd.DataFrame:
     """Read (user, item, rating) rows from ``source`` (a path or ``s3://`` URI; CSV/TSV/Parquet).
@@ -128,6 +130,10 @@ def read_interactions(
     ``time_col``: when given, the frame has a ``time`` column too, int64 seconds since the epoch (UTC),
     read from epoch seconds or milliseconds (numbers; milliseconds when they exceed ``MAX_EPOCH_SECONDS``),
     ISO-8601 text (a value without an offset is UTC) or a Parquet timestamp or date.
+
+    ``source`` may be a folder or an S3 prefix of part files (``topx.io.dataset_parts``): every part must
+    have the same columns, of the same kinds (``_schema_difference``). ``max_bytes``: the parts' sizes as
+    stored, summed from the listing, may not exceed it; a larger dataset is refused before any is read.
     """
     if rating_col is None and not implicit:
         raise ConfigError("explicit ratings need a rating column; pass rating_col or implicit=True")
@@ -139,6 +145,7 @@ def read_interactions(
     if s3_client is None and source.startswith(S3_SCHEME):
         s3_client = default_s3_client()  # one client for listing and reading every part
     parts = dataset_parts(source, s3_client=s3_client)
+    _check_size(parts, source, max_bytes)
     frames, first = [], None
     for part in parts:
         table = _with_partitions(_load_table(part.source, header=header, sep=sep, s3_client=s3_client), part)
@@ -148,6 +155,11 @@ def read_interactions(
             raise InputDataError(
                 f"its columns {table.columns} differ from those of {first.source} ({first.columns}); the parts "
                 "of one dataset must have the same columns", source=part.source)
+        else:
+            difference = _schema_difference(table, first)
+            if difference is not None:
+                raise InputDataError(f"{difference}; the parts of one dataset must have the same schema",
+                                     source=part.source)
         frames.append(_interactions_frame(table, user_col, item_col, rating_col, time_col, implicit=implicit,
                                           rating_optional=rating_optional))
     frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
@@ -155,6 +167,46 @@ def read_interactions(
     frame.attrs["row_offset"] = first.row_offset if len(frames) == 1 else 0
     frame.attrs["parts"] = [part.source for part in parts]
     return frame
+
+
+def _check_size(parts: list[Part], source: str, max_bytes: int | None) -> None:
+    """Refuse a dataset whose parts hold more than ``max_bytes`` together, before any is read."""
+    total = sum(part.size or 0 for part in parts)
+    if max_bytes is not None and total > max_bytes:
+        raise InputDataError(
+            f"the dataset holds {total:,} bytes in {len(parts):,} part(s), over max_bytes {max_bytes:,}; nothing "
+            "was read. Is it the export you meant? Raise max_bytes in the dataset configuration if it is",
+            source=source)
+
+
+def _type_kind(data_type: pa.DataType) -> str:
+    """What a column's type means to the readers: widths and encodings aside (int32 and int64 are both
+    integers, a dictionary of strings is text), a part whose column differs in kind is another schema."""
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    for kind, test in (("integer", pa.types.is_integer), ("floating point", pa.types.is_floating),
+                       ("decimal", pa.types.is_decimal), ("text", _is_text), ("timestamp", pa.types.is_timestamp),
+                       ("date", pa.types.is_date), ("boolean", pa.types.is_boolean), ("null", pa.types.is_null)):
+        if test(data_type):
+            return kind
+    return str(data_type)
+
+
+def _schema_difference(table: _Table, first: _Table) -> str | None:
+    """How ``table``'s schema differs from ``first``'s (same column names): one delimited and one Parquet,
+    or a column of another kind; None when they agree. A column that is null throughout one part (a Parquet
+    writer types it ``null``) agrees with any kind."""
+    if table.delimited != first.delimited:
+        formats = {True: "delimited text", False: "Parquet"}
+        return f"it is {formats[table.delimited]} but {first.source} is {formats[first.delimited]}"
+    if table.delimited:
+        return None  # every column of delimited text is read as text
+    for name in table.columns:
+        kind, first_kind = _type_kind(table.data.schema.field(name).type), _type_kind(first.data.schema.field(name).type)
+        if kind != first_kind and "null" not in (kind, first_kind):
+            return (f"its column {name!r} is {kind} ({table.data.schema.field(name).type}) but in {first.source} it "
+                    f"is {first_kind} ({first.data.schema.field(name).type})")
+    return None
 
 
 def _with_partitions(table: _Table, part: Part) -> _Table:
@@ -264,11 +316,10 @@ def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -
 def _check_separator(sep: str | None) -> str | None:
     if sep is None:
         return None
-    if sep == "\\t":
-        return "\t"
-    if len(sep) != 1 or sep in "\"\r\n":
-        raise ConfigError(f"sep must be one character other than a quote or newline, got {sep!r}")
-    return sep
+    try:
+        return check_separator(sep)
+    except ValueError as exc:
+        raise ConfigError(f"sep: {exc}, got {sep!r}") from None
 
 
 def _looks_like_parquet(raw: bytes) -> bool:

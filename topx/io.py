@@ -55,6 +55,8 @@ class Part:
 
     source: str
     partitions: dict[str, str]
+    # Bytes as stored (compressed), from the listing; None when it could not be known before reading.
+    size: int | None = None
 
 
 def dataset_parts(source: str, *, s3_client: Any = None) -> list[Part]:
@@ -67,12 +69,13 @@ def dataset_parts(source: str, *, s3_client: Any = None) -> list[Part]:
         return _s3_parts(source, s3_client)
     root = Path(source)
     if not root.is_dir():
-        return [Part(source, {})]
+        return [Part(source, {}, root.stat().st_size if root.is_file() else None)]
     parts = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
-        if _is_data(relative.parts, path.stat().st_size):
-            parts.append(Part(str(path), _partitions(relative.parts[:-1])))
+        size = path.stat().st_size
+        if _is_data(relative.parts, size):
+            parts.append(Part(str(path), _partitions(relative.parts[:-1]), size))
     if not parts:
         raise InputDataError("the folder holds no data file (only markers or empty files)", source=source)
     return parts
@@ -97,8 +100,10 @@ def _s3_parts(uri: str, s3_client: Any) -> list[Part]:
         raise InputDataError("not an S3 URI; expected s3://bucket/key or s3://bucket/prefix/", source=uri)
     client = s3_client if s3_client is not None else default_s3_client()
     prefix = key if key.endswith("/") or not key else key + "/"
-    if key and not key.endswith("/") and _s3_object_exists(client, bucket, key, uri):
-        return [Part(uri, {})]
+    if key and not key.endswith("/"):
+        size = _s3_object_size(client, bucket, key, uri)
+        if size is not None:
+            return [Part(uri, {}, size)]
     from botocore.exceptions import ClientError
 
     parts = []
@@ -108,7 +113,7 @@ def _s3_parts(uri: str, s3_client: Any) -> list[Part]:
                 segments = obj["Key"][len(prefix):].split("/")
                 if obj["Key"].endswith("/") or not _is_data(segments, int(obj.get("Size", 0))):
                     continue
-                parts.append(Part(f"{S3_SCHEME}{bucket}/{obj['Key']}", _partitions(segments[:-1])))
+                parts.append(Part(f"{S3_SCHEME}{bucket}/{obj['Key']}", _partitions(segments[:-1]), int(obj["Size"])))
     except ClientError as exc:
         _raise_if_not_readable(exc, uri)
         raise
@@ -119,15 +124,15 @@ def _s3_parts(uri: str, s3_client: Any) -> list[Part]:
     return sorted(parts, key=lambda part: part.source)
 
 
-def _s3_object_exists(client: Any, bucket: str, key: str, uri: str) -> bool:
+def _s3_object_size(client: Any, bucket: str, key: str, uri: str) -> int | None:
+    """The object's size in bytes; None when there is no object of that key."""
     from botocore.exceptions import ClientError
 
     try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
+        return int(client.head_object(Bucket=bucket, Key=key).get("ContentLength", 0))
     except ClientError as exc:
         if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
-            return False
+            return None
         _raise_if_not_readable(exc, uri)
         raise
 

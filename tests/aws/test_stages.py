@@ -4,6 +4,7 @@ from DynamoDB through the pointer, equal to what `topx run` computes locally fro
 from __future__ import annotations
 
 import json
+import re
 
 import boto3
 import numpy as np
@@ -300,8 +301,7 @@ def test_a_time_column_set_at_deploy_makes_the_deployed_hold_out_temporal(aws, t
     data["ts"] = 1_700_000_000 + np.random.default_rng(3).permutation(len(data)) * 3600
     data.to_csv(tmp_path / "ratings.csv", index=False)
     s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
-    monkeypatch.setenv(contract.ENV_TIME_COL, "ts")
-    monkeypatch.setenv(contract.ENV_SINCE, "2023-11-15")
+    monkeypatch.setenv(contract.ENV_DATASET, json.dumps({"time_col": "ts", "since": "2023-11-15"}))
 
     run_id = run_pipeline("incoming/ratings.csv")
     metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
@@ -388,3 +388,135 @@ def test_the_deployed_pipeline_applies_the_filter_file_and_the_responses(aws, tm
                   Body=json.dumps({"items": {"include": [{"column": "colour", "in": ["red"]}]}}).encode())
     with pytest.raises(ConfigError, match=r"items.include\[0\]: the items table has no column 'colour'"):
         stages.prepare_run(BUCKET, "incoming/ratings.csv")
+
+
+def _run_prefixes(s3) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=contract.RUNS_PREFIX).get("Contents", [])]
+
+
+def test_the_bucket_dataset_configuration_overrides_the_deployed_one_field_by_field(aws, tmp_path, monkeypatch):
+    s3, _ = aws
+    data = base_ratings(80, 40, seed=5)
+    data["ts"] = 1_700_000_000 + np.arange(len(data)) * 600
+    data.rename(columns={"user_id": "customer", "item_id": "sku", "rating": "stars"}).to_csv(
+        tmp_path / "orders.csv", index=False)
+    s3.upload_file(str(tmp_path / "orders.csv"), BUCKET, "incoming/orders.csv")
+    items = pd.DataFrame({"product": sorted(data["item_id"].unique()), "shelf": "a"})
+    s3.put_object(Bucket=BUCKET, Key="features/catalogue/items.csv", Body=items.to_csv(index=False).encode())
+    monkeypatch.setenv(contract.ENV_DATASET, json.dumps({"user_col": "customer", "item_col": "sku",
+                                                         "rating_col": "stars", "time_col": "ts", "since": "1"}))
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=json.dumps(
+        {"since": None, "objective": "rating", "min_rating": 2, "items": "features/catalogue/items.csv",
+         "item_key": "product"}).encode())
+
+    prepared = stages.prepare_run(BUCKET, "incoming/orders.csv")
+    record = stages._get_json(BUCKET, contract.run_record_key(prepared["run_id"]))
+    assert record["dataset"] == {"user_col": "customer", "item_col": "sku", "rating_col": "stars", "time_col": "ts",
+                                 "objective": "rating", "min_rating": 2.0, "items": "features/catalogue/items.csv",
+                                 "item_key": "product"}
+    assert record["objective"] == "rating" and record["implicit"] is False
+    report = record["report"]
+    assert report["rows_below_min_rating_dropped"] == int((data["rating"] < 2).sum()) > 0
+    assert "rows_before_window_dropped" not in report  # the bucket's null unset the deployed window
+    assert report["items_features"]["source"] == f"s3://{BUCKET}/features/catalogue/items.csv"
+    assert report["time_first"] == "2023-11-14T22:13:20Z"
+
+
+@pytest.mark.parametrize(("in_bucket", "in_env", "message"), [
+    ({"user_col": 3.5}, None, "config/dataset.json: user_col: expected a column name, or a 0-based position, got 3.5"),
+    ({"interactions": "incoming/x.csv"}, None, "config/dataset.json: interactions: the deployment trains on what "
+                                               "arrives under incoming/"),
+    ({"max_bytes": "1GB"}, None, "config/dataset.json: max_bytes: expected a positive whole number of bytes"),
+    ({"half_life_days": 30}, None, "config/dataset.json: half_life_days: needs a time column (time_col)"),
+    ({"time_col": None}, {"time_col": "ts", "since": "30"},
+     "config/dataset.json over TOPX_DATASET: since: needs a time column (time_col)"),
+    (None, {"objective": "clicks"}, "TOPX_DATASET: objective: expected one of ranking, rating, got 'clicks'"),
+    (b"{not json", None, "config/dataset.json: the dataset configuration is not valid JSON"),
+])
+def test_a_bad_dataset_configuration_fails_prepare_naming_the_field_before_anything_is_written(
+        aws, tmp_path, monkeypatch, in_bucket, in_env, message):
+    s3, _ = aws
+    base_ratings(40, 20, seed=6).to_csv(tmp_path / "r.csv", index=False)
+    s3.upload_file(str(tmp_path / "r.csv"), BUCKET, "incoming/r.csv")
+    if in_env is not None:
+        monkeypatch.setenv(contract.ENV_DATASET, json.dumps(in_env))
+    if in_bucket is not None:
+        body = in_bucket if isinstance(in_bucket, bytes) else json.dumps(in_bucket).encode()
+        s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=body)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        stages.prepare_run(BUCKET, "incoming/r.csv")
+    assert _run_prefixes(s3) == []
+
+
+def test_an_uploads_mode_metadata_holds_where_the_configuration_names_no_objective(aws, tmp_path):
+    s3, _ = aws
+    base_ratings(40, 20, seed=7).to_csv(tmp_path / "r.csv", index=False)
+    s3.upload_file(str(tmp_path / "r.csv"), BUCKET, "incoming/r.csv", ExtraArgs={"Metadata": {"topx-mode": "rating"}})
+    run_id = stages.prepare_run(BUCKET, "incoming/r.csv")["run_id"]
+    assert stages._get_json(BUCKET, contract.run_record_key(run_id))["objective"] == "rating"
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=b'{"objective": "rating"}')
+    run_id = stages.prepare_run(BUCKET, "incoming/r.csv")["run_id"]
+    assert stages._get_json(BUCKET, contract.run_record_key(run_id))["objective"] == "rating"
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=b'{"objective": "ranking"}')
+    with pytest.raises(ConfigError, match="metadata topx-mode: 'rating' trains for rating, but the dataset "
+                                          "configuration's objective is 'ranking'; drop the metadata"):
+        stages.prepare_run(BUCKET, "incoming/r.csv")
+
+
+def _export(s3, prefix: str, parts: dict[str, bytes]) -> None:
+    for name, body in parts.items():
+        s3.put_object(Bucket=BUCKET, Key=prefix + name, Body=body)
+    s3.put_object(Bucket=BUCKET, Key=prefix + "_SUCCESS", Body=b"")
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    return frame.to_parquet(index=False)
+
+
+def test_prepare_reads_an_export_prefix_and_names_the_bad_part_of_one(aws):
+    s3, _ = aws
+    data = base_ratings(60, 30, seed=8)
+    thirds = np.array_split(np.arange(len(data)), 3)
+    prefix = "incoming/export/"
+    _export(s3, prefix, {f"part-{n:05d}.csv": data.iloc[rows].to_csv(index=False).encode()
+                         for n, rows in enumerate(thirds)})
+    prepared = stages.prepare_run(BUCKET, prefix)
+    assert prepared["n_interactions"] == len(data)
+
+    runs_before = _run_prefixes(s3)
+    bad = data.iloc[thirds[1]].astype(str)
+    bad.iloc[4, bad.columns.get_loc("rating")] = "high"
+    s3.put_object(Bucket=BUCKET, Key=prefix + "part-00001.csv", Body=bad.to_csv(index=False).encode())
+    with pytest.raises(InputDataError, match=re.escape(f"s3://{BUCKET}/{prefix}part-00001.csv, row 6, column "
+                                                       "'rating': rating 'high' is not a number")):
+        stages.prepare_run(BUCKET, prefix)
+
+    s3.put_object(Bucket=BUCKET, Key=prefix + "part-00001.csv", Body=_parquet(data.iloc[thirds[1]]))
+    with pytest.raises(InputDataError, match=re.escape(f"s3://{BUCKET}/{prefix}part-00001.csv: it is Parquet but "
+                                                       f"s3://{BUCKET}/{prefix}part-00000.csv is delimited text")):
+        stages.prepare_run(BUCKET, prefix)
+    assert _run_prefixes(s3) == runs_before
+
+
+def test_prepare_refuses_parts_of_other_schemas_and_a_dataset_over_max_bytes(aws):
+    s3, _ = aws
+    data = base_ratings(60, 30, seed=9)
+    halves = np.array_split(np.arange(len(data)), 2)
+    prefix = "incoming/glue/"
+    first = data.iloc[halves[0]]
+    second = data.iloc[halves[1]].assign(item_id=lambda f: f["item_id"].str[1:].astype(int))
+    _export(s3, prefix, {"dt=1/part-0.parquet": _parquet(first), "dt=2/part-0.parquet": _parquet(second)})
+    with pytest.raises(InputDataError, match=re.escape(
+            f"s3://{BUCKET}/{prefix}dt=2/part-0.parquet: its column 'item_id' is integer (int64) but in "
+            f"s3://{BUCKET}/{prefix}dt=1/part-0.parquet it is text")):
+        stages.prepare_run(BUCKET, prefix)
+
+    s3.put_object(Bucket=BUCKET, Key=prefix + "dt=2/part-0.parquet", Body=_parquet(data.iloc[halves[1]]))
+    size = sum(o["Size"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"])
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=json.dumps({"max_bytes": size - 1}).encode())
+    with pytest.raises(InputDataError, match=re.escape(f"s3://{BUCKET}/{prefix}: the dataset holds {size:,} bytes in "
+                                                       f"2 part(s), over max_bytes {size - 1:,}; nothing was read")):
+        stages.prepare_run(BUCKET, prefix)
+    assert _run_prefixes(s3) == []
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=json.dumps({"max_bytes": size}).encode())
+    assert stages.prepare_run(BUCKET, prefix)["n_interactions"] == len(data)

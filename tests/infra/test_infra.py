@@ -345,22 +345,51 @@ def test_an_unknown_search_method_is_refused_naming_the_key_and_the_choices() ->
         DeploySettings.from_context({"search_method": "annoy"}.get)
 
 
-def test_the_time_column_and_its_window_reach_every_function_and_job_only_when_set() -> None:
-    env = DeploySettings.from_context({"time_col": "event_time", "half_life_days": "45", "since": "90"}.get
-                                      ).job_environment(bucket="b", table="t", topic_arn="a")
-    assert (env["TOPX_TIME_COL"], env["TOPX_HALF_LIFE_DAYS"], env["TOPX_SINCE"]) == ("event_time", "45.0", "90")
+def test_the_dataset_configuration_reaches_every_function_and_job_only_when_set(tmp_path: Path) -> None:
+    doc = {"user_col": "customer_id", "item_col": "product_id", "rating_col": "quantity", "objective": "ranking",
+           "items": "features/catalogue.parquet", "item_key": "sku", "max_bytes": 5_000_000_000}
+    (tmp_path / "dataset.json").write_text(json.dumps(doc))
+    for raw in (doc, json.dumps(doc), str(tmp_path / "dataset.json")):  # cdk.json, -c dataset='{...}', a file
+        env = DeploySettings.from_context({"dataset": raw}.get).job_environment(bucket="b", table="t", topic_arn="a")
+        assert json.loads(env[contract.ENV_DATASET]) == doc
+    # The shorthands from before the dataset configuration fold into it.
+    env = DeploySettings.from_context({"time_col": "event_time", "half_life_days": "45", "since": "90",
+                                       "dataset": {"user_col": "u"}}.get).job_environment(bucket="b", table="t",
+                                                                                          topic_arn="a")
+    assert json.loads(env[contract.ENV_DATASET]) == {"time_col": "event_time", "half_life_days": 45.0, "since": "90",
+                                                     "user_col": "u"}
+    env = DeploySettings.from_context({"since": "30", "dataset": {"time_col": "ts"}}.get).job_environment(
+        bucket="b", table="t", topic_arn="a")
+    assert json.loads(env[contract.ENV_DATASET]) == {"time_col": "ts", "since": "30"}
     plain = DeploySettings().job_environment(bucket="b", table="t", topic_arn="a")
-    assert not {"TOPX_TIME_COL", "TOPX_HALF_LIFE_DAYS", "TOPX_SINCE"} & set(plain)
+    assert contract.ENV_DATASET not in plain and not any(name.startswith("TOPX_TIME") for name in plain)
 
 
 @pytest.mark.parametrize(("context", "message"), [
-    ({"half_life_days": "30"}, "context half_life_days and since need context time_col"),
-    ({"time_col": "t", "half_life_days": "-3"}, "context half_life_days must be a positive number of days"),
-    ({"time_col": "t", "since": "last week"}, "context since must be an ISO-8601 date"),
+    ({"half_life_days": "30"}, "context half_life_days: needs a time column (time_col)"),
+    ({"time_col": "t", "half_life_days": "-3"}, "context half_life_days: expected a positive number of days"),
+    ({"time_col": "t", "since": "last week"}, "context since: expected an ISO-8601 date"),
+    ({"dataset": {"user_col": ["a"]}}, "context dataset: user_col: expected a column name, or a 0-based position"),
+    ({"dataset": '{"objective": "clicks"}'}, "context dataset: objective: expected one of ranking, rating"),
+    ({"dataset": {"interactions": "x.csv"}}, "context dataset: interactions: the deployment trains on what arrives"),
+    ({"dataset": {"users": "s3://elsewhere/u.csv"}}, "context dataset: users: expected a key under features/ in the data bucket"),
+    ({"dataset": "{oops"}, "context dataset: not valid JSON"),
+    ({"dataset": "no/such/dataset.json"}, "context dataset (no/such/dataset.json): cannot read the file"),
+    ({"time_col": "t", "dataset": {"time_col": "ts"}}, "context time_col is 't' but context dataset sets time_col 'ts'"),
+    ({"since": "30", "dataset": {"user_col": "u"}},
+     "context dataset with context since: since: needs a time column (time_col)"),
 ])
-def test_a_bad_time_setting_is_refused_at_synth_naming_the_key(context: dict[str, str], message: str) -> None:
-    with pytest.raises(SettingsError, match=message):
+def test_a_bad_dataset_setting_is_refused_at_synth_naming_the_key_and_the_field(context: dict[str, Any],
+                                                                                message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
         DeploySettings.from_context(context.get)
+
+
+def test_a_dataset_file_is_named_in_its_error(tmp_path: Path) -> None:
+    (tmp_path / "dataset.json").write_text('{"time_col": "ts", "since": "yesterday"}')
+    with pytest.raises(SettingsError, match=re.escape(f"context dataset ({tmp_path / 'dataset.json'}): since: expected "
+                                                      "an ISO-8601 date")):
+        DeploySettings.from_context({"dataset": str(tmp_path / "dataset.json")}.get)
 
 
 def test_infra_imports_nothing_of_topx_but_the_contract() -> None:

@@ -72,6 +72,7 @@ class Case:
     expect: tuple[str, ...] = ()
     error: str = "InputDataError"
     metadata: dict[str, str] | None = None
+    # Objects put before the upload: side tables under features/, or config/dataset.json.
     features: dict[str, bytes] = field(default_factory=dict)
     check: Callable[[Stack, Run], None] | None = None
 
@@ -240,7 +241,25 @@ CASES = [
     Case("unknown_hyperparameter", X + "r.csv", lambda: BASE_CSV,
          ("incoming/r.csv metadata topx-hyperparameters: unknown hyperparameter(s): factor_lr",), error="ConfigError",
          metadata={"topx-hyperparameters": '{"factor_lr": 0.1}'}),
+    # -- the dataset configuration (config/dataset.json, put beside the upload)
+    Case("dataset_configuration_with_a_bad_field", X + "r.csv", lambda: BASE_CSV,
+         ("config/dataset.json: user_col: expected a column name, or a 0-based position, got True",),
+         error="ConfigError", features={"config/dataset.json": b'{"user_col": true}'}),
+    Case("dataset_configuration_with_an_unknown_field", X + "r.csv", lambda: BASE_CSV,
+         ("config/dataset.json: usercol: unknown field",), error="ConfigError",
+         features={"config/dataset.json": b'{"usercol": "customer"}'}),
+    Case("dataset_over_max_bytes", X + "r.csv", lambda: BASE_CSV,
+         (f"incoming/r.csv: the dataset holds {len(BASE_CSV):,} bytes in 1 part(s), over max_bytes 1,000",),
+         features={"config/dataset.json": b'{"max_bytes": 1000}'}),
+    Case("mode_metadata_against_the_configured_objective", X + "r.csv", lambda: BASE_CSV,
+         ("metadata topx-mode: 'rating' trains for rating, but the dataset configuration's objective is 'ranking'",),
+         error="ConfigError", metadata={"topx-mode": "rating"},
+         features={"config/dataset.json": b'{"objective": "ranking"}'}),
     # -- valid, however unusual
+    Case("other_column_names_by_the_dataset_configuration", X + "orders.csv",
+         lambda: csv_bytes(BASE.rename(columns={"user_id": "Customer", "item_id": "SKU", "rating": "Qty"})),
+         features={"config/dataset.json": b'{"user_col": "Customer", "item_col": "SKU", "rating_col": "Qty"}'},
+         check=every_user_served),
     Case("semicolon_separated", X + "semi.csv", lambda: BASE_CSV.replace(b",", b";"), check=every_user_served),
     Case("crlf_and_bom", X + "windows.csv", lambda: b"\xef\xbb\xbf" + BASE_CSV.replace(b"\n", b"\r\n"),
          check=every_user_served),

@@ -23,7 +23,7 @@ from moto import mock_aws
 
 from infra.lambdas import SPECS
 from infra.pipeline import placeholders
-from infra.settings import ASL_PATH, DeploySettings
+from infra.settings import ASL_PATH, DATASET_SHORTHANDS, DeploySettings
 from topx import offline
 from topx.contract import HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
 from topx.errors import ConfigError
@@ -108,12 +108,15 @@ def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: d
 SETTINGS_ENV = (
     "TOPX_TOP_X", "TOPX_NUM_FACTORS", "TOPX_EPOCHS", "TOPX_SHARDS", "TOPX_RETENTION_DAYS",
     "TOPX_MAX_RMSE", "TOPX_MIN_AUC", "TOPX_MIN_RECALL", "TOPX_HYPERPARAMETERS", "TOPX_SEARCH_METHOD",
+    "TOPX_DATASET",
 )  # fmt: skip
 
 
 def test_local_settings_have_every_deploy_setting_that_reaches_the_environment() -> None:
     not_environment = {"gpu_instance_types", "spot", "max_vcpus", "schedule", "notification_email"}
-    assert set(offline.LocalSettings.__dataclass_fields__) == set(DeploySettings.__dataclass_fields__) - not_environment
+    # The dataset shorthands are context parameters folded into DeploySettings.dataset; LocalSettings takes them too.
+    assert set(offline.LocalSettings.__dataclass_fields__) == (
+        set(DeploySettings.__dataclass_fields__) - not_environment | set(DATASET_SHORTHANDS))
 
 
 @pytest.mark.parametrize(
@@ -123,6 +126,7 @@ def test_local_settings_have_every_deploy_setting_that_reaches_the_environment()
         {"max_rmse": 0.95, "min_auc": 1, "min_recall": 0.1, "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}'},
         {"search_method": "faiss"},
         {"search_method": "exact"},
+        {"dataset": '{"user_col": "customer", "time_col": "ts", "since": 30, "max_bytes": 5000000000}'},
     ],
 )
 def test_environment_is_what_infra_gives_every_function_and_job(monkeypatch, values: dict[str, Any]) -> None:

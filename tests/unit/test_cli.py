@@ -445,10 +445,11 @@ def test_since_drops_older_rows_and_half_life_weighs_recent_ones(timed_csv, tmp_
 
 def test_recency_and_window_without_a_time_column_are_refused_by_name(timed_csv, capsys):
     assert main(["run", "--interactions", str(timed_csv), "--half-life-days", "30", "--out", "x", *FAST]) == 2
-    assert "need a time column (--time-col)" in capsys.readouterr().err
+    assert "topx: error: --half-life-days: needs a time column (time_col)" in capsys.readouterr().err
     assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--since", "last week",
                  "--out", "x", *FAST]) == 2
-    assert "--since must be an ISO-8601 date" in capsys.readouterr().err
+    assert "topx: error: --since: expected an ISO-8601 date (e.g. 2024-05-01) or a positive number of days, got " \
+           "'last week'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

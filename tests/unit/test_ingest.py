@@ -731,3 +731,78 @@ def test_parts_that_disagree_or_cannot_be_read_are_named(tmp_path):
     (root / "_SUCCESS").write_bytes(b"")
     with pytest.raises(InputDataError, match="holds no data file"):
         read_interactions(str(root))
+
+
+def parquet_part(path: Path, frame: pd.DataFrame) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+    return path
+
+
+def test_parts_whose_column_types_disagree_are_refused_naming_both(tmp_path):
+    root = tmp_path / "glue"
+    frame = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["a", "b"], "qty": [1, 2], "note": ["x", None]})
+    first = parquet_part(root / "part-00000.parquet", frame)
+    # A later job wrote the ids as integers: the same names, another schema.
+    second = parquet_part(root / "part-00001.parquet", frame.assign(user_id=[3, 4]))
+    with pytest.raises(InputDataError) as caught:
+        read_interactions(str(root), rating_col="qty", implicit=True)
+    message = str(caught.value)
+    assert message.startswith(f"{second}: its column 'user_id' is integer (int64) but in {first} it is text")
+    assert message.endswith("the parts of one dataset must have the same schema")
+    # Widths may differ (int32 beside int64), and a column null throughout one part agrees with any kind.
+    narrow = pa.table({"user_id": ["u3", "u4"], "item_id": ["c", "d"], "qty": pa.array([3, 4], pa.int32()),
+                       "note": pa.array([None, None], pa.null())})
+    pq.write_table(narrow, second)
+    assert read_interactions(str(root), rating_col="qty", implicit=True)["rating"].tolist() == [1, 2, 3, 4]
+    # Text beside Parquet is another export altogether.
+    (root / "part-00003.csv").write_text("user_id,item_id,qty,note\nu9,z,1,\n")
+    with pytest.raises(InputDataError, match=r"part-00003\.csv: it is delimited text but .*part-00000\.parquet is "
+                                             r"Parquet"):
+        read_interactions(str(root), rating_col="qty", implicit=True)
+
+
+def test_an_unreadable_part_among_many_is_named(tmp_path):
+    root = tmp_path / "spark"
+    for n in range(4):
+        parquet_part(root / f"dt=2024-05-0{n + 1}" / "part-0.parquet",
+                     pd.DataFrame({"user_id": [f"u{n}", f"v{n}"], "item_id": ["a", "b"], "rating": [1.0, 2.0]}))
+    damaged = root / "dt=2024-05-03" / "part-0.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-20])
+    with pytest.raises(InputDataError, match=rf"^{damaged}: is named \.parquet but is not a Parquet file"):
+        read_interactions(str(root))
+    parquet_part(damaged, pd.DataFrame({"user_id": ["u2", "v2"], "item_id": ["a", "b"], "rating": [1.0, float("nan")]}))
+    with pytest.raises(InputDataError, match=rf"^{damaged}, row 2, column 'rating': rating is empty"):
+        read_interactions(str(root))
+
+
+def test_a_dataset_over_max_bytes_is_refused_before_any_part_is_read(tmp_path, monkeypatch):
+    root = tmp_path / "athena"
+    root.mkdir()
+    sizes = []
+    for n in range(3):
+        path = root / f"2024_{n}.csv"
+        path.write_text("user_id,item_id,rating\n" + "".join(f"u{n}{i},i{i},4\n" for i in range(20)))
+        sizes.append(path.stat().st_size)
+    (root / "_SUCCESS").write_bytes(b"x" * 10_000)  # markers are not data and do not count
+    read = []
+    monkeypatch.setattr("topx.ingest.read_bytes", lambda source, **_: read.append(source))
+    with pytest.raises(InputDataError, match=rf"^{root}: the dataset holds {sum(sizes):,} bytes in 3 part\(s\), over "
+                                             rf"max_bytes {sum(sizes) - 1:,}; nothing was read"):
+        read_interactions(str(root), max_bytes=sum(sizes) - 1)
+    assert read == []
+    monkeypatch.undo()
+    assert len(read_interactions(str(root), max_bytes=sum(sizes))) == 60
+    single = root / "2024_0.csv"
+    with pytest.raises(InputDataError, match="over max_bytes 10"):
+        read_interactions(str(single), max_bytes=10)
+
+
+def test_an_s3_prefix_over_max_bytes_is_refused_from_its_listing(s3, tmp_path):
+    body = b"user_id,item_id,rating\n" + b"".join(f"u{i},i{i % 7},4\n".encode() for i in range(50))
+    for n in range(3):
+        s3.put_object(Bucket="bkt", Key=f"incoming/export/part-{n}.csv", Body=body)
+    with pytest.raises(InputDataError, match=rf"s3://bkt/incoming/export/: the dataset holds {3 * len(body):,} bytes"):
+        read_interactions("s3://bkt/incoming/export/", max_bytes=2 * len(body), s3_client=s3)
+    with pytest.raises(InputDataError, match=rf"s3://bkt/incoming/export/part-0.csv: the dataset holds {len(body):,} "):
+        read_interactions("s3://bkt/incoming/export/part-0.csv", max_bytes=len(body) - 1, s3_client=s3)

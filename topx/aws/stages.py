@@ -36,12 +36,14 @@ from botocore.exceptions import ClientError
 from topx.aws import store
 from topx.config import HyperParameters, env_or, search_method
 from topx.contract import (
+    DATASET_KEY,
+    DEFAULT_OBJECTIVE,
     DEFAULT_RETENTION_DAYS,
     DEFAULT_SHARDS,
     DEFAULT_TOP_X,
+    ENV_DATASET,
     ENV_ENDPOINT_URL,
     ENV_EPOCHS,
-    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -49,8 +51,6 @@ from topx.contract import (
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SHARDS,
-    ENV_SINCE,
-    ENV_TIME_COL,
     ENV_TOP_X,
     FILTERS_KEY,
     FIXED_HYPERPARAMETERS,
@@ -63,6 +63,8 @@ from topx.contract import (
     RESPONSES_PREFIX,
     VERSION_OBJECT_RE,
     VERSIONS_PREFIX,
+    DatasetConfigError,
+    check_dataset_config,
     fallback_key,
     feature_table_prefix,
     loaded_key,
@@ -192,28 +194,24 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
-    from topx.dataset import DataOptions, load_dataset
+    from topx.dataset import data_options, load_dataset
     from topx.rundir import save_interactions
     from topx.steps import RunOptions
 
+    # The dataset configuration first: a bad one fails the run before any data is read.
+    dataset = dataset_config(bucket)
     if key is None:
         key = _latest_key(bucket, INCOMING_PREFIX)
         if key is None:
             raise InputDataError(f"s3://{bucket}/{INCOMING_PREFIX} holds no data to train on")
-    head = s3_client().head_object(Bucket=bucket, Key=key)
-    objective = _objective(head, f"s3://{bucket}/{key}")
+    # A key ending in "/" names a prefix of part files (topx.io.dataset_parts): it has no metadata of its own.
+    head = {} if key.endswith("/") else s3_client().head_object(Bucket=bucket, Key=key)
+    objective = _objective(head, f"s3://{bucket}/{key}", dataset.get("objective"))
     implicit = objective == "ranking"
     overrides = _metadata_hyperparameters(head, f"s3://{bucket}/{key}")
-    options = DataOptions(
-        interactions=f"s3://{bucket}/{key}",
-        users=_optional_table(bucket, "users"),
-        items=_optional_table(bucket, "items"),
-        rating_col="rating",
-        implicit=implicit,
-        time_col=env_or(ENV_TIME_COL, None, None),
-        half_life_days=env_or(ENV_HALF_LIFE_DAYS, None, None, float),
-        since=env_or(ENV_SINCE, None, None),
-    )
+    options = data_options({**dataset, "objective": objective, "interactions": f"s3://{bucket}/{key}",
+                            "users": _feature_table(bucket, "users", dataset.get("users")),
+                            "items": _feature_table(bucket, "items", dataset.get("items"))})
     ds = load_dataset(options)
     # The filter file and the responses, checked and resolved now: a bad rule fails the run here, before
     # anything trains, and every shard applies what this run saw.
@@ -232,7 +230,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
             np.savez_compressed(work / "filters.npz", **filters)
             s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
     _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "implicit": implicit,
-                                               "objective": objective,
+                                               "objective": objective, "dataset": dataset,
                                                "shards": shards, "report": ds.report,
                                                "hyperparameters": overrides,
                                                "filters": None if filters is None else {
@@ -283,13 +281,56 @@ def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarra
     return out
 
 
-def _objective(head: dict[str, Any], source: str) -> str:
-    """Uploads train for ranking unless the object's metadata says ``topx-mode: rating`` (or ``explicit``)."""
-    mode = head.get("Metadata", {}).get(MODE_METADATA, "ranking").lower()
-    if mode not in MODES:
+def dataset_config(bucket: str) -> dict[str, Any]:
+    """The run's dataset configuration: the deployed one (``TOPX_DATASET``, from CDK context ``dataset``),
+    overridden field by field by ``config/dataset.json`` when the bucket holds one. Each is checked by the
+    contract's one rule, and the error names the field and where it came from."""
+    from topx.contract import merge_dataset_configs
+
+    deployed: dict[str, Any] = {}
+    text = env_or(ENV_DATASET, None, None)
+    if text:
+        deployed = _checked_dataset_config(text, ENV_DATASET)
+    uri = f"s3://{bucket}/{DATASET_KEY}"
+    try:
+        raw = s3_client().get_object(Bucket=bucket, Key=DATASET_KEY)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        return merge_dataset_configs(deployed)
+    from_bucket = _checked_dataset_config(raw, uri)
+    try:
+        return merge_dataset_configs(deployed, from_bucket)
+    except DatasetConfigError as exc:
+        raise ConfigError(f"{uri} over {ENV_DATASET}: {exc}") from exc
+
+
+def _checked_dataset_config(raw: str | bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: the dataset configuration is not valid JSON: {exc}") from exc
+    try:
+        return check_dataset_config(doc, deployed=True)
+    except DatasetConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _objective(head: dict[str, Any], source: str, configured: str | None = None) -> str:
+    """The dataset configuration's objective (ranking when it names none). An upload's ``topx-mode``
+    metadata (``ranking``/``implicit``, ``rating``/``explicit``), the older way to say it, still holds
+    where the configuration names none, and must agree with it where it does."""
+    mode = head.get("Metadata", {}).get(MODE_METADATA)
+    if mode is None:
+        return configured or DEFAULT_OBJECTIVE
+    if mode.lower() not in MODES:
         raise ConfigError(f"{source} metadata {MODE_METADATA}: unknown mode {mode!r}; expected one of "
-                          f"{', '.join(MODES)}")
-    return MODES[mode]
+                          f"{', '.join(MODES)} (or leave it out and set objective in the dataset configuration)")
+    if configured is not None and MODES[mode.lower()] != configured:
+        raise ConfigError(f"{source} metadata {MODE_METADATA}: {mode!r} trains for {MODES[mode.lower()]}, but the "
+                          f"dataset configuration's objective is {configured!r}; drop the metadata (objective "
+                          f"replaces it) or make them agree")
+    return MODES[mode.lower()]
 
 
 def _metadata_hyperparameters(head: dict[str, Any], source: str) -> dict[str, Any]:
@@ -332,9 +373,19 @@ def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -
         raise ConfigError(f"hyperparameters {chosen}: {exc}") from exc
 
 
-def _optional_table(bucket: str, name: str) -> str | None:
-    key = _latest_key(bucket, feature_table_prefix(name))
-    return None if key is None else f"s3://{bucket}/{key}"
+def _feature_table(bucket: str, name: str, configured: str | None) -> str | None:
+    """The ``users`` or ``items`` table: the dataset configuration's key in the bucket (the latest object
+    under it when it ends in "/"), else the latest object under ``features/<name>``; None without one."""
+    if configured is None:
+        key = _latest_key(bucket, feature_table_prefix(name))
+        return None if key is None else f"s3://{bucket}/{key}"
+    if configured.endswith("/"):
+        key = _latest_key(bucket, configured)
+        if key is None:
+            raise InputDataError(f"no object under the prefix the dataset configuration's {name} names",
+                                 source=f"s3://{bucket}/{configured}", column=None)
+        return f"s3://{bucket}/{key}"
+    return f"s3://{bucket}/{configured}"
 
 
 def _load_prepared(bucket: str, run_id: str, work: Path):

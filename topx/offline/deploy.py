@@ -22,8 +22,8 @@ from topx.contract import (
     DEFAULT_SHARDS,
     DEFAULT_TOP_X,
     ENV_BUCKET,
+    ENV_DATASET,
     ENV_EPOCHS,
-    ENV_HALF_LIFE_DAYS,
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_MIN_AUC,
@@ -32,9 +32,7 @@ from topx.contract import (
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
     ENV_SHARDS,
-    ENV_SINCE,
     ENV_TABLE,
-    ENV_TIME_COL,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
     HANDLER_MODULE,
@@ -77,6 +75,9 @@ class LocalSettings:
     min_recall: float | None = None
     hyperparameters: str | None = None
     search_method: str | None = None
+    # The dataset configuration (JSON object text, as context ``dataset``), and the shorthands for three of
+    # its fields that infra/ folds into it too.
+    dataset: str | None = None
     time_col: str | None = None
     half_life_days: float | None = None
     since: str | None = None
@@ -105,11 +106,25 @@ class LocalSettings:
         if method:
             # Refused here too rather than by the train job once the run is under way.
             resolved[ENV_SEARCH_METHOD] = search_method(method)
-        data = {ENV_TIME_COL: env_or(ENV_TIME_COL, self.time_col, None),
-                ENV_HALF_LIFE_DAYS: env_or(ENV_HALF_LIFE_DAYS, self.half_life_days, None, float),
-                ENV_SINCE: env_or(ENV_SINCE, self.since, None)}
-        resolved.update({name: value for name, value in data.items() if value not in (None, "")})
+        dataset = self._dataset()
+        if dataset:
+            resolved[ENV_DATASET] = json.dumps(dataset, sort_keys=True)
         return resolved
+
+    def _dataset(self) -> dict[str, Any]:
+        """The dataset configuration, checked by the contract's rule as infra/ checks it at synth."""
+        from topx.contract import DatasetConfigError, check_dataset_config, merge_dataset_configs
+        from topx.errors import ConfigError
+
+        text = env_or(ENV_DATASET, self.dataset, None)
+        shorthands = {name: value for name, value in (("time_col", self.time_col), ("since", self.since),
+                                                      ("half_life_days", self.half_life_days)) if value is not None}
+        try:
+            doc = json.loads(text) if text else {}
+            return merge_dataset_configs(check_dataset_config(shorthands, deployed=True, together=False),
+                                         check_dataset_config(doc, deployed=True))
+        except (ValueError, DatasetConfigError) as exc:
+            raise ConfigError(f"dataset configuration ({ENV_DATASET}): {exc}") from exc
 
     def environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
         """What every function and job gets, as infra's ``DeploySettings.job_environment`` builds it."""
