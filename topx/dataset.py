@@ -305,11 +305,11 @@ def items_table(opts: DataOptions) -> pd.DataFrame | None:
     """The items table as read (not encoded), indexed by item id; None without one."""
     if opts.items is None:
         return None
-    key_col = _key_column(opts.item_key, opts.item_col, opts.header)
+    key_col = key_column(opts.item_key, opts.item_col, opts.header)
     return read_feature_table(opts.items, key_col=key_col, header=opts.header, sep=opts.sep)
 
 
-def _key_column(key: str | int | None, id_col: str | int, header: bool) -> str | int:
+def key_column(key: str | int | None, id_col: str | int, header: bool) -> str | int:
     """A side table's key column: as given, else the interactions' id column name (0 without a header)."""
     return key if key is not None else (id_col if header else 0)
 
@@ -329,7 +329,7 @@ def _side_features(
     for entities with no interactions, in table order), and those other ids."""
     if source is None:
         return None, (), []
-    key_col = _key_column(key, id_col, header)
+    key_col = key_column(key, id_col, header)
     table = read_feature_table(source, key_col=key_col, header=header, sep=sep)
     keys = pd.Index(table.index.astype("str").to_numpy(dtype=object), dtype=object)
     cold_ids = [str(k) for k in keys[~keys.isin(ids)]] if cold else []

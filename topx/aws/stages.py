@@ -194,7 +194,7 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 
 def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
-    from topx.dataset import data_options, load_dataset
+    from topx.dataset import data_options, key_column, load_dataset
     from topx.rundir import save_interactions
     from topx.steps import RunOptions
 
@@ -231,6 +231,9 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
             s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
     _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "implicit": implicit,
                                                "objective": objective, "dataset": dataset,
+                                               "items": options.items,
+                                               "item_key": key_column(options.item_key, options.item_col,
+                                                                      options.header),
                                                "shards": shards, "report": ds.report,
                                                "hyperparameters": overrides,
                                                "filters": None if filters is None else {
@@ -769,7 +772,8 @@ def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[st
     from topx.rundir import INTERACTIONS_FILE, iter_interaction_rows
 
     metrics = _get_json(bucket, metrics_key(run_id))
-    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
+    record = _get_json(bucket, run_record_key(run_id))
+    shards = int(record["shards"])
     with _workdir() as work:
         _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
         feature_index = FeatureIndex.load(work / "prepared")
@@ -782,8 +786,10 @@ def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[st
             except ClientError as exc:
                 raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
             paths.append(path)
-        items_uri = _optional_table(bucket, "items")
-        items = None if items_uri is None else read_feature_table(items_uri, key_col="item_id", s3_client=s3_client())
+        # The items table this run's Prepare read (not whatever lies under features/ now), by its key column.
+        items = None if record.get("items") is None else read_feature_table(
+            record["items"], key_col=record["item_key"], sep=(record.get("dataset") or {}).get("sep"),
+            header=(record.get("dataset") or {}).get("no_header") is not True, s3_client=s3_client())
         interactions = (iter_interaction_rows(work / "prepared", data_dir="")
                         if (work / "prepared" / INTERACTIONS_FILE).exists() else None)
         page = build_report(metrics, feature_index, interactions, recommendation_frames(paths),
