@@ -31,7 +31,7 @@ from infra.access import (
 from infra.images import SEARCH_DOCKERFILE, TRAIN_DOCKERFILE, batch_image
 from infra.logs import log_group
 from infra.settings import DeploySettings
-from topx.contract import SEARCH_COMMAND, TOPX_ERROR_EXIT, TRAIN_COMMAND
+from topx.contract import BATCH_RETRY_STRATEGIES, SEARCH_COMMAND, TRAIN_COMMAND
 
 # The job definitions run the contract's commands (`python -m batch_jobs.<job>.main ...`); the Dockerfiles'
 # CMDs name the same modules (checked in tests). Batch fills `Ref::<name>` from the SubmitJob parameters
@@ -48,8 +48,6 @@ SEARCH_VCPUS = 4
 SEARCH_MEMORY = Size.gibibytes(16)
 SEARCH_TIMEOUT = Duration.hours(2)
 GPU_ROOT_VOLUME_GIB = 100
-# Status reason AWS Batch reports when Fargate Spot takes a task back.
-FARGATE_SPOT_INTERRUPTED = "Your Spot Task was interrupted*"
 
 
 # The user the train image runs as (batch_jobs/train/Dockerfile: useradd --uid).
@@ -151,8 +149,8 @@ class Compute(Construct):
                 ),
                 parameters={"bucket": bucket.bucket_name},
                 timeout=TRAIN_TIMEOUT,
-                retry_attempts=2,
-                retry_strategies=_retry_strategies(batch.Reason.SPOT_INSTANCE_RECLAIMED),
+                retry_attempts=BATCH_RETRY_STRATEGIES["train"]["attempts"],
+                retry_strategies=_retry_strategies("train"),
                 propagate_tags=True,
             ),
         )
@@ -176,11 +174,8 @@ class Compute(Construct):
                 ),
                 parameters={"bucket": bucket.bucket_name, "shards": str(settings.shards)},
                 timeout=SEARCH_TIMEOUT,
-                retry_attempts=3,
-                retry_strategies=_retry_strategies(
-                    batch.Reason.custom(on_status_reason=FARGATE_SPOT_INTERRUPTED),
-                    batch.Reason.custom(on_status_reason="ResourceInitializationError*"),
-                ),
+                retry_attempts=BATCH_RETRY_STRATEGIES["search"]["attempts"],
+                retry_strategies=_retry_strategies("search"),
                 propagate_tags=True,
             ),
         )
@@ -288,12 +283,12 @@ class Compute(Construct):
         return ecs.LogDrivers.aws_logs(stream_prefix=name, log_group=logs)
 
 
-def _retry_strategies(*infrastructure_failures: batch.Reason) -> list[batch.RetryStrategy]:
-    """Retry what the infrastructure broke (capacity reclaimed, image pull); never a TopxError or a bug."""
+def _retry_strategies(job: str) -> list[batch.RetryStrategy]:
+    """The job's retry rules as the deploy contract states them (the offline runner applies the same)."""
+    actions = {"RETRY": batch.Action.RETRY, "EXIT": batch.Action.EXIT}
     return [
-        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_exit_code=str(TOPX_ERROR_EXIT))),
-        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.CANNOT_PULL_CONTAINER),
-        *(batch.RetryStrategy.of(batch.Action.RETRY, reason) for reason in infrastructure_failures),
-        # Without this catch-all, Batch retries every other failure too.
-        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_reason="*")),
+        batch.RetryStrategy.of(actions[rule["action"]], batch.Reason.custom(
+            on_exit_code=rule.get("onExitCode"), on_reason=rule.get("onReason"),
+            on_status_reason=rule.get("onStatusReason")))
+        for rule in BATCH_RETRY_STRATEGIES[job]["evaluateOnExit"]
     ]

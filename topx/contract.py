@@ -476,3 +476,27 @@ SEARCH_COMMAND = (
 )  # fmt: skip
 # Exit status of a Batch job that failed on a TopxError (bad input, bad artifact): Batch does not retry it.
 TOPX_ERROR_EXIT = 2
+# What AWS Batch itself retries, per job or per array child, as the Batch API spells a job definition's
+# retryStrategy: only what infrastructure broke (an image pull, an instance or a Spot task reclaimed, a
+# task that could not start). The first rule that matches decides; Batch retries when none matches, hence
+# the last one. Step Functions never runs a failed job again: a TopxError, a bug or a job the queue
+# cancelled for want of capacity would fail the same way, after another training or another whole array.
+_EXIT_ON_TOPX_ERROR = MappingProxyType({"action": "EXIT", "onExitCode": str(TOPX_ERROR_EXIT)})
+_RETRY_IMAGE_PULL = MappingProxyType({"action": "RETRY", "onReason": "CannotPullContainerError:*"})
+_EXIT_OTHERWISE = MappingProxyType({"action": "EXIT", "onReason": "*"})
+EC2_HOST_TERMINATED = "Host EC2*"  # the status reason of a job whose instance (On-Demand or Spot) went away
+FARGATE_SPOT_INTERRUPTED = "Your Spot Task was interrupted*"
+FARGATE_TASK_NOT_STARTED = "ResourceInitializationError*"
+BATCH_RETRY_STRATEGIES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "train": MappingProxyType({"attempts": 2, "evaluateOnExit": (
+        _EXIT_ON_TOPX_ERROR, _RETRY_IMAGE_PULL,
+        MappingProxyType({"action": "RETRY", "onStatusReason": EC2_HOST_TERMINATED}),
+        _EXIT_OTHERWISE,
+    )}),
+    "search": MappingProxyType({"attempts": 3, "evaluateOnExit": (
+        _EXIT_ON_TOPX_ERROR, _RETRY_IMAGE_PULL,
+        MappingProxyType({"action": "RETRY", "onStatusReason": FARGATE_SPOT_INTERRUPTED}),
+        MappingProxyType({"action": "RETRY", "onStatusReason": FARGATE_TASK_NOT_STARTED}),
+        _EXIT_OTHERWISE,
+    )}),
+})

@@ -257,6 +257,23 @@ def test_train_job_needs_one_gpu_and_has_timeout_and_retries(default: Synth) -> 
     )
 
 
+def test_batch_retries_only_what_infrastructure_broke(default: Synth) -> None:
+    """Each job definition's retry strategy: exit code 2 (a TopxError: bad data or settings) ends the job
+    first, infrastructure failures (image pull, Spot or Fargate Spot reclaimed, a task that could not
+    start) are retried, and every other failure ends it (Batch would retry it otherwise)."""
+    infrastructure = ("CannotPullContainerError", "Host EC2", "Your Spot Task", "ResourceInitializationError")
+    definitions = default.resources("AWS::Batch::JobDefinition").values()
+    assert len(definitions) == 2
+    for definition in definitions:
+        rules = definition["Properties"]["RetryStrategy"]["EvaluateOnExit"]
+        assert rules[0] == {"Action": "EXIT", "OnExitCode": "2"}
+        assert rules[-1] == {"Action": "EXIT", "OnReason": "*"}
+        for rule in rules[1:-1]:
+            assert rule["Action"] == "RETRY", rule
+            reason = rule.get("OnReason") or rule.get("OnStatusReason")
+            assert reason and reason.startswith(infrastructure), rule
+
+
 def test_search_job_runs_on_fargate_with_a_public_ip(default: Synth) -> None:
     default.template.has_resource_properties(
         "AWS::Batch::JobDefinition",
@@ -466,7 +483,11 @@ def test_every_task_retries_and_every_step_is_caught(default: Synth) -> None:
             assert catcher["ResultPath"] == "$.report_error"
         elif name not in expected_next:
             assert catcher["ResultPath"] == "$.error"
-    assert {s["Retry"][-1]["MaxAttempts"] for s in (states["Train"], states["Search"])} == {1}
+    # A failed Batch job is never run again by Step Functions: an exit code 2 (bad data), a bug or a job the
+    # queue cancelled for want of capacity would fail the same way, after another training or another
+    # whole array. Batch's own retry strategy retries what infrastructure broke, per job or array child.
+    for name in ("Train", "Search"):
+        assert [r["ErrorEquals"] for r in states[name]["Retry"]] == [["Batch.AWSBatchException"]], name
 
 
 def test_every_placeholder_is_filled_by_a_cloudformation_reference(default: Synth) -> None:

@@ -3,10 +3,13 @@ publishing, and a rerun of the same upload then publishes exactly once.
 
 The faults, and how each is made (all in this process, see docs/LOCAL.md):
 
-- the training job dies mid-run: the FM's epoch callback raises ``SystemExit(137)`` (what a container
-  killed by SIGKILL, e.g. out of memory or a reclaimed Spot instance, exits with), on the first attempt
-  only, then on every attempt;
-- a search shard keeps failing (its entry point raises on every attempt);
+- the training job's instance is taken away mid-run: the FM's epoch callback raises the offline layer's
+  ``InfrastructureFailure`` (Batch then reports "Host EC2 ... terminated" and no exit code), on the first
+  attempt only, then on every attempt: Batch's retry strategy runs it again, Step Functions never does;
+- the training job dies mid-run of itself: the callback raises ``SystemExit(137)`` (what a container
+  killed by SIGKILL, e.g. out of memory, exits with) or ``SystemExit(2)`` (a TopxError): it runs once;
+- a search shard's Fargate Spot task is interrupted once (Batch runs that child again, only it), and a
+  shard keeps failing (its entry point raises: it runs once);
 - DynamoDB throttles the load: the store's client answers some ``BatchWriteItem`` calls with
   ``UnprocessedItems``, as DynamoDB does when it throttles, then every call;
 - a Lambda function runs past its timeout (its timeout set to 1 s, and the offline layer's clock moved
@@ -22,15 +25,18 @@ and the pointer must never go back.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
 import pytest
-from reliability_stack import SEEDED_VERSION, Reader, Run, Stack, base_ratings, csv_bytes, deployed
+from reliability_stack import SEEDED_VERSION, SHARDS, Reader, Run, Stack, base_ratings, csv_bytes, deployed
 
 from topx import steps
 from topx.aws import stages, store
+from topx.contract import TOPX_ERROR_EXIT
+from topx.offline.execute import InfrastructureFailure
 
 BASE = base_ratings()
 UPLOAD = csv_bytes(BASE)
@@ -100,63 +106,79 @@ def rerun_publishes_once(stack: Stack, writes: list[tuple[str, bool]], key: str 
     return run
 
 
-def cause_of_train_failures(run: Run) -> list[int]:
-    """Exit codes of the failed Train attempts, as Batch describes the job."""
-    codes = []
-    for event in run.history:
-        details = event.get("taskFailedEventDetails", {})
-        if details.get("error") == "States.TaskFailed" and '"Attempts"' in details.get("cause", ""):
-            codes.append(json.loads(details["cause"])["Attempts"][-1]["Container"]["ExitCode"])
-    return codes
+def batch_attempts(run: Run, state: str) -> list[int | str]:
+    """How each Batch attempt of ``state``'s failed job ended (its exit code, or the status reason of one
+    that infrastructure ended), as the job description Step Functions received says."""
+    (cause,) = [json.loads(event["taskFailedEventDetails"]["cause"]) for event in run.history
+                if event.get("taskFailedEventDetails", {}).get("error") == "States.TaskFailed"
+                and '"Attempts"' in event["taskFailedEventDetails"].get("cause", "")]
+    return [a["Container"].get("ExitCode", a.get("StatusReason")) for a in cause["Attempts"]]
 
 
 # --------------------------------------------------------------------------- training
 
 
-def kill_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None) -> list[dict[str, float]]:
-    """Kill the training job after its first epoch, on the first ``attempts`` attempts (None: always)."""
-    killed: list[dict[str, float]] = []
+def fail_training(monkeypatch: pytest.MonkeyPatch, *, attempts: int | None,
+                  fault: Callable[[], BaseException]) -> list[str]:
+    """Raise ``fault()`` from the training job after its first epoch, on its first ``attempts`` Batch
+    attempts (None: always). Returns AWS_BATCH_JOB_ATTEMPT of every training that started."""
+    started: list[str] = []
     real = steps.fit
 
     def fit(*args: Any, **kwargs: Any) -> Any:
-        if attempts is None or len(killed) < attempts:
+        started.append(os.environ["AWS_BATCH_JOB_ATTEMPT"])
+        if attempts is None or len(started) <= attempts:
             def die(record: dict[str, float]) -> None:
-                killed.append(record)
-                raise SystemExit(KILLED)
+                raise fault()
 
             kwargs["on_epoch"] = die
         return real(*args, **kwargs)
 
     monkeypatch.setattr(steps, "fit", fit)
-    return killed
+    return started
 
 
-def test_a_training_job_killed_mid_run_is_retried_and_publishes_once(
+def test_a_training_job_whose_instance_is_reclaimed_is_retried_by_batch_and_publishes_once(
         live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
-    killed = kill_training(fault, attempts=1)
+    started = fail_training(fault, attempts=1, fault=InfrastructureFailure)
     with Reader(live, USERS) as reader:
         run = live.upload("incoming/ratings.csv", UPLOAD)
 
     assert run.status == "SUCCEEDED"
-    assert len(killed) == 1 and killed[0]["epoch"] == 1.0
-    assert run.attempts("Train") == 2 and cause_of_train_failures(run) == [KILLED]
+    assert started == ["1", "2"] and run.attempts("Train") == 1  # Batch's second attempt, one task
     assert pointer_writes == [(run.run_id, True)]
     assert reader.served <= {SEEDED_VERSION, run.run_id} and reader.never_went_back()
     rerun_publishes_once(live, pointer_writes)
 
 
-def test_a_training_job_killed_on_every_attempt_fails_without_publishing(
+def test_a_training_job_reclaimed_on_every_attempt_fails_without_publishing(
         live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
-    kill_training(fault, attempts=None)
+    started = fail_training(fault, attempts=None, fault=InfrastructureFailure)
     with Reader(live, USERS) as reader:
         run = live.upload("incoming/ratings.csv", UPLOAD)
 
     failed_cleanly(live, run, "Train", "States.TaskFailed", reader)
-    assert cause_of_train_failures(run) == [KILLED, KILLED]
+    reclaimed = InfrastructureFailure().status_reason
+    assert started == ["1", "2"] and batch_attempts(run, "Train") == [reclaimed, reclaimed]
+    assert run.attempts("Train") == 1
     assert not any(key.startswith(f"runs/{run.run_id}/model/") for key in object_keys(live))
     assert pointer_writes == [] and live.versions() == {SEEDED_VERSION: 20}
     fault.undo()
     rerun_publishes_once(live, pointer_writes)
+
+
+@pytest.mark.parametrize("exit_code", [KILLED, TOPX_ERROR_EXIT], ids=["killed", "topx_error"])
+def test_a_training_job_that_fails_of_itself_runs_once(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch, exit_code: int) -> None:
+    """A crash, an out-of-memory kill or bad data fails the same way again: neither Batch nor Step
+    Functions trains a second time."""
+    started = fail_training(fault, attempts=None, fault=lambda: SystemExit(exit_code))
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    failed_cleanly(live, run, "Train", "States.TaskFailed", reader)
+    assert started == ["1"] and batch_attempts(run, "Train") == [exit_code] and run.attempts("Train") == 1
+    assert pointer_writes == []
 
 
 def object_keys(stack: Stack) -> list[str]:
@@ -167,23 +189,44 @@ def object_keys(stack: Stack) -> list[str]:
 # --------------------------------------------------------------------------- search
 
 
-def test_a_search_shard_that_keeps_failing_fails_the_run_and_its_other_shards_stay_unread(
-        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
-    real = stages.search_shard
+def searched_shards(monkeypatch: pytest.MonkeyPatch, fails: Callable[[int, int], BaseException | None]) -> list[int]:
+    """Record every search child's shard, raising ``fails(shard, its earlier runs)`` where not None."""
+    real, calls = stages.search_shard, []
 
     def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str, Any]:
-        if shard == 1:
-            raise MemoryError("Cannot allocate memory")
+        error = fails(shard, calls.count(shard))
+        calls.append(shard)
+        if error is not None:
+            raise error
         return real(bucket, run_id, shard, shards)
 
-    fault.setattr(stages, "search_shard", search_shard)
+    monkeypatch.setattr(stages, "search_shard", search_shard)
+    return calls
+
+
+def test_a_search_child_whose_spot_task_is_interrupted_is_run_again_alone(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    interrupted = InfrastructureFailure("Your Spot Task was interrupted.")
+    calls = searched_shards(fault, lambda shard, before: interrupted if (shard, before) == (1, 0) else None)
+    with Reader(live, USERS) as reader:
+        run = live.upload("incoming/ratings.csv", UPLOAD)
+
+    assert run.status == "SUCCEEDED" and run.attempts("Search") == 1
+    assert sorted(calls) == sorted([*range(SHARDS), 1])  # shard 1 twice, every other shard once
+    assert pointer_writes == [(run.run_id, True)] and reader.never_went_back()
+
+
+def test_a_search_shard_that_keeps_failing_fails_the_run_and_its_other_shards_stay_unread(
+        live: Stack, pointer_writes: list[tuple[str, bool]], fault: pytest.MonkeyPatch) -> None:
+    calls = searched_shards(fault, lambda shard, before: MemoryError("Cannot allocate memory") if shard == 1 else None)
     with Reader(live, USERS) as reader:
         run = live.upload("incoming/ratings.csv", UPLOAD)
 
     failed_cleanly(live, run, "Search", "States.TaskFailed", reader)
-    assert run.attempts("Search") == 2
+    assert run.attempts("Search") == 1 and calls.count(1) == 1  # a failure of its own: never run again
     written = [k for k in object_keys(live) if k.startswith(f"runs/{run.run_id}/recommendations/")]
-    assert written == [f"runs/{run.run_id}/recommendations/shard=0000/part-0.parquet"]  # shard 0 finished
+    assert f"runs/{run.run_id}/recommendations/shard=0000/part-0.parquet" in written
+    assert f"runs/{run.run_id}/recommendations/shard=0001/part-0.parquet" not in written
     assert run.run_id not in live.versions() and pointer_writes == []
     fault.undo()
     rerun_publishes_once(live, pointer_writes)

@@ -25,10 +25,11 @@ from infra.lambdas import SPECS
 from infra.pipeline import placeholders
 from infra.settings import ASL_PATH, DATASET_SHORTHANDS, DeploySettings
 from topx import offline
-from topx.contract import HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
+from topx.contract import BATCH_RETRY_STRATEGIES, HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
 from topx.errors import ConfigError
 from topx.offline import patches
 from topx.offline.deploy import _create_job
+from topx.offline.execute import _Attempt, retry_action
 from topx.offline.patches import (
     _fresh_token_per_attempt,
     _normalise_batch_parameters,
@@ -96,10 +97,15 @@ def test_each_function_placeholder_names_the_function_running_that_handler(templ
 
 def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: dict[str, Any]) -> None:
     substitutions = _substitutions(template)
-    for placeholder, command, defaults in (("TrainJobDefinitionArn", TRAIN_COMMAND, {"bucket"}),
-                                           ("SearchJobDefinitionArn", SEARCH_COMMAND, {"bucket", "shards"})):
+    for placeholder, command, defaults, job in (("TrainJobDefinitionArn", TRAIN_COMMAND, {"bucket"}, "train"),
+                                                ("SearchJobDefinitionArn", SEARCH_COMMAND, {"bucket", "shards"},
+                                                 "search")):
         definition = _referenced(template, substitutions[placeholder])
         assert definition["ContainerProperties"]["Command"] == list(command)
+        # The retry strategy the offline job definitions get (the contract's), in CloudFormation's spelling.
+        retry = BATCH_RETRY_STRATEGIES[job]
+        assert definition["RetryStrategy"] == {"Attempts": retry["attempts"], "EvaluateOnExit": [
+            {name[0].upper() + name[1:]: value for name, value in rule.items()} for rule in retry["evaluateOnExit"]]}
         assert set(definition["Parameters"]) == defaults
         names = {item["Name"] for item in definition["ContainerProperties"]["Environment"]}
         assert names == set(offline.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
@@ -375,3 +381,23 @@ def test_a_run_never_removes_an_environment_key_another_thread_may_be_iterating(
         assert env["TOPX_TOP_X"] == env["AWS_LAMBDA_FUNCTION_NAME"] == ""
     assert env == {"HOME": "/root", "TOPX_TOP_X": "7", "AWS_LAMBDA_FUNCTION_NAME": "caller", "TOPX_BUCKET": "",
                    "AWS_BATCH_JOB_ARRAY_INDEX": "", "AWS_REGION": "us-east-1"}
+
+
+def test_batch_retry_rules_match_as_batch_matches_them() -> None:
+    """The first rule whose every condition matches decides; a trailing "*" matches a prefix; with no
+    rule matching, Batch retries."""
+    strategy = {"attempts": 3, "evaluateOnExit": [
+        {"action": "EXIT", "onExitCode": "2"},
+        {"action": "RETRY", "onStatusReason": "Host EC2*"},
+        {"action": "exit", "onExitCode": "1", "onReason": "Essential*"},
+    ]}
+    assert retry_action(strategy, _Attempt(2, "Essential container in task exited")) == "EXIT"
+    assert retry_action(strategy, _Attempt(None, "Host EC2 (instance i-1) terminated.")) == "RETRY"
+    assert retry_action(strategy, _Attempt(1, "x", "Essential container in task exited")) == "EXIT"
+    assert retry_action(strategy, _Attempt(1, "x", "OutOfMemoryError")) == "RETRY"   # no rule matches
+    catch_all = {"attempts": 2, "evaluateOnExit": [{"action": "RETRY", "onStatusReason": "Host EC2*"},
+                                                   {"action": "EXIT", "onReason": "*"}]}
+    assert retry_action(catch_all, _Attempt(None, "Host EC2 (instance i-1) terminated.")) == "RETRY"
+    assert retry_action(catch_all, _Attempt(None, "Host EC")) == "EXIT"           # shorter than the prefix
+    assert retry_action(catch_all, _Attempt(1)) == "EXIT"                         # "*" matches no reason too
+    assert retry_action(None, _Attempt(137)) == "RETRY"

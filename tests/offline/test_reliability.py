@@ -15,13 +15,12 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
 from moto.awslambda_simple.models import LambdaSimpleBackend
-from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from reliability_stack import (
     RETENTION_DAYS,
     SEEDED_VERSION,
@@ -211,14 +210,15 @@ def test_a_run_finishing_after_a_newer_version_went_live_fails_with_the_reason(l
 @pytest.mark.parametrize("overtaken", [False, True], ids=["in_step", "older_run_overtaken"])
 def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, monkeypatch: pytest.MonkeyPatch,
                                                                  overtaken: bool) -> None:
-    """Both executions run at once. In step, each publishes in turn. When the older one's search fails
-    once (the ASL retries it after a wait), the newer run publishes first, and the older then fails at
-    Publish with VersionSuperseded: later uploads win, and the pointer never goes back.
+    """Both executions run at once. In step, each publishes in turn. When the older one is overtaken (its
+    Publish comes after the newer run's), it fails at Publish with VersionSuperseded: later uploads win,
+    and the pointer never goes back.
 
     Which execution gets ahead is otherwise up to the scheduler, so each ordering is pinned: the run ids
-    are recorded as Prepare mints them, and the run that must come second waits (outside the one-at-a-time
-    lock the offline runner holds while code runs) until the other has published."""
-    prepare_run, search_shard, publish_version = stages.prepare_run, stages.search_shard, stages.publish_version
+    are recorded as Prepare mints them, and the run that must publish second waits (before its Publish
+    function is invoked, outside the one-at-a-time lock the offline runner holds while code runs) until
+    the other has published."""
+    prepare_run, publish_version = stages.prepare_run, stages.publish_version
     prepared: list[str] = []
     both_prepared = threading.Event()
     published: dict[str, threading.Event] = {}
@@ -237,54 +237,29 @@ def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, mon
         finally:
             published[run_id].set()
 
-    def waits_for(run: Callable[[list[str]], str], what: str) -> None:
-        assert both_prepared.wait(60), "the second upload was never prepared"
-        assert published[run(prepared)].wait(60), f"the {what} run never published"
-
     monkeypatch.setattr(stages, "prepare_run", records_run_ids)
     monkeypatch.setattr(stages, "publish_version", signals)
-    delayed: list[str] = []
-    if overtaken:
-        def older_fails_once(bucket: str, run_id: str, shard: int, shards: int) -> dict:
+    invoke = LambdaSimpleBackend.invoke
+    publish_arn = live.pipeline.function_arns["publish"]
+    second, first = (min, max) if overtaken else (max, min)
+
+    def publishes_second(backend: Any, function_name: str, qualifier: str | None, body: Any, *rest: Any) -> bytes:
+        function_arn = backend.get_function(function_name, qualifier).function_arn
+        if function_arn == publish_arn:
             assert both_prepared.wait(60), "the second upload was never prepared"
-            if run_id == min(prepared) and not delayed:
-                delayed.append(run_id)
-                raise OSError("No space left on device")
-            return search_shard(bucket, run_id, shard, shards)
+            if json.loads(body)["run_id"] == second(prepared):
+                assert published[first(prepared)].wait(60), "the run that publishes first never published"
+        return invoke(backend, function_name, qualifier, body, *rest)
 
-        class RetryWaitsForTheNewerRun:
-            """The only retry here is the older run's Search: its wait lasts until the newer run is live."""
-
-            def sleep(self, seconds: float) -> None:
-                waits_for(max, "newer")
-
-            def __getattr__(self, name: str) -> object:
-                return getattr(time, name)
-
-        monkeypatch.setattr(stages, "search_shard", older_fails_once)
-        monkeypatch.setattr(retrier_decl, "time", RetryWaitsForTheNewerRun())
-    else:
-        invoke = LambdaSimpleBackend.invoke
-        publish_arn = live.pipeline.function_arns["publish"]
-
-        def newer_publishes_second(backend: Any, function_name: str, qualifier: str | None, body: Any,
-                                   *rest: Any) -> bytes:
-            function_arn = backend.get_function(function_name, qualifier).function_arn
-            if function_arn == publish_arn and json.loads(body)["run_id"] == max(prepared):
-                waits_for(min, "older")
-            return invoke(backend, function_name, qualifier, body, *rest)
-
-        monkeypatch.setattr(LambdaSimpleBackend, "invoke", newer_publishes_second)
+    monkeypatch.setattr(LambdaSimpleBackend, "invoke", publishes_second)
     with Reader(live, USERS) as reader:
         arns = live.put("incoming/monday.csv", UPLOAD) + live.put("incoming/tuesday.csv", UPLOAD)
         older, newer = sorted((live.wait(arn) for arn in arns), key=lambda run: run.run_id)
 
     assert newer.status == "SUCCEEDED" and live.pointer() == newer.run_id
     if overtaken:
-        assert delayed == [older.run_id]
         assert older.status == "FAILED"
-        assert [(e.state, e.error) for e in older.failures()] == [("Search", "States.TaskFailed"),
-                                                                   ("Publish", "VersionSuperseded")]
+        assert [(e.state, e.error) for e in older.failures()] == [("Publish", "VersionSuperseded")]
         (note,) = [n for n in older.notes + newer.notes if n.subject == "topx: pipeline run failed"]
         assert f"the live version {newer.run_id} is newer" in note.message
     else:

@@ -16,6 +16,7 @@ from typing import Any
 
 from topx.config import env_or, search_method
 from topx.contract import (
+    BATCH_RETRY_STRATEGIES,
     DEFAULT_EPOCHS,
     DEFAULT_NUM_FACTORS,
     DEFAULT_RETENTION_DAYS,
@@ -202,10 +203,10 @@ def deploy(settings: LocalSettings | None = None, *, region: str = DEFAULT_REGIO
         for handler in FUNCTION_PLACEHOLDERS
     }
     train_queue, train_definition = _create_job(clients["batch"], role, f"{name}-train", TRAIN_COMMAND,
-                                                environment, {"bucket": bucket})
+                                                environment, {"bucket": bucket}, BATCH_RETRY_STRATEGIES["train"])
     search_queue, search_definition = _create_job(
         clients["batch"], role, f"{name}-search", SEARCH_COMMAND, environment,
-        {"bucket": bucket, "shards": environment[ENV_SHARDS]},
+        {"bucket": bucket, "shards": environment[ENV_SHARDS]}, BATCH_RETRY_STRATEGIES["search"],
     )
     partial = LocalPipeline(
         region=region, bucket=bucket, table=table, topic_arn=topic_arn, function_arns=function_arns,
@@ -245,7 +246,7 @@ def _create_table(ddb: Any, table: str) -> None:
 
 
 def _create_job(batch: Any, role: str, name: str, command: Sequence[str], environment: Mapping[str, str],
-                parameters: Mapping[str, str]) -> tuple[str, str]:
+                parameters: Mapping[str, str], retry: Mapping[str, Any] | None = None) -> tuple[str, str]:
     environment_arn = batch.create_compute_environment(
         computeEnvironmentName=name, type="UNMANAGED", state="ENABLED", serviceRole=role
     )["computeEnvironmentArn"]
@@ -261,5 +262,8 @@ def _create_job(batch: Any, role: str, name: str, command: Sequence[str], enviro
             "environment": [{"name": key, "value": value} for key, value in environment.items()],
             "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "2048"}],
         },
+        # The retry strategy the stack gives the job (infra/compute.py builds it from the same contract).
+        **({} if retry is None else {"retryStrategy": {
+            "attempts": retry["attempts"], "evaluateOnExit": [dict(rule) for rule in retry["evaluateOnExit"]]}}),
     )["jobDefinitionArn"]
     return queue_arn, definition_arn

@@ -11,7 +11,9 @@
 * **Batch.** moto's docker-free Batch marks every job succeeded without running it. Here ``SubmitJob``
   runs the job definition's command (``python -m batch_jobs.<job>.main ...``, ``Ref::name`` resolved from
   the submitted parameters over the definition's defaults) with the definition's environment; an array
-  job runs one child per index with ``AWS_BATCH_JOB_ARRAY_INDEX`` set and fails if any child fails.
+  job runs one child per index with ``AWS_BATCH_JOB_ARRAY_INDEX`` set and fails if any child fails. A
+  failed job or child is run again as the definition's ``retryStrategy`` says (``retry_action``), as
+  Batch does; a test stands for infrastructure ending an attempt by raising ``InfrastructureFailure``.
   Entry points run in-process (``main(argv) -> int``), one at a time: moto's mock only intercepts this
   process's AWS calls, and the process environment is shared.
 
@@ -265,46 +267,98 @@ def resolve_command(command: list[str], parameters: Mapping[str, str]) -> list[s
     return resolved
 
 
-def _run_command(command: list[str]) -> int:
+class InfrastructureFailure(BaseException):
+    """Raised inside a job run offline, it stands for infrastructure ending the job: the instance or the
+    Spot task taken away. The attempt then has no exit code and this status reason, as Batch reports it
+    (a BaseException, so that the job's own error handling does not take it for one of its errors)."""
+
+    def __init__(self, status_reason: str = "Host EC2 (instance i-0offline) terminated.") -> None:
+        super().__init__(status_reason)
+        self.status_reason = status_reason
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """How one attempt of a job ended, in the terms a retry strategy's rules match on."""
+
+    exit_code: int | None
+    status_reason: str | None = None
+    reason: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0
+
+
+def _run_command(command: list[str]) -> _Attempt:
     """Run ``python -m MODULE ARGS...`` in-process through the module's ``main(argv) -> int``."""
     if len(command) < 3 or command[1] != "-m" or not command[0].startswith("python"):
         raise ConfigError(f"the offline runner runs `python -m MODULE ...` job commands only, got {command!r}")
     module = _import_entry_point(command[2])
     try:
-        return int(module.main(command[3:]) or 0)
+        code = int(module.main(command[3:]) or 0)
     except SystemExit as exc:  # argparse errors, or sys.exit inside the job
-        return exc.code if isinstance(exc.code, int) else UNCAUGHT_EXIT
+        code = exc.code if isinstance(exc.code, int) else UNCAUGHT_EXIT
+    except InfrastructureFailure as failure:
+        return _Attempt(None, failure.status_reason)
     except Exception:  # the container's boundary: an uncaught exception kills the process
         print(traceback.format_exc(), file=sys.stderr)
-        return UNCAUGHT_EXIT
+        code = UNCAUGHT_EXIT
+    return _Attempt(code) if code == 0 else _Attempt(code, CONTAINER_EXITED, CONTAINER_EXITED)
+
+
+def retry_action(strategy: Mapping[str, Any] | None, attempt: _Attempt) -> str:
+    """What Batch does after a failed attempt under a job definition's ``retryStrategy``: the action of
+    the first ``evaluateOnExit`` rule whose every condition matches ("RETRY" when none does, as Batch
+    does). A pattern matches its value exactly, or by prefix when it ends in "*"."""
+    values = {"onExitCode": "" if attempt.exit_code is None else str(attempt.exit_code),
+              "onStatusReason": attempt.status_reason or "", "onReason": attempt.reason or ""}
+    for rule in (strategy or {}).get("evaluateOnExit") or ():
+        if all(_matches(rule[name], value) for name, value in values.items() if rule.get(name) is not None):
+            return str(rule["action"]).upper()
+    return "RETRY"
+
+
+def _matches(pattern: str, value: str) -> bool:
+    return value.startswith(pattern[:-1]) if pattern.endswith("*") else value == pattern
 
 
 def _run_job(backend: Any, job: Any, array_index: int | None) -> bool:
-    """Run one job (or one array child) as the job definition says; True when it exits 0."""
+    """Run one job (or one array child) as the job definition says, attempt after attempt as its retry
+    strategy allows (Batch's own retries); True when it exits 0."""
     properties = job.job_definition.container_properties or {}
     command = resolve_command(job.container_overrides.get("command") or properties.get("command", []), job.parameters)
     variables = {item["name"]: item["value"] for item in properties.get("environment", [])}
     variables.update({item["name"]: item["value"] for item in job.container_overrides.get("environment", [])})
     variables.update({"AWS_BATCH_JOB_ID": job.job_id, "AWS_BATCH_JQ_NAME": job.job_queue.name,
-                      "AWS_BATCH_JOB_ATTEMPT": "1",
                       "AWS_REGION": backend.region_name, "AWS_DEFAULT_REGION": backend.region_name})
     if array_index is not None:
         variables[ENV_ARRAY_INDEX] = str(array_index)
+    strategy = job.job_definition.retry_strategy or {}
+    attempts = max(int(strategy.get("attempts") or 1), 1)
     job.job_started_at = datetime.now()
     job.log_stream_name = job._stream_name
-    job._start_attempt()
-    with _RUN_LOCK, _environment(variables), _captured_output() as output:
-        exit_code = _run_command(command)
-    job.exit_code = exit_code
-    if exit_code != 0:
-        job.job_stopped_reason = CONTAINER_EXITED
-    job._mark_stopped(success=exit_code == 0)
-    if job.latest_attempt is not None:
-        job.latest_attempt["container"]["exitCode"] = exit_code
-        if exit_code != 0:
-            job.latest_attempt["container"]["reason"] = CONTAINER_EXITED
-    _write_log(backend.region_name, "/aws/batch/job", job._stream_name, output.getvalue())
-    return exit_code == 0
+    for number in range(1, attempts + 1):
+        variables["AWS_BATCH_JOB_ATTEMPT"] = str(number)
+        job._start_attempt()
+        with _RUN_LOCK, _environment({**variables}), _captured_output() as output:
+            attempt = _run_command(command)
+        _write_log(backend.region_name, "/aws/batch/job", job._stream_name, output.getvalue())
+        container = job.latest_attempt["container"]
+        if attempt.exit_code is not None:
+            container["exitCode"] = attempt.exit_code
+        if attempt.reason is not None:
+            container["reason"] = attempt.reason
+        if attempt.status_reason is not None:
+            job.latest_attempt["statusReason"] = attempt.status_reason
+        if attempt.succeeded or number == attempts or retry_action(strategy, attempt) == "EXIT":
+            break
+        job.latest_attempt["stoppedAt"] = int(datetime.now().timestamp() * 1000)
+    job.exit_code = attempt.exit_code
+    if not attempt.succeeded:
+        job.job_stopped_reason = attempt.status_reason
+    job._mark_stopped(success=attempt.succeeded)
+    return attempt.succeeded
 
 
 def _submit_job(simple_backend: Any, job_name: str, job_def_id: str, job_queue: str,

@@ -15,7 +15,7 @@ What changes, and why (moto 5.2.5; see docs/LOCAL.md):
 * **EventBridge -> Step Functions.** moto matches S3 events against rules but cannot deliver to a state
   machine. Here a rule target that is a state machine gets an execution, with the target's input
   transformer applied as EventBridge applies it.
-* **Retry waits** are scaled by ``RETRY_TIME_SCALE``: the ASL waits 60 s before retrying a Batch job.
+* **Retry waits** are scaled by ``RETRY_TIME_SCALE``: the ASL waits seconds before retrying a failed call.
   Which errors are retried, and how often, is unchanged.
 
 moto is the ``offline`` extra of topx, not a runtime dependency: this module imports it only inside the
@@ -64,7 +64,7 @@ MOCK_CONFIG: dict[str, Any] = {
     "batch": {"use_docker": False},
 }
 
-# Retry intervals in the ASL are multiplied by this offline (60 s before a Batch retry becomes 0.6 s).
+# Retry intervals in the ASL are multiplied by this offline (5 s before a Batch submission retry becomes 0.05 s).
 RETRY_TIME_SCALE = 0.01
 
 
