@@ -564,6 +564,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         MODEL_DIR,
         RECOMMENDATIONS,
         VECTORS_DIR,
+        list_recommendations,
         load_ids,
         load_interactions,
     )
@@ -585,8 +586,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         dismissed = read_responses(args.responses, list(user_ids), list(item_ids))
         seen = exclude_also(seen, dismissed)
     eligible = diversity = None
+    named = []
     if args.filters is not None:
-        from topx.filters import eligible_items, item_groups, load_filters
+        from topx.filters import load_filters, resolve_lists
         from topx.ingest import read_feature_table
 
         from_file = {}
@@ -599,15 +601,23 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         item_key = next(k for k in (args.item_key, from_file.get("item_key"), from_file.get("item_col"), "item_id")
                         if k is not None)
         table = None if items is None else read_feature_table(items, key_col=item_key)
-        rules = load_filters(args.filters)
-        eligible = eligible_items(rules, list(item_ids), table)
-        diversity = item_groups(rules, list(item_ids), table)
-    tmp = run / f".{RECOMMENDATIONS}.tmp"
-    n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object),
-                                      args.top_x, seen, method=args.search_method, cold_users_from=cold_users_from,
-                                      eligible=eligible, diversity=diversity)
-    tmp.replace(run / RECOMMENDATIONS)
-    print(f"wrote {n:,} recommendations to {(run / RECOMMENDATIONS).resolve()}")
+        default, *named = resolve_lists(load_filters(args.filters), list(item_ids), table)
+        eligible, diversity = default.eligible, default.diversity
+    # Each list is written beside its final name and moved there only when every list is written.
+    written = []
+    for name, chosen_eligible, chosen_diversity in ((None, eligible, diversity),
+                                                    *((c.name, c.eligible, c.diversity) for c in named)):
+        final = run / RECOMMENDATIONS if name is None else list_recommendations(run, name)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp")
+        n = write_recommendations_parquet(tmp, vectors, np.asarray(user_ids, object), np.asarray(item_ids, object),
+                                          args.top_x, seen, method=args.search_method,
+                                          cold_users_from=cold_users_from, eligible=chosen_eligible,
+                                          diversity=chosen_diversity)
+        written.append((tmp, final, n))
+    for tmp, final, n in written:
+        tmp.replace(final)
+        print(f"wrote {n:,} recommendations to {final.resolve()}")
     return 0
 
 

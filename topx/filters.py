@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ import pandas as pd
 from topx.errors import ConfigError
 
 OPERATORS = ("equals", "in", "not_in", "between")
+_TOP_KEYS = ("items", "lists")
 _ITEM_KEYS = ("include", "exclude", "exclude_ids", "max_per")
+# A named list's name: it becomes part of a file name and of a DynamoDB key.
+LIST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,17 @@ class ItemFilter:
     exclude_ids: frozenset[str] = frozenset()
     # Diversity: at most ``count`` items of a list share a value of ``column`` (None: no cap).
     max_per: tuple[str, int] | None = None
+    # Named lists, (name, its filter) in file order: each is a separate list per user, with its own rules
+    # on top of these (its max_per, when it has one, in place of this one's).
+    lists: tuple[tuple[str, ItemFilter], ...] = ()
+    # What errors call this filter: "items", or "lists.<name>".
+    where: str = "items"
 
     @property
     def columns(self) -> set[str]:
         rules = {rule.column for rule in (*self.include, *self.exclude)}
-        return rules | ({self.max_per[0]} if self.max_per else set())
+        own = rules | ({self.max_per[0]} if self.max_per else set())
+        return own.union(*(named.columns for _, named in self.lists))
 
 
 def load_filters(path: str | Path) -> ItemFilter:
@@ -76,38 +86,56 @@ def load_filters(path: str | Path) -> ItemFilter:
 
 
 def parse_filters(doc: Any, source: str = "filters") -> ItemFilter:
-    if not isinstance(doc, dict) or set(doc) - {"items"}:
-        unknown = sorted(set(doc) - {"items"}) if isinstance(doc, dict) else None
-        raise ConfigError(f"{source}: a filter file is a JSON object with the key 'items'"
+    if not isinstance(doc, dict) or set(doc) - set(_TOP_KEYS):
+        unknown = sorted(set(doc) - set(_TOP_KEYS)) if isinstance(doc, dict) else None
+        raise ConfigError(f"{source}: a filter file is a JSON object with the keys {' and '.join(_TOP_KEYS)}"
                           + (f"; unknown keys {unknown}" if unknown else ""))
-    items = doc.get("items", {})
+    top = _item_filter(doc.get("items", {}), "items", source)
+    named = doc.get("lists", {})
+    if not isinstance(named, dict):
+        raise ConfigError(f"{source}: 'lists' is an object naming each list's rules")
+    lists = []
+    for name, raw in named.items():
+        if not LIST_NAME.fullmatch(name):
+            raise ConfigError(f"{source}: lists: {name!r} is not a list name (1-64 of a-z, 0-9, '-' and '_', "
+                              "starting with a letter or digit)")
+        own = _item_filter(raw, f"lists.{name}", source)
+        lists.append((name, ItemFilter(top.include + own.include, top.exclude + own.exclude,
+                                       top.exclude_ids | own.exclude_ids, own.max_per or top.max_per,
+                                       where=own.where)))
+    return replace(top, lists=tuple(lists))
+
+
+def _item_filter(items: Any, where: str, source: str) -> ItemFilter:
+    """The rules of ``items`` (the file's "items" object, or a named list's)."""
     if not isinstance(items, dict) or set(items) - set(_ITEM_KEYS):
         unknown = sorted(set(items) - set(_ITEM_KEYS)) if isinstance(items, dict) else None
-        raise ConfigError(f"{source}: 'items' is an object with keys {', '.join(_ITEM_KEYS)}"
+        raise ConfigError(f"{source}: '{where}' is an object with keys {', '.join(_ITEM_KEYS)}"
                           + (f"; unknown keys {unknown}" if unknown else ""))
-    rules = {kind: tuple(_rule(r, f"items.{kind}[{i}]", source) for i, r in enumerate(_list(items, kind, source)))
+    rules = {kind: tuple(_rule(r, f"{where}.{kind}[{i}]", source)
+                         for i, r in enumerate(_list(items, kind, where, source)))
              for kind in ("include", "exclude")}
-    ids = _list(items, "exclude_ids", source)
+    ids = _list(items, "exclude_ids", where, source)
     if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
-        raise ConfigError(f"{source}: items.exclude_ids must list item ids (strings)")
+        raise ConfigError(f"{source}: {where}.exclude_ids must list item ids (strings)")
     return ItemFilter(rules["include"], rules["exclude"], frozenset(str(i) for i in ids),
-                      _max_per(items.get("max_per"), source))
+                      _max_per(items.get("max_per"), where, source), where=where)
 
 
-def _max_per(raw: Any, source: str) -> tuple[str, int] | None:
+def _max_per(raw: Any, where: str, source: str) -> tuple[str, int] | None:
     if raw is None:
         return None
     if not (isinstance(raw, dict) and set(raw) == {"column", "count"} and isinstance(raw["column"], str)
             and isinstance(raw["count"], int) and not isinstance(raw["count"], bool) and raw["count"] >= 1):
-        raise ConfigError(f"{source}: items.max_per must be {{\"column\": NAME, \"count\": N}} with N >= 1, "
+        raise ConfigError(f"{source}: {where}.max_per must be {{\"column\": NAME, \"count\": N}} with N >= 1, "
                           f"got {raw!r}")
     return raw["column"], raw["count"]
 
 
-def _list(items: dict[str, Any], key: str, source: str) -> list[Any]:
+def _list(items: dict[str, Any], key: str, where: str, source: str) -> list[Any]:
     value = items.get(key, [])
     if not isinstance(value, list):
-        raise ConfigError(f"{source}: items.{key} must be a list")
+        raise ConfigError(f"{source}: {where}.{key} must be a list")
     return value
 
 
@@ -155,7 +183,8 @@ def eligible_items(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str
         for rule in item_filter.exclude:
             keep &= ~_matches(rule, table, rows)
     if not keep.any():
-        raise ConfigError("the filters leave no item eligible: nothing could be recommended")
+        what = "the filters" if item_filter.where == "items" else f"the filters of {item_filter.where}"
+        raise ConfigError(f"{what} leave no item eligible: nothing could be recommended")
     return np.asarray(keep, dtype=bool)
 
 
@@ -166,7 +195,7 @@ def item_groups(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str],
     if item_filter.max_per is None:
         return None
     column, count = item_filter.max_per
-    where = "filters: items.max_per"
+    where = f"filters: {item_filter.where}.max_per"
     if table is None:
         raise ConfigError(f"{where}: a cap per column value needs the items table (--items)")
     if column not in table.columns:
@@ -255,3 +284,21 @@ def exclude_also(seen: Any, dismissed: Any) -> Any:
     """The seen matrix with the ``dismissed`` pairs (same shape) added: what the search leaves out."""
     return dismissed if seen is None else ((seen + dismissed) > 0).astype(np.float32).tocsr()
 
+
+
+@dataclass(frozen=True)
+class ResolvedList:
+    """One list the filters ask for, resolved against the catalogue: ``name`` None for the default list;
+    ``eligible`` (n_items,) bool; ``diversity`` each item's group and the cap, or None."""
+
+    name: str | None
+    eligible: np.ndarray
+    diversity: tuple[np.ndarray, int] | None
+
+
+def resolve_lists(item_filter: ItemFilter, item_ids: tuple[str, ...] | list[str],
+                  table: pd.DataFrame | None) -> list[ResolvedList]:
+    """The default list first, then each named list in file order; every rule is checked against the
+    items table here (``eligible_items``, ``item_groups``), before any work."""
+    return [ResolvedList(name, eligible_items(rules, item_ids, table), item_groups(rules, item_ids, table))
+            for name, rules in ((None, item_filter), *item_filter.lists)]

@@ -14,9 +14,17 @@ import pyarrow.parquet as pq
 
 from topx.config import HyperParameters
 from topx.dataset import DataOptions, Dataset, items_table, load_dataset
-from topx.filters import eligible_items, exclude_also, item_groups, load_filters, read_responses
+from topx.filters import ResolvedList, exclude_also, load_filters, read_responses, resolve_lists
 from topx.report import write_run_report
-from topx.rundir import FALLBACK, METRICS, RECOMMENDATIONS, VECTORS_DIR, atomic_output_dir, write_json
+from topx.rundir import (
+    FALLBACK,
+    METRICS,
+    RECOMMENDATIONS,
+    VECTORS_DIR,
+    atomic_output_dir,
+    list_recommendations,
+    write_json,
+)
 from topx.steps import (
     Reporter,
     RunOptions,
@@ -49,10 +57,10 @@ def run_all(
             ds = load_dataset(data)
             # The filters are checked against the items table now, before any training.
             eligible = diversity = None
+            named: list[ResolvedList] = []
             if run.filters is not None:
-                rules, table = load_filters(run.filters), items_table(data)
-                eligible = eligible_items(rules, ds.item_ids, table)
-                diversity = item_groups(rules, ds.item_ids, table)
+                default, *named = resolve_lists(load_filters(run.filters), ds.item_ids, items_table(data))
+                eligible, diversity = default.eligible, default.diversity
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
@@ -71,7 +79,17 @@ def run_all(
                                                    method=run.search_method, cold_users_from=fi.n_warm_users,
                                                    cold_items_from=fi.n_warm_items, counts=counts,
                                                    eligible=eligible, diversity=diversity)
-            d["result"] = f"{n_rows:,} rows."
+            lists = {}
+            for chosen in named:
+                path = list_recommendations(tmp, chosen.name)
+                path.parent.mkdir(exist_ok=True)
+                rows = write_recommendations_parquet(path, vectors, user_ids, item_ids, run.top_x, seen,
+                                                     method=run.search_method, cold_users_from=fi.n_warm_users,
+                                                     cold_items_from=fi.n_warm_items, eligible=chosen.eligible,
+                                                     diversity=chosen.diversity)
+                lists[chosen.name] = {"eligible_items": int(chosen.eligible.sum()), "rows": rows,
+                                      "file": str(path.relative_to(tmp))}
+            d["result"] = f"{n_rows:,} rows" + (f", and {len(lists)} named list(s)." if lists else ".")
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
         with reporter.step("fallback", "choosing the list for users the model has not seen") as d:
@@ -82,6 +100,8 @@ def run_all(
         if eligible is not None:
             metrics["filters"] = {"file": run.filters, "eligible_items": int(eligible.sum()),
                                   "note": "the hold-out metrics rank every item; the recommendations only eligible ones"}
+            if lists:
+                metrics["filters"]["lists"] = lists
         metrics["cold"] = {"items": fi.cold_items, "users": fi.cold_users,
                            "cold_item_rows": counts.get("cold_item_rows", 0),
                            "cold_item_share": counts.get("cold_item_rows", 0) / max(counts.get("rows", 0), 1)}

@@ -50,6 +50,12 @@ RECOMMENDATIONS = "recommendations.parquet"
 METRICS = "metrics.json"
 REPORT = "report.html"  # the run report (topx.report), beside metrics.json
 FALLBACK = "fallback.parquet"  # the list for users the model has not seen (steps.fallback_list)
+LISTS_DIR = "lists"  # a named list's recommendations: lists/<name>.parquet (topx.filters' "lists")
+
+
+def list_recommendations(run_dir: Path, name: str) -> Path:
+    """Where a named list's recommendations lie in a run directory (the same columns as RECOMMENDATIONS)."""
+    return Path(run_dir) / LISTS_DIR / f"{name}.parquet"
 
 
 INTERACTIONS_FILE = "interactions.npz"

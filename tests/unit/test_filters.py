@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from topx.cli import main
 from topx.errors import ConfigError
-from topx.filters import eligible_items, parse_filters
+from topx.filters import eligible_items, parse_filters, resolve_lists
 from topx.steps import write_recommendations_parquet
 from topx.synth import generate
 from topx.vectors import RecipeVectors
@@ -43,6 +43,12 @@ def test_include_exclude_and_ids_combine_as_documented() -> None:
     ({"items": {"exclude": [{"column": "price", "between": [9, 1]}]}}, "items.exclude[0].between must be [low, high]"),
     ({"items": {"include": [{"column": "category", "in": []}]}}, "items.include[0].in must be a non-empty list"),
     ({"items": {"exclude_ids": "i0"}}, "items.exclude_ids must be a list"),
+    ({"lists": ["summer"]}, "'lists' is an object naming each list's rules"),
+    ({"lists": {"Summer Books": {}}}, "lists: 'Summer Books' is not a list name"),
+    ({"lists": {"summer": {"include": [{"column": "price", "above": 3}]}}},
+     "lists.summer.include[0]: a rule takes exactly one operator"),
+    ({"lists": {"summer": {"max_per": {"column": "category"}}}}, "lists.summer.max_per must be"),
+    ({"lists": {"summer": {"only": []}}}, "'lists.summer' is an object with keys"),
 ])
 def test_a_malformed_file_is_refused_naming_the_rule_and_field(doc, message) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -62,6 +68,26 @@ def test_a_malformed_file_is_refused_naming_the_rule_and_field(doc, message) -> 
 def test_rules_that_cannot_apply_are_errors_not_silent_no_ops(doc, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         eligible_items(parse_filters(doc), IDS, TABLE)
+
+
+def test_a_named_list_adds_its_rules_to_the_files_and_is_checked_by_name() -> None:
+    rules = parse_filters({"items": {"exclude": [{"column": "in_stock", "equals": False}],
+                                     "max_per": {"column": "category", "count": 2}},
+                           "lists": {"books-only": {"include": [{"column": "category", "equals": "books"}]},
+                                     "one-each": {"exclude_ids": ["i1"],
+                                                  "max_per": {"column": "category", "count": 1}}}})
+    default, books, one_each = resolve_lists(rules, IDS, TABLE)
+    assert (default.name, books.name, one_each.name) == (None, "books-only", "one-each")
+    assert default.eligible.tolist() == [True, True, False, True, True, True]
+    assert books.eligible.tolist() == [True, False, False, False, False, False]   # in stock, and a book
+    assert one_each.eligible.tolist() == [True, False, False, True, True, True]
+    assert books.diversity[1] == 2 and one_each.diversity[1] == 1                 # its own cap, else the file's
+    empty = parse_filters({"lists": {"food": {"include": [{"column": "category", "equals": "food"}]}}})
+    with pytest.raises(ConfigError, match=re.escape("the filters of lists.food leave no item eligible")):
+        resolve_lists(empty, IDS, TABLE)
+    unknown = parse_filters({"lists": {"c": {"max_per": {"column": "colour", "count": 1}}}})
+    with pytest.raises(ConfigError, match=re.escape("filters: lists.c.max_per: the items table has no column")):
+        resolve_lists(unknown, IDS, TABLE)
 
 
 def test_the_search_returns_the_exact_top_x_of_the_eligible_unseen_items(tmp_path) -> None:
@@ -101,6 +127,26 @@ def test_run_with_filters_recommends_eligible_items_only_and_checks_them_before_
     allowed = set(items.loc[items[category_column].isin(kept), "item_id"].astype(str)) - {str(items["item_id"].iloc[0])}
     assert set(recs["item_id"]) <= allowed
     assert json.loads((out / "metrics.json").read_text())["filters"]["eligible_items"] == len(allowed)
+
+    # A named list: its own file, the exact top x of its own eligible items, and the default list unchanged.
+    other = sorted(items[category_column].dropna().unique())[2]
+    filters.write_text(json.dumps({"items": {"include": [{"column": category_column, "in": kept},
+                                                         {"column": "price", "between": [0, 1000]}],
+                                             "exclude_ids": [str(items["item_id"].iloc[0])]},
+                                   "lists": {"other": {"include": [{"column": category_column, "equals": other}]}}}))
+    # "other" is outside the file's own include rule: a named list adds rules, never lifts them.
+    assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "named")]) == 2
+    assert "the filters of lists.other leave no item eligible" in capsys.readouterr().err
+    filters.write_text(json.dumps({"items": {"exclude_ids": [str(items["item_id"].iloc[0])]},
+                                   "lists": {"other": {"include": [{"column": category_column, "equals": other}]}}}))
+    assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "named")]) == 0
+    named = pd.read_parquet(tmp_path / "named" / "lists" / "other.parquet")
+    in_other = set(items.loc[items[category_column] == other, "item_id"].astype(str))
+    assert len(named) > 0 and set(named["item_id"]) <= in_other
+    default = pd.read_parquet(tmp_path / "named" / "recommendations.parquet")
+    assert not set(default["item_id"]) <= in_other
+    listed = json.loads((tmp_path / "named" / "metrics.json").read_text())["filters"]["lists"]
+    assert listed == {"other": {"eligible_items": len(in_other), "rows": len(named), "file": "lists/other.parquet"}}
 
     filters.write_text(json.dumps({"items": {"exclude": [{"column": "no_such_column", "equals": 1}]}}))
     assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "bad")]) == 2
@@ -175,3 +221,24 @@ def test_responses_leave_items_out_of_the_next_lists_without_retraining(tmp_path
     assert main(["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--epochs", "3",
                  "--num-factors", "8", "--quiet", "--responses", str(responses), "--out", str(fresh)]) == 0
     assert pd.read_parquet(fresh / "recommendations.parquet").merge(first, on=["user_id", "item_id"]).empty
+
+
+def test_recommend_writes_each_named_list_beside_the_default_one(tmp_path) -> None:
+    """New rules, and a new named list, for a trained run without retraining."""
+    files = generate(150, 60, mean_interactions=10, implicit=True, seed=5).write(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--epochs", "2",
+                 "--num-factors", "8", "--quiet", "--out", str(out)]) == 0
+    items = pd.read_csv(files["items"])
+    chosen = sorted(items["category"].dropna().unique())[0]
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"lists": {"first-category": {
+        "include": [{"column": "category", "equals": chosen}], "max_per": {"column": "category", "count": 3}}}}))
+    assert main(["recommend", "--run", str(out), "--filters", str(filters), "--items", str(files["items"]),
+                 "--item-key", "item_id", "--top-x", "5", "--quiet"]) == 0
+    named = pd.read_parquet(out / "lists" / "first-category.parquet")
+    in_category = set(items.loc[items["category"] == chosen, "item_id"].astype(str))
+    assert set(named["item_id"]) <= in_category and named.groupby("user_id").size().max() == 3
+    default = pd.read_parquet(out / "recommendations.parquet")
+    assert default.groupby("user_id").size().max() == 5 and not set(default["item_id"]) <= in_category
+    assert not list(out.glob("**/.*.tmp"))
