@@ -388,6 +388,9 @@ def test_the_deployed_pipeline_applies_the_filter_file_and_the_responses(aws, tm
                   Body=json.dumps({"items": {"include": [{"column": "colour", "in": ["red"]}]}}).encode())
     with pytest.raises(ConfigError, match=r"items.include\[0\]: the items table has no column 'colour'"):
         stages.prepare_run(BUCKET, "incoming/ratings.csv")
+    s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY, Body=json.dumps({"lists": {"summer": {}}}).encode())
+    with pytest.raises(ConfigError, match="lists: named lists are made by `topx run`"):
+        stages.prepare_run(BUCKET, "incoming/ratings.csv")
 
 
 def _run_prefixes(s3) -> list[str]:

@@ -265,6 +265,9 @@ def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarra
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"s3://{bucket}/{FILTERS_KEY}: the filter file is not valid JSON: {exc}") from exc
         rules = parse_filters(doc, f"s3://{bucket}/{FILTERS_KEY}")
+        if rules.lists:  # never silently: a named list the deployment would not serve is refused
+            raise ConfigError(f"s3://{bucket}/{FILTERS_KEY}: lists: named lists are made by `topx run` and "
+                              "`topx recommend`; the deployed pipeline serves the default list only")
     has_responses = _latest_key(bucket, RESPONSES_PREFIX) is not None
     if rules is None and not has_responses:
         return None
