@@ -569,8 +569,11 @@ def train_icd(
     device: str | None = None,
     progress: bool | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    validate: Callable[[FMParams], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train the FM for ranking by implicit coordinate descent, ``hp.epochs`` passes over both sides.
+    ``validate``, when given, is called with the parameters after each epoch; its figures join the
+    epoch's record (they choose nothing: every epoch runs, and the last one's parameters are the model).
 
     The result's predictor_type is ``hp.predictor_type``: the scores rank the same whichever is named
     (a binary classifier's sigmoid is monotone), and the artifact keeps SageMaker's layout.
@@ -587,6 +590,8 @@ def train_icd(
         for epoch in range(1, hp.epochs + 1):
             model.epoch()
             record = {"epoch": float(epoch), "train_loss": model.loss()}
+            if validate is not None:
+                record.update(validate(model.to_params(hp.predictor_type)))
             history.append(record)
             bar.update()
             if on_epoch is not None:

@@ -59,6 +59,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Users whose hold-out recall each icd epoch records (holdout_per_epoch): enough for a steady curve, few
+# enough that it costs little beside an epoch.
+EPOCH_EVAL_USERS = 2000
+
+
 @dataclass(frozen=True)
 class RunOptions:
     top_x: int = 10
@@ -82,13 +87,17 @@ class Reporter:
         self.timings: dict[str, float] = {}
 
     @contextmanager
-    def step(self, name: str, message: str) -> Iterator[dict[str, str]]:
-        detail: dict[str, str] = {}
+    def step(self, name: str, message: str) -> Iterator[dict[str, Any]]:
+        detail: dict[str, Any] = {}
         start = time.perf_counter()
         if self.enabled:
             print(f"[topx] {message} ...", file=sys.stderr, flush=True)
         yield detail
         elapsed = time.perf_counter() - start
+        # Work a step did on the side (detail "aside": {name: seconds}) is timed under its own name.
+        for other, seconds in detail.pop("aside", {}).items():
+            self.timings[other] = round(self.timings.get(other, 0.0) + seconds, 3)
+            elapsed -= seconds
         self.timings[name] = round(self.timings.get(name, 0.0) + elapsed, 3)
         if self.enabled:
             extra = f" {detail['result']}" if "result" in detail else ""
@@ -152,11 +161,12 @@ def implicit_data(ds: Dataset, mask: np.ndarray | None = None) -> ImplicitData:
 
 
 def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptions,
-        on_epoch: Any = None) -> TrainResult:
-    """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names."""
+        on_epoch: Any = None, validate: Any = None) -> TrainResult:
+    """Train the model ``hp`` names on the rows ``mask`` selects, with the learner it names. ``validate``
+    (icd): a function of the parameters whose figures join each epoch's record."""
     if hp.learner == "icd":
         return _heavy("train_icd")(implicit_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
-                         progress=run.progress, on_epoch=on_epoch)
+                         progress=run.progress, on_epoch=on_epoch, validate=validate)
     return _heavy("train_fm")(training_data(ds, mask), ds.feature_index.n_features, hp, device=run.device,
                     progress=run.progress, on_epoch=on_epoch)
 
@@ -187,18 +197,28 @@ def train_stage(
     ds = with_history(ds, ~holdout, hp)
     what = "ranking, every unobserved pair" if hp.learner == "icd" else hp.predictor_type
     with reporter.step("train", f"training the FM ({what}, k={hp.num_factors}, up to {hp.epochs} epochs)") as d:
-        seconds, clock = [], [time.perf_counter()]
+        seconds, clock, checking, checked = [], [time.perf_counter()], [0.0], [0.0]
+        check = holdout_per_epoch(ds, holdout, run, hp.seed) if hp.learner == "icd" else None
+
+        def validate(params: FMParams) -> dict[str, float]:  # timed apart: what it costs is not training
+            start = time.perf_counter()
+            figures = check(params)
+            checking[0] += time.perf_counter() - start
+            checked[0] += time.perf_counter() - start
+            return figures
 
         def timed(_record: dict[str, float]) -> None:  # each epoch's wall time, for the report
             now = time.perf_counter()
-            seconds.append(round(now - clock[0], 3))
-            clock[0] = now
+            seconds.append(round(now - clock[0] - checking[0], 3))
+            clock[0], checking[0] = now, 0.0
 
-        result = fit(ds, ~holdout, hp, run, on_epoch=timed)
+        result = fit(ds, ~holdout, hp, run, on_epoch=timed, validate=None if check is None else validate)
         history = [{**record, "seconds": s} for record, s in zip(result.history, seconds, strict=False)]
         result = replace(result, params=map_cold_parameters(result.params, ds.feature_index),
                          history=history if len(seconds) == len(result.history) else result.history)
         d["result"] = f"best epoch {result.best_epoch} of {len(result.history)} on {result.device}."
+        if check is not None:
+            d["aside"] = {"holdout_per_epoch": checked[0]}
     write_model(out / MODEL_DIR, result.params, ds.feature_index)
     save_interactions(out / DATA_DIR, ds, holdout)
     return result.params, holdout, result, ds
@@ -370,12 +390,7 @@ def evaluate_model(
     eval_users = _sample_users(relevant, run.eval_users, seed)
     x = run.top_x
     sub_vectors = RecipeVectors(vectors.user_vectors[eval_users], vectors.item_vectors, vectors.user_constants[eval_users])
-    top = np.full((len(eval_users), x), -1, dtype=np.int64)
-    # Ranked by the search that writes the recommendations, so the metrics describe what is served.
-    for rows, batch_items, _ in _heavy("iter_top_x")(sub_vectors.user_vectors, sub_vectors.item_vectors, x, seen=train[eval_users],
-                                           method=run.search_method):
-        top[rows] = batch_items
-    model_rank = ev.ranking_metrics(top, relevant[eval_users], ds.feature_index.n_items)
+    model_rank = _ranked(sub_vectors, train[eval_users], relevant[eval_users], x, run.search_method)
     popular = ev.popularity_top_x(train, x)[eval_users]
     pop_rank = ev.ranking_metrics(popular, relevant[eval_users], ds.feature_index.n_items)
     metrics.update(model_rank.as_dict("", x))
@@ -387,6 +402,35 @@ def evaluate_model(
     metrics["relevance"] = ("held-out items" if run.relevance_threshold is None
                             else f"held-out items rated >= {run.relevance_threshold}")
     return metrics
+
+
+def _ranked(vectors: RecipeVectors, seen: sp.csr_matrix, relevant: sp.csr_matrix, x: int,
+            method: str) -> ev.RankingMetrics:
+    """Ranking metrics at x of ``vectors``' users (rows of ``seen`` and ``relevant``), ranked by the search
+    that writes the recommendations, so that the metrics describe what is served."""
+    top = np.full((len(vectors.user_vectors), x), -1, dtype=np.int64)
+    for rows, batch_items, _ in _heavy("iter_top_x")(vectors.user_vectors, vectors.item_vectors, x, seen=seen,
+                                                     method=method):
+        top[rows] = batch_items
+    return ev.ranking_metrics(top, relevant, vectors.item_vectors.shape[0])
+
+
+def holdout_per_epoch(ds: Dataset, holdout: np.ndarray, run: RunOptions, seed: int) -> Any:
+    """For the icd learner, which has no validation loss: a function of the parameters that gives
+    recall@x on the hold-out of a seeded sample of at most EPOCH_EVAL_USERS users, ranked as
+    ``evaluate_model`` ranks, so that each epoch's record shows how ranking moves. Shown, never used to
+    choose anything (the hold-out stays the test). None without a hold-out."""
+    if not holdout.any():
+        return None
+    train, relevant = ds.matrix(~holdout), ds.matrix(holdout)
+    users = _sample_users(relevant, min(run.eval_users, EPOCH_EVAL_USERS), seed)
+    seen, relevant = train[users], relevant[users]
+
+    def validate(params: FMParams) -> dict[str, float]:
+        vectors = export_vectors(params, ds.feature_index, users)
+        return {f"holdout_recall_at_{run.top_x}": _ranked(vectors, seen, relevant, run.top_x, run.search_method).recall}
+
+    return validate
 
 
 def _sample_users(relevant: sp.csr_matrix, limit: int, seed: int) -> np.ndarray:

@@ -74,14 +74,14 @@ def _self_terms(x: sp.csr_matrix, params: FMParams) -> tuple[np.ndarray, np.ndar
     return s, linear, pairwise
 
 
-def export_vectors(params: FMParams, feature_index: FeatureIndex) -> RecipeVectors:
-    """Build a_u, a_i and c_u for every user and item of the feature index."""
+def export_vectors(params: FMParams, feature_index: FeatureIndex, users: np.ndarray | None = None) -> RecipeVectors:
+    """Build a_u, a_i and c_u for every user (or the user rows ``users``) and item of the feature index."""
     if params.n_features != feature_index.n_features:
         raise ArtifactFormatError(
             f"the model has {params.n_features} feature rows but the feature index names "
             f"{feature_index.n_features}: they do not belong together"
         )
-    s_u, lin_u, pair_u = _self_terms(feature_index.user_x, params)
+    s_u, lin_u, pair_u = _self_terms(feature_index.user_x if users is None else feature_index.user_x[users], params)
     s_i, lin_i, pair_i = _self_terms(feature_index.item_x, params)
     user_vectors = np.hstack([s_u, np.ones((s_u.shape[0], 1))]).astype(np.float32)
     item_vectors = np.hstack([s_i, (lin_i + pair_i)[:, None]]).astype(np.float32)

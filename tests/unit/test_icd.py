@@ -3,6 +3,7 @@ its steps is the exact minimiser for the parameters it moves, and it recovers pl
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -209,3 +210,22 @@ def test_a_system_no_precision_can_factor_takes_no_step_and_the_others_are_solve
     step = _ICD._solve(hess, grad)
     assert torch.allclose(step[0], torch.tensor([1.0, 1.0])) and torch.allclose(step[2], torch.tensor([1.0, 1.0]))
     assert torch.equal(step[1], torch.zeros(2))
+
+
+def test_a_run_records_hold_out_recall_per_epoch_the_last_equal_to_its_metrics(tmp_path) -> None:
+    """The icd learner has no validation loss: each epoch's record carries recall@x on (a sample of) the
+    hold-out, by the same ranking as the run's metrics; it is timed apart from training."""
+    from topx.cli import main
+    from topx.synth import generate
+
+    files = generate(150, 60, mean_interactions=12, implicit=True, seed=4).write(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["run", "--interactions", str(files["interactions"]), "--rating-col", "plays", "--epochs", "4",
+                 "--num-factors", "8", "--top-x", "5", "--quiet", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["training"]["history"]
+    assert [h["epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    assert all(0.0 <= h["holdout_recall_at_5"] <= 1.0 for h in history)
+    assert metrics["ranking_users"] <= 2000  # every hold-out user is in the per-epoch sample
+    assert history[-1]["holdout_recall_at_5"] == pytest.approx(metrics["recall_at_5"], abs=1e-12)
+    assert metrics["timings_s"]["holdout_per_epoch"] > 0

@@ -172,13 +172,24 @@ def _training(history: list[dict[str, float]], best_epoch: int | None) -> str:
             ax.axvline(best_epoch, color="#38a169", linestyle="--", label=f"best epoch {best_epoch}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        ax.legend(frameon=False, fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        recall = next((k for h in history for k in h if k.startswith("holdout_recall_at_")), None)
+        if recall is not None:  # the icd learner's hold-out recall per epoch, on its own axis
+            axr = ax.twinx()
+            axr.plot([e for e, h in zip(epochs, history, strict=True) if recall in h],
+                     [h[recall] for h in history if recall in h], marker="s", color=LIVE,
+                     label=recall.replace("_at_", "@").replace("_", " "))
+            axr.set_ylabel(recall.replace("_at_", "@").replace("_", " "))
+            more_handles, more_labels = axr.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        ax.legend(handles, labels, frameon=False, fontsize=8)
         if has_time:
             ax2 = fig.add_subplot(1, 2, 2)
             ax2.bar(epochs, [h["seconds"] for h in history], color=POPULARITY)
             ax2.set_xlabel("epoch")
             ax2.set_ylabel("seconds")
-    return _figure("training", "Loss per epoch (the validation loss where the learner keeps one), the best epoch "
+    return _figure("training", "Loss per epoch (the validation loss where the learner keeps one; for the icd "
+                   "learner, recall on a sample of the hold-out, shown and never used to choose), the best epoch "
                    "marked" + ("; right: wall time of each epoch." if has_time else "."), draw)
 
 
