@@ -191,13 +191,18 @@ def repackage(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
 
 
 def report(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
-    """``{"bucket", "run_id", "gate": {...} | null}`` -> ``{"run_id", "report": "s3://...", "bytes"}``."""
+    """``{"bucket", "run_id", "gate": {...} | null, "searched": bool (default true)}`` ->
+    ``{"run_id", "report": "s3://...", "bytes"}``; ``searched`` false for a model the gate refused."""
     parsed = RunEvent.parse(event)
     gate = _object(event).get("gate")
     if gate is not None and not isinstance(gate, Mapping):
         raise EventError(f"event field 'gate' must be the quality gate's reply (an object) or null, got {gate!r}")
+    searched = _object(event).get("searched", True)
+    if not isinstance(searched, bool):
+        raise EventError(f"event field 'searched' must be true or false, got {searched!r}")
     _log("report", parsed)
-    return dict(stages.report_run(parsed.bucket, parsed.run_id, None if gate is None else dict(gate)))
+    return dict(stages.report_run(parsed.bucket, parsed.run_id, None if gate is None else dict(gate),
+                                  searched=searched))
 
 
 def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:

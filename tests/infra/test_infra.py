@@ -438,7 +438,7 @@ def test_state_machine_runs_the_states_in_order(default: Synth) -> None:
             assert state["Choices"] == [
                 {"Variable": "$.gate.passed", "BooleanEquals": True, "Next": "Repackage"}
             ]
-            assert state["Default"] == "NotifyRejected"
+            assert state["Default"] == "ReportRejected"
             name = state["Choices"][0]["Next"]
         else:
             name = state.get("Next")
@@ -450,6 +450,10 @@ def test_state_machine_runs_the_states_in_order(default: Synth) -> None:
     assert states["Load"]["Type"] == "Map"
     assert states["Load"]["ItemsPath"] == "$.prepare.shard_ids"
     assert states["NotifySuccess"]["Resource"] == "arn:aws:states:::sns:publish"
+    # A refused model gets its report too (nothing searched), and the notification names it either way.
+    assert states["ReportRejected"]["Parameters"]["Payload"]["searched"] is False
+    assert states["ReportRejected"]["Next"] == states["NoRejectedReport"]["Next"] == "NotifyRejected"
+    assert "$.report.report" in states["NotifyRejected"]["Parameters"]["Message.$"]
     assert (states["NotifyRejected"]["Next"], states["Rejected"]["Type"]) == ("Rejected", "Fail")
     assert (states["NotifyFailure"]["Next"], states["Fail"]["Type"]) == ("Fail", "Fail")
 
@@ -475,11 +479,11 @@ def test_every_task_retries_and_every_step_is_caught(default: Synth) -> None:
             continue  # the Map state catches for its iterations
         # A report that fails is kept in the output and the run goes on to publish.
         expected_next = {"NotifySuccess": "Succeed", "NotifyRejected": "Rejected", "NotifyFailure": "Fail",
-                         "Report": "Publish"}
+                         "Report": "Publish", "ReportRejected": "NoRejectedReport"}
         (catcher,) = state["Catch"]
         assert catcher["ErrorEquals"] == ["States.ALL"]
         assert catcher["Next"] == expected_next.get(name, "NotifyFailure"), name
-        if name == "Report":
+        if name in ("Report", "ReportRejected"):
             assert catcher["ResultPath"] == "$.report_error"
         elif name not in expected_next:
             assert catcher["ResultPath"] == "$.error"

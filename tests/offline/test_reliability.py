@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import threading
@@ -38,6 +39,7 @@ from topx.contract import (
     ENV_HYPERPARAMETERS,
     ENV_MAX_RMSE,
     ENV_NUM_FACTORS,
+    report_key,
     version_metrics_key,
     version_prefix,
 )
@@ -66,10 +68,16 @@ def live(stack: Stack) -> Stack:
 
 def rejected_and_untouched(stack: Stack, run, reason: str) -> None:
     assert run.status == "FAILED" and run.error == "QualityGateRejected"
-    assert run.exited_states()[-2:] == ["GateChoice", "NotifyRejected"]
+    assert run.exited_states()[-3:] == ["GateChoice", "ReportRejected", "NotifyRejected"]
     (note,) = run.notes
     assert note.subject == "topx: model rejected by the quality gate"
     assert f"topx run {run.run_id} was not published: " in note.message and reason in note.message, note.message
+    # The refused model's report says why, and the notification names it.
+    uri = f"s3://{stack.pipeline.bucket}/{report_key(run.run_id)}"
+    assert f"Report: {uri}." in note.message
+    page = stack.s3.get_object(Bucket=stack.pipeline.bucket, Key=report_key(run.run_id))["Body"].read().decode()
+    assert "The quality gate refused this model" in page and 'data-verdict="bad"' in page
+    assert html.escape(reason, quote=False) in page
     assert stack.pointer() == SEEDED_VERSION and run.run_id not in stack.versions()
 
 
@@ -82,6 +90,21 @@ def test_a_diverging_training_configuration_is_not_published(live: Stack) -> Non
     rejected_and_untouched(live, run, "is worse than the baseline's")
     metrics = live.run_json(run.run_id, "metrics.json")
     assert metrics["hyperparameters"]["factors_lr"] == 1e5  # the upload's setting reached the training
+
+
+def test_a_refused_model_whose_report_fails_is_still_refused_and_says_so(live: Stack,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> dict:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(stages, "report_run", broken)
+    run = live.upload("incoming/ratings.csv", UPLOAD, {"topx-hyperparameters": DIVERGING, **RATING})
+
+    assert run.status == "FAILED" and run.error == "QualityGateRejected"
+    assert run.exited_states()[-4:] == ["GateChoice", "ReportRejected", "NoRejectedReport", "NotifyRejected"]
+    (note,) = run.notes
+    assert "Report: none (see the ReportRejected state's error)." in note.message
+    assert live.pointer() == SEEDED_VERSION
 
 
 def test_a_configured_threshold_rejects_a_model_that_beats_its_baseline(live: Stack) -> None:

@@ -765,11 +765,12 @@ def _report_uri(bucket: str, run_id: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
-def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[str, Any]:
+def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None, *, searched: bool = True) -> dict[str, Any]:
     """Write the run report (topx.report) to ``runs/<run_id>/report.html``: the prepared interactions, the
     metrics, every shard's recommendations, the items table's titles, and the quality gate's reply
     ``gate`` with the live model it compared against. Streams the interactions and the shards, so its
-    memory follows the users and items counts, not the interactions or the lists."""
+    memory follows the users and items counts, not the interactions or the lists. ``searched`` False:
+    the gate refused the model, so there are no recommendations, and the page says why."""
     from topx.ingest import read_feature_table
     from topx.report import build_report, parquet_rows, recommendation_frames
     from topx.rundir import INTERACTIONS_FILE, iter_interaction_rows
@@ -781,7 +782,7 @@ def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[st
         _download_prefix(bucket, prepared_prefix(run_id), work / "prepared")
         feature_index = FeatureIndex.load(work / "prepared")
         paths = []
-        for shard in range(shards):
+        for shard in range(shards if searched else 0):
             path = work / f"part-{shard}.parquet"
             key = recommendations_key(run_id, shard)
             try:
@@ -795,9 +796,12 @@ def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None) -> dict[st
             header=(record.get("dataset") or {}).get("no_header") is not True, s3_client=s3_client())
         interactions = (iter_interaction_rows(work / "prepared", data_dir="")
                         if (work / "prepared" / INTERACTIONS_FILE).exists() else None)
-        page = build_report(metrics, feature_index, interactions, recommendation_frames(paths),
+        refused = f"The quality gate refused this model ({(gate or {}).get('reason', 'no reason given')}): " \
+                  "nothing was searched or published."
+        page = build_report(metrics, feature_index, interactions,
+                            recommendation_frames(paths) if searched else None,
                             title=f"topx run {run_id}", expected_rows=parquet_rows(paths), items_table=items,
-                            gate=gate, live=(gate or {}).get("live"))
+                            gate=gate, live=(gate or {}).get("live"), recommendations_absent=refused)
     key = report_key(run_id)
     s3_client().put_object(Bucket=bucket, Key=key, Body=page.encode("utf-8"), ContentType="text/html; charset=utf-8")
     return {"run_id": run_id, "report": f"s3://{bucket}/{key}", "bytes": len(page.encode("utf-8"))}

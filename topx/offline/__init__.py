@@ -34,7 +34,7 @@ from topx.offline.definition import (
     upload_input_transformer,
 )
 from topx.offline.deploy import DEFAULT_REGION, LocalPipeline, LocalSettings, deploy
-from topx.offline.execute import ManualClock, resolve_command
+from topx.offline.execute import InfrastructureFailure, ManualClock, resolve_command
 from topx.offline.follow import (
     TERMINAL,
     Notification,
@@ -66,6 +66,7 @@ __all__ = [
     "RETRY_TIME_SCALE",
     "TERMINAL",
     "DefinitionError",
+    "InfrastructureFailure",
     "LocalPipeline",
     "LocalSettings",
     "ManualClock",
