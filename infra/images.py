@@ -28,9 +28,11 @@ COMMON_EXCLUDE: tuple[str, ...] = (
     ".hypothesis",
     "Makefile",
     "README.md",
-    # The images install pinned dependencies from requirements.txt and copy the packages; the
-    # project itself is not pip-installed, so its metadata is not needed.
+    # Each image installs its own pinned list (functions/requirements.txt, batch_jobs/requirements*.txt)
+    # and copies the packages; the project itself is not pip-installed, so its metadata is not needed, and
+    # the test environment's list (the root requirements.txt; the pattern matches at the root only) is not.
     "pyproject.toml",
+    "requirements.txt",
     "cdk.out",
     "cdk.json",
     "cdk.context.json",

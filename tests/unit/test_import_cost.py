@@ -62,8 +62,8 @@ def test_the_deploy_contract_imports_no_numpy_torch_or_faiss(code: str) -> None:
 # Importing the handlers' module is not enough: the stages import what they use when they run. So the
 # pipeline runs stage by stage, each in a fresh interpreter under moto, on the bucket the stage before
 # left (carried from one interpreter to the next in a folder), and each reports what its run loaded: no
-# Lambda function loads torch or faiss (its image has neither), no batch job loads matplotlib (theirs has
-# none), and the train job does load torch, which shows that the probe sees a heavy import.
+# Lambda function loads torch, faiss or tqdm (its image has none of them), no batch job loads matplotlib
+# (theirs has none), and the train job does load torch, which shows that the probe sees a heavy import.
 
 STAGE_PROBE = """
 import importlib, json, sys
@@ -99,7 +99,8 @@ print(json.dumps({"replies": replies, "loaded": sorted(m for m in watched if m i
 BUCKET, TABLE = "topx-probe-bucket", "topx-probe-table"
 # Every function of infra/lambdas.py, in the order the state machine runs them.
 LAMBDA_HANDLERS = ("prepare", "quality_gate", "repackage", "report", "load_shard", "publish")
-WATCHED = (*HEAVY, "matplotlib")
+# tqdm: the trainers' progress bars, which the functions image leaves out too.
+WATCHED = (*HEAVY, "matplotlib", "tqdm")
 
 
 def _run_stages(before: Path, after: Path, calls: list[tuple[str, str, object]]) -> tuple[list, list[str]]:
@@ -116,7 +117,7 @@ def _run_stages(before: Path, after: Path, calls: list[tuple[str, str, object]])
 
 
 @pytest.mark.slow
-def test_no_lambda_function_loads_torch_or_faiss_and_no_batch_job_matplotlib(tmp_path, monkeypatch) -> None:
+def test_no_lambda_function_loads_torch_faiss_or_tqdm_and_no_batch_job_matplotlib(tmp_path, monkeypatch) -> None:
     from reliability_stack import base_ratings
 
     from infra.lambdas import SPECS
