@@ -56,6 +56,8 @@ CUSTOM_CONTEXT = {
     "min_recall": "0.1",
     "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}',
     "search_method": "faiss",
+    # The search image is left on its tag.
+    "base_image_digests": json.dumps({"train": "sha256:" + "a1" * 32, "functions": "sha256:" + "0f" * 32}),
 }
 
 
@@ -727,6 +729,20 @@ def test_cfn_lint_finds_no_errors(default: Synth, custom: Synth) -> None:
         assert [f"{m.rule.id} {m.message}" for m in matches if m.rule.id != "W3005"] == []
 
 
+def test_base_image_digests_reach_the_builds_as_build_arguments(default: Synth, custom: Synth) -> None:
+    """Context base_image_digests pins each named image's base (its Dockerfile's BASE_DIGEST); the others,
+    and every image by default, build from their tag."""
+    def build_args(synth: Synth) -> dict[str, Any]:
+        manifest = json.loads((synth.outdir / "Topx.assets.json").read_text(encoding="utf-8"))
+        return {image["source"]["dockerFile"]: image["source"].get("dockerBuildArgs")
+                for image in manifest["dockerImages"].values()}
+
+    assert build_args(default) == dict.fromkeys((FUNCTIONS_DOCKERFILE, TRAIN_DOCKERFILE, SEARCH_DOCKERFILE))
+    assert build_args(custom) == {FUNCTIONS_DOCKERFILE: {"BASE_DIGEST": "sha256:" + "0f" * 32},
+                                  TRAIN_DOCKERFILE: {"BASE_DIGEST": "sha256:" + "a1" * 32},
+                                  SEARCH_DOCKERFILE: None}
+
+
 def test_synth_needs_no_docker_and_stages_lean_build_contexts(default: Synth) -> None:
     manifest = json.loads((default.outdir / "Topx.assets.json").read_text(encoding="utf-8"))
     images = manifest["dockerImages"].values()
@@ -911,6 +927,10 @@ def test_settings_defaults_and_command_line_strings() -> None:
         {"search_method": "annoy"},
         {"search_method": "FAISS"},
         {"search_method": ["faiss"]},
+        {"base_image_digests": '{"train": "sha256:abc"}'},
+        {"base_image_digests": '{"train": "python:3.11-slim-bookworm@sha256:' + "a1" * 32 + '"}'},
+        {"base_image_digests": '{"gpu": "sha256:' + "a1" * 32 + '"}'},
+        {"base_image_digests": '["sha256:' + "a1" * 32 + '"]'},
     ],
 )
 def test_settings_reject_values_the_stack_cannot_use(context: dict[str, str]) -> None:
