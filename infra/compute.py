@@ -134,7 +134,7 @@ class Compute(Construct):
                 container=batch.EcsEc2ContainerDefinition(
                     self,
                     "TrainContainer",
-                    image=batch_image(TRAIN_DOCKERFILE),
+                    image=batch_image(TRAIN_DOCKERFILE, settings.base_image_digest("train")),
                     cpu=TRAIN_VCPUS,
                     memory=TRAIN_MEMORY,
                     gpu=1,
@@ -162,7 +162,7 @@ class Compute(Construct):
                 container=batch.EcsFargateContainerDefinition(
                     self,
                     "SearchContainer",
-                    image=batch_image(SEARCH_DOCKERFILE),
+                    image=batch_image(SEARCH_DOCKERFILE, settings.base_image_digest("search")),
                     cpu=SEARCH_VCPUS,
                     memory=SEARCH_MEMORY,
                     command=list(SEARCH_COMMAND),

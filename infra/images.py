@@ -28,9 +28,11 @@ COMMON_EXCLUDE: tuple[str, ...] = (
     ".hypothesis",
     "Makefile",
     "README.md",
-    # The images install pinned dependencies from requirements.txt and copy the packages; the
-    # project itself is not pip-installed, so its metadata is not needed.
+    # Each image installs its own pinned list (functions/requirements.txt, batch_jobs/requirements*.txt)
+    # and copies the packages; the project itself is not pip-installed, so its metadata is not needed, and
+    # the test environment's list (the root requirements.txt; the pattern matches at the root only) is not.
     "pyproject.toml",
+    "requirements.txt",
     "cdk.out",
     "cdk.json",
     "cdk.context.json",
@@ -65,13 +67,19 @@ FUNCTIONS_EXCLUDE = (*COMMON_EXCLUDE, "batch_jobs")
 PLATFORM = ecr_assets.Platform.LINUX_AMD64
 
 
-def batch_image(dockerfile: str) -> ecs.ContainerImage:
+def _build_args(base_digest: str | None) -> dict[str, str] | None:
+    """The Dockerfiles build FROM their BASE_IMAGE tag, or exactly the image BASE_DIGEST names of it."""
+    return None if base_digest is None else {"BASE_DIGEST": base_digest}
+
+
+def batch_image(dockerfile: str, base_digest: str | None = None) -> ecs.ContainerImage:
     return ecs.ContainerImage.from_asset(
-        str(REPO_ROOT), file=dockerfile, exclude=list(BATCH_EXCLUDE), platform=PLATFORM
+        str(REPO_ROOT), file=dockerfile, exclude=list(BATCH_EXCLUDE), platform=PLATFORM,
+        build_args=_build_args(base_digest),
     )
 
 
-def function_code(handler: str) -> lambda_.DockerImageCode:
+def function_code(handler: str, base_digest: str | None = None) -> lambda_.DockerImageCode:
     """The one functions image, started with ``handler`` (``functions.handlers.<name>``) as its CMD."""
     return lambda_.DockerImageCode.from_image_asset(
         str(REPO_ROOT),
@@ -79,4 +87,5 @@ def function_code(handler: str) -> lambda_.DockerImageCode:
         cmd=[handler],
         exclude=list(FUNCTIONS_EXCLUDE),
         platform=PLATFORM,
+        build_args=_build_args(base_digest),
     )

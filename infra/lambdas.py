@@ -140,8 +140,10 @@ class Functions(Construct):
         table: dynamodb.ITable,
         environment: dict[str, str],
         logs_key: kms.IKey,
+        base_digest: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        self._base_digest = base_digest  # pins the image's base (infra/images.py)
         self.by_handler: dict[str, lambda_.DockerImageFunction] = {}
         for spec in SPECS:
             self.by_handler[spec.handler] = self._function(spec, bucket, table, environment, logs_key)
@@ -168,7 +170,7 @@ class Functions(Construct):
         function = lambda_.DockerImageFunction(
             self,
             construct_id,
-            code=function_code(f"{HANDLER_MODULE}.{spec.handler}"),
+            code=function_code(f"{HANDLER_MODULE}.{spec.handler}", self._base_digest),
             description=f"topx {spec.handler}: {spec.description}",
             architecture=lambda_.Architecture.X86_64,
             memory_size=spec.memory_mb,

@@ -57,6 +57,9 @@ MIN_MAX_VCPUS = 4
 
 _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+# The images whose base a digest may pin (context base_image_digests), and what a digest looks like.
+BASE_IMAGES = ("functions", "train", "search")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Context parameters that set one field of the dataset configuration each, from before there was one;
 # still read, and folded into it.
 DATASET_SHORTHANDS = ("time_col", "half_life_days", "since")
@@ -89,6 +92,8 @@ class DeploySettings:
     search_method: str | None = None
     # The dataset configuration (topx.contract.DATASET_FIELDS) as JSON object text: TOPX_DATASET.
     dataset: str | None = None
+    # (image, "sha256:...") pairs: each image's base tag (its Dockerfile's BASE_IMAGE) pinned to that digest.
+    base_image_digests: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -125,6 +130,12 @@ class DeploySettings:
             raise SettingsError(
                 f"context search_method must be one of {', '.join(SEARCH_METHODS)}, got {self.search_method!r}"
             )
+        for image, digest in self.base_image_digests:
+            if image not in BASE_IMAGES:
+                raise SettingsError(f"context base_image_digests: unknown image {image!r}; one of {', '.join(BASE_IMAGES)}")
+            if not _DIGEST_RE.match(digest):
+                raise SettingsError(f"context base_image_digests: {image}: {digest!r} is not a digest (sha256: and 64 "
+                                    f"lowercase hex digits)")
         if self.dataset is not None:
             try:
                 checked = merge_dataset_configs(check_dataset_config(json.loads(self.dataset), deployed=True))
@@ -150,6 +161,10 @@ class DeploySettings:
         if dataset:
             values["dataset"] = json.dumps(dataset, sort_keys=True)
         return cls(**{**_as_kwargs(defaults), **values})
+
+    def base_image_digest(self, image: str) -> str | None:
+        """The digest that pins ``image``'s base (one of BASE_IMAGES); None builds from its tag."""
+        return dict(self.base_image_digests).get(image)
 
     def job_environment(self, *, bucket: str, table: str, topic_arn: str) -> dict[str, str]:
         """Environment every function and job gets: resource names and the deploy-time knobs."""
@@ -339,6 +354,15 @@ def _parse_instance_types(raw: Any) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw if item.strip())
 
 
+def _parse_digests(raw: Any) -> tuple[tuple[str, str], ...]:
+    """A JSON object of image name to digest (cdk.json, or its text with -c), sorted by image."""
+    if isinstance(raw, str):
+        raw = json.loads(raw) if raw.strip() else {}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ValueError('expected a JSON object such as {"train": "sha256:..."}')
+    return tuple(sorted((str(image), digest.strip()) for image, digest in raw.items()))
+
+
 _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "top_x": _parse_int,
     "num_factors": _parse_int,
@@ -355,4 +379,5 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "min_recall": _parse_optional_number,
     "hyperparameters": _parse_hyperparameters,
     "search_method": _parse_optional_str,
+    "base_image_digests": _parse_digests,
 }

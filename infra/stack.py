@@ -48,6 +48,7 @@ class TopxStack(Stack):
             table=storage.table,
             environment=environment,
             logs_key=log_key,
+            base_digest=settings.base_image_digest("functions"),
         )
         pipeline = Pipeline(
             self,

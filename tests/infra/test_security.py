@@ -386,7 +386,8 @@ def test_the_train_container_cannot_reach_the_instance_metadata_service(synth: S
     from infra.compute import TRAIN_JOB_UID, block_metadata_command
 
     dockerfile = (Path(__file__).resolve().parents[2] / "batch_jobs" / "train" / "Dockerfile").read_text()
-    assert regex.search(rf"useradd [^\n]*--uid {TRAIN_JOB_UID}\b", dockerfile) and "\nUSER topx" in dockerfile
+    assert regex.search(rf"useradd [^\n]*--uid {TRAIN_JOB_UID}\b", dockerfile)
+    assert f"\nUSER {TRAIN_JOB_UID}\n" in dockerfile
     (props,) = synth.properties("AWS::EC2::LaunchTemplate").values()
     data = props["LaunchTemplateData"]
     assert data["MetadataOptions"]["HttpTokens"] == "required"
