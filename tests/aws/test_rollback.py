@@ -199,6 +199,31 @@ def test_a_publish_between_the_rollbacks_read_and_its_write_wins_and_the_rollbac
     assert None not in expiries(ddb, A) and len(markers(s3, A)) == 2  # A stays retired, as it was
 
 
+def test_a_rollback_stopped_after_moving_the_pointer_says_so_and_is_finished_by_running_it_again(
+        aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3, ddb = aws
+    published(s3, A)
+    published(s3, B)
+    now = later()
+    retire(now)
+    keep_manifest = stages._keep_manifest
+
+    def fails_on_shard_1(bucket: str, table: str, version: str, manifest_shard: int) -> int:
+        if manifest_shard == 1:
+            raise StoreError("s3://topx-test-bucket/...: cannot be read")
+        return keep_manifest(bucket, table, version, manifest_shard)
+
+    monkeypatch.setattr(stages, "_keep_manifest", fails_on_shard_1)
+    with pytest.raises(StoreError, match=f"{A} is live now, in place of {B}, but some of its items may still carry "
+                                         f"their expiry: .*; run `topx rollback --to {A}` again to finish"):
+        stages.rollback_version(BUCKET, TABLE, now=now)
+    assert served(ddb) == served_from(A) and None in expiries(ddb, A) and len(markers(s3, A)) == 1
+    monkeypatch.setattr(stages, "_keep_manifest", keep_manifest)
+
+    assert stages.rollback_version(BUCKET, TABLE, A, now=now)["kept"] == 1
+    assert expiries(ddb, A) == {None} and markers(s3, A) == [] and served(ddb) == served_from(A)
+
+
 def test_a_run_publishing_right_after_a_rollback_goes_live(aws) -> None:
     s3, ddb = aws
     published(s3, A)

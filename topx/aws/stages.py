@@ -847,8 +847,13 @@ def rollback_version(bucket: str, table: str, to: str | None = None, *, now: flo
             f"the pointer moved while rolling back: {moved.version if moved else None} is live now, not "
             f"{pointer.version} (a run published, or another rollback ran); nothing was changed, and "
             f"`topx rollback` can be run again against what is live now")
-    return {"version": target, "rolled_back_from": pointer.version, "users": users,
-            "kept": _keep_version(bucket, table, target), "already_live": False}
+    try:
+        kept = _keep_version(bucket, table, target)
+    except (StoreError, ClientError) as exc:
+        raise StoreError(f"{target} is live now, in place of {pointer.version}, but some of its items may still carry "
+                         f"their expiry: {exc}; run `topx rollback --to {target}` again to finish") from exc
+    return {"version": target, "rolled_back_from": pointer.version, "users": users, "kept": kept,
+            "already_live": False}
 
 
 def _previous_complete(bucket: str, table: str, pointer: store.Pointer, objects: dict[str, Any],
