@@ -296,4 +296,8 @@ def test_the_rollback_command_says_what_it_did_and_why_it_did_not(aws, capsys: p
     assert capsys.readouterr().out == f"{A} is already live; its items carry no expiry\n"
     assert main(["rollback", "--to", "nope", "--table", TABLE, "--bucket", BUCKET]) == 2
     assert "unknown version 'nope'" in capsys.readouterr().err
+    assert main(["rollback", "--table", TABLE, "--bucket", "nope"]) == 2
+    assert "topx: error: bucket 'nope' does not exist" in capsys.readouterr().err
+    assert main(["rollback", "--table", "nope", "--bucket", BUCKET]) == 2
+    assert "topx: error: table 'nope' does not exist" in capsys.readouterr().err
     assert stages._clients == {"s3": s3, "dynamodb": ddb}  # the command's clients were put back

@@ -226,13 +226,20 @@ def rollback(to: str | None = None, *, table: str | None = None, bucket: str | N
     the live version (``topx.aws.stages.rollback_version`` says what complete means, and how a run
     publishing at the same moment is kept apart). Returns what it did: ``version``, ``rolled_back_from``,
     ``users``, ``kept``, ``already_live``."""
+    from botocore.exceptions import ClientError
+
     from topx.aws import stages
 
     table_name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     bucket_name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
     with aws_errors(), _table_errors(table_name), stages.clients_in_use(
             s3=s3 or aws_client("s3", endpoint_url), dynamodb=dynamodb or aws_client("dynamodb", endpoint_url)):
-        return stages.rollback_version(bucket_name, table_name, to)
+        try:
+            return stages.rollback_version(bucket_name, table_name, to)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StoreError(f"bucket {bucket_name!r} does not exist") from exc
+            raise
 
 
 def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,
