@@ -311,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open", dest="open", action="store_false", help="do not open it in the browser")
     _add_stack_options(p, bucket=True)
 
+    p = add_command("rollback", help="point readers back at an earlier version of a deployed stack",
+                       description="Move the active-version pointer back to an earlier version that is still "
+                                   "complete (every shard's items kept, its fallback list there, nothing of it "
+                                   "expiring within a day): --to VERSION, or the newest one older than the live "
+                                   "version. A run publishing at the same moment either goes live first, and the "
+                                   "rollback changes nothing, or after it. The version rolled back from is retired by "
+                                   "the next run's load, and the next run newer than it publishes as usual. Needs the "
+                                   "table and the bucket: --table/--bucket, else the --stack's outputs, else "
+                                   "$TOPX_TABLE/$TOPX_BUCKET, else the outputs of the stack Topx.")
+    p.add_argument("--to", metavar="VERSION",
+                   help="the version to make live (a run id that was live once, as `topx status` names it; default: "
+                        "the newest complete version older than the live one)")
+    _add_stack_options(p, table=True, bucket=True)
+
     p = add_command("status", help="the pipeline's latest executions and the live version",
                        description="List the state machine's most recent executions, newest first, and the version "
                                    "readers currently see.")
@@ -725,6 +739,21 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from topx.aws import client
+
+    done = client.rollback(args.to, table=args.table, bucket=args.bucket, stack=args.stack,
+                           endpoint_url=args.endpoint_url)
+    kept = f"; {done['kept']} retired shard(s) of it kept again" if done["kept"] else ""
+    if done["already_live"]:
+        print(f"{done['version']} is already live; its items carry no expiry{kept}")
+        return 0
+    print(f"rolled back: {done['version']} is live ({done['users']:,} users), in place of {done['rolled_back_from']}"
+          f"{kept}. {done['rolled_back_from']} is retired by the next run's load; the next run newer than it "
+          f"publishes as usual")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from topx.aws import client
     found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
@@ -744,13 +773,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         when = "" if live.published_at is None else f", published {live.published_at:%Y-%m-%d %H:%M:%S}"
         users = "" if live.users is None else f", {live.users:,} users"
-        print(f"live version: {live.version}{users}{when}")
+        back = "" if live.rolled_back_from is None else f", rolled back from {live.rolled_back_from}"
+        print(f"live version: {live.version}{users}{when}{back}")
     return 0
 
 
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
             "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status,
-            "report": cmd_report}
+            "rollback": cmd_rollback, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

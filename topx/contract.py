@@ -304,9 +304,12 @@ _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
 # runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
 # runs/<run_id>/searched/shard=NNNN.json   the shard's users, and those left with nothing to recommend
 # runs/<run_id>/loaded/shard=NNNN.json     users written to DynamoDB by that shard's load
-# versions/<run_id>/shard=NNNN/            a copy of what a load wrote to DynamoDB, until it is retired
+# versions/<run_id>/shard=NNNN/            a copy of what a load wrote to DynamoDB, kept until the items it
+#                                          lists expire (retired.json, once retired, says when)
 # versions/<run_id>/metrics.json           the published model's metrics, for the quality gate
-# runs/ expires by the bucket's lifecycle rule; versions/ lies outside it and is never expired.
+# versions/<run_id>/version.json           written once the pointer named the version: its shards and users
+# runs/ expires by the bucket's lifecycle rule; versions/ lies outside it: retiring deletes a version's objects
+# once its items have expired (topx.aws.stages.retire_versions).
 
 INCOMING_PREFIX = "incoming/"  # uploads; the trigger's key prefix (statemachine/trigger.json)
 FEATURES_PREFIX = "features/"  # side tables every run reads
@@ -316,13 +319,19 @@ CONFIG_PREFIX = "config/"  # settings a run reads: FILTERS_KEY, DATASET_KEY
 FILTERS_KEY = f"{CONFIG_PREFIX}filters.json"  # the filter file (topx.filters) every run applies
 DATASET_KEY = f"{CONFIG_PREFIX}dataset.json"  # the dataset configuration, over the deployed one (ENV_DATASET)
 RESPONSES_PREFIX = "responses/"  # (user_id, item_id) pairs left out of the next lists (topx.filters)
-# The files of a version's shard manifest (version_shard_prefix): the recommendations and the search's counts.
+# The files of a version's shard manifest (version_shard_prefix): the recommendations and the search's counts,
+# and once the manifest's items were given their expiry, the marker saying when they expire.
 MANIFEST_RECOMMENDATIONS = "part-0.parquet"
 MANIFEST_SEARCHED = "searched.json"
-# versions/<run_id>/metrics.json, or one of versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json}
+MANIFEST_RETIRED = "retired.json"
+VERSION_METRICS = "metrics.json"
+VERSION_RECORD = "version.json"
+# versions/<run_id>/{metrics.json,version.json}, or versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json,
+# retired.json}
 VERSION_OBJECT_RE = re.compile(
-    rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:metrics\.json|shard=(?P<shard>\d{{4,}})/"
-    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}))"
+    rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:{re.escape(VERSION_METRICS)}|{re.escape(VERSION_RECORD)}|"
+    rf"shard=(?P<shard>\d{{4,}})/"
+    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}|{re.escape(MANIFEST_RETIRED)}))"
 )
 
 
@@ -408,11 +417,18 @@ def version_prefix(run_id: str) -> str:
 
 def version_metrics_key(run_id: str) -> str:
     """The published version's metrics, kept beyond the runs/ lifecycle for the quality gate."""
-    return f"{version_prefix(run_id)}metrics.json"
+    return f"{version_prefix(run_id)}{VERSION_METRICS}"
+
+
+def version_record_key(run_id: str) -> str:
+    """What publish records once the pointer named the version (its shards and users): a version without one
+    was never live, and ``topx rollback`` does not go to it."""
+    return f"{version_prefix(run_id)}{VERSION_RECORD}"
 
 
 def version_shard_prefix(run_id: str, shard: int) -> str:
-    """One shard's manifest under the version: MANIFEST_RECOMMENDATIONS and MANIFEST_SEARCHED."""
+    """One shard's manifest under the version: MANIFEST_RECOMMENDATIONS and MANIFEST_SEARCHED, and
+    MANIFEST_RETIRED once retired."""
     return f"{version_prefix(run_id)}{_shard(shard)}/"
 
 

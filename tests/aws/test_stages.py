@@ -123,6 +123,20 @@ def test_pointer_never_goes_backwards(aws):
     assert store.active_version(TABLE, client=ddb) == "20260101T000000Z-b"
 
 
+def test_a_pointer_written_before_rollbacks_existed_reads_and_moves_as_before(aws):
+    """Tables deployed earlier hold a pointer without ``newest``: its version counts as the newest."""
+    _, ddb = aws
+    ddb.put_item(TableName=TABLE, Item={**store.pointer_key(), "version": {"S": "20260101T000000Z-b"},
+                                        "users": {"N": "1"}, "published_at": {"N": "1"}})
+    read = store.read_pointer(TABLE, client=ddb)
+    assert read == store.Pointer(version="20260101T000000Z-b", newest="20260101T000000Z-b", users=1, published_at=1)
+    assert not store.publish_version(TABLE, "20250101T000000Z-a", users=1, client=ddb)
+    assert store.roll_back_pointer(TABLE, "20250101T000000Z-a", read=read, users=1, client=ddb)
+    assert store.read_pointer(TABLE, client=ddb).newest == "20260101T000000Z-b"
+    assert not store.roll_back_pointer(TABLE, "20240101T000000Z-z", read=read, users=1, client=ddb)
+    assert store.publish_version(TABLE, "20270101T000000Z-c", users=1, client=ddb)
+
+
 def test_unprocessed_items_are_retried():
     calls = []
 
@@ -208,11 +222,22 @@ def test_retiring_skips_what_is_not_older_than_live_and_cleans_up_half_written_m
     assert expiry("u1", old) == expiry("u2", old) == int(now) + 7 * 86400
     assert expiry("u3", old) is None  # not listed by a complete manifest, so not written again
     assert expiry("u1", live) is None and expiry("u1", newer) is None
-    assert _version_keys(s3) == sorted([
+    # The retired manifest is kept, marked with its items' expiry, for as long as they may be rolled back to.
+    kept = sorted([
         f"versions/{live}/metrics.json", f"versions/{live}/shard=0000/part-0.parquet",
         f"versions/{live}/shard=0000/searched.json", f"versions/{newer}/shard=0000/part-0.parquet",
         f"versions/{newer}/shard=0000/searched.json", "versions/notes.txt",
     ])
+    retired = [f"versions/{old}/metrics.json", f"versions/{old}/shard=0000/part-0.parquet",
+               f"versions/{old}/shard=0000/retired.json", f"versions/{old}/shard=0000/searched.json"]
+    assert _version_keys(s3) == sorted(kept + retired)
+    assert stages._get_json(BUCKET, retired[2]) == {"expires_at": int(now) + 7 * 86400}
+    # Once the items have expired, one load deletes the manifest, and the next the version's metrics.
+    expired = now + 7 * 86400
+    assert stages.retire_versions(BUCKET, TABLE, 0, 2, now=expired) == {"manifests": 0, "users": 0}
+    assert _version_keys(s3) == sorted([*kept, f"versions/{old}/metrics.json"])
+    stages.retire_versions(BUCKET, TABLE, 0, 2, now=expired)
+    assert _version_keys(s3) == kept
 
 
 def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkeypatch):
@@ -225,7 +250,8 @@ def test_retiring_stops_at_its_time_budget_and_the_next_call_goes_on(aws, monkey
     assert stages.retire_versions(BUCKET, TABLE, 0, 1, now=1e10)["manifests"] == 0
     monkeypatch.setattr(stages, "RETIRE_BUDGET_S", 300.0)
     assert stages.retire_versions(BUCKET, TABLE, 0, 1, now=1e10) == {"manifests": 3, "users": 3}
-    assert _version_keys(s3) == []
+    assert [key.rpartition("/")[2] for key in _version_keys(s3)] == ["part-0.parquet", "retired.json",
+                                                                     "searched.json"] * 3
 
 
 def test_a_shard_builds_the_seen_items_of_its_own_users_only(tmp_path):

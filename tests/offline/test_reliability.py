@@ -7,6 +7,8 @@
   ``VersionSuperseded`` instead of going live.
 - Loads write no TTL, so the live version never expires; later loads give superseded and never
   published versions their TTL (docs/RELIABILITY.md, "Versions and TTL").
+- ``topx rollback`` moves the pointer back to an earlier complete version, which readers then get whole and
+  which never expires while live; the next newer run publishes past it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from reliability_stack import (
     deployed,
 )
 
-from topx.aws import stages, store
+from topx.aws import client, stages, store
+from topx.cli import main
 from topx.contract import (
     ENV_EPOCHS,
     ENV_HYPERPARAMETERS,
@@ -315,6 +318,16 @@ def version_objects(stack: Stack, version: str) -> list[str]:
     return [o["Key"] for o in reply.get("Contents", [])]
 
 
+def retired_shards(stack: Stack, version: str) -> set[int]:
+    """The expiries the version's retired manifests are marked with, one per shard retired."""
+    objects = version_objects(stack, version)
+    shards = {key.rpartition("/")[0] for key in objects if "/shard=" in key}
+    marked = [key for key in objects if key.endswith("/retired.json")]
+    assert len(marked) in (0, len(shards)) and len(shards) in (0, SHARDS), objects
+    return {json.loads(stack.s3.get_object(Bucket=stack.pipeline.bucket, Key=key)["Body"].read())["expires_at"]
+            for key in marked}
+
+
 def test_only_superseded_versions_expire(live: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loads write no TTL, so the live version never expires however long no run publishes. The next
     load after a version was superseded gives its items their TTL and forgets its manifest."""
@@ -338,7 +351,8 @@ def test_only_superseded_versions_expire(live: Stack, monkeypatch: pytest.Monkey
     # Its fallback list (one item, pk "fallback") expires with it: it is among the expiries checked above.
     (fallback,) = [i for i in first_items if i["pk"]["S"] == "fallback"]
     assert "expires_at" in fallback
-    assert version_objects(live, first.run_id) == []
+    # Its manifests are kept until then, each marked with the expiry, so that it can be rolled back to.
+    assert retired_shards(live, first.run_id) == expiry[first.run_id]
     # Retired, not deleted: the first version stays readable until its TTL (a reader who followed the
     # pointer just before it moved still finds its items), with what it held.
     assert live_items(live, first.run_id) == live_items(live, third.run_id)
@@ -361,8 +375,9 @@ def test_a_manifest_is_retired_only_once_its_load_has_surely_ended(live: Stack,
     assert sum(d["manifests"] for d in done) == 4 and sum(d["users"] for d in done) == 2 * len(USERS)
     expiry = expiry_by_version(live)
     assert None not in expiry[first.run_id] | expiry[second.run_id] and expiry[third.run_id] == {None}
-    assert version_objects(live, first.run_id) == version_objects(live, second.run_id) == []
-    assert version_objects(live, third.run_id)  # the live version keeps its manifests and metrics
+    assert retired_shards(live, first.run_id) == retired_shards(live, second.run_id) == {int(later) + RETENTION_DAYS
+                                                                                         * 86400}
+    assert version_objects(live, third.run_id) and not retired_shards(live, third.run_id)  # live: kept, unmarked
     # Nothing is left to retire, and repeating is harmless.
     assert stages.retire_versions(bucket, table, 0, 1, now=later) == {"manifests": 0, "users": 0}
 
@@ -383,3 +398,58 @@ def test_a_run_that_loaded_but_never_went_live_is_retired_too(live: Stack, monke
     assert retired == {"manifests": SHARDS, "users": len(USERS)}
     assert None not in expiry_by_version(live)[run.run_id]
     assert expiry_by_version(live)[newer] == {None}
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def lists_of(stack: Stack, version: str) -> dict[str, list[str]]:
+    """Each user's list in ``version``, and the version's fallback list (under "nobody"), read by key."""
+    table = stack.pipeline.table
+    lists = {u: [v["S"] for v in stack.ddb.get_item(TableName=table, Key=store.user_key(u, version))["Item"]["items"]["L"]]
+             for u in USERS}
+    fallback = stack.ddb.get_item(TableName=table, Key={"pk": {"S": "fallback"}, "sk": {"S": f"v#{version}"}})["Item"]
+    return {**lists, "nobody": [v["S"] for v in fallback["items"]["L"]]}
+
+
+def served(stack: Stack) -> dict[str, list[str]]:
+    """What a reader gets through the pointer, for every user and an unknown one."""
+    return {u: store.get_recommendations(stack.pipeline.table, u, client=stack.ddb).items for u in [*USERS, "nobody"]}
+
+
+def test_a_rollback_serves_an_earlier_version_whole_until_the_next_run_moves_forward(
+        live: Stack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three runs publish in turn, and the third's load retires the first. `topx rollback` goes back to the
+    second (the previous complete version), then `--to` the first, whose items lose their expiry again;
+    readers get each version whole. The next run publishes past them all, and its load retires the
+    versions rolled back from, never the live one."""
+    monkeypatch.setattr(stages, "RETIRE_AFTER_S", 0)
+    runs = [live.upload("incoming/ratings.csv", UPLOAD) for _ in range(3)]
+    assert [run.status for run in runs] == ["SUCCEEDED"] * 3
+    first, second, third = (run.run_id for run in runs)
+    assert None not in expiry_by_version(live)[first]  # retired by the third run's load
+    bucket, table = live.pipeline.bucket, live.pipeline.table
+    command = ["rollback", "--table", table, "--bucket", bucket]
+
+    with Reader(live, USERS) as reader:
+        assert main(command) == 0
+        assert capsys.readouterr().out.startswith(f"rolled back: {second} is live ({len(USERS)} users), in place "
+                                                  f"of {third}.")
+        assert served(live) == lists_of(live, second)
+        assert client.live_version(table=table).rolled_back_from == third
+        assert main([*command, "--to", first]) == 0
+        assert capsys.readouterr().out.startswith(f"rolled back: {first} is live ({len(USERS)} users), in place "
+                                                  f"of {second}; {SHARDS} retired shard(s) of it kept again.")
+    named = [p for p in reader.pointers if p is not None]
+    assert named == sorted(named, reverse=True) and named[-1] == first  # back, and only back
+    assert reader.served <= {first, second, third}
+    assert served(live) == lists_of(live, first) and live.pointer() == first
+    assert expiry_by_version(live)[first] == {None} and not retired_shards(live, first)
+
+    fourth = live.upload("incoming/ratings.csv", UPLOAD)
+
+    assert fourth.status == "SUCCEEDED" and live.pointer() == fourth.run_id
+    assert served(live) == lists_of(live, fourth.run_id)
+    expiry = expiry_by_version(live)
+    assert expiry[first] == {None}, "the version live during the load is kept"
+    assert None not in expiry[second] | expiry[third], "the versions rolled back from are retired"

@@ -34,7 +34,8 @@ def test_run_keys_lie_under_the_run_and_the_expiring_prefix() -> None:
 
 
 def test_versions_lie_outside_the_prefix_the_lifecycle_rule_expires() -> None:
-    kept = [contract.version_metrics_key(RUN), contract.version_shard_prefix(RUN, 1) + contract.MANIFEST_SEARCHED]
+    kept = [contract.version_metrics_key(RUN), contract.version_record_key(RUN),
+            contract.version_shard_prefix(RUN, 1) + contract.MANIFEST_SEARCHED]
     assert not any(key.startswith(contract.RUNS_PREFIX) for key in kept)
     assert all(key.startswith(contract.version_prefix(RUN)) for key in kept)
     assert contract.version_shard_prefix(RUN, 1) == f"versions/{RUN}/shard=0001/"
@@ -44,6 +45,8 @@ def test_versions_lie_outside_the_prefix_the_lifecycle_rule_expires() -> None:
     ("key", "version", "shard"),
     [
         (contract.version_metrics_key(RUN), RUN, None),
+        (contract.version_record_key(RUN), RUN, None),
+        (contract.version_shard_prefix(RUN, 3) + contract.MANIFEST_RETIRED, RUN, "0003"),
         (contract.version_shard_prefix(RUN, 7) + contract.MANIFEST_RECOMMENDATIONS, RUN, "0007"),
         (contract.version_shard_prefix(RUN, 12345) + contract.MANIFEST_SEARCHED, RUN, "12345"),
     ],

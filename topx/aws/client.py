@@ -72,7 +72,8 @@ class ExecutionSummary:
 class LiveVersion:
     version: str
     users: int | None
-    published_at: datetime | None
+    published_at: datetime | None  # when the version went live: published, or rolled back to
+    rolled_back_from: str | None = None  # the version `topx rollback` moved the pointer back from
 
 
 def endpoint(endpoint_url: str | None = None) -> str | None:
@@ -208,15 +209,37 @@ def live_version(*, table: str | None = None, stack: str | None = None, endpoint
     name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     ddb = client or aws_client("dynamodb", endpoint_url)
     with _table_errors(name):
-        item = ddb.get_item(TableName=name, Key=store.pointer_key(), ConsistentRead=True).get("Item")
-    if item is None:
+        pointer = store.read_pointer(name, client=ddb)
+    if pointer is None:
         return None
-    published = item.get("published_at", {}).get("N")
     return LiveVersion(
-        version=item["version"]["S"],
-        users=int(item["users"]["N"]) if "users" in item else None,
-        published_at=None if published is None else datetime.fromtimestamp(int(published)).astimezone(),
+        version=pointer.version,
+        users=pointer.users,
+        published_at=None if pointer.published_at is None else datetime.fromtimestamp(pointer.published_at).astimezone(),
+        rolled_back_from=pointer.rolled_back_from,
     )
+
+
+def rollback(to: str | None = None, *, table: str | None = None, bucket: str | None = None, stack: str | None = None,
+             endpoint_url: str | None = None, dynamodb: Any = None, s3: Any = None) -> dict[str, Any]:
+    """Point readers back at an earlier version that is still complete: ``to``, or the newest one older than
+    the live version (``topx.aws.stages.rollback_version`` says what complete means, and how a run
+    publishing at the same moment is kept apart). Returns what it did: ``version``, ``rolled_back_from``,
+    ``users``, ``kept``, ``already_live``."""
+    from botocore.exceptions import ClientError
+
+    from topx.aws import stages
+
+    table_name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
+    bucket_name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
+    with aws_errors(), _table_errors(table_name), stages.clients_in_use(
+            s3=s3 or aws_client("s3", endpoint_url), dynamodb=dynamodb or aws_client("dynamodb", endpoint_url)):
+        try:
+            return stages.rollback_version(bucket_name, table_name, to)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StoreError(f"bucket {bucket_name!r} does not exist") from exc
+            raise
 
 
 def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,

@@ -8,7 +8,8 @@ functions build every key used here.
 ``runs/`` expires by the bucket's lifecycle rule; ``versions/`` does not: a version stays live for as
 long as no newer run publishes, and its items in DynamoDB carry no TTL until it is superseded.
 Retiring (``retire_versions``, run by each load) writes a superseded or never-published version's
-items again with ``expires_at`` and then deletes its ``versions/`` objects.
+items again with ``expires_at``, and deletes its ``versions/`` objects once they have expired; until
+then ``rollback_version`` (``topx rollback``, not a state) can make the version live again.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ from topx.contract import (
     HYPERPARAMETERS_METADATA,
     INCOMING_PREFIX,
     MANIFEST_RECOMMENDATIONS,
+    MANIFEST_RETIRED,
     MANIFEST_SEARCHED,
     MIN_SHARDS,
     MODE_METADATA,
     RESPONSES_PREFIX,
     VERSION_OBJECT_RE,
+    VERSION_RECORD,
     VERSIONS_PREFIX,
     DatasetConfigError,
     check_dataset_config,
@@ -78,6 +81,8 @@ from topx.contract import (
     searched_key,
     vectors_prefix,
     version_metrics_key,
+    version_prefix,
+    version_record_key,
     version_shard_prefix,
 )
 from topx.errors import ConfigError, InputDataError, StoreError
@@ -126,6 +131,17 @@ def use_clients(**clients: Any) -> None:
             _clients.pop(name, None)
         else:
             _clients[name] = client
+
+
+@contextmanager
+def clients_in_use(**clients: Any) -> Iterator[None]:
+    """``use_clients`` for the duration of a block, then the clients that were in use before."""
+    before = {name: _clients.get(name) for name in clients}
+    use_clients(**clients)
+    try:
+        yield
+    finally:
+        use_clients(**before)
 
 
 # ----------------------------------------------------------------------------- S3 helpers
@@ -653,65 +669,259 @@ def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[s
 
 
 def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: float | None = None) -> dict[str, int]:
-    """Give the items of versions older than the live one their TTL, and forget their manifests.
+    """Give the items of superseded versions their TTL, and forget their manifests once the items expired.
 
-    Every version under ``versions/`` older than the live version is superseded or never went live
-    (a run that failed or was overtaken after loading). Its shard manifests are shared out among a
-    load's shards (manifest shard i goes to load shard i mod shards); each one's items are written
-    again with ``expires_at`` = now + ``TOPX_RETENTION_DAYS``, then the manifest is deleted.
-    Manifests younger than ``RETIRE_AFTER_S`` wait for a later load, as does everything while no
-    version is live, and what is left once this call has spent ``RETIRE_BUDGET_S`` on it. Safe to
-    repeat: a retry writes the same items with a later expiry. Returns the manifests and users retired.
+    A version is retired when it is not the live one and not newer than the newest the pointer ever named
+    (``store.Pointer.newest``): superseded, rolled back from, or never live (a run that failed or was
+    overtaken after loading). Versions newer than that are still loading, and are left alone. Each retired
+    version's shard manifests are shared out among a load's shards (manifest shard i goes to load shard i
+    mod shards); each one's items are written again with ``expires_at`` = now + ``TOPX_RETENTION_DAYS``, and
+    the manifest is marked with that expiry (``MANIFEST_RETIRED``). It is kept until then, so that
+    ``rollback_version`` can make the version live again, and deleted by the first load after it.
+    Manifests younger than ``RETIRE_AFTER_S`` wait for a later load, as does everything while no version
+    is live, and what is left once this call has spent ``RETIRE_BUDGET_S`` on it. Safe to repeat: a retry
+    writes the same items with a later expiry. Returns the manifests and users retired.
     """
     now = time.time() if now is None else now
     started = time.monotonic()
-    live = store.active_version(table, client=dynamodb_client())
+    pointer = store.read_pointer(table, client=dynamodb_client())
     retired = {"manifests": 0, "users": 0}
-    if live is None:
+    if pointer is None:
         return retired
-    listed: dict[tuple[str, int], dict[str, Any]] = {}  # (version, manifest shard) -> {file name: LastModified}
-    metrics: list[str] = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=VERSIONS_PREFIX):
-        for obj in page.get("Contents", []):
-            found = VERSION_OBJECT_RE.fullmatch(obj["Key"])
-            if found is None or not found["version"] < live:
-                continue  # not written by the stages, or not older than the live version
-            if found["shard"] is None:
-                metrics.append(obj["Key"])
-            else:
-                files = listed.setdefault((found["version"], int(found["shard"])), {})
-                files[obj["Key"].rpartition("/")[2]] = obj["LastModified"]
+    objects = _version_objects(bucket)
     expires_at = int(now) + int(env_or(ENV_RETENTION_DAYS, None, DEFAULT_RETENTION_DAYS, int)) * 86400
-    for (version, manifest_shard), files in sorted(listed.items()):
-        # Manifest shard i is retired by load shard i mod shards: stable while other loads retire theirs.
-        if manifest_shard % shards != shard:
-            continue
+    # Manifest shard i is retired by load shard i mod shards: stable while other loads retire theirs.
+    mine = sorted((version, manifest_shard, files) for version, by_shard in objects.items()
+                  if _retirable(version, pointer)
+                  for manifest_shard, files in by_shard.items()
+                  if manifest_shard is not None and manifest_shard % shards == shard)
+    for version, manifest_shard, files in mine:
         prefix = version_shard_prefix(version, manifest_shard)
-        if now - max(files.values()).timestamp() < RETIRE_AFTER_S:
-            continue
         if time.monotonic() - started > RETIRE_BUDGET_S:
             logger.info("retiring stopped after %.0f s; the next load goes on", time.monotonic() - started)
             break
         try:
-            # Without its searched file, a manifest was never complete (a load that died between the
-            # two copies, before writing items) or was retired already: only the file is left to delete.
-            if MANIFEST_SEARCHED in files:
-                rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
-                retired["users"] += store.write_recommendations(table, version, rows, expires_at=expires_at,
-                                                                client=dynamodb_client())
-                if manifest_shard == 0:
-                    store.expire_fallback(table, version, expires_at, client=dynamodb_client())
+            if MANIFEST_RETIRED in files:
+                if _retired_until(bucket, prefix) <= now:  # its items have expired: nothing to roll back to
+                    _delete_manifest(bucket, prefix, files)
+                continue
+            if now - max(files.values()).timestamp() < RETIRE_AFTER_S:
+                continue
+            # Without its searched file, a manifest was never complete (a load that died between the two
+            # copies, before writing items): only the file is left to delete.
+            if MANIFEST_SEARCHED not in files:
+                _delete_manifest(bucket, prefix, files)
+                continue
+            users = _retire_manifest(bucket, table, version, manifest_shard, expires_at)
+            if users is not None:
                 retired["manifests"] += 1
-            # The searched file first: it is what marks a manifest as still to be retired.
-            for name in sorted(files, key=lambda n: n != MANIFEST_SEARCHED):
-                s3_client().delete_object(Bucket=bucket, Key=prefix + name)
+                retired["users"] += users
         except (StoreError, ClientError) as exc:
             # Retiring is housekeeping: a later load tries again, and this load's own items stand.
             logger.warning("not retired yet: s3://%s/%s: %s", bucket, prefix, exc)
     if shard == 0:
-        for key in metrics:
-            s3_client().delete_object(Bucket=bucket, Key=key)
+        # A retired version's metrics and record go with its last manifest (deleted by an earlier load).
+        for version, by_shard in objects.items():
+            if _retirable(version, pointer) and set(by_shard) == {None}:
+                for name in by_shard[None]:
+                    s3_client().delete_object(Bucket=bucket, Key=version_prefix(version) + name)
     return retired
+
+
+def _retirable(version: str, pointer: store.Pointer) -> bool:
+    """Whether ``version`` is done with: not live, and not newer than every version published (still loading)."""
+    return version != pointer.version and version <= pointer.newest
+
+
+def _version_objects(bucket: str, prefix: str = VERSIONS_PREFIX) -> dict[str, dict[int | None, dict[str, Any]]]:
+    """The objects the stages keep under ``prefix`` (``versions/`` or one version's): {version: {manifest shard,
+    or None for the version's own metrics and record: {file name: LastModified}}}. Others are ignored."""
+    found: dict[str, dict[int | None, dict[str, Any]]] = {}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            match = VERSION_OBJECT_RE.fullmatch(obj["Key"])
+            if match is None:
+                continue  # not written by the stages
+            shard = None if match["shard"] is None else int(match["shard"])
+            found.setdefault(match["version"], {}).setdefault(shard, {})[obj["Key"].rpartition("/")[2]] = \
+                obj["LastModified"]
+    return found
+
+
+def _retired_until(bucket: str, prefix: str) -> int:
+    """The expiry a retired manifest's items were given (epoch seconds), from its ``MANIFEST_RETIRED``."""
+    key = prefix + MANIFEST_RETIRED
+    try:
+        return int(_get_json(bucket, key)["expires_at"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"s3://{bucket}/{key}: no expires_at in it ({exc})") from exc
+
+
+def _delete_manifest(bucket: str, prefix: str, files: dict[str, Any]) -> None:
+    # The searched file first (a manifest without it is never retired or rolled back to), the marker last
+    # (while it is there, a retired manifest is recognised as one).
+    for name in sorted(files, key=lambda n: (n != MANIFEST_SEARCHED, n == MANIFEST_RETIRED)):
+        s3_client().delete_object(Bucket=bucket, Key=prefix + name)
+
+
+def _retire_manifest(bucket: str, table: str, version: str, manifest_shard: int, expires_at: int) -> int | None:
+    """Write one manifest's items (and shard 0's fallback list) with ``expires_at`` and mark it retired; the
+    users written. None when a rollback made the version live meanwhile: then its items are kept again.
+
+    The pointer is read again after the marker is written: a rollback to this version moves the pointer
+    first and then keeps the items of every marked manifest (``rollback_version``). Either it moved the
+    pointer before that read, and this call sees it and keeps the items itself; or after, and then it
+    lists this marker and rewrites the items after this call wrote them. So no live item keeps an expiry."""
+    prefix = version_shard_prefix(version, manifest_shard)
+    rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
+    users = store.write_recommendations(table, version, rows, expires_at=expires_at, client=dynamodb_client())
+    if manifest_shard == 0:
+        store.expire_fallback(table, version, expires_at, client=dynamodb_client())
+    _put_json(bucket, prefix + MANIFEST_RETIRED, {"expires_at": expires_at})
+    pointer = store.read_pointer(table, client=dynamodb_client())
+    if pointer is not None and not _retirable(version, pointer):
+        logger.info("version %s went live again while shard %d was retired: its items are kept", version,
+                    manifest_shard)
+        _keep_manifest(bucket, table, version, manifest_shard)
+        return None
+    return users
+
+
+def _keep_manifest(bucket: str, table: str, version: str, manifest_shard: int) -> int:
+    """Write a retired manifest's items (and shard 0's fallback list) again without an expiry, then unmark it.
+    Returns the users written."""
+    prefix = version_shard_prefix(version, manifest_shard)
+    rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
+    users = store.write_recommendations(table, version, rows, expires_at=None, client=dynamodb_client())
+    if manifest_shard == 0:
+        store.keep_fallback(table, version, client=dynamodb_client())
+    s3_client().delete_object(Bucket=bucket, Key=prefix + MANIFEST_RETIRED)
+    return users
+
+
+# ----------------------------------------------------------------------------- rollback (`topx rollback`)
+
+
+class RollbackRefused(StoreError):
+    """``topx rollback`` changed nothing: no version to go to, one that is not whole or expires soon, or the
+    pointer moved while it ran."""
+
+
+# A version whose items expire within this many seconds is not rolled back to: DynamoDB deletes expired
+# items within days of their expiry, and keeping a large version's items takes minutes.
+ROLLBACK_MARGIN_S = 86400
+
+
+def rollback_version(bucket: str, table: str, to: str | None = None, *, now: float | None = None) -> dict[str, Any]:
+    """Point readers back at an earlier version: ``to``, or the newest complete one older than the live one.
+
+    A version can go live again while it is complete: it was live once (publish left its record), every
+    shard's manifest is still under ``versions/``, its fallback list is in the table, and nothing of it
+    expires within ``ROLLBACK_MARGIN_S``. The pointer moves in one write conditional on the pointer read
+    at the start (``store.roll_back_pointer``): a run that publishes meanwhile makes the rollback fail with
+    ``RollbackRefused``, having changed nothing. Then the version's retired manifests have their items (and
+    its fallback list) written again without an expiry, so the live version never expires. Rolling back
+    to the live version finishes that part of a rollback that stopped before it (it is idempotent).
+
+    The version rolled back from is retired by the next load; the next run newer than it publishes as usual.
+    Returns ``version`` (now live), ``rolled_back_from``, ``users`` and ``kept`` (manifests written again).
+    """
+    now = time.time() if now is None else now
+    pointer = store.read_pointer(table, client=dynamodb_client())
+    if pointer is None:
+        raise RollbackRefused(f"table {table}: no version was ever published, so there is none to roll back to")
+    if to == pointer.version:
+        return {"version": to, "rolled_back_from": pointer.rolled_back_from, "users": pointer.users,
+                "kept": _keep_version(bucket, table, to), "already_live": True}
+    objects = _version_objects(bucket)
+    if to is None:
+        target, users = _previous_complete(bucket, table, pointer, objects, now)
+    else:
+        if to not in objects:
+            raise RollbackRefused(f"unknown version {to!r}: nothing of it is kept under s3://{bucket}/"
+                                  f"{version_prefix(to)} (never loaded, or expired after it was superseded)")
+        users, problem = _completeness(bucket, table, to, objects[to], now)
+        if problem is not None:
+            raise RollbackRefused(f"version {to} cannot go live again: {problem}")
+        target = to
+    if not store.roll_back_pointer(table, target, read=pointer, users=users, client=dynamodb_client()):
+        moved = store.read_pointer(table, client=dynamodb_client())
+        raise RollbackRefused(
+            f"the pointer moved while rolling back: {moved.version if moved else None} is live now, not "
+            f"{pointer.version} (a run published, or another rollback ran); nothing was changed, and "
+            f"`topx rollback` can be run again against what is live now")
+    try:
+        kept = _keep_version(bucket, table, target)
+    except (StoreError, ClientError) as exc:
+        raise StoreError(f"{target} is live now, in place of {pointer.version}, but some of its items may still carry "
+                         f"their expiry: {exc}; run `topx rollback --to {target}` again to finish") from exc
+    return {"version": target, "rolled_back_from": pointer.version, "users": users, "kept": kept,
+            "already_live": False}
+
+
+def _previous_complete(bucket: str, table: str, pointer: store.Pointer, objects: dict[str, Any],
+                       now: float) -> tuple[str, int]:
+    """The newest complete version older than the live one, and its users; RollbackRefused naming why each
+    earlier version that was live cannot go live again."""
+    earlier = sorted((v for v, by_shard in objects.items()
+                      if v < pointer.version and VERSION_RECORD in by_shard.get(None, {})), reverse=True)
+    problems = []
+    for version in earlier:
+        users, problem = _completeness(bucket, table, version, objects[version], now)
+        if problem is None:
+            return version, users
+        problems.append(f"{version}: {problem}")
+    if not problems:
+        raise RollbackRefused(f"no version earlier than the live {pointer.version} is kept: a superseded version "
+                              f"stays for the stack's retention_days ({DEFAULT_RETENTION_DAYS} unless set) after "
+                              f"the first load that follows it, and one published before rollbacks existed is not "
+                              f"kept")
+    raise RollbackRefused("no earlier version is complete: " + "; ".join(problems))
+
+
+def _completeness(bucket: str, table: str, version: str, by_shard: dict[int | None, dict[str, Any]],
+                  now: float) -> tuple[int, str | None]:
+    """The users of ``version`` and what keeps it from going live again (None: nothing does)."""
+    if VERSION_RECORD not in by_shard.get(None, {}):
+        return 0, f"it was never live (no {version_record_key(version)}: it was loaded but not published)"
+    record = _get_json(bucket, version_record_key(version))
+    try:
+        shards, users = int(record["shards"]), int(record["users"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"s3://{bucket}/{version_record_key(version)}: not a version record ({exc})") from exc
+    whole = {MANIFEST_RECOMMENDATIONS, MANIFEST_SEARCHED}
+    missing = [s for s in range(shards) if not whole <= set(by_shard.get(s, {}))]
+    if missing:
+        return users, (f"the manifests of {len(missing)} of its {shards} shards are gone (e.g. "
+                       f"{version_shard_prefix(version, missing[0])}), so its items cannot be kept")
+    present, fallback_expires = store.fallback_expiry(table, version, client=dynamodb_client())
+    if not present:
+        return users, "its fallback list is not in the table"
+    expiries = [_retired_until(bucket, version_shard_prefix(version, s)) for s in range(shards)
+                if MANIFEST_RETIRED in by_shard[s]] + ([] if fallback_expires is None else [fallback_expires])
+    if expiries and min(expiries) < now + ROLLBACK_MARGIN_S:
+        when = datetime.fromtimestamp(min(expiries), UTC)
+        return users, (f"its items expire{'d' if min(expiries) <= now else ''} at {when:%Y-%m-%d %H:%M} UTC, "
+                       f"less than {ROLLBACK_MARGIN_S // 3600} hours from now")
+    counted = sum(int(_get_json(bucket, version_shard_prefix(version, s) + MANIFEST_SEARCHED)["users"])
+                  for s in range(shards))
+    if counted != users:
+        return users, f"its manifests hold {counted} users, but {users} were published"
+    return users, None
+
+
+def _keep_version(bucket: str, table: str, version: str) -> int:
+    """Keep the live ``version``'s items: every retired manifest's items written again without an expiry,
+    listed after the pointer moved (see ``_retire_manifest``); the fallback list's expiry removed. Returns the
+    manifests written again."""
+    store.keep_fallback(table, version, client=dynamodb_client())
+    kept = 0
+    for manifest_shard, files in sorted(_version_objects(bucket, version_prefix(version)).get(version, {}).items(),
+                                        key=lambda item: -1 if item[0] is None else item[0]):
+        if manifest_shard is not None and MANIFEST_RETIRED in files:
+            _keep_manifest(bucket, table, version, manifest_shard)
+            kept += 1
+    return kept
 
 
 def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) -> dict[str, Any]:
@@ -719,7 +929,8 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
 
     Safe to retry: when an earlier attempt flipped the pointer and then failed (a timeout after the
     write), the pointer already names this run and the result says so (``already_live``). A run
-    older than the live version is never published: that raises ``VersionSuperseded``.
+    not newer than every version published (the live one, or one rolled back from) is never published:
+    that raises ``VersionSuperseded``. Once live, the run's record (``version_record_key``) is written.
     """
     run = _get_json(bucket, run_record_key(run_id))
     written = 0
@@ -743,12 +954,23 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     _put_json(bucket, version_metrics_key(run_id), metrics)
     published = store.publish_version(table, run_id, users=written, client=dynamodb_client())
     if not published:
-        live = store.active_version(table, client=dynamodb_client())
+        pointer = store.read_pointer(table, client=dynamodb_client())
+        live = None if pointer is None else pointer.version
         if live != run_id:
+            if pointer is None or live > run_id:
+                why = f"the live version {live} is newer, and the pointer never goes backwards"
+            elif pointer.newest == run_id:
+                why = f"it was live and was rolled back from (the live version is {live}), so it does not publish again"
+            else:
+                why = (f"the newer version {pointer.newest} was published before it and has since been rolled back "
+                       f"from (the live version is {live}); only a run newer than {pointer.newest} publishes")
             raise VersionSuperseded(
-                f"run {run_id} was not published: the live version {live} is newer, and the pointer never "
-                f"goes backwards; its items stay unread and are given an expiry by a later run's load"
+                f"run {run_id} was not published: {why}; its items stay unread and are given an expiry by a later "
+                f"run's load"
             )
+    # The pointer names the run (now or after an earlier attempt): what rollback_version needs to make the
+    # version live again once it is superseded. Written after the flip, so a version without one was never live.
+    _put_json(bucket, version_record_key(run_id), {"shards": int(expected_shards), "users": written})
     return {"run_id": run_id, "published": True, "users": written, "already_live": not published,
             "report": _report_uri(bucket, run_id)}
 

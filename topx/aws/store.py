@@ -9,10 +9,16 @@ One table; its keys, TTL attribute and pointer item are the deploy contract's (t
   written again with one after a newer version went live (``topx.aws.stages.retire_versions``);
 * a fallback item per version, ``pk = "fallback"``, ``sk = "v#<version>"``: the list for a user the
   version has no item for (``topx.steps.fallback_list``), which the reader returns marked as such;
-* one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version.
+* one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version, with
+  ``users`` and ``published_at``; ``newest``, the newest version it ever named; and ``rolled_back_from``,
+  the version ``topx rollback`` moved it back from, while it stays there.
 
 Readers follow the pointer, so they see one whole version or the previous one, never a mix.
-Versions sort by their string (run ids begin with a UTC timestamp): the pointer only moves forward.
+Versions sort by their string (run ids begin with a UTC timestamp). Publishing moves the pointer only to a
+version newer than ``newest``; rolling back moves it to an earlier version and leaves ``newest`` as it was,
+so the rolled-back version and the runs older than it do not publish again, and the next newer run does.
+Every pointer write is conditional on what the writer read, so a publish and a rollback at the same moment
+never interleave: one of them finds the pointer moved and changes nothing.
 """
 
 from __future__ import annotations
@@ -199,6 +205,36 @@ def _flush(ddb: Any, table: str, requests: list[dict[str, Any]], sleep: Any) -> 
     raise StoreError(f"table {table}: {len(pending)} item(s) still unprocessed after {MAX_ATTEMPTS} attempts")
 
 
+@dataclass(frozen=True)
+class Pointer:
+    """The pointer item as read. ``version`` is live; ``newest`` is the newest version the pointer ever named
+    (``version`` itself unless a rollback moved it back from ``rolled_back_from``): a publish needs a newer one.
+    ``published_at``: epoch seconds of the write that made ``version`` live (a publish or a rollback)."""
+
+    version: str
+    newest: str
+    users: int | None = None
+    published_at: int | None = None
+    rolled_back_from: str | None = None
+
+
+def read_pointer(table: str, *, client: Any = None) -> Pointer | None:
+    """The pointer item, read strongly consistently; None before the first publish. A pointer written before
+    rollbacks existed has no ``newest``: its version is the newest."""
+    ddb = dynamodb_client(client)
+    item = ddb.get_item(TableName=table, Key=pointer_key(), ConsistentRead=True).get("Item")
+    if item is None:
+        return None
+    version = item["version"]["S"]
+    return Pointer(
+        version=version,
+        newest=item.get("newest", {}).get("S", version),
+        users=int(item["users"]["N"]) if "users" in item else None,
+        published_at=int(item["published_at"]["N"]) if "published_at" in item else None,
+        rolled_back_from=item.get("rolled_back_from", {}).get("S"),
+    )
+
+
 def active_version(table: str, *, client: Any = None, consistent: bool = True) -> str | None:
     """The live version; ``consistent=False`` reads the pointer eventually consistently (half the cost,
     and it may lag a just-moved pointer by about a second)."""
@@ -231,19 +267,38 @@ class PointerCache:
 
 def publish_version(table: str, version: str, *, users: int, client: Any = None) -> bool:
     """Point readers at ``version`` in one conditional write. Returns False (and changes nothing)
-    when the live version is already the same or newer, so the pointer never goes backwards."""
+    when the live version, or the newest the pointer ever named (``Pointer.newest``: a rollback leaves it),
+    is the same or newer: the pointer never moves back by a publish, and a version rolled back from, or
+    one older than it, does not go live again this way."""
+    ddb = dynamodb_client(client)
+    return _put_pointer(ddb, table, {"version": {"S": version}, "newest": {"S": version},
+                                     "users": {"N": str(int(users))}, "published_at": {"N": str(int(time.time()))}},
+                        f"attribute_not_exists({PARTITION_KEY}) OR (#v < :v AND (attribute_not_exists(#n) OR #n < :v))",
+                        {":v": {"S": version}})
+
+
+def roll_back_pointer(table: str, version: str, *, read: Pointer, users: int, client: Any = None) -> bool:
+    """Point readers at ``version``, an earlier version, in one write conditional on the pointer still being
+    ``read`` (as ``read_pointer`` returned it). Returns False, and changes nothing, when the pointer moved
+    since (a run published, or another rollback): the caller reads it again and decides afresh.
+
+    ``newest`` is kept, so the next publish still needs a version newer than every one published."""
+    ddb = dynamodb_client(client)
+    item = {"version": {"S": version}, "newest": {"S": max(read.newest, version)}, "users": {"N": str(int(users))},
+            "published_at": {"N": str(int(time.time()))}, "rolled_back_from": {"S": read.version}}
+    return _put_pointer(ddb, table, item, "#v = :read AND (attribute_not_exists(#n) OR #n = :newest)",
+                        {":read": {"S": read.version}, ":newest": {"S": read.newest}})
+
+
+def _put_pointer(ddb: Any, table: str, attributes: dict[str, Any], condition: str,
+                 values: dict[str, Any]) -> bool:
+    """One conditional PutItem of the pointer item (``condition`` names ``#v``, the version, and ``#n``,
+    newest); False when the condition does not hold."""
     from botocore.exceptions import ClientError
 
-    ddb = dynamodb_client(client)
     try:
-        ddb.put_item(
-            TableName=table,
-            Item={**pointer_key(), "version": {"S": version},
-                  "users": {"N": str(int(users))}, "published_at": {"N": str(int(time.time()))}},
-            ConditionExpression=f"attribute_not_exists({PARTITION_KEY}) OR #v < :v",
-            ExpressionAttributeNames={"#v": "version"},
-            ExpressionAttributeValues={":v": {"S": version}},
-        )
+        ddb.put_item(TableName=table, Item={**pointer_key(), **attributes}, ConditionExpression=condition,
+                     ExpressionAttributeNames={"#v": "version", "#n": "newest"}, ExpressionAttributeValues=values)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
             return False
@@ -291,16 +346,36 @@ def has_fallback(table: str, version: str, *, client: Any = None) -> bool:
     return "Item" in ddb.get_item(TableName=table, Key=_typed(fallback_item_key(version)), ConsistentRead=True)
 
 
+def fallback_expiry(table: str, version: str, *, client: Any = None) -> tuple[bool, int | None]:
+    """Whether the version's fallback list is in the table, and its expiry (epoch seconds; None: it has
+    none). Read strongly consistently."""
+    ddb = dynamodb_client(client)
+    item = ddb.get_item(TableName=table, Key=_typed(fallback_item_key(version)), ConsistentRead=True).get("Item")
+    if item is None:
+        return False, None
+    return True, int(item[TTL_ATTRIBUTE]["N"]) if TTL_ATTRIBUTE in item else None
+
+
+def keep_fallback(table: str, version: str, *, client: Any = None) -> bool:
+    """Remove the expiry of a version's fallback list, which is live again. Returns False when the version
+    has none."""
+    return _update_fallback(table, version, "REMOVE #t", None, client)
+
+
 def expire_fallback(table: str, version: str, expires_at: int, *, client: Any = None) -> bool:
     """Give a retired version's fallback list its TTL. Returns False when the version has none."""
+    return _update_fallback(table, version, "SET #t = :t", expires_at, client)
+
+
+def _update_fallback(table: str, version: str, update: str, expires_at: int | None, client: Any) -> bool:
     from botocore.exceptions import ClientError
 
     ddb = dynamodb_client(client)
+    values = {} if expires_at is None else {"ExpressionAttributeValues": {":t": {"N": str(int(expires_at))}}}
     try:
         ddb.update_item(TableName=table, Key=_typed(fallback_item_key(version)),
-                        UpdateExpression="SET #t = :t", ConditionExpression=f"attribute_exists({PARTITION_KEY})",
-                        ExpressionAttributeNames={"#t": TTL_ATTRIBUTE},
-                        ExpressionAttributeValues={":t": {"N": str(int(expires_at))}})
+                        UpdateExpression=update, ConditionExpression=f"attribute_exists({PARTITION_KEY})",
+                        ExpressionAttributeNames={"#t": TTL_ATTRIBUTE}, **values)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
             return False
