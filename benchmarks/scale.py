@@ -1,0 +1,222 @@
+"""Every stage of the deployed pipeline at scale, each in a process of its own: seconds and peak memory.
+
+    .venv/bin/python -m benchmarks.scale --interactions 1000000 --users 200000 --items 20000 --epochs 1
+    .venv/bin/python -m benchmarks.scale --interactions 50000000 --users 2000000 --items 100000 --epochs 1 \\
+        --run-shards 2
+
+Generated implicit data (integer user and item ids, item popularity falling as a power law, 1 + a Poisson
+play count) goes to ``incoming/`` of a bucket in moto's server (``moto[server]``, benchmarks/requirements.txt),
+which runs in this process; the stages then run in order as the state machine runs them, each in a fresh
+Python process that reaches the server through ``TOPX_ENDPOINT_URL``, so that a stage's peak resident memory
+is its own (interpreter and imports included) and not the bucket's: Prepare, Train (1 epoch by default, on
+this machine's CPU), QualityGate, Repackage, one Search child per shard, Report, one LoadShard per shard
+(into moto's DynamoDB), Publish. The stage functions are the deployed ones (``functions.handlers`` for the
+Lambda functions, ``topx.aws.stages`` for the Batch jobs' work).
+
+``--run-shards N`` runs only the first N shards' Search children and loads (every shard holds about as
+many users, so one shard's figures are every shard's); Publish then needs every shard, so it is left out
+and said so. Keys: ``stages`` maps each stage to ``s`` (wall seconds; for the per-shard stages the sum over
+the shards run, and ``max_s``), ``peak_rss_mb`` (the largest of its processes), and ``processes``;
+``shards``, ``users_per_shard``; the sizes of what the stages read and wrote (``bytes``). One JSON line on
+stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO_ROOT, log, print_json_line  # noqa: E402
+
+BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
+USERS_PER_SHARD = 100_000  # the default shard size: what one Search child and one LoadShard take on
+CHUNK = 5_000_000  # interactions generated (and written as one Parquet row group) at a time
+
+
+# ----------------------------------------------------------------------------- one stage, in its own process
+
+
+def child(spec: dict[str, Any]) -> None:
+    """Run one stage as ``spec`` says ({"kind": "handler"|"stage", "name", "args"}) and print its reply, its
+    wall seconds and this process's peak resident memory."""
+    import importlib
+
+    module = importlib.import_module("functions.handlers" if spec["kind"] == "handler" else "topx.aws.stages")
+    function = getattr(module, spec["name"])
+    start = time.perf_counter()
+    reply = function(spec["args"], None) if spec["kind"] == "handler" else function(*spec["args"])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"reply": reply, "s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}, default=str))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program: VmHWM, which exec starts afresh
+    (getrusage's ru_maxrss keeps the forking parent's, here the moto server's, across the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_stage(kind: str, name: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
+    spec = json.dumps({"kind": kind, "name": name, "args": args})
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--child", spec], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_interactions(path: Path, interactions: int, users: int, items: int, seed: int) -> None:
+    """Parquet, ``CHUNK`` rows per row group: user_id (int64, uniform), item_id (int64, popularity ~ 1/rank),
+    plays (int64, 1 + Poisson(1)). Every user and item id below the counts is likely to occur."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** 0.9
+    cdf = np.cumsum(weights / weights.sum())
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("plays", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, interactions, CHUNK):
+            n = min(CHUNK, interactions - start)
+            user = rng.integers(0, users, n)
+            item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
+            plays = 1 + rng.poisson(1.0, n)
+            writer.write_table(pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prefix_bytes(s3: Any, prefix: str) -> int:
+    return sum(obj["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+               for obj in page.get("Contents", []))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from topx.contract import (
+        MAX_SHARDS,
+        prepared_prefix,
+        run_prefix,
+        table_attribute_definitions,
+        table_key_schema,
+        vectors_prefix,
+    )
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's one line per request
+    shards = args.shards or max(2, min(MAX_SHARDS, math.ceil(args.users / USERS_PER_SHARD)))
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "TOPX_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "scale", "AWS_SECRET_ACCESS_KEY": "scale",
+           "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "TOPX_BUCKET": BUCKET, "TOPX_TABLE": TABLE,
+           "TOPX_EPOCHS": str(args.epochs), "TOPX_NUM_FACTORS": str(args.factors), "TOPX_SHARDS": str(shards),
+           "TOPX_TOP_X": str(args.top_x), "PYTHONPATH": str(REPO_ROOT)}
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="scale",
+                          aws_secret_access_key="scale")
+        s3.create_bucket(Bucket=BUCKET)
+        boto3.client("dynamodb", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="scale",
+                     aws_secret_access_key="scale").create_table(
+            TableName=TABLE, BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
+            AttributeDefinitions=table_attribute_definitions())
+        with tempfile.TemporaryDirectory(prefix="topx-scale-") as tmp:
+            data = Path(tmp) / "interactions.parquet"
+            log(f"generating {args.interactions:,} interactions ({args.users:,} users, {args.items:,} items)")
+            write_interactions(data, args.interactions, args.users, args.items, args.seed)
+            s3.upload_file(str(data), BUCKET, "incoming/interactions.parquet")
+            upload_bytes = data.stat().st_size
+        stages: dict[str, dict[str, Any]] = {}
+
+        def timed(stage: str, kind: str, name: str, call_args: Any) -> Any:
+            log(f"{stage} ...")
+            got = run_stage(kind, name, call_args, env)
+            entry = stages.setdefault(stage, {"s": 0.0, "max_s": 0.0, "peak_rss_mb": 0.0, "processes": 0})
+            entry["s"] = round(entry["s"] + got["s"], 3)
+            entry["max_s"] = max(entry["max_s"], got["s"])
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], got["peak_rss_mb"])
+            entry["processes"] += 1
+            log(f"{stage}: {got['s']:.1f} s, peak {got['peak_rss_mb']:.0f} MB")
+            return got["reply"]
+
+        prepared = timed("prepare", "handler", "prepare", {"bucket": BUCKET, "key": "incoming/interactions.parquet"})
+        run_id = prepared["run_id"]
+        run = {"bucket": BUCKET, "run_id": run_id}
+        timed("train", "stage", "train_run", [BUCKET, run_id])
+        gate = timed("quality_gate", "handler", "quality_gate", {**run, "table": TABLE})
+        timed("repackage", "handler", "repackage", run)
+        ran = prepared["shard_ids"][: args.run_shards] if args.run_shards else prepared["shard_ids"]
+        for shard in ran:
+            timed("search", "stage", "search_shard", [BUCKET, run_id, shard, prepared["shards"]])
+        if len(ran) == prepared["shards"]:
+            timed("report", "handler", "report", {**run, "gate": gate})
+        for shard in ran:
+            timed("load_shard", "handler", "load_shard", {**run, "table": TABLE, "shard": shard})
+        if len(ran) == prepared["shards"]:
+            timed("publish", "handler", "publish", {**run, "table": TABLE, "expected_shards": prepared["shards"]})
+        sizes = {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id)),
+                 "vectors": prefix_bytes(s3, vectors_prefix(run_id)), "run": prefix_bytes(s3, run_prefix(run_id))}
+    finally:
+        server.stop()
+    return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
+            "items": prepared["n_items"], "epochs": args.epochs, "factors": args.factors, "shards": prepared["shards"],
+            "users_per_shard": math.ceil(prepared["n_users"] / prepared["shards"]), "shards_run": len(ran),
+            "left_out": [] if len(ran) == prepared["shards"] else ["report", "publish"],
+            "gate_passed": gate.get("passed"), "bytes": sizes, "stages": stages}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--interactions", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--factors", type=int, default=32)
+    parser.add_argument("--top-x", type=int, default=10)
+    parser.add_argument("--shards", type=int, help=f"search and load shards (default: {USERS_PER_SHARD:,} users each)")
+    parser.add_argument("--run-shards", type=int, help="run only the first N shards' search and load (see above)")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    print_json_line(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
