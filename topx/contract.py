@@ -299,7 +299,7 @@ _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
 #                                          the dataset configuration names others under features/
 # runs/<run_id>/prepared/                  feature index + indexed interactions + hold-out mask
 # runs/<run_id>/run.json                   the run's source, shards, data report and upload overrides
-# runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); user and item vectors
+# runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); item vectors, and each shard's users'
 # runs/<run_id>/metrics.json
 # runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
 # runs/<run_id>/searched/shard=NNNN.json   the shard's users, and those left with nothing to recommend
@@ -361,8 +361,14 @@ def model_prefix(run_id: str) -> str:
 
 
 def vectors_prefix(run_id: str) -> str:
-    """The run's user and item vectors."""
+    """The run's vectors: the items' (item_vectors.npy, item_ids.json) and, per search shard, its users'
+    (``vectors_shard_prefix``), so that a search child reads its own users only."""
     return f"{run_prefix(run_id)}vectors/"
+
+
+def vectors_shard_prefix(run_id: str, shard: int) -> str:
+    """One search shard's user vectors: user_vectors.npy, user_constants.npy, user_ids.json."""
+    return f"{vectors_prefix(run_id)}shard={shard:04d}/"
 
 
 def run_record_key(run_id: str) -> str:

@@ -90,6 +90,35 @@ def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):
     np.testing.assert_allclose(unknown.scores, fallback["score"], rtol=1e-5)
 
 
+def test_each_search_shard_reads_its_own_users_vectors_only(aws, tmp_path):
+    """Repackage writes the items' vectors once and each shard's users' apart; a search child needs its own
+    shard's files and the items', never another shard's, so its memory follows its own users."""
+    s3, _ = aws
+    base_ratings(90, 40, seed=3).to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+    prepared = stages.prepare_run(BUCKET, "incoming/ratings.csv")
+    run_id, shards = prepared["run_id"], prepared["shards"]
+    stages.train_run(BUCKET, run_id)
+    reply = stages.repackage_run(BUCKET, run_id)
+    assert reply["shards"] == shards == 3 and reply["n_users"] == prepared["n_users"]
+    prefix = contract.vectors_prefix(run_id)
+    keys = sorted(o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"])
+    assert keys == sorted(["item_ids.json", "item_vectors.npy", *(f"shard={s:04d}/{name}" for s in range(shards)
+                           for name in ("user_constants.npy", "user_ids.json", "user_vectors.npy"))])
+    shard_ids = [json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}shard={s:04d}/user_ids.json")["Body"].read())
+                 for s in range(shards)]
+    assert [len(ids) for ids in shard_ids] == [len(stages.shard_users(prepared["n_users"], s, shards))
+                                               for s in range(shards)]
+    assert sorted(sum(shard_ids, [])) == sorted(map(str, base_ratings(90, 40, seed=3)["user_id"].unique()))
+
+    for name in ("user_vectors.npy", "user_constants.npy", "user_ids.json"):
+        s3.delete_object(Bucket=BUCKET, Key=f"{prefix}shard=0001/{name}")
+    assert stages.search_shard(BUCKET, run_id, 0, shards)["users"] == len(shard_ids[0])
+    assert stages.search_shard(BUCKET, run_id, 2, shards)["users"] == len(shard_ids[2])
+    with pytest.raises(StoreError, match=r"shard=0001/user_vectors.npy cannot be read"):
+        stages.search_shard(BUCKET, run_id, 1, shards)
+
+
 def test_a_failed_run_leaves_the_live_version(aws, tmp_path):
     s3, ddb = aws
     data = base_ratings(60, 40, seed=12)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -132,8 +133,8 @@ def check_strange_ids(stack: Stack, run: Run) -> None:
     assert run.output["prepare"]["n_items"] == len(ITEMS) + 1
     served = {i for u in USERS for i in store.get_recommendations(stack.pipeline.table, u, client=stack.ddb).items}
     assert served <= set(ITEMS) | {STRANGE_ITEM}
-    ids = stack.s3.get_object(Bucket=stack.pipeline.bucket, Key=f"runs/{run.run_id}/vectors/ids.json")["Body"].read()
-    assert STRANGE_ITEM in pd.read_json(io.BytesIO(ids), typ="series")["item_ids"]
+    ids = stack.s3.get_object(Bucket=stack.pipeline.bucket, Key=f"runs/{run.run_id}/vectors/item_ids.json")["Body"]
+    assert STRANGE_ITEM in json.loads(ids.read())
 
 
 def check_feature_report(name: str, **expected: int) -> Callable[[Stack, Run], None]:

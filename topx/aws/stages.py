@@ -80,12 +80,13 @@ from topx.contract import (
     run_record_key,
     searched_key,
     vectors_prefix,
+    vectors_shard_prefix,
     version_metrics_key,
     version_prefix,
     version_record_key,
     version_shard_prefix,
 )
-from topx.errors import ConfigError, InputDataError, StoreError
+from topx.errors import ArtifactFormatError, ConfigError, InputDataError, StoreError
 from topx.feature_index import FeatureIndex
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,8 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
                                                "items": options.items,
                                                "item_key": key_column(options.item_key, options.item_col,
                                                                       options.header),
-                                               "shards": shards, "report": ds.report,
+                                               "shards": shards, "n_users": int(ds.feature_index.n_users),
+                                               "report": ds.report,
                                                "hyperparameters": overrides,
                                                "filters": None if filters is None else {
                                                    "eligible_items": int(filters["eligible"].sum()),
@@ -525,17 +527,33 @@ def _finite(value: Any) -> bool:
 
 
 def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
-    """Model artifact -> the recipe's user and item vectors under runs/<run_id>/vectors/."""
+    """Model artifact -> the recipe's item vectors under runs/<run_id>/vectors/ and each search shard's user
+    vectors under vectors/shard=NNNN/, built and uploaded one shard at a time: memory follows the items
+    and one shard's users, not all the users."""
     from topx.rundir import read_model
-    from topx.steps import vectors_stage
+    from topx.vectors import ITEM_VECTORS, USER_CONSTANTS, USER_VECTORS, export_vectors
 
+    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
     with _workdir() as work:
         _download_prefix(bucket, model_prefix(run_id), work / "model")
         params, feature_index = read_model(work / "model")
-        vectors = vectors_stage(params, feature_index, work / "vectors")
-        _upload_dir(work / "vectors", bucket, vectors_prefix(run_id))
-    return {"run_id": run_id, "n_users": int(vectors.user_vectors.shape[0]),
-            "n_items": int(vectors.item_vectors.shape[0]), "dimension": int(vectors.item_vectors.shape[1])}
+        items = export_vectors(params, feature_index, np.zeros(0, dtype=np.int64))
+        np.save(work / ITEM_VECTORS, items.item_vectors)
+        (work / ITEM_IDS).write_text(json.dumps(list(feature_index.item_ids), ensure_ascii=False), encoding="utf-8")
+        for name in (ITEM_VECTORS, ITEM_IDS):
+            s3_client().upload_file(str(work / name), bucket, vectors_prefix(run_id) + name)
+        user_ids = feature_index.user_ids
+        for shard in range(shards):
+            rows = shard_users(feature_index.n_users, shard, shards)
+            part = export_vectors(params, feature_index, rows)
+            np.save(work / USER_VECTORS, part.user_vectors)
+            np.save(work / USER_CONSTANTS, part.user_constants)
+            (work / USER_IDS).write_text(json.dumps([user_ids[r] for r in rows.tolist()], ensure_ascii=False),
+                                         encoding="utf-8")
+            for name in (USER_VECTORS, USER_CONSTANTS, USER_IDS):
+                s3_client().upload_file(str(work / name), bucket, vectors_shard_prefix(run_id, shard) + name)
+    return {"run_id": run_id, "n_users": int(feature_index.n_users), "n_items": int(items.item_vectors.shape[0]),
+            "dimension": int(items.item_vectors.shape[1]), "shards": shards}
 
 
 def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
@@ -550,9 +568,9 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
     """Top-x for one shard of users, seen items excluded, written as Parquet; the search is
     ``TOPX_SEARCH_METHOD`` (default "exact")."""
     from topx.filters import exclude_also
-    from topx.rundir import INTERACTIONS_FILE, load_ids, user_range_interactions
+    from topx.rundir import INTERACTIONS_FILE, user_range_interactions
     from topx.steps import write_recommendations_parquet
-    from topx.vectors import RecipeVectors
+    from topx.vectors import ITEM_VECTORS, USER_CONSTANTS, USER_VECTORS, RecipeVectors
 
     top_x = int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int))
     method = search_method()
@@ -563,17 +581,28 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
             s3_client().download_file(bucket, interactions, str(work / "prepared" / INTERACTIONS_FILE))
         except ClientError as exc:
             raise StoreError(f"s3://{bucket}/{interactions} cannot be read: {exc}") from exc
-        _download_prefix(bucket, vectors_prefix(run_id), work / "vectors")
-        # Memory-mapped vectors, and the seen items of the shard's users only, streamed from the
-        # interactions: a shard's memory follows its own users.
-        vectors = RecipeVectors.load(work / "vectors", mmap=True)
-        user_ids, item_ids = load_ids(work / "vectors")
-        rows = shard_users(len(user_ids), shard, shards)
-        start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-        part = RecipeVectors(vectors.user_vectors[start:stop], np.ascontiguousarray(vectors.item_vectors),
-                             vectors.user_constants[start:stop])
-        seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
+        # The items' vectors and ids, and this shard's users' (written per shard by repackage_run), and the
+        # seen items of the shard's users only, streamed from the interactions: a shard's memory follows its
+        # own users and the items.
+        (work / "vectors").mkdir()
+        for key in (vectors_prefix(run_id) + ITEM_VECTORS, vectors_prefix(run_id) + ITEM_IDS,
+                    *(vectors_shard_prefix(run_id, shard) + name for name in (USER_VECTORS, USER_CONSTANTS, USER_IDS))):
+            try:
+                s3_client().download_file(bucket, key, str(work / "vectors" / key.rsplit("/", 1)[1]))
+            except ClientError as exc:
+                raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        part = RecipeVectors(np.load(work / "vectors" / USER_VECTORS), np.load(work / "vectors" / ITEM_VECTORS),
+                             np.load(work / "vectors" / USER_CONSTANTS))
+        shard_user_ids = np.asarray(_read_ids(work / "vectors" / USER_IDS), object)
+        item_ids = _read_ids(work / "vectors" / ITEM_IDS)
         record = _get_json(bucket, run_record_key(run_id))
+        n_users = int(record["n_users"])  # every user row, cold ones included: what the shards partition
+        rows = shard_users(n_users, shard, shards)
+        if len(rows) != len(shard_user_ids) or len(part.user_vectors) != len(rows):
+            raise ArtifactFormatError(f"s3://{bucket}/{vectors_shard_prefix(run_id, shard)}: {len(part.user_vectors)} "
+                                      f"vectors and {len(shard_user_ids)} ids for the shard's {len(rows)} users")
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
         eligible = diversity = None
         if record.get("filters"):
             s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
@@ -587,13 +616,12 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
                                           shape=seen.shape)
             seen = exclude_also(seen, dismissed)
         path = work / "part-0.parquet"
-        shard_user_ids = np.asarray(user_ids, object)[rows]
         # Cold users and items (no interactions: recommended from their features) are the last rows.
         report = record["report"]
         counts: dict[str, int] = {}
         written = write_recommendations_parquet(
             path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen, method=method,
-            cold_users_from=len(user_ids) - int(report.get("cold_users", 0)) - start,
+            cold_users_from=n_users - int(report.get("cold_users", 0)) - start,
             cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts,
             eligible=eligible, diversity=diversity)
         with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
@@ -643,6 +671,21 @@ def _load_fallback(bucket: str, run_id: str, table: str) -> None:
         frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
     store.write_fallback(table, run_id, frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist(),
                          client=dynamodb_client())
+
+
+# Beside the deployed vectors (repackage_run): the items' ids, and each shard's users' ids.
+ITEM_IDS, USER_IDS = "item_ids.json", "user_ids.json"
+
+
+def _read_ids(path: Path) -> list[str]:
+    """A JSON list of ids, as repackage_run writes them beside the vectors."""
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactFormatError(f"{path.name}: cannot read the ids beside the vectors ({exc})") from exc
+    if not isinstance(ids, list):
+        raise ArtifactFormatError(f"{path.name}: the ids beside the vectors are not a list")
+    return ids
 
 
 def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[store.Recommendation]:
