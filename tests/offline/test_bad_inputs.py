@@ -167,7 +167,7 @@ def check_ten_times_larger(stack: Stack, run: Run) -> None:
 X = "incoming/"
 CASES = [
     # -- the file as a whole
-    Case("empty_file", X + "empty.csv", lambda: b"", ("incoming/empty.csv: file is empty",)),
+    Case("empty_file", X + "empty.csv", lambda: b"", ("incoming/ holds no data to train on: incoming/empty.csv is empty",)),
     Case("blank_lines_only", X + "blank.csv", lambda: b"\n\r\n\n", ("incoming/blank.csv: file is empty",)),
     Case("header_only", X + "header.csv", lambda: HEADER, ("incoming/header.csv: has a header but no data rows",)),
     Case("no_header", X + "no_header.csv", lambda: BASE_CSV.split(b"\n", 1)[1],

@@ -208,8 +208,11 @@ def active_data(bucket: str) -> dict[str, Any]:
     data = [obj for obj in listed if obj["Key"].startswith(prefix)
             and is_data_object(obj["Key"][len(prefix):], int(obj.get("Size", 0)))]
     if not data:
-        raise InputDataError(f"s3://{bucket}/{prefix} holds no data to train on (only markers, empty objects, "
-                             "or nothing)")
+        empty = [obj["Key"] for obj in listed if obj["Key"].startswith(prefix) and not obj["Key"].endswith("/")
+                 and int(obj.get("Size", 0)) == 0]
+        why = f"{', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''} is empty" if empty else \
+            "only markers, or nothing"
+        raise InputDataError(f"s3://{bucket}/{prefix} holds no data to train on: {why}")
     newest = max(data, key=lambda obj: (obj["LastModified"], obj["Key"]))
     return {"prefix": prefix, "snapshot": snapshot_label(prefix), "objects": len(data),
             "bytes": sum(int(obj.get("Size", 0)) for obj in data), "newest": newest["Key"],
