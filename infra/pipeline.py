@@ -290,10 +290,11 @@ class Pipeline(Construct):
             arn_format=ArnFormat.COLON_RESOURCE_NAME,
         )
         starter.add_to_role_policy(iam.PolicyStatement(actions=["states:DescribeExecution"], resources=[executions]))
+        machine_id = stack.get_logical_id(self.state_machine.node.default_child)  # type: ignore[arg-type]
         acknowledge(
-            starter,
+            starter.role,  # type: ignore[arg-type]
             "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:"
-            "<PipelineStateMachine*.Name>:*]",
+            f"<{machine_id}.Name>:*]",
             "Execution names are minted per run; DescribeExecution is limited to this state machine's executions.",
         )
 
