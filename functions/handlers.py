@@ -1,4 +1,5 @@
-"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.aws.stages`` function, returns a dict.
+"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.aws.stages`` function (the
+starter, fed by the upload queue: ``topx.aws.trigger``), returns a dict.
 
 The image CMD picks the handler (``functions.handlers.prepare`` and so on). Events come from the state
 machine (statemachine/pipeline.asl.json); bucket and table names may also come from ``TOPX_BUCKET`` /

@@ -32,7 +32,7 @@ from infra.lambdas import STATE_MACHINE_HANDLERS
 from infra.logs import log_group
 from infra.nag import acknowledge
 from infra.settings import ASL_PATH, TRIGGER_PATH
-from topx.contract import ENV_STATE_MACHINE_ARN
+from topx.contract import ENV_STATE_MACHINE_ARN, RUN_ENDED_DETAIL_TYPE, RUN_ENDED_SOURCE, RUN_ENDED_STATUSES
 
 PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z][A-Za-z0-9]*)\}")
 # Step Functions manages this EventBridge rule itself to learn when a submitJob.sync job finishes.
@@ -67,8 +67,6 @@ UPLOAD_BATCH_WINDOW_S = 60
 UPLOAD_BATCH_SIZE = 10_000  # the most a batching window gathers (Lambda caps a batch at 6 MB too)
 # Receives of one message before it goes to the dead-letter queue (a starter that keeps failing on it).
 UPLOAD_MAX_RECEIVES = 5
-# The execution ends the starter hears of, to start what waited for the run (topx/aws/trigger.py).
-ENDED_STATUSES = ["SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]
 
 
 class DefinitionError(ValueError):
@@ -254,9 +252,9 @@ class Pipeline(Construct):
             "OnRunEnded",
             description="Queue each end of a topx execution, so that the starter starts what waited for it",
             event_pattern=events.EventPattern(
-                source=["aws.states"],
-                detail_type=["Step Functions Execution Status Change"],
-                detail={"stateMachineArn": [self.state_machine.state_machine_arn], "status": ENDED_STATUSES},
+                source=[RUN_ENDED_SOURCE],
+                detail_type=[RUN_ENDED_DETAIL_TYPE],
+                detail={"stateMachineArn": [self.state_machine.state_machine_arn], "status": list(RUN_ENDED_STATUSES)},
             ),
         )
         on_end.add_target(targets.SqsQueue(self.upload_queue, **delivery))

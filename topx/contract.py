@@ -503,6 +503,12 @@ OUTPUT_TABLE = "TableName"
 OUTPUT_STATE_MACHINE = "StateMachineArn"
 OUTPUT_TOPIC = "TopicArn"
 
+# The execution ends the run-ended rule queues for the starter (infra/pipeline.py, topx.aws.trigger), as
+# Step Functions reports them to EventBridge.
+RUN_ENDED_SOURCE = "aws.states"
+RUN_ENDED_DETAIL_TYPE = "Step Functions Execution Status Change"
+RUN_ENDED_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
+
 # The module whose functions the Lambda image CMD names: ``functions.handlers.<name>``.
 HANDLER_MODULE = "functions.handlers"
 # The Batch jobs' commands. Batch fills ``Ref::<name>`` from the SubmitJob parameters the state machine

@@ -36,6 +36,9 @@ from topx.contract import (
     ENV_ENDPOINT_URL,
     INCOMING_PREFIX,
     PARTITION_KEY,
+    RUN_ENDED_DETAIL_TYPE,
+    RUN_ENDED_SOURCE,
+    RUN_ENDED_STATUSES,
     SORT_KEY,
     TRIGGER_PARTITION,
     TRIGGER_SORT,
@@ -47,9 +50,9 @@ logger = logging.getLogger(__name__)
 # The events the queue receives (statemachine/trigger.json's upload pattern, the execution status rule, the
 # schedule), by (source, detail-type).
 UPLOAD_EVENT = ("aws.s3", "Object Created")
-RUN_ENDED_EVENT = ("aws.states", "Step Functions Execution Status Change")
+RUN_ENDED_EVENT = (RUN_ENDED_SOURCE, RUN_ENDED_DETAIL_TYPE)
 SCHEDULE_EVENT = ("aws.events", "Scheduled Event")
-ENDED_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
+ENDED_STATUSES = frozenset(RUN_ENDED_STATUSES)
 # An upload S3 reported this long before a run was claimed was listed by that run's Prepare. S3 reports an
 # object once it is stored (and listed); the margin covers event times' whole seconds and clock skew.
 COVERED_MARGIN_S = 2.0
