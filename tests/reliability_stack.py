@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,9 +124,9 @@ class Stack:
         beside the starter (which never starts two at once); returns its ARN. The upload's queued event is
         dropped, so the starter does not see it."""
         self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body)
-        boto3.client("sqs", region_name=self.pipeline.region).purge_queue(QueueUrl=self.pipeline.upload_queue_url)
+        self.drop_queued()
         sfn = boto3.client("stepfunctions", region_name=self.pipeline.region)
-        arn = sfn.start_execution(stateMachineArn=self.pipeline.state_machine_arn,
+        arn = sfn.start_execution(stateMachineArn=self.pipeline.state_machine_arn, name=f"by-hand-{uuid.uuid4()}",
                                   input=json.dumps({"bucket": self.pipeline.bucket, "key": key, "uploads": None}),
                                   )["executionArn"]
         self.seen.add(arn)
@@ -165,7 +166,15 @@ class Stack:
                 self.s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
         offline.notifications(self.pipeline)
         # Nothing queued for the starter either (the trigger item went with the table's items).
-        boto3.client("sqs", region_name=self.pipeline.region).purge_queue(QueueUrl=self.pipeline.upload_queue_url)
+        self.drop_queued()
+
+    def drop_queued(self) -> None:
+        """Delete what waits in the upload queue (PurgeQueue is allowed once a minute only)."""
+        sqs = boto3.client("sqs", region_name=self.pipeline.region)
+        while messages := sqs.receive_message(QueueUrl=self.pipeline.upload_queue_url,
+                                              MaxNumberOfMessages=10).get("Messages", []):
+            for message in messages:
+                sqs.delete_message(QueueUrl=self.pipeline.upload_queue_url, ReceiptHandle=message["ReceiptHandle"])
 
     def seed_live_version(self, users: list[str]) -> str:
         rows = [store.Recommendation(u, list(SEEDED_ITEMS), [2.0, 1.0]) for u in users]

@@ -180,3 +180,16 @@ def test_a_write_from_a_stale_read_loses_to_the_other_starter(env: Env) -> None:
     assert not trigger.write_state(TABLE, env.ddb, trigger.TriggerState(seq=1, running="arn:y", exists=True),
                                    read=read)
     assert trigger.read_state(TABLE, env.ddb).running == "arn:x"
+
+
+def test_a_name_an_older_execution_took_is_passed_over(env: Env) -> None:
+    """The trigger item made anew (its sequence back at 1) in the same second as an earlier claim: the
+    earlier execution, ended, keeps its name, and the uploads start under the next one."""
+    batch = [upload("incoming/a.csv", T0 - 10)]
+    first = env.start(batch).started
+    env.end(first)
+    env.ddb.delete_item(TableName=TABLE, Key=trigger._key())
+    outcome = env.start(batch)
+    assert outcome.started is not None and outcome.started != first
+    assert outcome.started.endswith(":uploads-000002-20240501T104000Z")
+    assert env.sfn.describe_execution(executionArn=outcome.started)["status"] == "RUNNING"

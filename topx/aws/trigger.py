@@ -275,12 +275,14 @@ def _running_elsewhere(sfn: Any, state_machine_arn: str) -> str | None:
 
 def _start(sfn: Any, state_machine_arn: str, arn: str, execution_input: str) -> bool:
     """Start the claimed execution; True when it runs under that name with this input (started now or by
-    an earlier try), False when the name belongs to another execution."""
+    an earlier try of this claim), False when the name belongs to another execution, or to one that has
+    ended (a claim is started before anything can end it: an ended one is older than the claim)."""
     name = arn.rsplit(":", 1)[-1]
     try:
         sfn.start_execution(stateMachineArn=state_machine_arn, name=name, input=execution_input)
     except sfn.exceptions.ExecutionAlreadyExists:
-        return sfn.describe_execution(executionArn=arn).get("input") == execution_input
+        described = sfn.describe_execution(executionArn=arn)
+        return described.get("input") == execution_input and described.get("status") == "RUNNING"
     return True
 
 
