@@ -1,4 +1,5 @@
-"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.aws.stages`` function, returns a dict.
+"""Lambda handlers of the pipeline. Each parses its event, calls one ``topx.aws.stages`` function (the
+starter, fed by the upload queue: ``topx.aws.trigger``), returns a dict.
 
 The image CMD picks the handler (``functions.handlers.prepare`` and so on). Events come from the state
 machine (statemachine/pipeline.asl.json); bucket and table names may also come from ``TOPX_BUCKET`` /
@@ -15,7 +16,7 @@ from typing import Any
 
 from topx.aws import stages
 from topx.config import env_or
-from topx.contract import ENV_BUCKET, ENV_TABLE, MIN_SHARDS
+from topx.contract import ENV_BUCKET, ENV_STATE_MACHINE_ARN, ENV_TABLE, MIN_SHARDS
 from topx.errors import TopxError
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,42 @@ def _named(event: Mapping[str, Any], name: str, env_name: str) -> str:
 
 @dataclass(frozen=True)
 class PrepareEvent:
-    """``{"bucket": str, "key": str | null}``; key null means "the latest data under incoming/"."""
+    """``{"bucket": str, "key": str | null, "uploads": [{"path": str, "objects": int}] | null}``; key null means
+    "the data under incoming/" (every increment, or the latest snapshot); uploads, what the starter started the
+    run for, goes into the run record."""
 
     bucket: str
     key: str | None
+    uploads: list[dict[str, Any]] | None
 
     @classmethod
     def parse(cls, event: Mapping[str, Any]) -> PrepareEvent:
-        return cls(bucket=_named(event, "bucket", ENV_BUCKET), key=_optional_str(event, "key"))
+        uploads = _object(event).get("uploads")
+        if uploads is not None and not (isinstance(uploads, list) and all(
+                isinstance(u, Mapping) and isinstance(u.get("path"), str) and isinstance(u.get("objects"), int)
+                for u in uploads)):
+            raise EventError(f"event field 'uploads' must be a list of {{\"path\", \"objects\"}} or null, got {uploads!r}")
+        return cls(bucket=_named(event, "bucket", ENV_BUCKET), key=_optional_str(event, "key"),
+                   uploads=None if uploads is None else [dict(u) for u in uploads])
+
+
+@dataclass(frozen=True)
+class QueueBatch:
+    """An SQS batch, as Lambda's event source mapping hands it over: ``{"Records": [{"body": str, ...}]}``."""
+
+    records: list[Mapping[str, Any]]
+    bucket: str
+    table: str
+    state_machine_arn: str
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> QueueBatch:
+        records = _field(event, "Records")
+        if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
+            raise EventError(f"event field 'Records' must be a list of SQS records, got {records!r}")
+        return cls(records=list(records), bucket=_named(event, "bucket", ENV_BUCKET),
+                   table=_named(event, "table", ENV_TABLE),
+                   state_machine_arn=_named(event, "state_machine_arn", ENV_STATE_MACHINE_ARN))
 
 
 @dataclass(frozen=True)
@@ -171,7 +200,7 @@ def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """-> ``{"run_id", "bucket", "shards" (>= 2), "shard_ids" [0..shards-1], "n_users", "n_items", "n_interactions"}``."""
     parsed = PrepareEvent.parse(event)
     _log("prepare", parsed)
-    return _check_prepared(stages.prepare_run(parsed.bucket, parsed.key))
+    return _check_prepared(stages.prepare_run(parsed.bucket, parsed.key, parsed.uploads))
 
 
 def quality_gate(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
@@ -216,3 +245,17 @@ def publish(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     parsed = PublishEvent.parse(event)
     _log("publish", parsed)
     return dict(stages.publish_version(parsed.bucket, parsed.run_id, parsed.table, parsed.expected_shards))
+
+
+def starter(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """The upload queue's batch -> ``{"batchItemFailures": [], "started", "waiting_for", "pending_uploads",
+    "dropped_uploads"}``: starts one execution when none runs and uploads wait (topx.aws.trigger). A failure
+    raises, and Lambda hands the whole batch over again."""
+    from topx.aws import trigger
+
+    parsed = QueueBatch.parse(event)
+    logger.info("starter %d message(s)", len(parsed.records))
+    batch = trigger.read_batch(parsed.records, parsed.bucket)
+    outcome = trigger.start_runs(batch, bucket=parsed.bucket, table=parsed.table,
+                                 state_machine_arn=parsed.state_machine_arn)
+    return {"batchItemFailures": [], **outcome.as_dict()}

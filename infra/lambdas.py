@@ -34,7 +34,13 @@ from infra.access import (
 )
 from infra.images import function_code
 from infra.logs import log_group
-from topx.contract import FALLBACK_PARTITION, HANDLER_MODULE, POINTER_PARTITION, USER_PARTITION_PREFIX
+from topx.contract import (
+    FALLBACK_PARTITION,
+    HANDLER_MODULE,
+    POINTER_PARTITION,
+    TRIGGER_PARTITION,
+    USER_PARTITION_PREFIX,
+)
 
 # Active tracing adds these to every function's role; X-Ray offers no narrower resource.
 TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
@@ -56,6 +62,7 @@ class FunctionSpec:
     timeout: Duration
     ephemeral_gib: int = 1
     reads_inputs: bool = False  # incoming/ and features/
+    reads_runs: bool = True  # lists the bucket and reads runs/
     writes_runs: bool = True
     table: tuple[TableAccess, ...] = ()
     versions: tuple[str, ...] = ()  # S3 object actions under versions/
@@ -125,7 +132,21 @@ SPECS: tuple[FunctionSpec, ...] = (
                TableAccess(("dynamodb:GetItem",), (FALLBACK_PARTITION,))),
         versions=("s3:PutObject",),  # a copy of the run's metrics
     ),
+    FunctionSpec(
+        "starter",
+        "Start one pipeline execution per burst of uploads, never two at once",
+        # Reads a batch of queue messages and one table item: no data, no model.
+        memory_mb=512,
+        timeout=Duration.minutes(1),
+        reads_runs=False,
+        writes_runs=False,
+        # topx.aws.trigger: the one trigger item, read and conditionally written. The queue, and the state
+        # machine's StartExecution, ListExecutions and DescribeExecution, are granted by infra/pipeline.py.
+        table=(TableAccess(("dynamodb:GetItem", "dynamodb:PutItem"), (TRIGGER_PARTITION,)),),
+    ),
 )
+# The handlers the state machine invokes (the starter is invoked by its queue, and invokes the state machine).
+STATE_MACHINE_HANDLERS = tuple(spec.handler for spec in SPECS if spec.handler != "starter")
 
 
 class Functions(Construct):
@@ -181,15 +202,17 @@ class Functions(Construct):
             log_group=logs,
             role=role,
         )
-        role.add_to_policy(list_bucket(bucket))
-        role.add_to_policy(read_runs(bucket))
+        if spec.reads_runs:
+            role.add_to_policy(list_bucket(bucket))
+            role.add_to_policy(read_runs(bucket))
         if spec.writes_runs:
             role.add_to_policy(write_runs(bucket))
         if spec.reads_inputs:
             role.add_to_policy(read_inputs(bucket))
         if spec.versions:
             role.add_to_policy(version_objects(bucket, spec.versions))
-        acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs, versions=bool(spec.versions))
+        if spec.reads_runs or spec.writes_runs:
+            acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs, versions=bool(spec.versions))
         for access in spec.table:
             role.add_to_policy(table_items(table, access.actions, access.leading_keys))
         checkov.skip_checks(

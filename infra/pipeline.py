@@ -12,12 +12,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from aws_cdk import Duration, Fn, Stack
+from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as lambda_events
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
@@ -27,9 +28,11 @@ from constructs import Construct
 from infra.access import acknowledge_unscoped
 from infra.checkov import skip_checks
 from infra.compute import Job
+from infra.lambdas import STATE_MACHINE_HANDLERS
 from infra.logs import log_group
 from infra.nag import acknowledge
 from infra.settings import ASL_PATH, TRIGGER_PATH
+from topx.contract import ENV_STATE_MACHINE_ARN, RUN_ENDED_DETAIL_TYPE, RUN_ENDED_SOURCE, RUN_ENDED_STATUSES
 
 PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z][A-Za-z0-9]*)\}")
 # Step Functions manages this EventBridge rule itself to learn when a submitJob.sync job finishes.
@@ -53,11 +56,17 @@ UNSCOPED_STATE_MACHINE_ACTIONS = (
 )
 
 
-# How EventBridge delivers to the state machine: retries, how long it keeps trying, and how long an
+# How EventBridge delivers to the upload queue: retries, how long it keeps trying, and how long an
 # undelivered event waits in the dead-letter queue.
 TRIGGER_RETRY_ATTEMPTS = 8
 TRIGGER_MAX_EVENT_AGE_HOURS = 24
 TRIGGER_DEAD_LETTER_DAYS = 14
+# The starter's batching window: Lambda gathers the queue's messages this long (or up to the batch size)
+# before handing them over, so that an export's part files and its _SUCCESS marker reach one batch.
+UPLOAD_BATCH_WINDOW_S = 60
+UPLOAD_BATCH_SIZE = 10_000  # the most a batching window gathers (Lambda caps a batch at 6 MB too)
+# Receives of one message before it goes to the dead-letter queue (a starter that keeps failing on it).
+UPLOAD_MAX_RECEIVES = 5
 
 
 class DefinitionError(ValueError):
@@ -133,7 +142,7 @@ class Pipeline(Construct):
             tracing_enabled=True,
         )
         self._grant(functions, train, search, topic, topic_key)
-        self._add_triggers(bucket, schedule)
+        self._add_triggers(bucket, schedule, functions["starter"])
 
     def _grant(
         self,
@@ -148,7 +157,7 @@ class Pipeline(Construct):
         machine.add_to_role_policy(
             iam.PolicyStatement(
                 actions=["lambda:InvokeFunction"],
-                resources=[function.function_arn for function in functions.values()],
+                resources=[functions[handler].function_arn for handler in STATE_MACHINE_HANDLERS],
             )
         )
         machine.add_to_role_policy(
@@ -185,10 +194,13 @@ class Pipeline(Construct):
             "only be scoped to this account's jobs.",
         )
 
-    def _add_triggers(self, bucket: s3.IBucket, schedule: str | None) -> None:
+    def _add_triggers(self, bucket: s3.IBucket, schedule: str | None, starter: lambda_.IFunction) -> None:
+        """Uploads, execution ends and the schedule's ticks go to one queue; the starter reads it in batches
+        and starts one execution at a time (topx/aws/trigger.py; docs/DEPLOY.md)."""
         trigger = load_trigger()
-        # An event EventBridge could not deliver (StartExecution throttled or refused, past the retries)
-        # lands here instead of vanishing, and an alarm says so (infra/notifications.py).
+        # An event EventBridge could not deliver (past the retries), or a message the starter failed on
+        # UPLOAD_MAX_RECEIVES times, lands here instead of vanishing, and an alarm says so
+        # (infra/notifications.py).
         self.trigger_dead_letters = sqs.Queue(
             self,
             "TriggerDeadLetters",
@@ -199,19 +211,32 @@ class Pipeline(Construct):
         acknowledge(
             self.trigger_dead_letters,
             "AwsSolutions-SQS3",
-            "This queue is itself the dead-letter queue of the pipeline's EventBridge targets.",
+            "This queue is itself the dead-letter queue of the pipeline's EventBridge targets and upload queue.",
         )
-        skip_checks(self.trigger_dead_letters, {
-            "CKV_AWS_27": "Encrypted at rest with SQS-managed keys (SqsManagedSseEnabled), which this check does "
-                          "not recognise; EventBridge cannot send to a dead-letter queue under the AWS-managed "
-                          "KMS key, and the events hold only a bucket name and an object key.",
-        })
+        sqs_managed = (
+            "Encrypted at rest with SQS-managed keys (SqsManagedSseEnabled), which this check does not "
+            "recognise; EventBridge cannot send to a queue under the AWS-managed KMS key, and the events hold "
+            "only bucket names, object keys and execution ARNs."
+        )
+        skip_checks(self.trigger_dead_letters, {"CKV_AWS_27": sqs_managed})
+        self.upload_queue = sqs.Queue(
+            self,
+            "UploadQueue",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=Duration.days(TRIGGER_DEAD_LETTER_DAYS),
+            # Lambda's advice for a queue a function reads: six times the function's timeout.
+            visibility_timeout=Duration.minutes(6),
+            dead_letter_queue=sqs.DeadLetterQueue(max_receive_count=UPLOAD_MAX_RECEIVES,
+                                                  queue=self.trigger_dead_letters),
+        )
+        skip_checks(self.upload_queue, {"CKV_AWS_27": sqs_managed})
         delivery = {"dead_letter_queue": self.trigger_dead_letters, "retry_attempts": TRIGGER_RETRY_ATTEMPTS,
                     "max_event_age": Duration.hours(TRIGGER_MAX_EVENT_AGE_HOURS)}
         on_upload = events.Rule(
             self,
             "OnUpload",
-            description=f"Start the topx pipeline when an object lands under {trigger['key_prefix']}",
+            description=f"Queue each object created under {trigger['key_prefix']} for the topx starter",
             event_pattern=events.EventPattern(
                 source=[trigger["source"]],
                 detail_type=[trigger["detail_type"]],
@@ -221,26 +246,53 @@ class Pipeline(Construct):
                 },
             ),
         )
-        on_upload.add_target(
-            targets.SfnStateMachine(
-                self.state_machine,
-                input=events.RuleTargetInput.from_object(
-                    {name: events.EventField.from_path(path) for name, path in trigger["input_paths"].items()}
-                ),
-                **delivery,
-            )
+        on_upload.add_target(targets.SqsQueue(self.upload_queue, **delivery))
+        on_end = events.Rule(
+            self,
+            "OnRunEnded",
+            description="Queue each end of a topx execution, so that the starter starts what waited for it",
+            event_pattern=events.EventPattern(
+                source=[RUN_ENDED_SOURCE],
+                detail_type=[RUN_ENDED_DETAIL_TYPE],
+                detail={"stateMachineArn": [self.state_machine.state_machine_arn], "status": list(RUN_ENDED_STATUSES)},
+            ),
         )
+        on_end.add_target(targets.SqsQueue(self.upload_queue, **delivery))
         if schedule:
             scheduled = events.Rule(
                 self,
                 "OnSchedule",
-                description="Retrain the topx model on the latest data under incoming/",
+                description="Retrain the topx model on the data under incoming/ (through the starter)",
                 schedule=events.Schedule.expression(schedule),
             )
-            scheduled.add_target(targets.SfnStateMachine(self.state_machine, **delivery))
-            # {"bucket": <bucket>, "key": null}. RuleTargetInput.from_object would drop the null, and the
-            # state machine reads $.key, so the input text is written out here.
-            rest = json.dumps(trigger["schedule_input"], separators=(",", ":"))
-            scheduled.node.default_child.add_property_override(  # type: ignore[union-attr]
-                "Targets.0.Input", Fn.join("", ['{"bucket":"', bucket.bucket_name, '",', rest[1:]])
+            scheduled.add_target(targets.SqsQueue(self.upload_queue, **delivery))
+
+        starter.add_event_source(
+            lambda_events.SqsEventSource(
+                self.upload_queue,
+                batch_size=UPLOAD_BATCH_SIZE,
+                max_batching_window=Duration.seconds(UPLOAD_BATCH_WINDOW_S),
+                report_batch_item_failures=True,
             )
+        )
+        starter.add_environment(ENV_STATE_MACHINE_ARN, self.state_machine.state_machine_arn)  # type: ignore[attr-defined]
+        stack = Stack.of(self)
+        machine_arn = self.state_machine.state_machine_arn
+        starter.add_to_role_policy(
+            iam.PolicyStatement(actions=["states:StartExecution", "states:ListExecutions"], resources=[machine_arn])
+        )
+        executions = stack.format_arn(
+            service="states",
+            resource="execution",
+            resource_name=f"{self.state_machine.state_machine_name}:*",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        starter.add_to_role_policy(iam.PolicyStatement(actions=["states:DescribeExecution"], resources=[executions]))
+        machine_id = stack.get_logical_id(self.state_machine.node.default_child)  # type: ignore[arg-type]
+        acknowledge(
+            starter.role,  # type: ignore[arg-type]
+            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:"
+            f"<{machine_id}.Name>:*]",
+            "Execution names are minted per run; DescribeExecution is limited to this state machine's executions.",
+        )
+

@@ -275,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-x", type=int, default=DEFAULT_TOP_X, metavar="X", help=f"default {DEFAULT_TOP_X}")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated data (default 7)")
 
+    p = add_command("offline", help="try the deployed pipeline on your own export before deploying",
+                       description="Start the offline AWS stand-ins in this process, deploy the stack's resources and "
+                                   "the state machine into them, and upload each --upload PATH (a file, or a folder "
+                                   "of part files) under incoming/ as one burst, in order: the upload queue's starter "
+                                   "starts a run for each, after the one before has ended, as on AWS. Progress goes "
+                                   "to stderr; the last line of stdout is one JSON object: {\"executions\": "
+                                   "[{\"status\", \"uploads\"}, ...], \"users_published\": N}. TOPX_EPOCHS, "
+                                   "TOPX_NUM_FACTORS and the other TOPX_* deploy settings apply. Needs the offline "
+                                   "extra: pip install 'topx[offline]'.")
+    p.add_argument("--upload", action="append", required=True, metavar="PATH",
+                   help="a file or a folder to upload as one burst (repeat for later bursts, in order)")
+    p.add_argument("--dataset", metavar="FILE",
+                   help="the dataset configuration (JSON) to deploy with, as CDK context dataset takes it: "
+                        "column names, objective, time column and window")
+    p.add_argument("--snapshot", metavar="LABEL",
+                   help="upload the first PATH as a snapshot (incoming/snapshot=LABEL/), the others on top of it")
+
     p = add_command("recs", help="a user's live recommendations, read from a deployed stack's table",
                        description="Follow the active-version pointer in DynamoDB and print the user's top-x, "
                                    "best first. The table is --table, else the --stack's TableName output, else "
@@ -283,17 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_options(p, table=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    p = add_command("upload", help="put a data file under incoming/ of a deployed stack (starts a run)",
-                       description="Upload interactions (CSV, TSV or Parquet, optionally gzipped; columns user_id, "
-                                   "item_id, rating) under incoming/ of the stack's bucket; the upload rule starts "
-                                   "the pipeline. The bucket is --bucket, else the --stack's BucketName output, else "
-                                   "$TOPX_BUCKET, else the output of the stack Topx.")
-    p.add_argument("file", metavar="FILE", help="local file to upload")
+    p = add_command("upload", help="put a data file or an export folder under incoming/ of a deployed stack (starts a run)",
+                       description="Upload interactions (CSV, TSV or Parquet, optionally gzipped; one file, or a "
+                                   "folder of part files as warehouses export them, relative paths kept and markers "
+                                   "such as _SUCCESS last) under incoming/ of the stack's bucket. Uploads add to "
+                                   "the history (under the latest snapshot folder when there is one); --snapshot "
+                                   "starts a new one. The upload queue's starter starts one run for the burst, "
+                                   "after the run in progress if there is one, on all the data. The bucket is "
+                                   "--bucket, else the --stack's BucketName output, else $TOPX_BUCKET, else the "
+                                   "output of the stack Topx.")
+    p.add_argument("file", metavar="PATH", help="local file or folder to upload")
     p.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (metadata topx-mode: implicit); for ranking")
     p.add_argument("--objective", choices=OBJECTIVES,
                    help="ranking (the default for unmarked uploads) or rating (metadata topx-mode: rating)")
-    p.add_argument("--key", metavar="NAME", help="object name under incoming/ (default: the file's name)")
+    p.add_argument("--key", metavar="NAME", help="object (or folder) name under incoming/ (default: the file's "
+                                                 "or folder's name)")
+    p.add_argument("--snapshot", metavar="LABEL",
+                   help="replace the history: upload under incoming/snapshot=LABEL/ (an ISO date, say); runs read "
+                        "only the latest snapshot from then on, and nothing older is deleted")
     _add_stack_options(p, bucket=True)
 
     p = add_command("report", help="the run report: one HTML page of a run's data, training, metrics and lists",
@@ -325,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the newest complete version older than the live one)")
     _add_stack_options(p, table=True, bucket=True)
 
-    p = add_command("status", help="the pipeline's latest executions and the live version",
-                       description="List the state machine's most recent executions, newest first, and the version "
-                                   "readers currently see.")
+    p = add_command("status", help="the pipeline's latest executions, the uploads each covers, and the live version",
+                       description="List the state machine's most recent executions, newest first, with the "
+                                   "uploads the starter started each for, and the version readers currently see.")
     p.add_argument("--limit", type=int, default=10, help="how many executions (default 10)")
     _add_stack_options(p, table=True, state_machine=True)
     return parser
@@ -732,10 +757,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from topx.aws import client
 
     uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
-                        objective=args.objective,
-                        endpoint_url=args.endpoint_url)
-    print(f"uploaded {uri}{' (implicit feedback)' if args.implicit else ''}; the upload rule starts a run "
-          f"(follow it with `topx status`)")
+                        objective=args.objective, snapshot=args.snapshot, endpoint_url=args.endpoint_url)
+    print(f"uploaded {uri}{' (implicit feedback)' if args.implicit else ''}; the starter starts one run for the "
+          f"burst, after any run in progress (follow it with `topx status`)")
     return 0
 
 
@@ -754,6 +778,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_offline(args: argparse.Namespace) -> int:
+    from topx.offline.trial import run_trial
+
+    return run_trial(args.upload, dataset=args.dataset, snapshot=args.snapshot, quiet=args.quiet)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from topx.aws import client
     found = client.latest_executions(state_machine_arn=args.state_machine_arn, stack=args.stack, limit=args.limit,
@@ -763,6 +793,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for execution in found:
         took = "" if execution.duration_s is None else f"{execution.duration_s:8.1f} s"
         print(f"  {execution.started:%Y-%m-%d %H:%M:%S}  {execution.status:<10} {took:>10}  {execution.name}")
+        if execution.uploads:
+            shown = ", ".join(f"{u['path']}" + (f" ({u['objects']} objects)" if u["objects"] != 1 else "")
+                              for u in execution.uploads[:5])
+            more = f" and {len(execution.uploads) - 5} more folders" if len(execution.uploads) > 5 else ""
+            print(f"      covers {shown}{more}")
     try:
         live = client.live_version(table=args.table, stack=args.stack, endpoint_url=args.endpoint_url)
     except ConfigError as exc:  # the executions were found; the table may simply not be named
@@ -780,7 +815,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
             "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status,
-            "rollback": cmd_rollback, "report": cmd_report}
+            "rollback": cmd_rollback, "offline": cmd_offline, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

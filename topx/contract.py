@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +39,8 @@ ENV_SEARCH_METHOD = "TOPX_SEARCH_METHOD"  # the search the recommendations and t
 # The deployment's dataset configuration (DATASET_FIELDS, as JSON object text): how Prepare reads the uploads.
 # config/dataset.json in the bucket overrides it field by field at run time.
 ENV_DATASET = "TOPX_DATASET"
+# The state machine the upload starter starts (set on the starter function only).
+ENV_STATE_MACHINE_ARN = "TOPX_STATE_MACHINE_ARN"
 
 # --------------------------------------------------------------------------- deploy defaults and bounds
 
@@ -293,7 +295,11 @@ _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
 })
 
 # --------------------------------------------------------------------------- S3 layout (one bucket)
-# incoming/...                             uploads: each object created here starts a run
+# incoming/...                             uploads: increments adding to the history, each burst starting
+#                                          one run (never two at once) on all of it
+# incoming/snapshot=<label>/...            a snapshot: the one with the greatest label replaces everything
+#                                          else under incoming/ (nothing is deleted); later increments go
+#                                          under it
 # config/dataset.json, config/filters.json how a run reads the uploads, and which items it may recommend
 # features/users*, features/items*         optional side tables; the latest object of each is used, unless
 #                                          the dataset configuration names others under features/
@@ -333,6 +339,35 @@ VERSION_OBJECT_RE = re.compile(
     rf"shard=(?P<shard>\d{{4,}})/"
     rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}|{re.escape(MANIFEST_RETIRED)}))"
 )
+
+
+# A folder incoming/snapshot=<label>/ holds a history that replaces the rest; labels compare as text, so
+# ISO-8601 dates (snapshot=2024-06-01) or zero-padded numbers order as written.
+SNAPSHOT_FOLDER = "snapshot"
+
+
+def snapshot_prefix(label: str) -> str:
+    """``incoming/snapshot=<label>/``; the label is one folder name."""
+    if not label or "/" in label or label.strip() != label:
+        raise ValueError(f"a snapshot label is one folder name without '/' or surrounding spaces, got {label!r}")
+    return f"{INCOMING_PREFIX}{SNAPSHOT_FOLDER}={label}/"
+
+
+def snapshot_label(key: str) -> str | None:
+    """The label of the snapshot folder ``key`` lies in (``incoming/snapshot=<label>/...``); None outside one."""
+    rest = key.removeprefix(INCOMING_PREFIX)
+    if rest == key:
+        return None
+    folder, slash, _ = rest.partition("/")
+    name, equals, label = folder.partition("=")
+    return label if slash and equals and name == SNAPSHOT_FOLDER and label else None
+
+
+def active_data_prefix(keys: Iterable[str]) -> str:
+    """What a run trains on, from the keys under incoming/: ``incoming/snapshot=<greatest label>/`` when
+    there is a snapshot, else ``incoming/`` (every increment)."""
+    labels = {label for key in keys if (label := snapshot_label(key)) is not None}
+    return snapshot_prefix(max(labels)) if labels else INCOMING_PREFIX
 
 
 def incoming_key(name: str) -> str:
@@ -441,8 +476,8 @@ def version_shard_prefix(run_id: str, shard: int) -> str:
 # --------------------------------------------------------------------------- DynamoDB (one table)
 # A recommendations item per (user, version): pk = "user#<user_id>", sk = "v#<version>"; a fallback item per
 # version, pk = "fallback", sk = "v#<version>", the list for users it has none for; one pointer item
-# pk = "pointer", sk = "active" naming the live version. Retired versions' items carry expires_at (epoch
-# seconds), the table's TTL. The functions' table permissions are limited to these partition keys.
+# pk = "pointer", sk = "active" naming the live version; one upload-starter item pk = "trigger", sk = "state".
+# Retired versions' items carry expires_at (epoch seconds), the table's TTL. The functions' table permissions are limited to these partition keys.
 
 PARTITION_KEY = "pk"
 SORT_KEY = "sk"
@@ -453,6 +488,9 @@ POINTER_SORT = "active"
 USER_PARTITION_PREFIX = "user#"
 # The fallback list's partition: reserved, since every user's partition key starts with USER_PARTITION_PREFIX.
 FALLBACK_PARTITION = "fallback"
+# The upload starter's one item (topx.aws.trigger): the run in progress and the uploads waiting for the next.
+TRIGGER_PARTITION = "trigger"
+TRIGGER_SORT = "state"
 VERSION_SORT_PREFIX = "v#"
 # The key of the active-version pointer item.
 POINTER_KEY: Mapping[str, str] = MappingProxyType({PARTITION_KEY: POINTER_PARTITION, SORT_KEY: POINTER_SORT})
@@ -486,6 +524,12 @@ OUTPUT_BUCKET = "BucketName"
 OUTPUT_TABLE = "TableName"
 OUTPUT_STATE_MACHINE = "StateMachineArn"
 OUTPUT_TOPIC = "TopicArn"
+
+# The execution ends the run-ended rule queues for the starter (infra/pipeline.py, topx.aws.trigger), as
+# Step Functions reports them to EventBridge.
+RUN_ENDED_SOURCE = "aws.states"
+RUN_ENDED_DETAIL_TYPE = "Step Functions Execution Status Change"
+RUN_ENDED_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")
 
 # The module whose functions the Lambda image CMD names: ``functions.handlers.<name>``.
 HANDLER_MODULE = "functions.handlers"

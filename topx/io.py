@@ -81,6 +81,12 @@ def dataset_parts(source: str, *, s3_client: Any = None) -> list[Part]:
     return parts
 
 
+def is_data_object(relative_key: str, size: int) -> bool:
+    """Whether an object ``relative_key`` (its key below a dataset's root) of ``size`` bytes is data, as
+    ``dataset_parts`` reads it: not a marker, checksum, hidden or temporary file, nor empty."""
+    return not relative_key.endswith("/") and _is_data(relative_key.split("/"), size)
+
+
 def _is_data(segments: tuple[str, ...] | list[str], size: int) -> bool:
     return size > 0 and not segments[-1].endswith(".crc") and not any(s.startswith(("_", ".")) for s in segments)
 

@@ -129,6 +129,8 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
 
         assert main(["upload", str(path), "--bucket", pipeline.bucket]) == 0
         assert f"uploaded s3://{pipeline.bucket}/incoming/ratings.csv" in capsys.readouterr().out
+        assert offline.executions(pipeline.state_machine_arn) == []  # queued, until the batching window closes
+        offline.deliver_uploads(pipeline)
         (execution,) = offline.executions(pipeline.state_machine_arn)
         assert offline.wait_for_execution(execution["executionArn"])["status"] == "SUCCEEDED"
         live = store.active_version(pipeline.table, client=boto3.client("dynamodb"))
@@ -136,6 +138,7 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert main(["status", "--state-machine-arn", pipeline.state_machine_arn, "--table", pipeline.table]) == 0
         status = capsys.readouterr().out
         assert "SUCCEEDED" in status and execution["name"] in status
+        assert "covers incoming/ratings.csv" in status
         assert f"live version: {live}, 120 users" in status
 
         assert main(["recs", "u00003", "--table", pipeline.table]) == 0

@@ -35,7 +35,7 @@ from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
 from topx import contract
 from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
-HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report")
+HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report", "starter")
 MAIN_PATH = [
     "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
@@ -559,7 +559,9 @@ def test_state_machine_role_is_granted_each_integration(default: Synth) -> None:
         )
         for action in actions:
             by_action.setdefault(action, []).extend(resources)
-    functions = {k for k in default.resources("AWS::Lambda::Function")}
+    # Every function but the starter, which its queue invokes and which itself starts the state machine.
+    functions = {k for k in default.resources("AWS::Lambda::Function") if not k.startswith("FunctionsStarter")}
+    assert len(functions) == len(HANDLERS) - 1
     assert {r["Fn::GetAtt"][0] for r in by_action["lambda:InvokeFunction"]} == functions
     submit = json.dumps(by_action["batch:SubmitJob"])
     for logical_id in [
@@ -576,44 +578,60 @@ def test_state_machine_role_is_granted_each_integration(default: Synth) -> None:
 # --- triggers --------------------------------------------------------------------------------------
 
 
-def test_upload_rule_is_built_from_the_shared_trigger_file(default: Synth) -> None:
+def _upload_queue(synth: Synth) -> str:
+    """The logical id of the queue the starter reads."""
+    (mapping,) = synth.resources("AWS::Lambda::EventSourceMapping").values()
+    return mapping["Properties"]["EventSourceArn"]["Fn::GetAtt"][0]
+
+
+def _rule(synth: Synth, source: str) -> dict[str, Any]:
+    return next(r["Properties"] for r in synth.resources("AWS::Events::Rule").values()
+                if r["Properties"].get("EventPattern", {}).get("source") == [source])
+
+
+def test_upload_rule_is_built_from_the_shared_trigger_file_and_queues_the_raw_event(default: Synth) -> None:
     trigger = load_trigger()
-    default.template.has_resource_properties(
-        "AWS::Events::Rule",
-        {
-            "EventPattern": {
-                "source": [trigger["source"]],
-                "detail-type": [trigger["detail_type"]],
-                "detail": {
-                    "bucket": {"name": [Match.any_value()]},
-                    "object": {"key": [{"prefix": trigger["key_prefix"]}]},
-                },
-            },
-            "Targets": [
-                Match.object_like(
-                    {
-                        "InputTransformer": {
-                            "InputPathsMap": Match.object_like({}),
-                            "InputTemplate": Match.string_like_regexp(
-                                r'^\{"bucket":<[^>]+>,"key":<[^>]+>\}$'
-                            ),
-                        }
-                    }
-                )
-            ],
-        },
-    )
     assert trigger["key_prefix"] == "incoming/"
-    rule = next(
-        r["Properties"]
-        for r in default.resources("AWS::Events::Rule").values()
-        if r["Properties"].get("EventPattern", {}).get("source") == ["aws.s3"]
-    )
-    paths = rule["Targets"][0]["InputTransformer"]["InputPathsMap"]
-    assert sorted(paths.values()) == sorted(trigger["input_paths"].values())
+    rule = _rule(default, "aws.s3")
+    assert rule["EventPattern"]["detail-type"] == [trigger["detail_type"]]
+    assert rule["EventPattern"]["detail"]["object"] == {"key": [{"prefix": trigger["key_prefix"]}]}
+    (target,) = rule["Targets"]
+    # The starter reads bucket and key from the S3 event itself.
+    assert "InputTransformer" not in target and "Input" not in target
+    assert target["Arn"] == {"Fn::GetAtt": [_upload_queue(default), "Arn"]}
 
 
-def test_schedule_rule_exists_only_when_context_sets_it(default: Synth, custom: Synth) -> None:
+def test_the_starter_reads_the_queue_in_batching_windows_and_may_start_only_this_state_machine(
+        default: Synth) -> None:
+    from infra.pipeline import UPLOAD_BATCH_SIZE, UPLOAD_BATCH_WINDOW_S
+
+    (mapping,) = [m["Properties"] for m in default.resources("AWS::Lambda::EventSourceMapping").values()]
+    assert mapping["BatchSize"] == UPLOAD_BATCH_SIZE and mapping["MaximumBatchingWindowInSeconds"] == UPLOAD_BATCH_WINDOW_S
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    (starter_id,) = [k for k in default.resources("AWS::Lambda::Function") if k.startswith("FunctionsStarter")]
+    starter = default.resources("AWS::Lambda::Function")[starter_id]["Properties"]
+    (machine_id,) = default.resources("AWS::StepFunctions::StateMachine")
+    assert starter["Environment"]["Variables"]["TOPX_STATE_MACHINE_ARN"] == {"Ref": machine_id}
+    statements = [st for name, p in default.resources("AWS::IAM::Policy").items() if name.startswith("FunctionsStarter")
+                  for st in p["Properties"]["PolicyDocument"]["Statement"]]
+    by_action = {a: st["Resource"] for st in statements
+                 for a in (st["Action"] if isinstance(st["Action"], list) else [st["Action"]])}
+    assert by_action["states:StartExecution"] == by_action["states:ListExecutions"] == {"Ref": machine_id}
+    assert machine_id in json.dumps(by_action["states:DescribeExecution"])
+    assert not any(a.startswith("s3:") for a in by_action)
+    assert by_action["sqs:ReceiveMessage"] == {"Fn::GetAtt": [_upload_queue(default), "Arn"]}
+
+
+def test_run_ended_rule_queues_the_ends_of_this_state_machine(default: Synth) -> None:
+    rule = _rule(default, "aws.states")
+    (machine_id,) = default.resources("AWS::StepFunctions::StateMachine")
+    assert rule["EventPattern"]["detail"] == {"stateMachineArn": [{"Ref": machine_id}],
+                                              "status": ["SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"]}
+    assert rule["Targets"][0]["Arn"] == {"Fn::GetAtt": [_upload_queue(default), "Arn"]}
+
+
+def test_schedule_rule_exists_only_when_context_sets_it_and_goes_through_the_starter(default: Synth,
+                                                                                     custom: Synth) -> None:
     def scheduled(synth: Synth) -> list[dict[str, Any]]:
         return [
             r["Properties"]
@@ -624,33 +642,37 @@ def test_schedule_rule_exists_only_when_context_sets_it(default: Synth, custom: 
     assert scheduled(default) == []
     (rule,) = scheduled(custom)
     assert rule["ScheduleExpression"] == "cron(0 3 * * ? *)"
-    join = rule["Targets"][0]["Input"]["Fn::Join"]
-    text = join[0].join(part if isinstance(part, str) else "my-bucket" for part in join[1])
-    assert json.loads(text) == {"bucket": "my-bucket", "key": None}
-    assert join[1][1] == {
-        "Ref": next(iter(custom.resources("AWS::S3::Bucket").keys() - {_log_bucket(custom)}))
-    }
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": [_upload_queue(custom), "Arn"]} and "Input" not in target
 
 
 def test_an_event_that_cannot_start_a_run_is_retried_then_kept_and_alarmed(custom: Synth) -> None:
-    """Both rules' state-machine targets retry, then send what they could not deliver to one
-    dead-letter queue, and an alarm on that queue tells the topic (an upload is never lost silently)."""
-    from infra.pipeline import TRIGGER_MAX_EVENT_AGE_HOURS, TRIGGER_RETRY_ATTEMPTS
+    """Every rule's queue target retries, then sends what it could not deliver to one dead-letter queue;
+    a message the starter keeps failing on goes there too; an alarm on that queue tells the topic (an
+    upload is never lost silently)."""
+    from infra.pipeline import TRIGGER_MAX_EVENT_AGE_HOURS, TRIGGER_RETRY_ATTEMPTS, UPLOAD_MAX_RECEIVES
 
-    (queue_id,) = custom.resources("AWS::SQS::Queue")
+    queues = custom.resources("AWS::SQS::Queue")
+    upload_queue = _upload_queue(custom)
+    (dead_id,) = set(queues) - {upload_queue}
+    assert queues[upload_queue]["Properties"]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dead_id, "Arn"]}, "maxReceiveCount": UPLOAD_MAX_RECEIVES}
     rules = [r["Properties"] for r in custom.resources("AWS::Events::Rule").values()
-             if any("StateMachine" in json.dumps(t.get("Arn")) for t in r["Properties"]["Targets"])]
-    assert len(rules) == 2  # the upload rule and the schedule
+             if upload_queue in json.dumps(r["Properties"]["Targets"])]
+    assert len(rules) == 3  # uploads, ends of runs, the schedule
     for rule in rules:
         (target,) = rule["Targets"]
-        assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+        assert target["Arn"] == {"Fn::GetAtt": [upload_queue, "Arn"]}
+        assert target["DeadLetterConfig"]["Arn"] == {"Fn::GetAtt": [dead_id, "Arn"]}
         assert target["RetryPolicy"] == {"MaximumRetryAttempts": TRIGGER_RETRY_ATTEMPTS,
                                          "MaximumEventAgeInSeconds": TRIGGER_MAX_EVENT_AGE_HOURS * 3600}
     alarms = [a["Properties"] for a in custom.resources("AWS::CloudWatch::Alarm").values()
               if a["Properties"].get("Namespace") == "AWS/SQS"]
     (alarm,) = alarms
     assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible" and alarm["AlarmActions"]
-    assert custom.resources("AWS::SQS::Queue")[queue_id]["Properties"]["SqsManagedSseEnabled"] is True
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": [dead_id, "QueueName"]}}]
+    for queue in queues.values():
+        assert queue["Properties"]["SqsManagedSseEnabled"] is True
 
 
 def _log_bucket(synth: Synth) -> str:

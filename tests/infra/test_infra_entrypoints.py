@@ -81,7 +81,7 @@ def _handlers() -> Any:
 
 def test_prepare_passes_bucket_and_key_and_returns_the_run(stages: FakeStages) -> None:
     result = _handlers().prepare({"bucket": BUCKET, "key": "incoming/plays.csv"}, None)
-    assert stages.calls == [("prepare_run", (BUCKET, "incoming/plays.csv"))]
+    assert stages.calls == [("prepare_run", (BUCKET, "incoming/plays.csv", None))]
     assert result == stages.replies["prepare_run"]
 
 
@@ -91,7 +91,16 @@ def test_prepare_takes_null_key_and_bucket_from_the_environment(
     monkeypatch.setenv("TOPX_BUCKET", "env-bucket")
     _handlers().prepare({"key": None}, None)
     _handlers().prepare({"bucket": BUCKET, "key": None}, None)
-    assert stages.calls == [("prepare_run", ("env-bucket", None)), ("prepare_run", (BUCKET, None))]
+    assert stages.calls == [("prepare_run", ("env-bucket", None, None)), ("prepare_run", (BUCKET, None, None))]
+
+
+def test_prepare_passes_the_uploads_the_starter_listed(stages: FakeStages) -> None:
+    handlers = _handlers()
+    uploads = [{"path": "incoming/day=2/", "objects": 501}]
+    handlers.prepare({"bucket": BUCKET, "key": None, "uploads": uploads}, None)
+    assert stages.calls == [("prepare_run", (BUCKET, None, uploads))]
+    with pytest.raises(handlers.EventError, match="'uploads'"):
+        handlers.prepare({"bucket": BUCKET, "key": None, "uploads": ["incoming/a.csv"]}, None)
 
 
 def test_prepare_refuses_a_run_the_state_machine_cannot_fan_out(stages: FakeStages) -> None:

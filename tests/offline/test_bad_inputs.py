@@ -168,7 +168,7 @@ def check_ten_times_larger(stack: Stack, run: Run) -> None:
 X = "incoming/"
 CASES = [
     # -- the file as a whole
-    Case("empty_file", X + "empty.csv", lambda: b"", ("incoming/empty.csv: file is empty",)),
+    Case("empty_file", X + "empty.csv", lambda: b"", ("incoming/ holds no data to train on: incoming/empty.csv is empty",)),
     Case("blank_lines_only", X + "blank.csv", lambda: b"\n\r\n\n", ("incoming/blank.csv: file is empty",)),
     Case("header_only", X + "header.csv", lambda: HEADER, ("incoming/header.csv: has a header but no data rows",)),
     Case("no_header", X + "no_header.csv", lambda: BASE_CSV.split(b"\n", 1)[1],
@@ -219,12 +219,12 @@ CASES = [
     Case("negative_count_implicit", X + "plays.csv", lambda: with_cell("rating", "-2"),
          ("incoming/plays.csv, row 12, column 'rating': rating -2.0 is negative; for ranking",), metadata=IMPLICIT),
     Case("all_zero_counts_implicit", X + "zeros.csv", lambda: csv_bytes(BASE.assign(rating=0)),
-         ("incoming/zeros.csv: every row has strength 0",), metadata=IMPLICIT),
+         ("incoming/: every row has strength 0",), metadata=IMPLICIT),
     # -- too little to learn from
     Case("one_user", X + "one_user.csv", lambda: rows_for(["u1"], ITEMS[:12]),
-         ("incoming/one_user.csv, column 'user_id': only 1 distinct user id ('u1')",)),
+         ("incoming/, column 'user_id': only 1 distinct user id ('u1')",)),
     Case("one_item", X + "one_item.csv", lambda: rows_for(USERS[:12], ["i1"]),
-         ("incoming/one_item.csv, column 'item_id': only 1 distinct item id ('i1')",)),
+         ("incoming/, column 'item_id': only 1 distinct item id ('i1')",)),
     # -- side tables under features/
     Case("duplicate_feature_rows", X + "r.csv", lambda: BASE_CSV,
          ("features/users.csv, row 4, column 'user_id': duplicate key 'u00001' in rows 3 and 4",),
@@ -250,7 +250,7 @@ CASES = [
          ("config/dataset.json: usercol: unknown field",), error="ConfigError",
          features={"config/dataset.json": b'{"usercol": "customer"}'}),
     Case("dataset_over_max_bytes", X + "r.csv", lambda: BASE_CSV,
-         (f"incoming/r.csv: the dataset holds {len(BASE_CSV):,} bytes in 1 part(s), over max_bytes 1,000",),
+         (f"incoming/: the dataset holds {len(BASE_CSV):,} bytes in 1 part(s), over max_bytes 1,000",),
          features={"config/dataset.json": b'{"max_bytes": 1000}'}),
     Case("mode_metadata_against_the_configured_objective", X + "r.csv", lambda: BASE_CSV,
          ("metadata topx-mode: 'rating' trains for rating, but the dataset configuration's objective is 'ranking'",),

@@ -37,8 +37,10 @@ class Offline:
     executions_seen: set[str] = field(default_factory=set)
 
     def upload(self, key: str, body: bytes, **extra: Any) -> dict[str, Any] | None:
-        """Put an object; return the execution it started (None if none), after it ended."""
+        """Put an object and close the upload queue's batching window; return the execution it started (None
+        if none), after it ended."""
         self.s3.put_object(Bucket=self.pipeline.bucket, Key=key, Body=body, **extra)
+        offline.deliver_uploads(self.pipeline)
         started = [e for e in offline.executions(self.pipeline.state_machine_arn)
                    if e["executionArn"] not in self.executions_seen]
         self.executions_seen.update(e["executionArn"] for e in started)
@@ -108,7 +110,8 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline,
     execution = stack.upload("incoming/ratings.csv", ratings.read_bytes())
 
     assert execution is not None and execution["status"] == "SUCCEEDED", execution
-    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": "incoming/ratings.csv"}
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None,
+                                                 "uploads": [{"path": "incoming/ratings.csv", "objects": 1}]}
     assert exited_states(execution["history"]) == MAIN_PATH
     run_id = json.loads(execution["output"])["prepare"]["run_id"]
     assert store.active_version(stack.pipeline.table, client=stack.ddb) == run_id
@@ -307,7 +310,8 @@ def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(
     execution = stack.upload("incoming/bad.csv", b"user_id,item_id,rating\nu1,i1,5\nu1,i2,lots\n")
 
     assert execution is not None and execution["status"] == "FAILED"
-    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": "incoming/bad.csv"}
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None,
+                                                 "uploads": [{"path": "incoming/bad.csv", "objects": 1}]}
     prepare = task_events(execution["history"], "Prepare")
     assert [e["type"] for e in prepare].count("TaskScheduled") == 1  # InputDataError is not retried
     (failure,) = [e["taskFailedEventDetails"] for e in prepare if e["type"] == "TaskFailed"]

@@ -28,7 +28,7 @@ from topx import offline
 from topx.contract import BATCH_RETRY_STRATEGIES, HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
 from topx.errors import ConfigError
 from topx.offline import patches
-from topx.offline.deploy import _create_job
+from topx.offline.deploy import STARTER_HANDLER, _create_job
 from topx.offline.execute import _Attempt, retry_action
 from topx.offline.patches import (
     _fresh_token_per_attempt,
@@ -88,7 +88,11 @@ def test_a_placeholder_without_a_value_or_a_value_without_a_placeholder_is_refus
 
 
 def test_each_function_placeholder_names_the_function_running_that_handler(template: dict[str, Any]) -> None:
-    assert set(offline.FUNCTION_PLACEHOLDERS) == {spec.handler for spec in SPECS}
+    from infra.lambdas import STATE_MACHINE_HANDLERS
+
+    # Every function but the starter, which its queue invokes (offline: topx.offline.deliver).
+    assert set(offline.FUNCTION_PLACEHOLDERS) == set(STATE_MACHINE_HANDLERS) == {spec.handler for spec in SPECS} - {
+        STARTER_HANDLER}
     substitutions = _substitutions(template)
     for handler, placeholder in offline.FUNCTION_PLACEHOLDERS.items():
         function = _referenced(template, substitutions[placeholder])
@@ -193,7 +197,27 @@ def test_upload_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:
                                                                               ["name"][0]), '"my-bucket"'))
     trigger = offline.load_trigger()
     assert offline.upload_event_pattern(trigger, "my-bucket") == pattern
-    assert offline.upload_input_transformer(trigger) == rule["Targets"][0]["InputTransformer"]
+    # The raw event goes to the upload queue, as offline: the starter reads bucket and key from it.
+    (target,) = rule["Targets"]
+    assert "InputTransformer" not in target and "Input" not in target
+    assert _referenced(template, target["Arn"]) == _referenced(template, _queue_of_starter(template))
+
+
+def _queue_of_starter(template: dict[str, Any]) -> dict[str, Any]:
+    (mapping,) = _resources(template, "AWS::Lambda::EventSourceMapping").values()
+    return mapping["EventSourceArn"]
+
+
+def test_run_ended_rule_is_the_synthesized_rule(template: dict[str, Any]) -> None:
+    rule = next(r for r in _resources(template, "AWS::Events::Rule").values()
+                if r.get("EventPattern", {}).get("source") == ["aws.states"])
+    pattern = rule["EventPattern"]
+    assert "Ref" in pattern["detail"]["stateMachineArn"][0]
+    expected = offline.run_ended_event_pattern("arn:sm")
+    expected["detail"]["stateMachineArn"] = pattern["detail"]["stateMachineArn"]
+    assert {**pattern, "detail": {**pattern["detail"], "status": sorted(pattern["detail"]["status"])}} == expected
+    (target,) = rule["Targets"]
+    assert _referenced(template, target["Arn"]) == _referenced(template, _queue_of_starter(template))
 
 
 # --------------------------------------------------------------------------- pieces of the layer

@@ -236,9 +236,10 @@ def test_a_run_finishing_after_a_newer_version_went_live_fails_with_the_reason(l
 @pytest.mark.parametrize("overtaken", [False, True], ids=["in_step", "older_run_overtaken"])
 def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, monkeypatch: pytest.MonkeyPatch,
                                                                  overtaken: bool) -> None:
-    """Both executions run at once. In step, each publishes in turn. When the older one is overtaken (its
-    Publish comes after the newer run's), it fails at Publish with VersionSuperseded: later uploads win,
-    and the pointer never goes back.
+    """Both executions run at once: the starter never starts two, but an execution started by hand (the
+    console, a script) runs beside its run all the same. In step, each publishes in turn. When the older
+    one is overtaken (its Publish comes after the newer run's), it fails at Publish with VersionSuperseded:
+    later uploads win, and the pointer never goes back.
 
     Which execution gets ahead is otherwise up to the scheduler, so each ordering is pinned: the run ids
     are recorded as Prepare mints them, and the run that must publish second waits (before its Publish
@@ -249,8 +250,8 @@ def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, mon
     both_prepared = threading.Event()
     published: dict[str, threading.Event] = {}
 
-    def records_run_ids(bucket: str, key: str | None) -> dict:
-        result = prepare_run(bucket, key)
+    def records_run_ids(bucket: str, key: str | None, uploads: Any = None) -> dict:
+        result = prepare_run(bucket, key, uploads)
         published[result["run_id"]] = threading.Event()
         prepared.append(result["run_id"])
         if len(prepared) == 2:
@@ -279,7 +280,7 @@ def test_two_uploads_close_together_never_move_the_pointer_back(live: Stack, mon
 
     monkeypatch.setattr(LambdaSimpleBackend, "invoke", publishes_second)
     with Reader(live, USERS) as reader:
-        arns = live.put("incoming/monday.csv", UPLOAD) + live.put("incoming/tuesday.csv", UPLOAD)
+        arns = [live.start_by_hand(key, UPLOAD) for key in ("incoming/monday.csv", "incoming/tuesday.csv")]
         older, newer = sorted((live.wait(arn) for arn in arns), key=lambda run: run.run_id)
 
     assert newer.status == "SUCCEEDED" and live.pointer() == newer.run_id

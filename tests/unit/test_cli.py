@@ -241,7 +241,7 @@ def test_demo_runs_small(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--users", "200", "--items", "80", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "the upload rule started execution" in text
+    assert "the upload rule queued it and the starter started execution" in text
     for state in ("Prepare", "Train", "QualityGate", "Repackage", "Search", "Load", "Report", "Publish", "NotifySuccess"):
         assert re.search(rf"^  {state} +done in", text, re.MULTILINE), state
     assert "read back from DynamoDB through the pointer" in text

@@ -14,6 +14,7 @@ variable (``TOPX_TABLE``, ``TOPX_BUCKET``) > the outputs of the default stack ``
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,11 @@ from topx.contract import (
     OUTPUT_TABLE,
     OUTPUT_TOPIC,
     STACK_NAME,
+    active_data_prefix,
     incoming_key,
     report_key,
+    snapshot_label,
+    snapshot_prefix,
 )
 from topx.errors import ConfigError, StoreError
 
@@ -62,6 +66,9 @@ class ExecutionSummary:
     started: datetime
     stopped: datetime | None
     arn: str
+    # What the starter started the run for ({"path", "objects"} per folder; the run record keeps it too);
+    # None for an execution started another way.
+    uploads: list[dict[str, Any]] | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -243,29 +250,62 @@ def rollback(to: str | None = None, *, table: str | None = None, bucket: str | N
 
 
 def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,
-           implicit: bool = False, objective: str | None = None, endpoint_url: str | None = None,
-           client: Any = None) -> str:
-    """Put a local file under ``incoming/`` (which starts a run); returns its ``s3://`` URI.
+           implicit: bool = False, objective: str | None = None, snapshot: str | None = None,
+           endpoint_url: str | None = None, client: Any = None) -> str:
+    """Put a local file, or a folder's files keeping their relative paths (markers such as ``_SUCCESS``
+    last, as exports write them), under ``incoming/``, which starts one run; returns the ``s3://`` URI of
+    the object or the folder.
 
-    ``implicit`` marks the data as interaction strengths (object metadata ``topx-mode: implicit``);
-    ``objective="rating"`` asks for a rating regressor (``topx-mode: rating``). Unmarked data train for
-    ranking.
+    Uploads add to the history: they go under the latest snapshot folder when there is one, else under
+    ``incoming/``. ``snapshot`` (a label such as an ISO date) starts a new history instead: the upload goes
+    under ``incoming/snapshot=<label>/``, and runs read that folder from then on (older data stay, unread).
+    ``key`` names the object or folder (default: the file's or folder's name). ``implicit`` marks the data
+    as interaction strengths (object metadata ``topx-mode: implicit``); ``objective="rating"`` asks for a
+    rating regressor (``topx-mode: rating``). Unmarked data train for ranking.
     """
     if objective not in (None, "ranking", RATING_MODE):
         raise ConfigError(f"unknown objective {objective!r}: use ranking or rating")
     if implicit and objective == RATING_MODE:
         raise ConfigError("implicit feedback trains for ranking, not for objective rating")
     source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"{source}: no such file")
+    if not source.exists():
+        raise ConfigError(f"{source}: no such file or folder")
+    files = _upload_files(source)
     name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
-    target = incoming_key(key or source.name)
     s3 = client or aws_client("s3", endpoint_url)
-    mode = IMPLICIT_MODE if implicit else objective
-    extra = {"Metadata": {MODE_METADATA: mode}} if mode else {}
     with aws_errors():
-        s3.upload_file(str(source), name, target, ExtraArgs=extra)
+        base = upload_base(s3, name, snapshot)
+        target = base + (key or source.name).removeprefix(base).removeprefix(incoming_key(""))
+        target = target.rstrip("/") + "/" if source.is_dir() else target
+        mode = IMPLICIT_MODE if implicit else objective
+        extra = {"Metadata": {MODE_METADATA: mode}} if mode else {}
+        for relative, file in files:
+            s3.upload_file(str(file), name, target + relative if relative else target, ExtraArgs=extra)
     return f"s3://{name}/{target}"
+
+
+def upload_base(s3: Any, bucket: str, snapshot: str | None = None) -> str:
+    """Where an upload goes: ``incoming/snapshot=<snapshot>/`` when given, else the active history
+    (the latest snapshot folder, or ``incoming/``)."""
+    if snapshot is not None:
+        try:
+            return snapshot_prefix(snapshot)
+        except ValueError as exc:
+            raise ConfigError(f"--snapshot: {exc}") from exc
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=incoming_key("")):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []) if snapshot_label(obj["Key"]) is not None)
+    return active_data_prefix(keys)
+
+
+def _upload_files(source: Path) -> list[tuple[str, Path]]:
+    """(relative key, file) for a file ("", itself) or each file under a folder, markers last."""
+    if source.is_file():
+        return [("", source)]
+    found = [(f.relative_to(source).as_posix(), f) for f in sorted(source.rglob("*")) if f.is_file()]
+    if not found:
+        raise ConfigError(f"{source}: the folder holds no file")
+    return sorted(found, key=lambda pair: (any(part.startswith("_") for part in pair[0].split("/")), pair[0]))
 
 
 def fetch_report(run_id: str, out: str | Path, *, bucket: str | None = None, stack: str | None = None,
@@ -297,6 +337,20 @@ def latest_executions(*, state_machine_arn: str | None = None, stack: str | None
     sfn = client or aws_client("stepfunctions", endpoint_url)
     with aws_errors():
         found = sfn.list_executions(stateMachineArn=arn, maxResults=max(1, limit))["executions"]
-    summaries = [ExecutionSummary(name=e["name"], status=e["status"], started=e["startDate"],
-                                  stopped=e.get("stopDate"), arn=e["executionArn"]) for e in found]
-    return sorted(summaries, key=lambda s: s.started, reverse=True)[:limit]
+    found = sorted(found, key=lambda e: e["startDate"], reverse=True)[:limit]
+    summaries = []
+    for e in found:
+        with aws_errors():
+            described = sfn.describe_execution(executionArn=e["executionArn"])
+        summaries.append(ExecutionSummary(name=e["name"], status=e["status"], started=e["startDate"],
+                                          stopped=e.get("stopDate"), arn=e["executionArn"],
+                                          uploads=_uploads(described.get("input"))))
+    return summaries
+
+
+def _uploads(execution_input: str | None) -> list[dict[str, Any]] | None:
+    try:
+        uploads = json.loads(execution_input or "{}").get("uploads")
+    except (ValueError, AttributeError):
+        return None
+    return uploads if isinstance(uploads, list) else None

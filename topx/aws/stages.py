@@ -67,6 +67,7 @@ from topx.contract import (
     VERSION_RECORD,
     VERSIONS_PREFIX,
     DatasetConfigError,
+    active_data_prefix,
     check_dataset_config,
     fallback_key,
     feature_table_prefix,
@@ -79,6 +80,7 @@ from topx.contract import (
     run_filters_key,
     run_record_key,
     searched_key,
+    snapshot_label,
     vectors_prefix,
     vectors_shard_prefix,
     version_metrics_key,
@@ -209,23 +211,55 @@ def _latest_key(bucket: str, prefix: str) -> str | None:
 # ----------------------------------------------------------------------------- stages
 
 
-def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
-    """Validate the upload (the latest under incoming/ when key is None), index it, mint a run id."""
+def active_data(bucket: str) -> dict[str, Any]:
+    """What a run trains on when no key is given: every data object under incoming/ (all increments), or,
+    when there are snapshot folders, under the latest one (``topx.contract.active_data_prefix``). Returns
+    ``{"prefix", "snapshot", "objects", "bytes", "newest"}``; ``newest`` is the latest data object's key,
+    whose metadata (``topx-mode``, ``topx-hyperparameters``) the run takes, as it took a single upload's."""
+    from topx.io import is_data_object
+
+    listed = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=INCOMING_PREFIX):
+        listed.extend(page.get("Contents", []))
+    prefix = active_data_prefix(obj["Key"] for obj in listed)
+    data = [obj for obj in listed if obj["Key"].startswith(prefix)
+            and is_data_object(obj["Key"][len(prefix):], int(obj.get("Size", 0)))]
+    if not data:
+        empty = [obj["Key"] for obj in listed if obj["Key"].startswith(prefix) and not obj["Key"].endswith("/")
+                 and int(obj.get("Size", 0)) == 0]
+        why = f"{', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''} is empty" if empty else \
+            "only markers, or nothing"
+        raise InputDataError(f"s3://{bucket}/{prefix} holds no data to train on: {why}")
+    newest = max(data, key=lambda obj: (obj["LastModified"], obj["Key"]))
+    return {"prefix": prefix, "snapshot": snapshot_label(prefix), "objects": len(data),
+            "bytes": sum(int(obj.get("Size", 0)) for obj in data), "newest": newest["Key"],
+            "newest_etag": newest.get("ETag", "")}
+
+
+def prepare_run(bucket: str, key: str | None, uploads: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Validate the data (under ``key``, an object or a prefix; when None, ``active_data``), index it, mint a
+    run id. ``uploads``, what the starter started the run for, goes into the run record as it is."""
     from topx.dataset import data_options, key_column, load_dataset
     from topx.rundir import save_interactions
     from topx.steps import RunOptions
 
     # The dataset configuration first: a bad one fails the run before any data is read.
     dataset = dataset_config(bucket)
+    inputs = None
     if key is None:
-        key = _latest_key(bucket, INCOMING_PREFIX)
-        if key is None:
-            raise InputDataError(f"s3://{bucket}/{INCOMING_PREFIX} holds no data to train on")
-    # A key ending in "/" names a prefix of part files (topx.io.dataset_parts): it has no metadata of its own.
-    head = {} if key.endswith("/") else s3_client().head_object(Bucket=bucket, Key=key)
-    objective = _objective(head, f"s3://{bucket}/{key}", dataset.get("objective"))
+        inputs = active_data(bucket)
+        key = inputs.pop("prefix")
+        head = s3_client().head_object(Bucket=bucket, Key=inputs["newest"])
+        etag = f"{inputs['newest']}@{inputs.pop('newest_etag')}#{inputs['objects']}"
+    else:
+        # A key ending in "/" names a prefix of part files (topx.io.dataset_parts): it has no metadata of its own.
+        head = {} if key.endswith("/") else s3_client().head_object(Bucket=bucket, Key=key)
+        etag = head.get("ETag", "")
+    # Metadata comes from the one object named, or from the newest data object of the data read.
+    described = f"s3://{bucket}/{inputs['newest'] if inputs else key}"
+    objective = _objective(head, described, dataset.get("objective"))
     implicit = objective == "ranking"
-    overrides = _metadata_hyperparameters(head, f"s3://{bucket}/{key}")
+    overrides = _metadata_hyperparameters(head, described)
     options = data_options({**dataset, "objective": objective, "interactions": f"s3://{bucket}/{key}",
                             "users": _feature_table(bucket, "users", dataset.get("users")),
                             "items": _feature_table(bucket, "items", dataset.get("items"))})
@@ -233,7 +267,7 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
     # The filter file and the responses, checked and resolved now: a bad rule fails the run here, before
     # anything trains, and every shard applies what this run saw.
     filters = _prepared_filters(bucket, options, ds)
-    digest = hashlib.sha256(f"{bucket}/{key}@{head.get('ETag', '')}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()[:10]
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{digest}"
     asked = int(env_or(ENV_SHARDS, None, DEFAULT_SHARDS, int))
     shards = max(MIN_SHARDS, min(asked, max(ds.feature_index.n_users, 1)))
@@ -246,7 +280,8 @@ def prepare_run(bucket: str, key: str | None) -> dict[str, Any]:
         if filters is not None:
             np.savez_compressed(work / "filters.npz", **filters)
             s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
-    _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "implicit": implicit,
+    _put_json(bucket, run_record_key(run_id), {"source": f"s3://{bucket}/{key}", "inputs": inputs,
+                                               "uploads": uploads, "implicit": implicit,
                                                "objective": objective, "dataset": dataset,
                                                "items": options.items,
                                                "item_key": key_column(options.item_key, options.item_col,

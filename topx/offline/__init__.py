@@ -1,10 +1,11 @@
 """Run the deployed pipeline offline: the real state machine under moto, every step doing its real work.
 
 ``offline()`` starts moto in-process and installs a small execution layer; ``deploy()`` then creates,
-in moto, what the CDK stack creates on AWS (bucket, table, topic, the five Lambda functions, two Batch
-queues and job definitions, the upload rule) and the state machine from ``statemachine/pipeline.asl.json``
-with its ``${...}`` placeholders filled with those resources' ARNs. Dropping a file under ``incoming/``
-then starts an execution, as on AWS. ``topx demo`` (``topx.offline.demo``) and the offline tests run on it.
+in moto, what the CDK stack creates on AWS (bucket, table, topic, the Lambda functions, two Batch
+queues and job definitions, the upload queue, its rules and its starter) and the state machine from
+``statemachine/pipeline.asl.json`` with its ``${...}`` placeholders filled with those resources' ARNs.
+Dropping files under ``incoming/`` then queues them, and ``deliver_uploads`` (the batching window closing)
+starts one execution for them, as on AWS. ``topx demo`` (``topx.offline.demo``) and the offline tests run on it.
 
 The package is the ``offline`` extra (``pip install 'topx[offline]'``: moto and what its Step Functions
 interpreter needs) and is left out of the container images: nothing that runs on AWS imports it. Importing
@@ -14,6 +15,7 @@ it does not import moto; ``offline()`` does, and names the extra when it is miss
 * ``deploy``: the stack's resources created in moto (``LocalSettings``, ``LocalPipeline``, ``deploy``).
 * ``execute``: Lambda handlers and Batch entry points run in-process, with their environment, output and clock.
 * ``patches``: moto's configuration, its patches and the moto releases they wait for, ``offline()``.
+* ``deliver``: the upload queue's batching window, closed when the caller says (``deliver_uploads``).
 * ``follow``: following an execution, its history, the notifications.
 * ``demo``: ``topx demo``.
 
@@ -29,10 +31,11 @@ from topx.offline.definition import (
     load_definition,
     load_trigger,
     placeholders,
+    run_ended_event_pattern,
     transform_input,
     upload_event_pattern,
-    upload_input_transformer,
 )
+from topx.offline.deliver import Delivery, StarterError, deliver_uploads
 from topx.offline.deploy import DEFAULT_REGION, LocalPipeline, LocalSettings, deploy
 from topx.offline.execute import InfrastructureFailure, ManualClock, resolve_command
 from topx.offline.follow import (
@@ -60,6 +63,8 @@ from topx.offline.patches import (
 
 __all__ = [
     "DEFAULT_REGION",
+    "Delivery",
+    "StarterError",
     "FUNCTION_PLACEHOLDERS",
     "MOCK_CONFIG",
     "MOTO_VERSION_TESTED",
@@ -74,6 +79,7 @@ __all__ = [
     "StateEvent",
     "batch_params_patch_needed",
     "check_offline_extra",
+    "deliver_uploads",
     "deploy",
     "executions",
     "fill_definition",
@@ -85,12 +91,12 @@ __all__ = [
     "offline",
     "placeholders",
     "resolve_command",
+    "run_ended_event_pattern",
     "runtime",
     "state_events",
     "sync_retry_patch_needed",
     "top_level_states",
     "transform_input",
     "upload_event_pattern",
-    "upload_input_transformer",
     "wait_for_execution",
 ]

@@ -1,10 +1,12 @@
 """The deployed definition, offline: ``statemachine/pipeline.asl.json`` with its ``${...}`` placeholders
-filled, and the upload rule built from ``statemachine/trigger.json`` as the CDK rule builds it.
+filled, and the rules that feed the upload queue (``statemachine/trigger.json``'s upload rule, and the
+run-ended rule) as the CDK rules build them.
 
 ``fill_definition`` refuses a placeholder without a value and a value without a placeholder, so the state
 machine ``topx.offline.deploy`` creates is the one CDK deploys with moto's ARNs in it. ``transform_input``
-applies an EventBridge input transformer to an event as EventBridge does: moto matches the upload rule but
-cannot deliver to a state machine, and ``topx.offline.patches`` delivers with it. No AWS client or moto here.
+applies an EventBridge input transformer to an event as EventBridge does: moto cannot deliver a rule to a
+state machine, and ``topx.offline.patches`` delivers with it (the stack's rules target the upload queue,
+which moto delivers to itself). No AWS client or moto here.
 """
 
 from __future__ import annotations
@@ -78,16 +80,15 @@ def upload_event_pattern(trigger: Mapping[str, Any], bucket: str) -> dict[str, A
     }
 
 
-def upload_input_transformer(trigger: Mapping[str, Any]) -> dict[str, Any]:
-    """The rule target's input transformer, as CDK renders ``RuleTargetInput.from_object`` of EventFields."""
-    paths = {_path_name(path): path for path in trigger["input_paths"].values()}
-    body = ",".join(f"{json.dumps(name)}:<{_path_name(path)}>" for name, path in trigger["input_paths"].items())
-    return {"InputPathsMap": paths, "InputTemplate": "{" + body + "}"}
+def run_ended_event_pattern(state_machine_arn: str) -> dict[str, Any]:
+    """The rule that queues each end of an execution for the starter, as infra/pipeline.py builds it."""
+    from topx.aws.trigger import ENDED_STATUSES, RUN_ENDED_EVENT
 
-
-def _path_name(path: str) -> str:
-    """``$.detail.bucket.name`` -> ``detail-bucket-name`` (CDK's name for an event field)."""
-    return path.removeprefix("$.").replace(".", "-")
+    return {
+        "source": [RUN_ENDED_EVENT[0]],
+        "detail-type": [RUN_ENDED_EVENT[1]],
+        "detail": {"stateMachineArn": [state_machine_arn], "status": sorted(ENDED_STATUSES)},
+    }
 
 
 def transform_input(transformer: Mapping[str, Any], event: Mapping[str, Any]) -> str:

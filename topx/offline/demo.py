@@ -100,13 +100,15 @@ def _run_offline(data: SyntheticData, work: Path, *, out: str | None, implicit: 
         for name in ("users", "items"):
             s3.upload_file(str(paths[name]), pipeline.bucket, feature_table_prefix(name) + ".csv")
         uri = client.upload(interactions, bucket=pipeline.bucket, implicit=implicit)
+        # The upload rule queued the upload; the batching window closes, and the starter reads the queue.
+        offline.deliver_uploads(pipeline)
         executions = offline.executions(pipeline.state_machine_arn, region=pipeline.region)
         if not executions:
             print(f"uploaded {uri}, but no execution started: the upload rule did not match")
             return 1
         execution = executions[0]
-        print(f"uploaded {uri}{' (play counts)' if implicit else ' (1-5 ratings)'}; the upload rule started "
-              f"execution {execution['name']}\n")
+        print(f"uploaded {uri}{' (play counts)' if implicit else ' (1-5 ratings)'}; the upload rule queued it and "
+              f"the starter started execution {execution['name']}\n")
 
         states = set(offline.top_level_states())
         described = offline.wait_for_execution(

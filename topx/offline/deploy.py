@@ -1,5 +1,6 @@
-"""What the CDK stack creates on AWS, created in moto: bucket, table, topic, the five Lambda functions, the
-train and search job queues and definitions, the state machine from the ASL file, and the upload rule.
+"""What the CDK stack creates on AWS, created in moto: bucket, table, topic, the Lambda functions, the
+train and search job queues and definitions, the state machine from the ASL file, the upload queue and the
+rules that feed it (uploads under incoming/, ends of executions), and the starter that reads it.
 
 ``LocalSettings`` are the deploy-time knobs CDK context sets (explicit value > ``TOPX_*`` variable > CDK
 default), baked into every function's and job's environment as infra/ bakes them; ``LocalPipeline`` names
@@ -33,6 +34,7 @@ from topx.contract import (
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
     ENV_SHARDS,
+    ENV_STATE_MACHINE_ARN,
     ENV_TABLE,
     ENV_TOP_X,
     ENV_TOPIC_ARN,
@@ -48,13 +50,15 @@ from topx.offline.definition import (
     fill_definition,
     load_definition,
     load_trigger,
+    run_ended_event_pattern,
     upload_event_pattern,
-    upload_input_transformer,
 )
 
 DEFAULT_REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
 NAME_PREFIX = "topx-local"
+# The handler of the function the upload queue feeds (infra/lambdas.py's "starter").
+STARTER_HANDLER = "starter"
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,10 @@ class LocalPipeline:
     state_machine_arn: str
     rule_name: str
     inbox_queue_url: str  # an SQS queue subscribed to the topic, to read notifications back
+    # The queue the upload rule and the run-ended rule feed, and the starter function that reads it
+    # (topx.offline.deliver hands its messages over, as Lambda's event source mapping does on AWS).
+    upload_queue_url: str = ""
+    starter_arn: str = ""
 
     def substitutions(self) -> dict[str, str]:
         """The values of the ASL's placeholders, named as infra/pipeline.py names them."""
@@ -219,13 +227,25 @@ def deploy(settings: LocalSettings | None = None, *, region: str = DEFAULT_REGIO
         name=f"{name}-pipeline", definition=definition, roleArn=role, type="STANDARD"
     )["stateMachineArn"]
 
+    upload_queue_url = clients["sqs"].create_queue(QueueName=f"{name}-uploads")["QueueUrl"]
+    upload_queue_arn = clients["sqs"].get_queue_attributes(
+        QueueUrl=upload_queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    starter_arn = clients["lambda"].create_function(
+        FunctionName=f"{name}-{STARTER_HANDLER}",
+        Role=role,
+        PackageType="Image",
+        Code={"ImageUri": f"{ACCOUNT_ID}.dkr.ecr.{region}.amazonaws.com/{name}-functions:latest"},
+        ImageConfig={"Command": [f"{HANDLER_MODULE}.{STARTER_HANDLER}"]},
+        Environment={"Variables": {**environment, ENV_STATE_MACHINE_ARN: machine_arn}},
+        Timeout=60,
+    )["FunctionArn"]
     trigger = load_trigger()
-    clients["events"].put_rule(Name=partial.rule_name, EventPattern=json.dumps(upload_event_pattern(trigger, bucket)),
-                               State="ENABLED")
-    clients["events"].put_targets(Rule=partial.rule_name, Targets=[{
-        "Id": "Target0", "Arn": machine_arn, "RoleArn": role, "InputTransformer": upload_input_transformer(trigger),
-    }])
-    return replace(partial, state_machine_arn=machine_arn)
+    rules = {partial.rule_name: upload_event_pattern(trigger, bucket),
+             f"{name}-on-run-ended": run_ended_event_pattern(machine_arn)}
+    for rule, pattern in rules.items():
+        clients["events"].put_rule(Name=rule, EventPattern=json.dumps(pattern), State="ENABLED")
+        clients["events"].put_targets(Rule=rule, Targets=[{"Id": "Target0", "Arn": upload_queue_arn}])
+    return replace(partial, state_machine_arn=machine_arn, upload_queue_url=upload_queue_url, starter_arn=starter_arn)
 
 
 def _create_bucket(s3: Any, bucket: str, region: str) -> None:

@@ -15,6 +15,9 @@ What changes, and why (moto 5.2.5; see docs/LOCAL.md):
 * **EventBridge -> Step Functions.** moto matches S3 events against rules but cannot deliver to a state
   machine. Here a rule target that is a state machine gets an execution, with the target's input
   transformer applied as EventBridge applies it.
+* **Step Functions -> EventBridge.** moto's Step Functions sends no "Execution Status Change" events; here
+  an execution that ends puts one on the default event bus, before its status reads as ended, so that the
+  run-ended rule queues it for the starter by the time anyone sees the run over.
 * **Retry waits** are scaled by ``RETRY_TIME_SCALE``: the ASL waits seconds before retrying a failed call.
   Which errors are retried, and how often, is unchanged.
 
@@ -176,6 +179,48 @@ def _start_execution(target: Mapping[str, Any], event: Mapping[str, Any], accoun
         logger.exception("could not start %s for event %s", target["Arn"], event.get("id"))
 
 
+# --------------------------------------------------------------------------- Step Functions -> EventBridge
+
+
+def _ended_status(program_state: Any) -> str | None:
+    """The status an execution ends with, from moto's program state (as moto's own status mapping reads it)."""
+    from moto.stepfunctions.parser.asl.eval.program_state import (
+        ProgramEnded,
+        ProgramError,
+        ProgramStopped,
+        ProgramTimedOut,
+    )
+
+    for kind, status in ((ProgramEnded, "SUCCEEDED"), (ProgramStopped, "ABORTED"), (ProgramError, "FAILED"),
+                         (ProgramTimedOut, "TIMED_OUT")):
+        if isinstance(program_state, kind):
+            return status
+    return None
+
+
+def _announce_end(original: Callable[..., None]) -> Callable[..., None]:
+    def terminated(communication: Any) -> None:
+        import boto3
+
+        from topx.aws.trigger import RUN_ENDED_EVENT
+
+        execution = communication.execution
+        status = _ended_status(execution.exec_worker.env.program_state())
+        if status is not None:
+            detail = {"executionArn": execution.exec_arn, "stateMachineArn": execution.state_machine_arn,
+                      "name": execution.name, "status": status}
+            try:
+                boto3.client("events", region_name=execution.region_name).put_events(Entries=[{
+                    "Source": RUN_ENDED_EVENT[0], "DetailType": RUN_ENDED_EVENT[1], "Detail": json.dumps(detail),
+                    "Resources": [execution.exec_arn],
+                }])
+            except Exception:  # as on AWS, a lost event never changes the execution's outcome
+                logger.exception("could not announce the end of %s", execution.exec_arn)
+        original(communication)
+
+    return terminated
+
+
 # --------------------------------------------------------------------------- the runtime
 
 
@@ -206,12 +251,15 @@ def runtime(*, retry_time_scale: float = RETRY_TIME_SCALE,
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_batch import (
         StateTaskServiceBatch,
     )
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
 
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(LambdaSimpleBackend, "invoke", _invoke_function))
         stack.enter_context(mock.patch.object(execute, "_lambda_clock", lambda_clock))
         stack.enter_context(mock.patch.object(BatchSimpleBackend, "submit_job", _submit_job))
         stack.enter_context(mock.patch.object(Rule, "send_to_targets", _send_to_targets(Rule.send_to_targets)))
+        stack.enter_context(mock.patch.object(BaseExecutionWorkerCommunication, "terminated",
+                                              _announce_end(BaseExecutionWorkerCommunication.terminated)))
         stack.enter_context(mock.patch.object(retrier_decl, "time", _ScaledTime(retry_time_scale)))
         if batch_params_patch_needed():
             stack.enter_context(mock.patch.object(StateTaskServiceBatch, "_normalise_parameters",
