@@ -5,22 +5,69 @@ The image CMD picks the handler (``functions.handlers.prepare`` and so on). Even
 machine (statemachine/pipeline.asl.json); bucket and table names may also come from ``TOPX_BUCKET`` /
 ``TOPX_TABLE`` (an explicit event value wins). A missing or malformed field raises ``EventError`` naming
 the field; Step Functions sees it as the error name ``EventError`` and does not retry it.
+
+Each handler logs structured JSON (Powertools' Logger) whose ``correlation_id`` is the run id, so one run's
+lines can be found across every function, and emits CloudWatch metrics in the embedded metric format
+(Powertools' Metrics, namespace ``topx``, dimensions ``service`` and ``stage``): its duration, or a failure;
+Publish also the users it published and the model's recall@x and lift over popularity.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+
 from topx.aws import stages
 from topx.config import env_or
-from topx.contract import ENV_BUCKET, ENV_STATE_MACHINE_ARN, ENV_TABLE, MIN_SHARDS
+from topx.contract import (
+    DEFAULT_SERVICE_NAME,
+    ENV_BUCKET,
+    ENV_SERVICE_NAME,
+    ENV_STATE_MACHINE_ARN,
+    ENV_TABLE,
+    METRIC_LIFT,
+    METRIC_RECALL,
+    METRIC_STAGE_FAILURES,
+    METRIC_STAGE_SECONDS,
+    METRIC_USERS_PUBLISHED,
+    METRICS_NAMESPACE,
+    MIN_SHARDS,
+    STAGE_DIMENSION,
+)
 from topx.errors import TopxError
 
-logger = logging.getLogger(__name__)
-logger.setLevel(logging.INFO)
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each record, not as it was at import: the Lambda runtime's stdout
+    never changes, but the offline layer (topx/offline/execute.py) and the tests capture each run's own."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stdout
+
+
+SERVICE = env_or(ENV_SERVICE_NAME, None, DEFAULT_SERVICE_NAME)
+# A module imported again (the tests do) finds its service's logger configured: it keeps that handler.
+logger = Logger(service=SERVICE, logger_handler=(logging.getLogger(SERVICE).handlers or [_StdoutHandler()])[0])
+# topx's own log lines (a retired version not yet expired, say) come out as JSON with the run id too.
+copy_config_to_registered_loggers(source_logger=logger, include={"topx"})
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 class EventError(TopxError):
@@ -193,9 +240,52 @@ def _check_prepared(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _log(handler: str, parsed: Any) -> None:
-    logger.info("%s %s", handler, asdict(parsed))
+    """Log the parsed event; from here on each line carries the event's run id as its correlation id."""
+    run_id = getattr(parsed, "run_id", None)
+    if run_id is not None:
+        logger.set_correlation_id(run_id)
+    logger.info("%s", handler, extra={"event": asdict(parsed)})
 
 
+def _stage(handler: Callable[[Mapping[str, Any], Any], dict[str, Any]]) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
+    """A Lambda handler with its logs and metrics: the Lambda context's keys on each log line (state from
+    an earlier invocation cleared), then its reply or its error logged, and its duration or a failure
+    emitted under the dimension ``stage`` = the handler's name, flushed as one EMF line when it returns."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    def observed(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        metrics.add_dimension(name=STAGE_DIMENSION, value=name)
+        started = time.monotonic()
+        try:
+            result = handler(event, context)
+        except Exception:  # the handler's boundary: logged with the run id, counted, and raised as it was
+            metrics.add_metric(name=METRIC_STAGE_FAILURES, unit=MetricUnit.Count, value=1)
+            logger.exception("%s failed", name)
+            raise
+        metrics.add_metric(name=METRIC_STAGE_SECONDS, unit=MetricUnit.Seconds, value=time.monotonic() - started)
+        if isinstance(result.get("run_id"), str):
+            logger.set_correlation_id(result["run_id"])  # Prepare's reply names the run it minted
+        logger.info("%s done", name, extra={"result": result})
+        return result
+
+    return logger.inject_lambda_context(metrics.log_metrics(observed), clear_state=True)
+
+
+def _publish_metrics(result: Mapping[str, Any]) -> None:
+    """The published run's user count and hold-out quality (``stages.publish_version``'s reply)."""
+    users = result.get("users")
+    if isinstance(users, int):
+        metrics.add_metric(name=METRIC_USERS_PUBLISHED, unit=MetricUnit.Count, value=users)
+    quality = result.get("quality") or {}
+    for key, metric in (("recall_at_x", METRIC_RECALL), ("lift_over_popularity", METRIC_LIFT)):
+        if isinstance(quality.get(key), (int, float)):
+            metrics.add_metric(name=metric, unit=MetricUnit.NoUnit, value=quality[key])
+    if "x" in quality:
+        metrics.add_metadata(key="x", value=quality["x"])
+
+
+@_stage
 def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """-> ``{"run_id", "bucket", "shards" (>= 2), "shard_ids" [0..shards-1], "n_users", "n_items", "n_interactions"}``."""
     parsed = PrepareEvent.parse(event)
@@ -203,6 +293,7 @@ def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     return _check_prepared(stages.prepare_run(parsed.bucket, parsed.key, parsed.uploads))
 
 
+@_stage
 def quality_gate(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """-> ``{"passed": bool, "reason": str, "metrics": {...}}``."""
     parsed = TableRunEvent.parse(event)
@@ -213,12 +304,14 @@ def quality_gate(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     return dict(result)
 
 
+@_stage
 def repackage(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     parsed = RunEvent.parse(event)
     _log("repackage", parsed)
     return dict(stages.repackage_run(parsed.bucket, parsed.run_id))
 
 
+@_stage
 def report(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """``{"bucket", "run_id", "gate": {...} | null, "searched": bool (default true)}`` ->
     ``{"run_id", "report": "s3://...", "bytes"}``; ``searched`` false for a model the gate refused."""
@@ -234,6 +327,7 @@ def report(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
                                   searched=searched))
 
 
+@_stage
 def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """-> ``{"shard": int, "written": int, "retired": {"manifests": int, "users": int}}``."""
     parsed = LoadShardEvent.parse(event)
@@ -241,12 +335,16 @@ def load_shard(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     return dict(stages.load_shard(parsed.bucket, parsed.run_id, parsed.shard, parsed.table))
 
 
+@_stage
 def publish(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     parsed = PublishEvent.parse(event)
     _log("publish", parsed)
-    return dict(stages.publish_version(parsed.bucket, parsed.run_id, parsed.table, parsed.expected_shards))
+    result = dict(stages.publish_version(parsed.bucket, parsed.run_id, parsed.table, parsed.expected_shards))
+    _publish_metrics(result)
+    return result
 
 
+@_stage
 def starter(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """The upload queue's batch -> ``{"batchItemFailures": [], "started", "waiting_for", "pending_uploads",
     "dropped_uploads"}``: starts one execution when none runs and uploads wait (topx.aws.trigger). A failure

@@ -1,4 +1,12 @@
-"""Operations: the SNS topic for successes and failures, and the alarms that feed it."""
+"""Operations: the SNS topic for successes and failures, and the alarms and event rules that feed it.
+
+Alarms: executions failed or timed out, trigger events undelivered, Lambda throttles (all the pipeline's
+functions summed). Event rules: a failed Batch job of our queues, and a queue of ours blocked, which is how
+AWS Batch reports a compute environment gone INVALID to EventBridge (it sends no compute environment
+state change event): the job at the head of the queue stays RUNNABLE with the reason
+"ACTION_REQUIRED - CE(s) associated with the job queue are invalid", and a "Batch Job Queue Blocked" event
+carries it. The other blocking reasons (no instance type fits, capacity) come the same way.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
@@ -20,6 +29,8 @@ from constructs import Construct
 
 ALARM_PERIOD = Duration.minutes(5)
 EVENTS = "events.amazonaws.com"
+# A CloudWatch alarm on a metric math expression may use at most this many metrics.
+ALARM_MATH_METRICS = 10
 
 
 @jsii.implements(events.IRuleTarget)
@@ -70,17 +81,21 @@ class Notifications(Construct):
             self.topic.add_subscription(subscriptions.EmailSubscription(email))
 
     def add_alarms(self, state_machine: sfn.IStateMachine, queues: Sequence[batch.IJobQueue],
-                   dead_letters: sqs.IQueue | None = None) -> None:
-        """Alarm on failed or timed-out executions and on undelivered trigger events, and forward failed
-        Batch jobs of our queues."""
+                   dead_letters: sqs.IQueue | None = None,
+                   functions: Sequence[lambda_.IFunction] = ()) -> list[cloudwatch.Alarm]:
+        """Alarm on failed or timed-out executions, on undelivered trigger events and on throttled
+        ``functions``; forward failed Batch jobs of our queues, and our queues blocked. -> the alarms."""
         action = cloudwatch_actions.SnsAction(self.topic)
-        alarms = [
+        alarms: list[tuple[str, cloudwatch.IMetric]] = [
             ("ExecutionsFailed", state_machine.metric_failed(period=ALARM_PERIOD)),
             ("ExecutionsTimedOut", state_machine.metric_timed_out(period=ALARM_PERIOD)),
         ]
         if dead_letters is not None:
             alarms.append(("TriggerEventsUndelivered",
                            dead_letters.metric_approximate_number_of_messages_visible(period=ALARM_PERIOD)))
+        if functions:
+            alarms.append(("LambdaThrottles", throttles(functions)))
+        created = []
         for name, metric in alarms:
             alarm = cloudwatch.Alarm(
                 self,
@@ -93,6 +108,7 @@ class Notifications(Construct):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             )
             alarm.add_alarm_action(action)
+            created.append(alarm)
 
         rule = events.Rule(
             self,
@@ -114,14 +130,35 @@ class Notifications(Construct):
                 ),
             )
         )
+        blocked = events.Rule(
+            self,
+            "BatchQueueBlocked",
+            description="Forward a blocked topx Batch queue (an INVALID compute environment, no capacity) to the topic",
+            event_pattern=events.EventPattern(
+                source=["aws.batch"],
+                detail_type=["Batch Job Queue Blocked"],
+                detail={"jobQueue": [queue.job_queue_arn for queue in queues]},
+            ),
+        )
+        blocked.add_target(
+            TopicTarget(
+                self.topic,
+                message=events.RuleTargetInput.from_text(
+                    f"topx: AWS Batch queue {events.EventField.from_path('$.detail.jobQueue')} is blocked: job "
+                    f"{events.EventField.from_path('$.detail.jobName')} "
+                    f"({events.EventField.from_path('$.detail.jobId')}) cannot start: "
+                    f"{events.EventField.from_path('$.detail.statusReason')} (docs/DEPLOY.md, Operations)"
+                ),
+            )
+        )
         # EventBridge publishes to SNS under a resource policy (AWS advises against a target role for SNS,
-        # above all for encrypted topics); the source-ARN condition keeps it to this one rule.
+        # above all for encrypted topics); the source-ARN condition keeps it to these rules.
         self.topic.add_to_resource_policy(
             iam.PolicyStatement(
                 principals=[iam.ServicePrincipal(EVENTS)],
                 actions=["sns:Publish"],
                 resources=[self.topic.topic_arn],
-                conditions={"ArnEquals": {"aws:SourceArn": rule.rule_arn}},
+                conditions={"ArnEquals": {"aws:SourceArn": [rule.rule_arn, blocked.rule_arn]}},
             )
         )
         # SNS encrypts what EventBridge publishes with the topic key on EventBridge's behalf. AWS documents
@@ -133,3 +170,17 @@ class Notifications(Construct):
                 resources=["*"],  # in a key policy, "*" means this key
             )
         )
+        return created
+
+
+def throttles(functions: Sequence[lambda_.IFunction]) -> cloudwatch.MathExpression:
+    """Throttled invocations of all ``functions``, summed: one alarm for the pipeline's functions."""
+    if len(functions) > ALARM_MATH_METRICS:
+        raise ValueError(f"{len(functions)} functions: an alarm sums at most {ALARM_MATH_METRICS} metrics")
+    return cloudwatch.MathExpression(
+        expression="SUM(METRICS())",
+        using_metrics={f"throttles{i}": function.metric_throttles(period=ALARM_PERIOD, statistic="Sum")
+                       for i, function in enumerate(functions)},
+        label="Throttles (all functions)",
+        period=ALARM_PERIOD,
+    )

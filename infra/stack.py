@@ -1,4 +1,4 @@
-"""The topx stack: storage, notifications, compute, functions, the pipeline and its alarms."""
+"""The topx stack: storage, notifications, compute, functions, the pipeline, its alarms and its dashboard."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from aws_cdk import CfnOutput, Stack, Tags
 from constructs import Construct
 
 from infra.compute import Compute
+from infra.dashboard import Dashboard
 from infra.lambdas import Functions
 from infra.logs import logs_key
 from infra.notifications import Notifications
 from infra.pipeline import Pipeline
 from infra.settings import DeploySettings
 from infra.storage import Storage
-from topx.contract import OUTPUT_BUCKET, OUTPUT_STATE_MACHINE, OUTPUT_TABLE, OUTPUT_TOPIC
+from topx.contract import ENV_SERVICE_NAME, OUTPUT_BUCKET, OUTPUT_STATE_MACHINE, OUTPUT_TABLE, OUTPUT_TOPIC
 
 
 class TopxStack(Stack):
@@ -32,6 +33,8 @@ class TopxStack(Stack):
             table=storage.table.table_name,
             topic_arn=notifications.topic.topic_arn,
         )
+        # The service of every log line and metric: two stacks in one account keep them apart.
+        environment[ENV_SERVICE_NAME] = self.stack_name
         compute = Compute(
             self,
             "Compute",
@@ -63,8 +66,16 @@ class TopxStack(Stack):
             schedule=settings.schedule,
             logs_key=log_key,
         )
-        notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs],
-                                 pipeline.trigger_dead_letters)
+        alarms = notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs],
+                                          pipeline.trigger_dead_letters, list(functions.by_handler.values()))
+        Dashboard(
+            self,
+            "Dashboard",
+            state_machine=pipeline.state_machine,
+            functions=functions.by_handler,
+            function_logs=[function.log_group for function in functions.by_handler.values()],
+            alarms=alarms,
+        )
 
         self.storage = storage
         self.state_machine = pipeline.state_machine

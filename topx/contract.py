@@ -566,3 +566,23 @@ BATCH_RETRY_STRATEGIES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         _EXIT_OTHERWISE,
     )}),
 })
+
+
+# --------------------------------------------------------------------------- operations: logs and metrics
+# The Lambda functions log structured JSON and every function and Batch job emits CloudWatch metrics in the
+# embedded metric format (Powertools for AWS Lambda prints both to stdout); infra/dashboard.py charts them.
+# The stack sets the service name to its own name, so two stacks in one account keep their metrics apart.
+ENV_SERVICE_NAME = "POWERTOOLS_SERVICE_NAME"  # the `service` key of each log line and dimension of each metric
+DEFAULT_SERVICE_NAME = "topx"  # when ENV_SERVICE_NAME is unset (offline, tests)
+METRICS_NAMESPACE = "topx"
+# Every topx metric has exactly these two dimensions, both of low cardinality (never a run or a user id).
+SERVICE_DIMENSION = "service"  # Powertools' name for it
+STAGE_DIMENSION = "stage"  # the handler's name (prepare, ..., publish) or the job's (train, search)
+METRIC_STAGE_SECONDS = "StageSeconds"  # one value per successful function invocation or job (each search shard)
+METRIC_STAGE_FAILURES = "StageFailures"  # one per function invocation that raised, or job that exited non-zero
+METRIC_TRAIN_EPOCHS = "TrainEpochs"  # epochs the train job ran (early stopping may end it before TOPX_EPOCHS)
+METRIC_SEARCHED_USERS = "SearchedUsers"  # users one search shard wrote lists for
+# From Publish, once per published run: how many users got lists, and the model's hold-out quality.
+METRIC_USERS_PUBLISHED = "UsersPublished"
+METRIC_RECALL = "RecallAtX"  # recall@x on the hold-out (x = TOPX_TOP_X)
+METRIC_LIFT = "LiftOverPopularity"  # recall@x over recommending the most popular items' recall@x (1 = no better)

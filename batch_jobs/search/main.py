@@ -4,7 +4,8 @@
 
 The job definition passes ``--bucket Ref::bucket --run-id Ref::run_id --shards Ref::shards``. The shard
 is ``--shard`` if given, else AWS_BATCH_JOB_ARRAY_INDEX, which AWS Batch sets on each array child.
-Exit status 0 on success, 2 on a TopxError.
+Exit status 0 on success, 2 on a TopxError. Its duration and users, or its failure, go to CloudWatch as
+metrics (batch_jobs/metrics.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 import sys
 
 from batch_jobs.args import bucket_name, filled, run_id
+from batch_jobs.metrics import job_metrics
 from topx.aws import stages
 from topx.config import env_or
-from topx.contract import ENV_ARRAY_INDEX, ENV_SHARDS, TOPX_ERROR_EXIT
+from topx.contract import ENV_ARRAY_INDEX, ENV_SHARDS, METRIC_SEARCHED_USERS, TOPX_ERROR_EXIT
 from topx.errors import ConfigError, TopxError
 
 
@@ -50,12 +52,15 @@ def shard_plan(shards_arg: str | None, shard_arg: int | None) -> tuple[int, int]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        shard, shards = shard_plan(args.shards, args.shard)
-        result = stages.search_shard(bucket_name(args.bucket), run_id(args.run_id), shard, shards)
-    except TopxError as exc:
-        print(f"search: {exc}", file=sys.stderr)
-        return TOPX_ERROR_EXIT
+    with job_metrics("search") as metrics:
+        try:
+            shard, shards = shard_plan(args.shards, args.shard)
+            result = stages.search_shard(bucket_name(args.bucket), run_id(args.run_id), shard, shards)
+        except TopxError as exc:
+            print(f"search: {exc}", file=sys.stderr)
+            metrics.failed = True
+            return TOPX_ERROR_EXIT
+        metrics.add_count(METRIC_SEARCHED_USERS, result["users"])
     print(json.dumps(result, default=str))
     return 0
 

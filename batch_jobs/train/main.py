@@ -4,7 +4,8 @@
 
 The job definition passes ``--bucket Ref::bucket --run-id Ref::run_id``; the state machine submits the
 job with those parameters. Exit status 0 on success, 2 on a TopxError (the job's retry strategy does not
-retry that status).
+retry that status). Its duration and epochs, or its failure, go to CloudWatch as metrics
+(batch_jobs/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import json
 import sys
 
 from batch_jobs.args import bucket_name, run_id
+from batch_jobs.metrics import job_metrics
 from topx.aws import stages
-from topx.contract import TOPX_ERROR_EXIT
+from topx.contract import METRIC_TRAIN_EPOCHS, TOPX_ERROR_EXIT
 from topx.errors import TopxError
 
 
@@ -28,11 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = stages.train_run(bucket_name(args.bucket), run_id(args.run_id))
-    except TopxError as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return TOPX_ERROR_EXIT
+    with job_metrics("train") as metrics:
+        try:
+            result = stages.train_run(bucket_name(args.bucket), run_id(args.run_id))
+        except TopxError as exc:
+            print(f"train: {exc}", file=sys.stderr)
+            metrics.failed = True
+            return TOPX_ERROR_EXIT
+        metrics.add_count(METRIC_TRAIN_EPOCHS, result["epochs_run"])
     print(json.dumps(result, default=str))
     return 0
 

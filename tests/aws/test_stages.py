@@ -61,7 +61,21 @@ def run_pipeline(key: str) -> str:
         stages.load_shard(BUCKET, run_id, shard, TABLE)
     result = stages.publish_version(BUCKET, run_id, TABLE, prepared["shards"])
     assert result["published"]
+    # What Publish reports to CloudWatch is the run's own hold-out quality.
+    metrics = json.loads(stages.s3_client().get_object(Bucket=BUCKET, Key=contract.metrics_key(run_id))["Body"].read())
+    x = metrics["top_x"]
+    assert result["quality"] == {"x": x, "recall_at_x": metrics[f"recall_at_{x}"],
+                                 "lift_over_popularity": metrics[f"lift_over_popularity_recall_at_{x}"]}
     return run_id
+
+
+def test_published_quality_keeps_only_finite_measures_of_the_run_s_x() -> None:
+    metrics = {"top_x": 5, "recall_at_5": 0.2, "lift_over_popularity_recall_at_5": 1.5, "recall_at_10": 0.9}
+    assert stages.published_quality(metrics) == {"x": 5, "recall_at_x": 0.2, "lift_over_popularity": 1.5}
+    # No hold-out: neither measure. A diverged model's NaN, or popularity's zero recall (no lift): left out.
+    assert stages.published_quality({"top_x": 5}) == {"x": 5}
+    assert stages.published_quality({"top_x": 5, "recall_at_5": float("nan")}) == {"x": 5}
+    assert stages.published_quality({"recall_at_10": 0.3}) == {"x": 10, "recall_at_x": 0.3}
 
 
 def test_upload_to_dynamodb_matches_the_local_run(aws, tmp_path):

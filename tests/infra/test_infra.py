@@ -723,6 +723,83 @@ def test_topic_is_encrypted_and_alarms_feed_it(default: Synth, custom: Synth) ->
     )
 
 
+def test_lambda_throttles_of_every_function_sum_into_one_alarm(default: Synth) -> None:
+    functions = set(default.resources("AWS::Lambda::Function"))
+    (alarm,) = [a["Properties"] for a in default.resources("AWS::CloudWatch::Alarm").values()
+                if "Metrics" in a["Properties"]]
+    (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
+    assert expression["Expression"] == "SUM(METRICS())" and expression["ReturnData"] is True
+    throttled = [m["MetricStat"] for m in alarm["Metrics"] if "MetricStat" in m]
+    assert {(s["Metric"]["Namespace"], s["Metric"]["MetricName"], s["Stat"]) for s in throttled} == {
+        ("AWS/Lambda", "Throttles", "Sum")}
+    assert {s["Metric"]["Dimensions"][0]["Value"]["Ref"] for s in throttled} == functions
+    assert len(functions) == len(HANDLERS)
+    assert alarm["Threshold"] == 1 and alarm["AlarmActions"] == [{"Ref": _topic(default)}]
+
+
+def test_a_blocked_batch_queue_of_ours_reaches_the_topic_with_its_reason(default: Synth) -> None:
+    """AWS Batch sends no compute environment state change event: a compute environment gone INVALID shows
+    as the queue's head job blocked ("Batch Job Queue Blocked", with the reason), on our queues only."""
+    queues = sorted(default.resources("AWS::Batch::JobQueue"))
+    (rule,) = [r["Properties"] for r in default.resources("AWS::Events::Rule").values()
+               if r["Properties"]["EventPattern"].get("detail-type") == ["Batch Job Queue Blocked"]]
+    assert rule["EventPattern"]["source"] == ["aws.batch"]
+    assert sorted(q["Fn::GetAtt"][0] for q in rule["EventPattern"]["detail"]["jobQueue"]) == queues
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Ref": _topic(default)}
+    transformer = target["InputTransformer"]
+    assert transformer["InputPathsMap"]["detail-statusReason"] == "$.detail.statusReason"
+    assert "<detail-statusReason>" in transformer["InputTemplate"]
+
+
+def _topic(synth: Synth) -> str:
+    (topic,) = synth.resources("AWS::SNS::Topic")
+    return topic
+
+
+def _dashboard_metrics(synth: Synth) -> list[list[Any]]:
+    """Each metric line of the dashboard's graphs, its CloudFormation references rendered as {Ref: id}."""
+    body = synth.only("AWS::CloudWatch::Dashboard")["DashboardBody"]["Fn::Join"][1]
+    text = "".join(part if isinstance(part, str) else json.dumps(json.dumps(part))[1:-1] for part in body)
+    widgets = json.loads(text)["widgets"]
+    return [line for w in widgets if w["type"] == "metric" for line in w["properties"].get("metrics", [])]
+
+
+def test_the_dashboard_charts_runs_durations_quality_and_failures(default: Synth) -> None:
+    lines = _dashboard_metrics(default)
+    charted = {(line[0], line[1]) for line in lines}
+    for name in ("ExecutionsStarted", "ExecutionsSucceeded", "ExecutionsFailed", "ExecutionsTimedOut", "ExecutionTime"):
+        assert ("AWS/States", name) in charted
+    assert {("AWS/Lambda", "Errors"), ("AWS/Lambda", "Throttles")} <= charted
+    # The EMF metrics, under the dimensions the handlers and jobs emit them with: the stack's name, the stage.
+    topx = {(line[1], line[5]) for line in lines if line[0] == contract.METRICS_NAMESPACE}
+    assert all(line[2:5:2] == [contract.SERVICE_DIMENSION, contract.STAGE_DIMENSION] and line[3] == "Topx"
+               for line in lines if line[0] == contract.METRICS_NAMESPACE)
+    stages = {*HANDLERS, "train", "search"}
+    assert {stage for name, stage in topx if name == contract.METRIC_STAGE_SECONDS} == stages
+    assert {stage for name, stage in topx if name == contract.METRIC_STAGE_FAILURES} == stages
+    assert {(contract.METRIC_RECALL, "publish"), (contract.METRIC_LIFT, "publish"),
+            (contract.METRIC_USERS_PUBLISHED, "publish"), (contract.METRIC_TRAIN_EPOCHS, "train"),
+            (contract.METRIC_SEARCHED_USERS, "search")} <= topx
+
+
+def test_the_dashboard_shows_every_alarm_and_every_function_s_errors(default: Synth) -> None:
+    body = json.dumps(default.only("AWS::CloudWatch::Dashboard")["DashboardBody"])
+    for alarm in default.resources("AWS::CloudWatch::Alarm"):
+        assert alarm in body
+    for group in default.resources("AWS::Logs::LogGroup"):
+        function_group = any(f["Properties"]["LoggingConfig"]["LogGroup"] == {"Ref": group}
+                             for f in default.resources("AWS::Lambda::Function").values())
+        assert (group in body) == function_group
+
+
+def test_functions_and_jobs_name_the_stack_as_their_metrics_service(default: Synth) -> None:
+    carriers = [f["Properties"] for f in default.resources("AWS::Lambda::Function").values()] + [
+        j["Properties"]["ContainerProperties"] for j in default.resources("AWS::Batch::JobDefinition").values()
+    ]
+    assert [_env(carrier)[contract.ENV_SERVICE_NAME] for carrier in carriers] == ["Topx"] * len(carriers)
+
+
 def test_named_outputs(default: Synth) -> None:
     for name in ("BucketName", "TableName", "StateMachineArn", "TopicArn"):
         default.template.has_output(name, {"Value": Match.any_value()})

@@ -486,12 +486,13 @@ def test_resource_policies_let_in_no_one_outside_the_account(synth: Synthesized)
     assert synth.resources("AWS::Lambda::Url") == {}
 
 
-def test_eventbridge_may_publish_to_the_topic_for_our_rule_only(synth: Synthesized) -> None:
-    (rule,) = [
-        logical_id
+def test_eventbridge_may_publish_to_the_topic_for_our_rules_only(synth: Synthesized) -> None:
+    rules = [
+        {"Fn::GetAtt": [logical_id, "Arn"]}
         for logical_id, props in synth.properties("AWS::Events::Rule").items()
         if props.get("EventPattern", {}).get("source") == ["aws.batch"]
     ]
+    assert len(rules) == 2  # a failed job, a blocked queue
     grants = [
         statement
         for props in synth.properties("AWS::SNS::TopicPolicy").values()
@@ -499,7 +500,7 @@ def test_eventbridge_may_publish_to_the_topic_for_our_rule_only(synth: Synthesiz
         if statement["Effect"] == "Allow"
     ]
     assert [(g["Principal"], g["Condition"]) for g in grants] == [
-        ({"Service": "events.amazonaws.com"}, {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": [rule, "Arn"]}}})
+        ({"Service": "events.amazonaws.com"}, {"ArnEquals": {"aws:SourceArn": rules}})
     ]
 
 

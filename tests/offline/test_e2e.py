@@ -146,6 +146,45 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline,
     assert 'data-verdict="good"' in html and "The quality gate <b>passed</b>" in html
     assert f'data-metric="recall_at_{TOP_X}" data-value="{json.dumps(metrics[f"recall_at_{TOP_X}"])}"' in html
     assert html.count('class="user"') == 5 and 'data-plot="popularity"' in html and 'data-plot="training"' in html
+    assert_an_operator_can_follow_the_run(stack, run_id, metrics)
+
+
+def log_lines(group: str) -> list[dict[str, Any]]:
+    """Every line of a log group in the offline CloudWatch Logs, each parsed as JSON (each must be)."""
+    logs = boto3.client("logs")
+    lines = []
+    for stream in logs.describe_log_streams(logGroupName=group)["logStreams"]:
+        events = logs.get_log_events(logGroupName=group, logStreamName=stream["logStreamName"])["events"]
+        lines.extend(json.loads(event["message"]) for event in events)
+    return lines
+
+
+def emf_values(lines: list[dict[str, Any]], name: str) -> list[Any]:
+    """The values of metric ``name`` in the EMF lines among ``lines``, each with its stage."""
+    return [(line["stage"], line[name]) for line in lines if "_aws" in line
+            and name in {m["Name"] for d in line["_aws"]["CloudWatchMetrics"] for m in d["Metrics"]}]
+
+
+def assert_an_operator_can_follow_the_run(stack: Offline, run_id: str, metrics: dict[str, Any]) -> None:
+    """What the functions and jobs printed is in CloudWatch Logs, as on AWS: each function's JSON lines carry
+    the run id as their correlation id, and the EMF lines hold the metrics the dashboard charts."""
+    for handler, arn in stack.pipeline.function_arns.items():
+        lines = log_lines(f"/aws/lambda/{arn.rsplit(':', 1)[1]}")
+        records = [line for line in lines if "_aws" not in line]
+        # Prepare's first line comes before the run id exists; it mints it, and its next line carries it.
+        expected = [None, run_id] if handler == "prepare" else [run_id] * len(records)
+        assert records and [record.get("correlation_id") for record in records] == expected, handler
+        assert {stage for stage, _ in emf_values(lines, "StageSeconds")} == {handler}
+    publish = log_lines(f"/aws/lambda/{stack.pipeline.function_arns['publish'].rsplit(':', 1)[1]}")
+    assert emf_values(publish, "UsersPublished") == [("publish", [150.0])]
+    assert emf_values(publish, "RecallAtX") == [("publish", [metrics[f"recall_at_{TOP_X}"]])]
+    assert emf_values(publish, "LiftOverPopularity") == [
+        ("publish", [metrics[f"lift_over_popularity_recall_at_{TOP_X}"]])]
+    jobs = log_lines("/aws/batch/job")
+    assert emf_values(jobs, "TrainEpochs") == [("train", [float(metrics["epochs_run"])])]
+    searched = emf_values(jobs, "SearchedUsers")  # one line per search shard
+    assert len(searched) == SHARDS and sum(users for _, (users,) in searched) == 150
+    assert sorted(stage for stage, _ in emf_values(jobs, "StageSeconds")) == ["search"] * SHARDS + ["train"]
 
 
 def assert_the_largest_run_fits_one_execution(history: list[dict[str, Any]]) -> None:

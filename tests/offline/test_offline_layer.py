@@ -25,7 +25,13 @@ from infra.lambdas import SPECS
 from infra.pipeline import placeholders
 from infra.settings import ASL_PATH, DATASET_SHORTHANDS, DeploySettings
 from topx import offline
-from topx.contract import BATCH_RETRY_STRATEGIES, HANDLER_MODULE, SEARCH_COMMAND, TRAIN_COMMAND
+from topx.contract import (
+    BATCH_RETRY_STRATEGIES,
+    ENV_SERVICE_NAME,
+    HANDLER_MODULE,
+    SEARCH_COMMAND,
+    TRAIN_COMMAND,
+)
 from topx.errors import ConfigError
 from topx.offline import patches
 from topx.offline.deploy import STARTER_HANDLER, _create_job
@@ -112,7 +118,8 @@ def test_job_definitions_run_the_commands_and_parameters_cdk_deploys(template: d
             {name[0].upper() + name[1:]: value for name, value in rule.items()} for rule in retry["evaluateOnExit"]]}
         assert set(definition["Parameters"]) == defaults
         names = {item["Name"] for item in definition["ContainerProperties"]["Environment"]}
-        assert names == set(offline.LocalSettings().environment(bucket="b", table="t", topic_arn="a"))
+        # The settings' environment, and the stack's name as the service of the logs and metrics.
+        assert names == set(offline.LocalSettings().environment(bucket="b", table="t", topic_arn="a")) | {ENV_SERVICE_NAME}
 
 
 SETTINGS_ENV = (

@@ -86,10 +86,13 @@ with mock_aws():
                                           KeySchema=table_key_schema(),
                                           AttributeDefinitions=table_attribute_definitions())
     modules = {"handler": "functions.handlers", "stage": "topx.aws.stages"}
+    # What Powertools' Logger reads of the Lambda runtime's context.
+    context = type("Context", (), {"function_name": "probe", "memory_limit_in_mb": 1024, "aws_request_id": "probe",
+                                   "invoked_function_arn": "arn:aws:lambda:us-east-1:123456789012:function:probe"})()
     replies = []
     for kind, name, args in calls:
         function = getattr(importlib.import_module(modules[kind]), name)
-        replies.append(function(args, None) if kind == "handler" else function(*args))
+        replies.append(function(args, context) if kind == "handler" else function(*args))
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             (after / obj["Key"]).parent.mkdir(parents=True, exist_ok=True)

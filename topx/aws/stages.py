@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -485,7 +485,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                        holdout_split=ds.split)
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
         _put_json(bucket, metrics_key(run_id), metrics)
-    return {"run_id": run_id, "best_epoch": result.best_epoch, "device": result.device}
+    return {"run_id": run_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history), "device": result.device}
 
 
 def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
@@ -1050,7 +1050,19 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     # version live again once it is superseded. Written after the flip, so a version without one was never live.
     _put_json(bucket, version_record_key(run_id), {"shards": int(expected_shards), "users": written})
     return {"run_id": run_id, "published": True, "users": written, "already_live": not published,
-            "report": _report_uri(bucket, run_id)}
+            "report": _report_uri(bucket, run_id), "quality": published_quality(metrics)}
+
+
+def published_quality(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """What the published model scored on its hold-out, for the run's metrics in CloudWatch:
+    ``{"x", "recall_at_x", "lift_over_popularity"}``, each measure only when metrics.json has it as a
+    finite number (a run with too little data for a hold-out has neither)."""
+    x = int(metrics.get("top_x", DEFAULT_TOP_X))
+    quality: dict[str, Any] = {"x": x}
+    for name, key in (("recall_at_x", f"recall_at_{x}"), ("lift_over_popularity", f"lift_over_popularity_recall_at_{x}")):
+        if _finite(metrics.get(key)):
+            quality[name] = float(metrics[key])
+    return quality
 
 
 def _report_uri(bucket: str, run_id: str) -> str:

@@ -33,6 +33,7 @@ from topx.contract import (
     ENV_NUM_FACTORS,
     ENV_RETENTION_DAYS,
     ENV_SEARCH_METHOD,
+    ENV_SERVICE_NAME,
     ENV_SHARDS,
     ENV_STATE_MACHINE_ARN,
     ENV_TABLE,
@@ -197,7 +198,8 @@ def deploy(settings: LocalSettings | None = None, *, region: str = DEFAULT_REGIO
     inbox_arn = clients["sqs"].get_queue_attributes(QueueUrl=inbox_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     clients["sns"].subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=inbox_arn)
 
-    environment = settings.environment(bucket=bucket, table=table, topic_arn=topic_arn)
+    # The stack's name is the service of the logs and metrics (infra/stack.py); here the pipeline's name is.
+    environment = {**settings.environment(bucket=bucket, table=table, topic_arn=topic_arn), ENV_SERVICE_NAME: name}
     function_arns = {
         handler: clients["lambda"].create_function(
             FunctionName=f"{name}-{handler.replace('_', '-')}",

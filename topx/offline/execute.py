@@ -162,7 +162,9 @@ def _write_log(region: str, group: str, stream: str, text: str) -> None:
     logs = boto3.client("logs", region_name=region)
     with suppress(logs.exceptions.ResourceAlreadyExistsException):
         logs.create_log_group(logGroupName=group)
-    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    # A job's later attempt writes on after its earlier one (which printed its metrics before it failed).
+    with suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_stream(logGroupName=group, logStreamName=stream)
     now = int(time.time() * 1000)
     logs.put_log_events(logGroupName=group, logStreamName=stream,
                         logEvents=[{"timestamp": now, "message": line} for line in text.splitlines() if line])
