@@ -85,6 +85,10 @@ with mock_aws():
     boto3.client("dynamodb").create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
                                           KeySchema=table_key_schema(),
                                           AttributeDefinitions=table_attribute_definitions())
+    # A state machine for the starter to look at (it starts nothing when nothing waits).
+    boto3.client("stepfunctions").create_state_machine(
+        name="probe", roleArn="arn:aws:iam::123456789012:role/probe",
+        definition=json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Succeed"}}}))
     modules = {"handler": "functions.handlers", "stage": "topx.aws.stages"}
     # What Powertools' Logger reads of the Lambda runtime's context.
     context = type("Context", (), {"function_name": "probe", "memory_limit_in_mb": 1024, "aws_request_id": "probe",
@@ -101,7 +105,8 @@ print(json.dumps({"replies": replies, "loaded": sorted(m for m in watched if m i
 """
 BUCKET, TABLE = "topx-probe-bucket", "topx-probe-table"
 # Every function of infra/lambdas.py, in the order the state machine runs them.
-LAMBDA_HANDLERS = ("prepare", "quality_gate", "repackage", "report", "load_shard", "publish")
+LAMBDA_HANDLERS = ("starter", "prepare", "quality_gate", "repackage", "report", "load_shard", "publish")
+PROBE_STATE_MACHINE = "arn:aws:states:us-east-1:123456789012:stateMachine:probe"
 # tqdm: the trainers' progress bars, which the functions image leaves out too.
 WATCHED = (*HEAVY, "matplotlib", "tqdm")
 
@@ -158,3 +163,9 @@ def test_no_lambda_function_loads_torch_faiss_or_tqdm_and_no_batch_job_matplotli
     assert replies[0]["bytes"] > 0 and replies[-1]["published"] is True
     # The report draws its plots with matplotlib: the functions image has it, and nothing heavier.
     assert loaded == ["matplotlib"], loaded
+
+    # The starter, on a batch with nothing in it: it reads the trigger item and starts nothing.
+    (started,), loaded = _run_stages(tmp_path / "5", tmp_path / "6", [
+        ("handler", "starter", {"Records": [], "bucket": BUCKET, "table": TABLE,
+                                "state_machine_arn": PROBE_STATE_MACHINE})])
+    assert started["started"] is None and loaded == [], (started, loaded)
