@@ -57,8 +57,11 @@ def child(spec: dict[str, Any]) -> None:
 
     module = importlib.import_module("functions.handlers" if spec["kind"] == "handler" else "topx.aws.stages")
     function = getattr(module, spec["name"])
+    # What the Lambda runtime's context gives a handler (its logger reads these).
+    context = type("Context", (), {"function_name": spec["name"], "memory_limit_in_mb": 10240,
+                                   "aws_request_id": "scale", "invoked_function_arn": "arn:aws:lambda:scale"})()
     start = time.perf_counter()
-    reply = function(spec["args"], None) if spec["kind"] == "handler" else function(*spec["args"])
+    reply = function(spec["args"], context) if spec["kind"] == "handler" else function(*spec["args"])
     seconds = time.perf_counter() - start
     print(json.dumps({"reply": reply, "s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}, default=str))
 
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"{stage}: {got['s']:.1f} s, peak {got['peak_rss_mb']:.0f} MB")
             return got["reply"]
 
-        prepared = timed("prepare", "handler", "prepare", {"bucket": BUCKET, "key": "incoming/interactions.parquet"})
+        prepared = timed("prepare", "handler", "prepare", {"bucket": BUCKET, "key": None, "uploads": None})
         run_id = prepared["run_id"]
         run = {"bucket": BUCKET, "run_id": run_id}
         timed("train", "stage", "train_run", [BUCKET, run_id])
