@@ -3,6 +3,7 @@ from DynamoDB through the pointer, equal to what `topx run` computes locally fro
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -17,7 +18,7 @@ from topx import contract
 from topx.aws import stages, store
 from topx.config import default_hyperparameters
 from topx.dataset import DataOptions
-from topx.errors import ConfigError, InputDataError, StoreError
+from topx.errors import ArtifactFormatError, ConfigError, InputDataError, StoreError
 from topx.run import run_all
 from topx.steps import RunOptions
 
@@ -113,8 +114,12 @@ def test_each_search_shard_reads_its_own_users_vectors_only(aws, tmp_path):
     prepared = stages.prepare_run(BUCKET, "incoming/ratings.csv")
     run_id, shards = prepared["run_id"], prepared["shards"]
     stages.train_run(BUCKET, run_id)
+    # The train job wrote them; repackage only checks them, so it needs no model.
+    for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix=contract.model_prefix(run_id))["Contents"]:
+        s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
     reply = stages.repackage_run(BUCKET, run_id)
     assert reply["shards"] == shards == 3 and reply["n_users"] == prepared["n_users"]
+    assert (reply["n_items"], reply["dimension"]) == (prepared["n_items"], 8 + 1)
     prefix = contract.vectors_prefix(run_id)
     keys = sorted(o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"])
     assert keys == sorted(["item_ids.json", "item_vectors.npy", *(f"shard={s:04d}/{name}" for s in range(shards)
@@ -125,8 +130,18 @@ def test_each_search_shard_reads_its_own_users_vectors_only(aws, tmp_path):
                                                for s in range(shards)]
     assert sorted(sum(shard_ids, [])) == sorted(map(str, base_ratings(90, 40, seed=3)["user_id"].unique()))
 
+    # A shard's vectors of the wrong shape, or a shard's file missing, fail the check naming it.
+    good = s3.get_object(Bucket=BUCKET, Key=f"{prefix}shard=0002/user_vectors.npy")["Body"].read()
+    wrong = io.BytesIO()
+    np.save(wrong, np.zeros((2, 9), np.float32))
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}shard=0002/user_vectors.npy", Body=wrong.getvalue())
+    with pytest.raises(ArtifactFormatError, match=r"shard=0002/: vectors \(2, 9\)"):
+        stages.repackage_run(BUCKET, run_id)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}shard=0002/user_vectors.npy", Body=good)
     for name in ("user_vectors.npy", "user_constants.npy", "user_ids.json"):
         s3.delete_object(Bucket=BUCKET, Key=f"{prefix}shard=0001/{name}")
+    with pytest.raises(StoreError, match=r"shard=0001/user_vectors.npy cannot be read"):
+        stages.repackage_run(BUCKET, run_id)
     assert stages.search_shard(BUCKET, run_id, 0, shards)["users"] == len(shard_ids[0])
     assert stages.search_shard(BUCKET, run_id, 2, shards)["users"] == len(shard_ids[2])
     with pytest.raises(StoreError, match=r"shard=0001/user_vectors.npy cannot be read"):

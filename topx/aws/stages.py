@@ -15,6 +15,7 @@ then ``rollback_version`` (``topx rollback``, not a state) can make the version 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -287,6 +288,7 @@ def prepare_run(bucket: str, key: str | None, uploads: list[dict[str, Any]] | No
                                                "item_key": key_column(options.item_key, options.item_col,
                                                                       options.header),
                                                "shards": shards, "n_users": int(ds.feature_index.n_users),
+                                               "n_items": int(ds.feature_index.n_items),
                                                "report": ds.report,
                                                "hyperparameters": overrides,
                                                "filters": None if filters is None else {
@@ -484,8 +486,34 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
                        holdout_split=ds.split)
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
+        # The recipe's vectors, which evaluating needed anyway: written here, where every user's already are
+        # in memory, each search shard's users apart (repackage_run checks them).
+        shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
+        _write_vectors(bucket, run_id, vectors, ds.feature_index, shards, work / "vectors")
         _put_json(bucket, metrics_key(run_id), metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history), "device": result.device}
+
+
+def _write_vectors(bucket: str, run_id: str, vectors: Any, feature_index: FeatureIndex, shards: int,
+                   work: Path) -> None:
+    """The items' vectors and ids under runs/<run_id>/vectors/, and each search shard's users' under
+    vectors/shard=NNNN/, so that a search child reads only its own users'."""
+    from topx.vectors import ITEM_VECTORS, USER_CONSTANTS, USER_VECTORS
+
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / ITEM_VECTORS, vectors.item_vectors)
+    (work / ITEM_IDS).write_text(json.dumps(list(feature_index.item_ids), ensure_ascii=False), encoding="utf-8")
+    for name in (ITEM_VECTORS, ITEM_IDS):
+        s3_client().upload_file(str(work / name), bucket, vectors_prefix(run_id) + name)
+    user_ids = feature_index.user_ids
+    for shard in range(shards):
+        rows = shard_users(feature_index.n_users, shard, shards)
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        np.save(work / USER_VECTORS, vectors.user_vectors[start:stop])
+        np.save(work / USER_CONSTANTS, vectors.user_constants[start:stop])
+        (work / USER_IDS).write_text(json.dumps(list(user_ids[start:stop]), ensure_ascii=False), encoding="utf-8")
+        for name in (USER_VECTORS, USER_CONSTANTS, USER_IDS):
+            s3_client().upload_file(str(work / name), bucket, vectors_shard_prefix(run_id, shard) + name)
 
 
 def quality_gate(bucket: str, run_id: str, table: str) -> dict[str, Any]:
@@ -562,33 +590,51 @@ def _finite(value: Any) -> bool:
 
 
 def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
-    """Model artifact -> the recipe's item vectors under runs/<run_id>/vectors/ and each search shard's user
-    vectors under vectors/shard=NNNN/, built and uploaded one shard at a time: memory follows the items
-    and one shard's users, not all the users."""
-    from topx.rundir import read_model
-    from topx.vectors import ITEM_VECTORS, USER_CONSTANTS, USER_VECTORS, export_vectors
+    """Check the recipe's vectors the train job wrote (``_write_vectors``) before the search reads them:
+    the items' vectors and ids, and every search shard's users' vectors, constants and ids, each shaped for
+    its rows. Reads the arrays' headers and the listing only, so its memory does not grow with the users:
+    the vectors themselves are built where the whole model is in memory anyway, in the train job."""
+    from numpy.lib import format as npy
 
-    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
-    with _workdir() as work:
-        _download_prefix(bucket, model_prefix(run_id), work / "model")
-        params, feature_index = read_model(work / "model")
-        items = export_vectors(params, feature_index, np.zeros(0, dtype=np.int64))
-        np.save(work / ITEM_VECTORS, items.item_vectors)
-        (work / ITEM_IDS).write_text(json.dumps(list(feature_index.item_ids), ensure_ascii=False), encoding="utf-8")
-        for name in (ITEM_VECTORS, ITEM_IDS):
-            s3_client().upload_file(str(work / name), bucket, vectors_prefix(run_id) + name)
-        user_ids = feature_index.user_ids
-        for shard in range(shards):
-            rows = shard_users(feature_index.n_users, shard, shards)
-            part = export_vectors(params, feature_index, rows)
-            np.save(work / USER_VECTORS, part.user_vectors)
-            np.save(work / USER_CONSTANTS, part.user_constants)
-            (work / USER_IDS).write_text(json.dumps([user_ids[r] for r in rows.tolist()], ensure_ascii=False),
-                                         encoding="utf-8")
-            for name in (USER_VECTORS, USER_CONSTANTS, USER_IDS):
-                s3_client().upload_file(str(work / name), bucket, vectors_shard_prefix(run_id, shard) + name)
-    return {"run_id": run_id, "n_users": int(feature_index.n_users), "n_items": int(items.item_vectors.shape[0]),
-            "dimension": int(items.item_vectors.shape[1]), "shards": shards}
+    from topx.vectors import ITEM_VECTORS, USER_CONSTANTS, USER_VECTORS
+
+    record = _get_json(bucket, run_record_key(run_id))
+    shards, n_users, n_items = int(record["shards"]), int(record["n_users"]), int(record["n_items"])
+
+    def shape(key: str) -> tuple[int, ...]:
+        try:
+            head = s3_client().get_object(Bucket=bucket, Key=key, Range="bytes=0-4095")["Body"].read()
+        except ClientError as exc:
+            raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        stream = io.BytesIO(head)
+        try:
+            version = npy.read_magic(stream)
+            found = npy.read_array_header_1_0(stream) if version == (1, 0) else npy.read_array_header_2_0(stream)
+        except ValueError as exc:
+            raise ArtifactFormatError(f"s3://{bucket}/{key}: not a numpy array file ({exc})") from exc
+        return tuple(found[0])
+
+    items = shape(vectors_prefix(run_id) + ITEM_VECTORS)
+    if items[0] != n_items:
+        raise ArtifactFormatError(f"s3://{bucket}/{vectors_prefix(run_id)}{ITEM_VECTORS}: {items[0]} item vectors "
+                                  f"for the run's {n_items} items")
+    _head(bucket, vectors_prefix(run_id) + ITEM_IDS)
+    for shard in range(shards):
+        rows = len(shard_users(n_users, shard, shards))
+        prefix = vectors_shard_prefix(run_id, shard)
+        users, constants = shape(prefix + USER_VECTORS), shape(prefix + USER_CONSTANTS)
+        if users != (rows, items[1]) or constants != (rows,):
+            raise ArtifactFormatError(f"s3://{bucket}/{prefix}: vectors {users} and constants {constants} for the "
+                                      f"shard's {rows} users of dimension {items[1]}")
+        _head(bucket, prefix + USER_IDS)
+    return {"run_id": run_id, "n_users": n_users, "n_items": n_items, "dimension": int(items[1]), "shards": shards}
+
+
+def _head(bucket: str, key: str) -> None:
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
 
 
 def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
