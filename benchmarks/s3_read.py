@@ -279,7 +279,7 @@ def compare(fmt: str, s3: Any, endpoint: str, env: dict[str, str], args: argpars
     default = wrangler_read(args.wrangler_python, fmt, uri, endpoint, env)
     timed, call = default, "default"
     if "error" in default or not rows_right(default, written) or set(default["columns"]) != EXPECTED_COLUMNS:
-        log(f"{fmt}: awswrangler default call: {short(default.get('error')) or 'rows differ'}; "
+        log(f"{fmt}: awswrangler default call: {short(default.get('error')) or 'markers read as rows or columns'}; "
             "again with path_ignore_suffix")
         timed = wrangler_read(args.wrangler_python, fmt, uri, endpoint, env, {"path_ignore_suffix": MARKER_SUFFIXES})
         call = f"path_ignore_suffix={MARKER_SUFFIXES}"
