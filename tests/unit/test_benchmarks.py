@@ -128,3 +128,39 @@ def test_ranking_benchmark_prints_one_line_with_every_key(capsys):
         assert isinstance(doc[f"recall_at_10_half_life_{half_life}d_temporal"], float)
     # topx ranks well above popularity even in the quick run (2 epochs).
     assert doc["recall_at_10"] > 1.5 * doc["popularity_recall_at_10"]
+
+
+def test_s3_read_spoils_exactly_row_1234_of_a_part():
+    import pyarrow as pa
+
+    from benchmarks.s3_read import BAD_ROW, spoil
+
+    table = pa.table({"user_id": pa.array(range(2000)), "plays": pa.array([1] * 2000)})
+    text = spoil(table, "text")["plays"].to_pylist()
+    assert text[BAD_ROW - 1] == "x" and text[:BAD_ROW - 1] == ["1"] * (BAD_ROW - 1) and text[BAD_ROW:] == ["1"] * 766
+    negative = spoil(table, "negative")
+    assert negative["plays"].type == pa.int64() and negative["plays"].to_pylist().count(-1) == 1
+    assert negative["plays"][BAD_ROW - 1].as_py() == -1
+
+
+@pytest.mark.slow
+def test_s3_read_benchmark_reads_the_rows_written_and_names_the_bad_row(capsys):
+    from benchmarks.s3_read import main as s3_read_main
+
+    assert s3_read_main(["--rows", "6000", "--parts", "3", "--formats", "csv", "parquet"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(line)
+    for fmt in ("csv", "parquet"):
+        result = doc["results"][fmt]
+        assert result["written"]["rows"] == 6000
+        topx = result["topx"]
+        assert topx["rows"] == 6000 and topx["rows_right"] is True, fmt  # _SUCCESS and the .crc skipped
+        assert topx["s"] > 0 and topx["peak_rss_mb"] > 0
+        assert topx["partition_probe"] == {"time_values": [1717200000, 1717286400], "error": None}
+        negative = topx["bad_part"]["negative"]["error"]
+        assert "part-00002" in negative and "column 'plays'" in negative and "is negative" in negative
+        assert result["awswrangler"]["s"] is None and "--wrangler-python" in result["awswrangler"]["note"]
+    # the CSV file row counts the header line; Parquet rows are data rows
+    assert "row 1235, column 'plays'" in doc["results"]["csv"]["topx"]["bad_part"]["text"]["error"]
+    assert "row 1234, column 'plays'" in doc["results"]["parquet"]["topx"]["bad_part"]["negative"]["error"]
+    assert "is text" in doc["results"]["parquet"]["topx"]["bad_part"]["text"]["error"]
