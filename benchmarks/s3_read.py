@@ -12,7 +12,7 @@ environment of its own, made once (git-ignored)::
 
 Without ``--wrangler-python`` its figures are null, with a note saying so.
 
-moto's server (``moto[server]``, benchmarks/requirements.txt) runs in this process. Into one of its buckets
+moto's server (its Flask is pinned in requirements.txt) runs in this process. Into one of its buckets
 goes a generated dataset written as Spark writes one: ``--parts`` part files under ``--days`` partition
 folders (``day=2024-06-01/`` ...), a ``_SUCCESS`` marker (non-empty, the JSON the S3A committers write) and
 a ``.part-*.crc`` checksum file beside the first part; columns user_id (int64, or text ``u<n>`` with

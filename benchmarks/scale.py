@@ -5,7 +5,7 @@
         --run-shards 2
 
 Generated implicit data (integer user and item ids, item popularity falling as a power law, 1 + a Poisson
-play count) goes to ``incoming/`` of a bucket in moto's server (``moto[server]``, benchmarks/requirements.txt),
+play count) goes to ``incoming/`` of a bucket in moto's server (its Flask is pinned in requirements.txt),
 which runs in this process; the stages then run in order as the state machine runs them, each in a fresh
 Python process that reaches the server through ``TOPX_ENDPOINT_URL``, so that a stage's peak resident memory
 is its own (interpreter and imports included) and not the bucket's: Prepare, Train (1 epoch by default, on
