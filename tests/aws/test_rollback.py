@@ -208,10 +208,10 @@ def test_a_rollback_stopped_after_moving_the_pointer_says_so_and_is_finished_by_
     retire(now)
     keep_manifest = stages._keep_manifest
 
-    def fails_on_shard_1(bucket: str, table: str, version: str, manifest_shard: int) -> int:
+    def fails_on_shard_1(bucket: str, table: str, version: str, manifest_shard: int, lists: list[str]) -> int:
         if manifest_shard == 1:
             raise StoreError("s3://topx-test-bucket/...: cannot be read")
-        return keep_manifest(bucket, table, version, manifest_shard)
+        return keep_manifest(bucket, table, version, manifest_shard, lists)
 
     monkeypatch.setattr(stages, "_keep_manifest", fails_on_shard_1)
     with pytest.raises(StoreError, match=f"{A} is live now, in place of {B}, but some of its items may still carry "
