@@ -442,7 +442,8 @@ def report_key(run_id: str) -> str:
 
 def run_filters_key(run_id: str) -> str:
     """What Prepare made of the filter file and the responses for this run (NumPy .npz): the eligible
-    items, the diversity groups and cap, the (user row, item row) pairs to leave out."""
+    items, the diversity groups and cap (each named list's too, as ``eligible.<name>``, ``groups.<name>``,
+    ``cap.<name>``), the (user row, item row) pairs to leave out."""
     return f"{run_prefix(run_id)}filters.npz"
 
 
