@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "$TOPX_TABLE, else the output of the stack Topx.")
     p.add_argument("user_id", metavar="USER_ID", help="the user's id, as in the uploaded data")
     _add_stack_options(p, table=True)
+    p.add_argument("--list", metavar="NAME", dest="list_name",
+                   help="a named list of the filter file (its \"lists\") instead of the default list")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     p = add_command("upload", help="put a data file or an export folder under incoming/ of a deployed stack (starts a run)",
@@ -733,21 +735,26 @@ def cmd_recs(args: argparse.Namespace) -> int:
     from topx.aws import client
 
     table = client.resolve_table(args.table, stack=args.stack, endpoint_url=args.endpoint_url)
-    rec = client.get_recommendations(args.user_id, table=table, endpoint_url=args.endpoint_url)
+    rec = client.get_recommendations(args.user_id, list_name=args.list_name, table=table,
+                                     endpoint_url=args.endpoint_url)
     if args.json:
-        print(json.dumps({"user_id": args.user_id, "items": rec.items if rec else [],
+        print(json.dumps({"user_id": args.user_id, "list": args.list_name, "items": rec.items if rec else [],
                           "scores": rec.scores if rec else [], "fallback": bool(rec and rec.fallback),
                           "cold_user": bool(rec and rec.cold_user)}))
         return 0 if rec else 1
     if rec is None:
         print(f"no recommendations for {args.user_id!r} in {table} (nothing published yet)")
         return 1
+    where = table if args.list_name is None else f"{table}, list {args.list_name}"
     if rec.fallback:
-        print(f"fallback list for {args.user_id} ({table}): the live version has no list of this user's own, "
+        print(f"fallback list for {args.user_id} ({where}): the live version has no list of this user's own, "
               "so this is its list for users it has not seen:")
     else:
         cold = " (from their features: no interactions yet)" if rec.cold_user else ""
-        print(f"recommendations for {args.user_id} ({table}){cold}:")
+        print(f"recommendations for {args.user_id} ({where}){cold}:")
+    if not rec.items:
+        print("  (none: " + ("no item of the fallback list is one this list may recommend" if rec.fallback
+                             else "the user has already had every item this list may recommend") + ")")
     for rank, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True), start=1):
         print(f"  {rank:>3}. {item}  {score:+.4f}")
     return 0

@@ -307,7 +307,8 @@ _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
 # runs/<run_id>/run.json                   the run's source, shards, data report and upload overrides
 # runs/<run_id>/model/, vectors/           model.tar.gz (+ feature index); item vectors, and each shard's users'
 # runs/<run_id>/metrics.json
-# runs/<run_id>/recommendations/shard=NNNN/part-0.parquet
+# runs/<run_id>/recommendations/shard=NNNN/part-0.parquet       the default list
+# runs/<run_id>/recommendations/shard=NNNN/list=<name>.parquet  each named list of the filter file
 # runs/<run_id>/searched/shard=NNNN.json   the shard's users, and those left with nothing to recommend
 # runs/<run_id>/loaded/shard=NNNN.json     users written to DynamoDB by that shard's load
 # versions/<run_id>/shard=NNNN/            a copy of what a load wrote to DynamoDB, kept until the items it
@@ -332,13 +333,31 @@ MANIFEST_SEARCHED = "searched.json"
 MANIFEST_RETIRED = "retired.json"
 VERSION_METRICS = "metrics.json"
 VERSION_RECORD = "version.json"
-# versions/<run_id>/{metrics.json,version.json}, or versions/<run_id>/shard=NNNN/{part-0.parquet,searched.json,
-# retired.json}
+# A named list's name (the filter file's "lists"): it becomes part of a file name and of a DynamoDB sort key.
+LIST_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# A named list's recommendations, beside the default list's in a shard's folder and in its manifest.
+LIST_FILE_RE = re.compile(rf"list=(?P<list>{LIST_NAME_RE.pattern})\.parquet")
+# versions/<run_id>/{metrics.json,version.json}, or versions/<run_id>/shard=NNNN/{part-0.parquet,
+# list=<name>.parquet,searched.json,retired.json}
 VERSION_OBJECT_RE = re.compile(
     rf"{VERSIONS_PREFIX}(?P<version>[^/]+)/(?:{re.escape(VERSION_METRICS)}|{re.escape(VERSION_RECORD)}|"
     rf"shard=(?P<shard>\d{{4,}})/"
-    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{re.escape(MANIFEST_SEARCHED)}|{re.escape(MANIFEST_RETIRED)}))"
+    rf"(?:{re.escape(MANIFEST_RECOMMENDATIONS)}|{LIST_FILE_RE.pattern}|{re.escape(MANIFEST_SEARCHED)}|"
+    rf"{re.escape(MANIFEST_RETIRED)}))"
 )
+
+
+def list_file(name: str) -> str:
+    """A named list's file in a shard's recommendations folder and in its manifest: ``list=<name>.parquet``."""
+    if not LIST_NAME_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a list name (1-64 of a-z, 0-9, '-' and '_', starting with a letter "
+                         "or digit)")
+    return f"list={name}.parquet"
+
+
+def manifest_lists(files: Iterable[str]) -> list[str]:
+    """The named lists whose files are among ``files`` (a manifest's file names), sorted."""
+    return sorted(match["list"] for name in files if (match := LIST_FILE_RE.fullmatch(name)))
 
 
 # A folder incoming/snapshot=<label>/ holds a history that replaces the rest; labels compare as text, so
@@ -423,7 +442,8 @@ def report_key(run_id: str) -> str:
 
 def run_filters_key(run_id: str) -> str:
     """What Prepare made of the filter file and the responses for this run (NumPy .npz): the eligible
-    items, the diversity groups and cap, the (user row, item row) pairs to leave out."""
+    items, the diversity groups and cap (each named list's too, as ``eligible.<name>``, ``groups.<name>``,
+    ``cap.<name>``), the (user row, item row) pairs to leave out."""
     return f"{run_prefix(run_id)}filters.npz"
 
 
@@ -436,9 +456,11 @@ def _shard(shard: int) -> str:
     return f"shard={shard:04d}"
 
 
-def recommendations_key(run_id: str, shard: int) -> str:
-    """One shard's recommendations, as the search wrote them (Parquet)."""
-    return f"{run_prefix(run_id)}recommendations/{_shard(shard)}/part-0.parquet"
+def recommendations_key(run_id: str, shard: int, list_name: str | None = None) -> str:
+    """One shard's recommendations, as the search wrote them (Parquet): the default list's, or with
+    ``list_name`` that named list's."""
+    folder = f"{run_prefix(run_id)}recommendations/{_shard(shard)}/"
+    return folder + (MANIFEST_RECOMMENDATIONS if list_name is None else list_file(list_name))
 
 
 def searched_key(run_id: str, shard: int) -> str:
@@ -475,7 +497,9 @@ def version_shard_prefix(run_id: str, shard: int) -> str:
 
 # --------------------------------------------------------------------------- DynamoDB (one table)
 # A recommendations item per (user, version): pk = "user#<user_id>", sk = "v#<version>"; a fallback item per
-# version, pk = "fallback", sk = "v#<version>", the list for users it has none for; one pointer item
+# version, pk = "fallback", sk = "v#<version>", the list for users it has none for. A named list is a version
+# of its own for these keys, "<version>#list=<name>" (``list_version``): each user's item of it has
+# sk = "v#<version>#list=<name>", and so has its fallback item. One pointer item
 # pk = "pointer", sk = "active" naming the live version; one upload-starter item pk = "trigger", sk = "state".
 # Retired versions' items carry expires_at (epoch seconds), the table's TTL. The functions' table permissions are limited to these partition keys.
 
@@ -499,6 +523,21 @@ POINTER_KEY: Mapping[str, str] = MappingProxyType({PARTITION_KEY: POINTER_PARTIT
 def user_item_key(user_id: str, version: str) -> dict[str, str]:
     """The key of one user's recommendations under one version (plain strings, not DynamoDB-typed)."""
     return {PARTITION_KEY: f"{USER_PARTITION_PREFIX}{user_id}", SORT_KEY: f"{VERSION_SORT_PREFIX}{version}"}
+
+
+# Between a version and a list's name in ``list_version``: run ids never hold it.
+LIST_VERSION_SEPARATOR = "#list="
+
+
+def list_version(version: str, list_name: str | None) -> str:
+    """What a named list's items are keyed and labelled by (``user_item_key``, ``fallback_item_key``, and the
+    items' ``version`` attribute): ``<version>#list=<name>``; the version itself for the default list (None)."""
+    if list_name is None:
+        return version
+    if not LIST_NAME_RE.fullmatch(list_name):
+        raise ValueError(f"{list_name!r} is not a list name (1-64 of a-z, 0-9, '-' and '_', starting with a "
+                         "letter or digit)")
+    return f"{version}{LIST_VERSION_SEPARATOR}{list_name}"
 
 
 def fallback_item_key(version: str) -> dict[str, str]:

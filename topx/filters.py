@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from topx.contract import LIST_NAME_RE
 from topx.errors import ConfigError
 
 OPERATORS = ("equals", "in", "not_in", "between")
 _TOP_KEYS = ("items", "lists")
 _ITEM_KEYS = ("include", "exclude", "exclude_ids", "max_per")
-# A named list's name: it becomes part of a file name and of a DynamoDB key.
-LIST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def parse_filters(doc: Any, source: str = "filters") -> ItemFilter:
         raise ConfigError(f"{source}: 'lists' is an object naming each list's rules")
     lists = []
     for name, raw in named.items():
-        if not LIST_NAME.fullmatch(name):
+        if not LIST_NAME_RE.fullmatch(name):
             raise ConfigError(f"{source}: lists: {name!r} is not a list name (1-64 of a-z, 0-9, '-' and '_', "
                               "starting with a letter or digit)")
         own = _item_filter(raw, f"lists.{name}", source)

@@ -147,7 +147,7 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert main(["recs", "u00003", "--table", pipeline.table, "--json"]) == 0
         reply = json.loads(capsys.readouterr().out)
         rec = client.get_recommendations("u00003", table=pipeline.table)
-        assert reply == {"user_id": "u00003", "items": rec.items, "scores": rec.scores, "fallback": False,
+        assert reply == {"user_id": "u00003", "list": None, "items": rec.items, "scores": rec.scores, "fallback": False,
                          "cold_user": False}
         assert not rec.fallback
         # A user the model has not seen gets the version's fallback list, marked as such.
@@ -157,9 +157,51 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert main(["recs", "nobody", "--table", pipeline.table, "--json"]) == 0
         reply = json.loads(capsys.readouterr().out)
         unknown = client.get_recommendations("nobody", table=pipeline.table)
-        assert unknown.fallback and reply == {"user_id": "nobody", "items": unknown.items, "scores": unknown.scores,
+        assert unknown.fallback and reply == {"user_id": "nobody", "list": None, "items": unknown.items, "scores": unknown.scores,
                                               "fallback": True, "cold_user": False}
         assert len(unknown.items) == len(rec.items)
+
+
+def test_recs_reads_a_named_list_by_name(monkeypatch, capsys) -> None:
+    from topx.contract import list_version, table_attribute_definitions, table_key_schema
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        ddb = boto3.client("dynamodb")
+        ddb.create_table(TableName="t", BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
+                         AttributeDefinitions=table_attribute_definitions())
+        store.write_recommendations("t", "v1", [store.Recommendation("u1", ["a", "b"], [2.0, 1.0]),
+                                                store.Recommendation("u2", ["b"], [1.5])], expires_at=None, client=ddb)
+        store.write_fallback("t", "v1", ["top", "book-1"], [9.0, 8.0], client=ddb)
+        books = list_version("v1", "summer-books")
+        store.write_recommendations("t", books, [store.Recommendation("u1", ["book-2"], [0.5]),
+                                                 store.Recommendation("u2", [], [])], expires_at=None, client=ddb)
+        store.write_fallback("t", books, ["book-1"], [8.0], client=ddb)
+        store.publish_version("t", "v1", users=2, client=ddb)
+
+        assert main(["recs", "u1", "--table", "t", "--list", "summer-books"]) == 0
+        assert capsys.readouterr().out.splitlines() == ["recommendations for u1 (t, list summer-books):",
+                                                         "    1. book-2  +0.5000"]
+        # A user the version knows, with nothing left in the list: an empty list of their own, not the fallback.
+        assert main(["recs", "u2", "--table", "t", "--list", "summer-books", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"user_id": "u2", "list": "summer-books", "items": [],
+                                                       "scores": [], "fallback": False, "cold_user": False}
+        assert main(["recs", "u2", "--table", "t", "--list", "summer-books"]) == 0
+        assert "the user has already had every item this list may recommend" in capsys.readouterr().out
+        # A user it does not know: the list's fallback, the version's fallback list cut to the list's items.
+        assert main(["recs", "nobody", "--table", "t", "--list", "summer-books"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0].startswith("fallback list for nobody (t, list summer-books)") and printed[1:] == [
+            "    1. book-1  +8.0000"]
+        assert client.Reader(table="t", client=ddb).get("u1", "summer-books").items == ["book-2"]
+        assert client.get_recommendations("u1", table="t", client=ddb).items == ["a", "b"]
+        # A list the live version does not make, or a name no list can have: one line naming the lists it has.
+        assert main(["recs", "u1", "--table", "t", "--list", "winter"]) == 2
+        assert "the live version v1 has no list 'winter' (its lists: summer-books)" in capsys.readouterr().err
+        assert main(["recs", "u1", "--table", "t", "--list", "Winter Sale"]) == 2
+        assert "'Winter Sale' is not a list name" in capsys.readouterr().err
 
 
 def test_a_reader_reads_the_pointer_once_per_cache_period_and_each_list_in_one_get(monkeypatch) -> None:

@@ -50,27 +50,44 @@ def aws(monkeypatch: pytest.MonkeyPatch):
         stages.use_clients(s3=None, dynamodb=None)
 
 
-def loaded(s3: Any, version: str) -> None:
+def loaded(s3: Any, version: str, lists: tuple[str, ...] = ()) -> None:
     """A version as its loads leave it: each shard's manifest, its items (no expiry), the fallback list, and
-    what publish reads under runs/. Every user's one item is named after the version."""
+    what publish reads under runs/. Every user's one item is named after the version. Each named list in
+    ``lists`` holds one item named after it and the version for every user but u2, who has none left in it."""
     for shard, users in enumerate(SHARDS):
         frame = pd.DataFrame({"user_id": users, "rank": [1] * len(users), "item_id": [f"i-{version}"] * len(users),
                               "score": [1.0] * len(users)})
         prefix = contract.version_shard_prefix(version, shard)
         s3.put_object(Bucket=BUCKET, Key=prefix + contract.MANIFEST_RECOMMENDATIONS, Body=frame.to_parquet())
-        searched = {"shard": shard, "users": len(users), "rows": len(users), "users_without_items": []}
+        searched: dict[str, Any] = {"shard": shard, "users": len(users), "rows": len(users), "users_without_items": []}
+        for name in lists:
+            listed = [u for u in users if u != "u2"]
+            s3.put_object(Bucket=BUCKET, Key=prefix + contract.list_file(name), Body=pd.DataFrame(
+                {"user_id": listed, "rank": [1] * len(listed), "item_id": [f"{name}-{version}"] * len(listed),
+                 "score": [1.0] * len(listed)}).to_parquet())
+            searched.setdefault("lists", {})[name] = {"rows": len(listed),
+                                                      "users_without_items": sorted(set(users) - set(listed))}
+            store.write_recommendations(TABLE, contract.list_version(version, name),
+                                        [store.Recommendation(u, [f"{name}-{version}"] if u in listed else [],
+                                                              [1.0] if u in listed else []) for u in users],
+                                        expires_at=None, client=stages.dynamodb_client())
         stages._put_json(BUCKET, prefix + contract.MANIFEST_SEARCHED, searched)
         stages._put_json(BUCKET, contract.searched_key(version, shard), searched)
-        stages._put_json(BUCKET, contract.loaded_key(version, shard), {"shard": shard, "written": len(users)})
+        stages._put_json(BUCKET, contract.loaded_key(version, shard), {"shard": shard, "written": len(users),
+                                                                         "lists": dict.fromkeys(lists, len(users))})
         store.write_recommendations(TABLE, version, [store.Recommendation(u, [f"i-{version}"], [1.0]) for u in users],
                                     expires_at=None, client=stages.dynamodb_client())
     store.write_fallback(TABLE, version, [f"top-{version}"], [1.0], client=stages.dynamodb_client())
-    stages._put_json(BUCKET, contract.run_record_key(version), {"report": {"n_users": len(USERS)}})
+    for name in lists:
+        store.write_fallback(TABLE, contract.list_version(version, name), [f"top-{name}-{version}"], [1.0],
+                             client=stages.dynamodb_client())
+    stages._put_json(BUCKET, contract.run_record_key(version), {
+        "report": {"n_users": len(USERS)}, "filters": {"lists": [{"name": name} for name in lists]} if lists else None})
     stages._put_json(BUCKET, contract.metrics_key(version), {"recall_at_10": 0.5})
 
 
-def published(s3: Any, version: str) -> dict[str, Any]:
-    loaded(s3, version)
+def published(s3: Any, version: str, lists: tuple[str, ...] = ()) -> dict[str, Any]:
+    loaded(s3, version, lists)
     return stages.publish_version(BUCKET, version, TABLE, len(SHARDS))
 
 
@@ -81,6 +98,14 @@ def retire(now: float) -> list[dict[str, int]]:
 
 def expiries(ddb: Any, version: str) -> set[int | None]:
     keys = [store.user_key(u, version) for u in USERS] + [store._typed(contract.fallback_item_key(version))]
+    items = [ddb.get_item(TableName=TABLE, Key=key, ConsistentRead=True)["Item"] for key in keys]
+    return {int(i["expires_at"]["N"]) if "expires_at" in i else None for i in items}
+
+
+def list_expiries(ddb: Any, version: str, name: str) -> set[int | None]:
+    """The expiries of a named list's items and its fallback item under ``version``."""
+    keyed = contract.list_version(version, name)
+    keys = [store.user_key(u, keyed) for u in USERS] + [store._typed(contract.fallback_item_key(keyed))]
     items = [ddb.get_item(TableName=TABLE, Key=key, ConsistentRead=True)["Item"] for key in keys]
     return {int(i["expires_at"]["N"]) if "expires_at" in i else None for i in items}
 
@@ -134,6 +159,47 @@ def test_a_rollback_serves_the_previous_version_again_without_expiry_until_a_new
     assert published(s3, C)["published"]
     assert store.read_pointer(TABLE, client=ddb).newest == C and served(ddb) == served_from(C)
     assert store.read_pointer(TABLE, client=ddb).rolled_back_from is None
+
+
+def test_retiring_and_rolling_back_rewrite_a_named_lists_items_and_fallback_too(aws) -> None:
+    s3, ddb = aws
+    for version in (A, B, C):
+        published(s3, version, ("sale",))
+    now = later()
+    retire(now)
+    expiry = int(now) + RETENTION_DAYS * 86400
+    assert list_expiries(ddb, A, "sale") == list_expiries(ddb, B, "sale") == {expiry}
+    assert list_expiries(ddb, C, "sale") == {None}
+    # A manifest without the list's file cannot give the list back: B is not whole, so a rollback goes to A.
+    s3.delete_object(Bucket=BUCKET, Key=contract.version_shard_prefix(B, 1) + contract.list_file("sale"))
+    with pytest.raises(stages.RollbackRefused, match=f"version {B} cannot go live again: the manifests of 1 of its "
+                                                     "2 shards are gone"):
+        stages.rollback_version(BUCKET, TABLE, B, now=now)
+
+    assert stages.rollback_version(BUCKET, TABLE, now=now)["version"] == A
+
+    assert list_expiries(ddb, A, "sale") == {None} and markers(s3, A) == []
+    served_list = {u: store.get_recommendations(TABLE, u, list_name="sale", client=ddb) for u in [*USERS, "nobody"]}
+    assert {u: (rec.items, rec.fallback) for u, rec in served_list.items()} == {
+        "u1": ([f"sale-{A}"], False), "u2": ([], False), "u3": ([f"sale-{A}"], False),
+        "nobody": ([f"top-sale-{A}"], True)}
+    # A version whose list's fallback item is gone is not whole either.
+    ddb.delete_item(TableName=TABLE, Key=store._typed(contract.fallback_item_key(contract.list_version(C, "sale"))))
+    with pytest.raises(stages.RollbackRefused, match="its fallback list is not in the table for the list sale"):
+        stages.rollback_version(BUCKET, TABLE, C, now=now)
+
+
+def test_a_run_whose_named_list_is_not_loaded_for_every_user_is_not_published(aws) -> None:
+    s3, ddb = aws
+    loaded(s3, A, ("sale",))
+    stages._put_json(BUCKET, contract.loaded_key(A, 1), {"shard": 1, "written": 1, "lists": {}})
+    with pytest.raises(StoreError, match=f"run {A}: 2 users loaded in the list sale, expected 3; not publishing"):
+        stages.publish_version(BUCKET, A, TABLE, len(SHARDS))
+    stages._put_json(BUCKET, contract.loaded_key(A, 1), {"shard": 1, "written": 1, "lists": {"sale": 1}})
+    ddb.delete_item(TableName=TABLE, Key=store._typed(contract.fallback_item_key(contract.list_version(A, "sale"))))
+    with pytest.raises(StoreError, match="the fallback list of its list sale is not in the table; not publishing"):
+        stages.publish_version(BUCKET, A, TABLE, len(SHARDS))
+    assert store.active_version(TABLE, client=ddb) is None
 
 
 def test_rollback_goes_to_a_named_version_or_refuses_naming_why(aws) -> None:
@@ -208,10 +274,10 @@ def test_a_rollback_stopped_after_moving_the_pointer_says_so_and_is_finished_by_
     retire(now)
     keep_manifest = stages._keep_manifest
 
-    def fails_on_shard_1(bucket: str, table: str, version: str, manifest_shard: int) -> int:
+    def fails_on_shard_1(bucket: str, table: str, version: str, manifest_shard: int, lists: list[str]) -> int:
         if manifest_shard == 1:
             raise StoreError("s3://topx-test-bucket/...: cannot be read")
-        return keep_manifest(bucket, table, version, manifest_shard)
+        return keep_manifest(bucket, table, version, manifest_shard, lists)
 
     monkeypatch.setattr(stages, "_keep_manifest", fails_on_shard_1)
     with pytest.raises(StoreError, match=f"{A} is live now, in place of {B}, but some of its items may still carry "

@@ -472,9 +472,83 @@ def test_the_deployed_pipeline_applies_the_filter_file_and_the_responses(aws, tm
                   Body=json.dumps({"items": {"include": [{"column": "colour", "in": ["red"]}]}}).encode())
     with pytest.raises(ConfigError, match=r"items.include\[0\]: the items table has no column 'colour'"):
         stages.prepare_run(BUCKET, "incoming/ratings.csv")
-    s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY, Body=json.dumps({"lists": {"summer": {}}}).encode())
-    with pytest.raises(ConfigError, match="lists: named lists are made by `topx run`"):
+    bad_list = {"lists": {"summer": {}, "red": {"include": [{"column": "colour", "in": ["red"]}]}}}
+    s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY, Body=json.dumps(bad_list).encode())
+    with pytest.raises(ConfigError, match=r"lists.red.include\[0\]: the items table has no column 'colour'"):
         stages.prepare_run(BUCKET, "incoming/ratings.csv")
+
+
+def test_the_deployed_pipeline_serves_named_lists_as_topx_run_writes_them(aws, tmp_path):
+    """Each named list of config/filters.json is the exact top-x of its eligible unseen items, as `topx run
+    --filters` writes it locally from the same data: read with list_name, under its own keys."""
+    s3, ddb = aws
+    data = base_ratings(150, 80, seed=11)
+    data.to_csv(tmp_path / "ratings.csv", index=False)
+    items = sorted(data["item_id"].unique())
+    table = pd.DataFrame({"item_id": items, "category": [["a", "b", "c"][i % 3] for i in range(len(items))],
+                          "in_stock": ["false" if i % 10 == 0 else "true" for i in range(len(items))],
+                          "solo": ["yes" if i == 3 else "no" for i in range(len(items))]})
+    table.to_csv(tmp_path / "items.csv", index=False)
+    s3.upload_file(str(tmp_path / "items.csv"), BUCKET, "features/items/items.csv")
+    rules = {"items": {"exclude": [{"column": "in_stock", "equals": False}]},
+             "lists": {"cat-a": {"include": [{"column": "category", "in": ["a"]}]},
+                       "mixed": {"max_per": {"column": "category", "count": 1}},
+                       "solo": {"include": [{"column": "solo", "equals": "yes"}]}}}
+    (tmp_path / "filters.json").write_text(json.dumps(rules))
+    s3.upload_file(str(tmp_path / "filters.json"), BUCKET, contract.FILTERS_KEY)
+    users = sorted(data["user_id"].unique())
+    # The first ten users dismissed the one item of "solo": a list of theirs with nothing left in it.
+    pd.DataFrame({"user_id": users[:10], "item_id": [items[3]] * 10}).to_csv(tmp_path / "responses.csv", index=False)
+    s3.upload_file(str(tmp_path / "responses.csv"), BUCKET, contract.RESPONSES_PREFIX + "responses.csv")
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+
+    run_id = run_pipeline("incoming/ratings.csv")
+    local = tmp_path / "local"
+    run_all(DataOptions(str(tmp_path / "ratings.csv"), implicit=True, items=str(tmp_path / "items.csv")),
+            default_hyperparameters("ranking", num_factors=8, epochs=3),
+            RunOptions(top_x=5, progress=False, filters=str(tmp_path / "filters.json"),
+                       responses=str(tmp_path / "responses.csv")), local)
+    record = stages._get_json(BUCKET, contract.run_record_key(run_id))
+    assert [entry["name"] for entry in record["filters"]["lists"]] == ["cat-a", "mixed", "solo"]
+    assert stages._get_json(BUCKET, contract.version_record_key(run_id)) == {
+        "shards": 3, "users": len(users), "lists": ["cat-a", "mixed", "solo"]}
+    empty = 0
+    for name, path in ((None, local / "recommendations.parquet"),
+                       *((n, local / "lists" / f"{n}.parquet") for n in ("cat-a", "mixed", "solo"))):
+        expected = {user: group.sort_values("rank") for user, group in pd.read_parquet(path).groupby("user_id")}
+        for user in users:
+            rec = store.get_recommendations(TABLE, user, list_name=name, client=ddb)
+            assert not rec.fallback, (name, user)
+            if user not in expected:  # nothing eligible and unseen is left: an empty list, not the fallback
+                assert rec.items == [], (name, user)
+                empty += 1
+                continue
+            assert rec.items == expected[user]["item_id"].tolist(), (name, user)
+            np.testing.assert_allclose(rec.scores, expected[user]["score"], rtol=1e-5)
+    solo_empty = [u for u in users if not store.get_recommendations(TABLE, u, list_name="solo", client=ddb).items]
+    assert set(users[:10]) <= set(solo_empty) and empty == len(solo_empty)
+    category = dict(zip(table["item_id"], table["category"], strict=True))
+    assert all(category[i] == "a" for u in users
+               for i in store.get_recommendations(TABLE, u, list_name="cat-a", client=ddb).items)
+    # An unknown user: the fallback list, cut in a named list to the items that list may recommend.
+    fallback = pd.read_parquet(local / "fallback.parquet").sort_values("rank")["item_id"].tolist()
+    assert store.get_recommendations(TABLE, "nobody", client=ddb).items == fallback
+    in_a = [i for i in fallback if category[i] == "a" and i not in set(items[::10])]
+    rec = store.get_recommendations(TABLE, "nobody", list_name="cat-a", client=ddb)
+    assert rec.fallback and rec.items == in_a
+    with pytest.raises(store.UnknownList, match=rf"the live version {run_id} has no list 'nope' \(its lists: "
+                                                r"cat-a, mixed, solo\)"):
+        store.get_recommendations(TABLE, users[0], list_name="nope", client=ddb)
+    with pytest.raises(store.UnknownList, match="'Summer Books' is not a list name"):
+        store.get_recommendations(TABLE, users[0], list_name="Summer Books", client=ddb)
+    # The list's items sit under their own sort key; publish counted the users once, from the default list.
+    item = ddb.get_item(TableName=TABLE, Key=store.user_key(users[0], f"{run_id}#list=cat-a"))["Item"]
+    assert item["sk"]["S"] == f"v#{run_id}#list=cat-a"
+    assert store.read_pointer(TABLE, client=ddb).users == len(users)
+    manifest = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET,
+                                                     Prefix=contract.version_shard_prefix(run_id, 0))["Contents"]]
+    assert sorted(k.rpartition("/")[2] for k in manifest) == [
+        "list=cat-a.parquet", "list=mixed.parquet", "list=solo.parquet", "part-0.parquet", "searched.json"]
 
 
 def _run_prefixes(s3) -> list[str]:

@@ -362,22 +362,27 @@ def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(
     assert store.active_version(stack.pipeline.table, client=stack.ddb) == live
 
 
-def test_time_cold_entities_and_the_fallback_through_the_state_machine(tmp_path: Path) -> None:
+def test_time_cold_entities_the_fallback_and_a_named_list_through_the_state_machine(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With a time column set at deploy and feature tables listing new users and items, one upload gives
     a temporal hold-out, lists for new users (marked cold_user) that may hold new items, and the
-    fallback list for an id nobody uploaded."""
+    fallback list for an id nobody uploaded; config/filters.json naming a list gives every user that list
+    too, read by name."""
     ratings = base_ratings(150, 80, seed=11)
     ratings["ts"] = 1_700_000_000 + ratings.index.to_numpy() * 600
     items = pd.DataFrame({"item_id": sorted(ratings["item_id"].unique()) + ["new-item"]})
     items["kind"] = ["k" + str(len(i) % 3) for i in items["item_id"]]
     users = pd.DataFrame({"user_id": sorted(ratings["user_id"].unique()) + ["new-user"]})
     users["segment"] = ["s" + str(len(u) % 2) for u in users["user_id"]]
+    dropped = items["item_id"].tolist()[::2] + ["new-item"]  # what the named list leaves out
     with offline.offline():
         pipeline = offline.deploy(offline.LocalSettings(top_x=TOP_X, num_factors=FACTORS, epochs=EPOCHS,
                                                       shards=SHARDS, time_col="ts"))
         s3, ddb = boto3.client("s3"), boto3.client("dynamodb")
         s3.put_object(Bucket=pipeline.bucket, Key="features/items/items.csv", Body=items.to_csv(index=False).encode())
         s3.put_object(Bucket=pipeline.bucket, Key="features/users/users.csv", Body=users.to_csv(index=False).encode())
+        s3.put_object(Bucket=pipeline.bucket, Key="config/filters.json",
+                      Body=json.dumps({"lists": {"half": {"exclude_ids": dropped}}}).encode())
         run = Offline(pipeline, s3, ddb).upload("incoming/ratings.csv", ratings.to_csv(index=False).encode())
         assert run is not None and run["status"] == "SUCCEEDED", run
         live = store.active_version(pipeline.table, client=ddb)
@@ -393,3 +398,16 @@ def test_time_cold_entities_and_the_fallback_through_the_state_machine(tmp_path:
         lists = [client.get_recommendations(u, table=pipeline.table) for u in users["user_id"]]
         assert metrics["cold"]["items"] == metrics["cold"]["users"] == 1
         assert metrics["cold"]["cold_item_rows"] == sum(rec.items.count("new-item") for rec in lists)
+        # The named list ranks as the default one does, over the items it keeps: each user's default list less
+        # the items left out begins it, and it is filled to x from further down.
+        assert sum(bool(set(rec.items) & set(dropped)) for rec in lists) > len(lists) // 2
+        for user, default in zip(users["user_id"], lists, strict=True):
+            named = client.get_recommendations(user, list_name="half", table=pipeline.table)
+            kept = [i for i in default.items if i not in dropped]
+            assert not named.fallback and len(named.items) == TOP_X and named.items[:len(kept)] == kept, user
+            assert not set(named.items) & set(dropped), user
+        assert main(["recs", "new-user", "--table", pipeline.table, "--list", "half", "--json"]) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert reply["list"] == "half" and reply["cold_user"] and not set(reply["items"]) & set(dropped)
+        assert main(["recs", "new-user", "--table", pipeline.table, "--list", "summer"]) == 2
+        assert f"the live version {live} has no list 'summer' (its lists: half)" in capsys.readouterr().err

@@ -172,15 +172,18 @@ def _table_errors(table: str) -> Iterator[None]:
             raise
 
 
-def get_recommendations(user_id: str, *, table: str | None = None, stack: str | None = None,
-                        endpoint_url: str | None = None, client: Any = None) -> store.Recommendation | None:
+def get_recommendations(user_id: str, *, list_name: str | None = None, table: str | None = None,
+                        stack: str | None = None, endpoint_url: str | None = None,
+                        client: Any = None) -> store.Recommendation | None:
     """The live top-x of ``user_id`` (items best first, with scores): its own list, or the version's
-    fallback list marked ``fallback``; None only while nothing is published. One call resolves the
-    table and reads the pointer afresh: an application serving many reads uses ``Reader``."""
+    fallback list marked ``fallback``; None only while nothing is published. ``list_name``: a named list of
+    the filter file instead of the default list (``store.get_recommendations`` says what it returns; a
+    name the live version does not make raises ``store.UnknownList``). One call resolves the table and
+    reads the pointer afresh: an application serving many reads uses ``Reader``."""
     name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     ddb = client or aws_client("dynamodb", endpoint_url)
     with _table_errors(name):
-        return store.get_recommendations(name, str(user_id), client=ddb)
+        return store.get_recommendations(name, str(user_id), list_name=list_name, client=ddb)
 
 
 # How long a Reader trusts the live version it read (seconds): a publish reaches its readers within it.
@@ -205,9 +208,11 @@ class Reader:
         self._ddb = client or aws_client("dynamodb", endpoint_url)
         self._pointer = store.PointerCache(pointer_cache_s, clock)
 
-    def get(self, user_id: str) -> store.Recommendation | None:
+    def get(self, user_id: str, list_name: str | None = None) -> store.Recommendation | None:
+        """``get_recommendations`` of ``user_id``: the default list, or the named list ``list_name``."""
         with _table_errors(self.table):
-            return store.get_recommendations(self.table, str(user_id), client=self._ddb, pointer=self._pointer)
+            return store.get_recommendations(self.table, str(user_id), list_name=list_name, client=self._ddb,
+                                             pointer=self._pointer)
 
 
 def live_version(*, table: str | None = None, stack: str | None = None, endpoint_url: str | None = None,

@@ -72,7 +72,10 @@ from topx.contract import (
     check_dataset_config,
     fallback_key,
     feature_table_prefix,
+    list_file,
+    list_version,
     loaded_key,
+    manifest_lists,
     metrics_key,
     model_prefix,
     prepared_prefix,
@@ -294,7 +297,11 @@ def prepare_run(bucket: str, key: str | None, uploads: list[dict[str, Any]] | No
                                                "filters": None if filters is None else {
                                                    "eligible_items": int(filters["eligible"].sum()),
                                                    "max_per": int(filters["cap"]) or None,
-                                                   "responses": int(len(filters["response_users"]))}})
+                                                   "responses": int(len(filters["response_users"])),
+                                                   "lists": [{"name": name,
+                                                              "eligible_items": int(filters[f"eligible.{name}"].sum()),
+                                                              "max_per": int(filters[f"cap.{name}"]) or None}
+                                                             for name in _npz_lists(filters)]}})
     return {
         "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
         "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
@@ -304,9 +311,10 @@ def prepare_run(bucket: str, key: str | None, uploads: list[dict[str, Any]] | No
 
 def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarray] | None:
     """The run's filters (``config/filters.json``) and responses (under ``responses/``) resolved against
-    its users and items, as arrays for ``filters.npz``; None when there is neither."""
+    its users and items, as arrays for ``filters.npz``; None when there is neither. Each named list of the
+    filter file adds its own ``eligible.<name>``, ``groups.<name>`` and ``cap.<name>`` (``_list_arrays``)."""
     from topx.dataset import items_table
-    from topx.filters import eligible_items, item_groups, parse_filters, read_responses
+    from topx.filters import parse_filters, read_responses, resolve_lists
 
     rules = None
     try:
@@ -320,26 +328,47 @@ def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarra
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"s3://{bucket}/{FILTERS_KEY}: the filter file is not valid JSON: {exc}") from exc
         rules = parse_filters(doc, f"s3://{bucket}/{FILTERS_KEY}")
-        if rules.lists:  # never silently: a named list the deployment would not serve is refused
-            raise ConfigError(f"s3://{bucket}/{FILTERS_KEY}: lists: named lists are made by `topx run` and "
-                              "`topx recommend`; the deployed pipeline serves the default list only")
     has_responses = _latest_key(bucket, RESPONSES_PREFIX) is not None
     if rules is None and not has_responses:
         return None
     n_items = ds.feature_index.n_items
-    out = {"eligible": np.ones(n_items, dtype=bool), "groups": np.full(n_items, -1, dtype=np.int64),
-           "cap": np.array(0), "response_users": np.zeros(0, np.int64), "response_items": np.zeros(0, np.int64)}
+    out = {"response_users": np.zeros(0, np.int64), "response_items": np.zeros(0, np.int64)}
+    out.update(_list_arrays(None, np.ones(n_items, dtype=bool), None))
     if rules is not None:
-        table = items_table(options)
-        out["eligible"] = eligible_items(rules, ds.item_ids, table)
-        diversity = item_groups(rules, ds.item_ids, table)
-        if diversity is not None:
-            out["groups"], out["cap"] = diversity[0], np.array(diversity[1])
+        # Every list is checked here, its errors naming it (``lists.<name>``), before anything trains.
+        for chosen in resolve_lists(rules, ds.item_ids, items_table(options)):
+            out.update(_list_arrays(chosen.name, chosen.eligible, chosen.diversity))
     if has_responses:
         pairs = read_responses(f"s3://{bucket}/{RESPONSES_PREFIX}", ds.user_ids, ds.item_ids,
                                s3_client=s3_client()).tocoo()
         out["response_users"], out["response_items"] = pairs.row.astype(np.int64), pairs.col.astype(np.int64)
     return out
+
+
+def _list_arrays(name: str | None, eligible: np.ndarray, diversity: tuple[np.ndarray, int] | None
+                 ) -> dict[str, np.ndarray]:
+    """One list's arrays in ``filters.npz``: ``eligible`` (n_items,) bool, ``groups`` (n_items,) int64 and
+    ``cap`` (0: no cap), suffixed ``.<name>`` for a named list."""
+    suffix = "" if name is None else f".{name}"
+    groups, cap = (np.full(len(eligible), -1, dtype=np.int64), 0) if diversity is None else diversity
+    return {f"eligible{suffix}": eligible, f"groups{suffix}": groups, f"cap{suffix}": np.array(cap)}
+
+
+def _npz_lists(filters: Mapping[str, np.ndarray]) -> list[str]:
+    """The named lists among ``filters.npz``'s arrays, in the order they were added (the filter file's)."""
+    return [key.removeprefix("eligible.") for key in filters if key.startswith("eligible.")]
+
+
+def _read_list_filters(z: Any, name: str | None) -> tuple[np.ndarray, tuple[np.ndarray, int] | None]:
+    """One list's eligible items and diversity, from an open ``filters.npz`` (``_list_arrays``)."""
+    suffix = "" if name is None else f".{name}"
+    cap = int(z[f"cap{suffix}"])
+    return z[f"eligible{suffix}"], (z[f"groups{suffix}"], cap) if cap > 0 else None
+
+
+def _run_lists(record: Mapping[str, Any]) -> list[str]:
+    """The named lists a run makes, from its run.json (in the filter file's order)."""
+    return [entry["name"] for entry in (record.get("filters") or {}).get("lists", [])]
 
 
 def dataset_config(bucket: str) -> dict[str, Any]:
@@ -684,65 +713,93 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
                                       f"vectors and {len(shard_user_ids)} ids for the shard's {len(rows)} users")
         start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
-        eligible = diversity = None
+        # (list name, eligible, diversity): the default list (None), then the filter file's named lists.
+        lists: list[tuple[str | None, np.ndarray | None, tuple[np.ndarray, int] | None]] = [(None, None, None)]
         if record.get("filters"):
             s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
             with np.load(work / "filters.npz") as z:
-                eligible = z["eligible"]
-                if int(z["cap"]) > 0:
-                    diversity = (z["groups"], int(z["cap"]))
+                lists = [(name, *_read_list_filters(z, name)) for name in (None, *_run_lists(record))]
                 mine = (z["response_users"] >= start) & (z["response_users"] < stop)
                 dismissed = sp.csr_matrix((np.ones(int(mine.sum()), np.float32),
                                            (z["response_users"][mine] - start, z["response_items"][mine])),
                                           shape=seen.shape)
             seen = exclude_also(seen, dismissed)
-        path = work / "part-0.parquet"
         # Cold users and items (no interactions: recommended from their features) are the last rows.
         report = record["report"]
-        counts: dict[str, int] = {}
-        written = write_recommendations_parquet(
-            path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen, method=method,
-            cold_users_from=n_users - int(report.get("cold_users", 0)) - start,
-            cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts,
-            eligible=eligible, diversity=diversity)
-        with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
-        # A user who has seen every item gets no row; load still writes them (an empty list), so
-        # that publish can count every user of the run.
-        without = [str(u) for u in shard_user_ids if u not in with_items]
-        s3_client().upload_file(str(path), bucket, recommendations_key(run_id, shard))
-    _put_json(bucket, searched_key(run_id, shard),
-              {"shard": shard, "users": int(len(rows)), "rows": int(written), "users_without_items": without,
-               "cold_item_rows": int(counts.get("cold_item_rows", 0))})
-    return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(written)}
+        searched: dict[str, Any] = {"shard": shard, "users": int(len(rows))}
+        for name, eligible, diversity in lists:
+            path = work / ("part-0.parquet" if name is None else list_file(name))
+            counts: dict[str, int] = {}
+            written = write_recommendations_parquet(
+                path, part, shard_user_ids, np.asarray(item_ids, object), top_x, seen, method=method,
+                cold_users_from=n_users - int(report.get("cold_users", 0)) - start,
+                cold_items_from=len(item_ids) - int(report.get("cold_items", 0)), counts=counts,
+                eligible=eligible, diversity=diversity)
+            with_items = set(pd.read_parquet(path, columns=["user_id"])["user_id"])
+            # A user who has seen every (eligible) item gets no row; load still writes them (an empty list),
+            # so that publish can count every user of the run.
+            without = [str(u) for u in shard_user_ids if u not in with_items]
+            s3_client().upload_file(str(path), bucket, recommendations_key(run_id, shard, name))
+            this = {"rows": int(written), "users_without_items": without,
+                    "cold_item_rows": int(counts.get("cold_item_rows", 0))}
+            if name is None:
+                searched.update(this)
+            else:
+                searched.setdefault("lists", {})[name] = this
+    # Written last: a shard's counts are there only once every list of it is.
+    _put_json(bucket, searched_key(run_id, shard), searched)
+    return {"run_id": run_id, "shard": shard, "users": int(len(rows)), "rows": int(searched["rows"]),
+            "lists": len(lists) - 1}
 
 
 def load_shard(bucket: str, run_id: str, shard: int, table: str) -> dict[str, Any]:
     """Write one shard's recommendations to DynamoDB under the run's version, and count them.
 
     Every user of the shard gets an item, those with nothing left to recommend an empty one, and the
-    count must match what the search wrote, so a shard that is half there is never counted whole.
+    count must match what the search wrote, so a shard that is half there is never counted whole. Each
+    named list of the run is written the same way under its own version (``contract.list_version``).
     The items carry no TTL (the version may go live); the shard's files are first copied under
     ``versions/`` so that the items can be given one when the version is retired. Then the load
     retires its share of the superseded versions (``retire_versions``).
     """
-    searched, key = searched_key(run_id, shard), recommendations_key(run_id, shard)
-    rows = _shard_recommendations(bucket, searched, key)
-    # The manifest goes first: items that exist are always listed, even if this load dies halfway.
+    record = _get_json(bucket, run_record_key(run_id))
+    names = _run_lists(record)
+    searched = searched_key(run_id, shard)
+    # The manifest goes first: items that exist are always listed, even if this load dies halfway. Its
+    # searched file last: a manifest without it was never complete.
     manifest = version_shard_prefix(run_id, shard)
-    for source, name in ((key, MANIFEST_RECOMMENDATIONS), (searched, MANIFEST_SEARCHED)):
+    for source, name in ((recommendations_key(run_id, shard), MANIFEST_RECOMMENDATIONS),
+                         *((recommendations_key(run_id, shard, n), list_file(n)) for n in names),
+                         (searched, MANIFEST_SEARCHED)):
         # The managed copy goes multipart beyond 5 GB, where a single CopyObject is refused.
         s3_client().copy({"Bucket": bucket, "Key": source}, bucket, manifest + name)
-    written = store.write_recommendations(table, run_id, rows, expires_at=None, client=dynamodb_client())
+    written = _write_shard(bucket, table, run_id, searched, recommendations_key(run_id, shard), names, None)
     if shard == 0:
-        _load_fallback(bucket, run_id, table)
-    _put_json(bucket, loaded_key(run_id, shard), {"shard": shard, "written": written})
-    shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
-    retired = retire_versions(bucket, table, shard, shards)
-    return {"shard": shard, "written": int(written), "retired": retired}
+        _load_fallback(bucket, run_id, table, names)
+    _put_json(bucket, loaded_key(run_id, shard), {"shard": shard, "written": written[None],
+                                                  "lists": {n: written[n] for n in names}})
+    retired = retire_versions(bucket, table, shard, int(record["shards"]))
+    return {"shard": shard, "written": int(written[None]), "retired": retired}
 
 
-def _load_fallback(bucket: str, run_id: str, table: str) -> None:
-    """Write the run's fallback list (``fallback_key``) to the table under the run's version."""
+def _write_shard(bucket: str, table: str, version: str, counts_key: str, key: str, names: list[str],
+                 expires_at: int | None) -> dict[str | None, int]:
+    """Write one shard's lists to the table: the default list (``key``) and each named list in ``names``
+    (its file beside ``key``), each checked against the search's counts (``counts_key``). Returns the users
+    written per list (None: the default)."""
+    folder = key.rpartition("/")[0] + "/"
+    written = {}
+    for name in (None, *names):
+        rows = _shard_recommendations(bucket, counts_key, folder + (MANIFEST_RECOMMENDATIONS if name is None
+                                                                    else list_file(name)), name)
+        written[name] = store.write_recommendations(table, list_version(version, name), rows,
+                                                    expires_at=expires_at, client=dynamodb_client())
+    return written
+
+
+def _load_fallback(bucket: str, run_id: str, table: str, names: list[str]) -> None:
+    """Write the run's fallback list (``fallback_key``) to the table under the run's version, and under each
+    named list's the same list cut to that list's eligible items (in the same order, so it may be shorter)."""
     key = fallback_key(run_id)
     with _workdir() as work:
         try:
@@ -750,8 +807,23 @@ def _load_fallback(bucket: str, run_id: str, table: str) -> None:
         except ClientError as exc:
             raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
         frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
-    store.write_fallback(table, run_id, frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist(),
-                         client=dynamodb_client())
+        eligible: dict[str, set[str]] = {}
+        if names:
+            ids_key = vectors_prefix(run_id) + ITEM_IDS
+            for source, local in ((run_filters_key(run_id), work / "filters.npz"), (ids_key, work / ITEM_IDS)):
+                try:
+                    s3_client().download_file(bucket, source, str(local))
+                except ClientError as exc:
+                    raise StoreError(f"s3://{bucket}/{source} cannot be read: {exc}") from exc
+            item_ids = np.asarray(_read_ids(work / ITEM_IDS), object)
+            with np.load(work / "filters.npz") as z:
+                eligible = {name: set(item_ids[_read_list_filters(z, name)[0]].tolist()) for name in names}
+    items, scores = frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist()
+    store.write_fallback(table, run_id, items, scores, client=dynamodb_client())
+    for name in names:
+        kept = [(item, score) for item, score in zip(items, scores, strict=True) if item in eligible[name]]
+        store.write_fallback(table, list_version(run_id, name), [i for i, _ in kept], [s for _, s in kept],
+                             client=dynamodb_client())
 
 
 # Beside the deployed vectors (repackage_run): the items' ids, and each shard's users' ids.
@@ -769,10 +841,14 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
-def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[store.Recommendation]:
+def _shard_recommendations(bucket: str, counts_key: str, key: str,
+                           list_name: str | None = None) -> Iterator[store.Recommendation]:
     """One shard's recommendations (``key``) as the search wrote them, checked against the search's
-    counts (``counts_key``)."""
+    counts (``counts_key``; a named list's are under its ``lists``)."""
     searched = _get_json(bucket, counts_key)
+    counts = searched if list_name is None else searched.get("lists", {}).get(list_name)
+    if counts is None:
+        raise StoreError(f"s3://{bucket}/{counts_key}: no counts of the list {list_name!r}; not loading")
     with _workdir() as work:
         local = work / "part.parquet"
         try:
@@ -780,10 +856,10 @@ def _shard_recommendations(bucket: str, counts_key: str, key: str) -> Iterator[s
         except ClientError as exc:
             raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
         frame = pd.read_parquet(local)
-    without = [str(u) for u in searched.get("users_without_items", [])]
-    if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(searched["rows"]):
+    without = [str(u) for u in counts.get("users_without_items", [])]
+    if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(counts["rows"]):
         raise StoreError(f"s3://{bucket}/{key}: {frame['user_id'].nunique()} users and {len(frame)} rows, but the "
-                         f"search wrote {searched['users']} users and {searched['rows']} rows; not loading")
+                         f"search wrote {searched['users']} users and {counts['rows']} rows; not loading")
     cold = frame["cold_user"].to_numpy() if "cold_user" in frame.columns else None
     return itertools.chain(
         store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
@@ -836,7 +912,7 @@ def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: fl
             if MANIFEST_SEARCHED not in files:
                 _delete_manifest(bucket, prefix, files)
                 continue
-            users = _retire_manifest(bucket, table, version, manifest_shard, expires_at)
+            users = _retire_manifest(bucket, table, version, manifest_shard, expires_at, manifest_lists(files))
             if users is not None:
                 retired["manifests"] += 1
                 retired["users"] += users
@@ -888,37 +964,41 @@ def _delete_manifest(bucket: str, prefix: str, files: dict[str, Any]) -> None:
         s3_client().delete_object(Bucket=bucket, Key=prefix + name)
 
 
-def _retire_manifest(bucket: str, table: str, version: str, manifest_shard: int, expires_at: int) -> int | None:
-    """Write one manifest's items (and shard 0's fallback list) with ``expires_at`` and mark it retired; the
-    users written. None when a rollback made the version live meanwhile: then its items are kept again.
+def _retire_manifest(bucket: str, table: str, version: str, manifest_shard: int, expires_at: int,
+                     lists: list[str]) -> int | None:
+    """Write one manifest's items (and shard 0's fallback lists) with ``expires_at`` and mark it retired; the
+    users written (of the default list). None when a rollback made the version live meanwhile: then its items
+    are kept again. ``lists``: the named lists whose files the manifest holds.
 
     The pointer is read again after the marker is written: a rollback to this version moves the pointer
     first and then keeps the items of every marked manifest (``rollback_version``). Either it moved the
     pointer before that read, and this call sees it and keeps the items itself; or after, and then it
     lists this marker and rewrites the items after this call wrote them. So no live item keeps an expiry."""
     prefix = version_shard_prefix(version, manifest_shard)
-    rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
-    users = store.write_recommendations(table, version, rows, expires_at=expires_at, client=dynamodb_client())
+    users = _write_shard(bucket, table, version, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS,
+                         lists, expires_at)[None]
     if manifest_shard == 0:
-        store.expire_fallback(table, version, expires_at, client=dynamodb_client())
+        for name in (None, *lists):
+            store.expire_fallback(table, list_version(version, name), expires_at, client=dynamodb_client())
     _put_json(bucket, prefix + MANIFEST_RETIRED, {"expires_at": expires_at})
     pointer = store.read_pointer(table, client=dynamodb_client())
     if pointer is not None and not _retirable(version, pointer):
         logger.info("version %s went live again while shard %d was retired: its items are kept", version,
                     manifest_shard)
-        _keep_manifest(bucket, table, version, manifest_shard)
+        _keep_manifest(bucket, table, version, manifest_shard, lists)
         return None
     return users
 
 
-def _keep_manifest(bucket: str, table: str, version: str, manifest_shard: int) -> int:
-    """Write a retired manifest's items (and shard 0's fallback list) again without an expiry, then unmark it.
-    Returns the users written."""
+def _keep_manifest(bucket: str, table: str, version: str, manifest_shard: int, lists: list[str]) -> int:
+    """Write a retired manifest's items (and shard 0's fallback lists) again without an expiry, then unmark it.
+    Returns the users written (of the default list). ``lists``: the named lists whose files it holds."""
     prefix = version_shard_prefix(version, manifest_shard)
-    rows = _shard_recommendations(bucket, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS)
-    users = store.write_recommendations(table, version, rows, expires_at=None, client=dynamodb_client())
+    users = _write_shard(bucket, table, version, prefix + MANIFEST_SEARCHED, prefix + MANIFEST_RECOMMENDATIONS,
+                         lists, None)[None]
     if manifest_shard == 0:
-        store.keep_fallback(table, version, client=dynamodb_client())
+        for name in (None, *lists):
+            store.keep_fallback(table, list_version(version, name), client=dynamodb_client())
     s3_client().delete_object(Bucket=bucket, Key=prefix + MANIFEST_RETIRED)
     return users
 
@@ -1013,16 +1093,21 @@ def _completeness(bucket: str, table: str, version: str, by_shard: dict[int | No
         shards, users = int(record["shards"]), int(record["users"])
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"s3://{bucket}/{version_record_key(version)}: not a version record ({exc})") from exc
-    whole = {MANIFEST_RECOMMENDATIONS, MANIFEST_SEARCHED}
+    lists = [str(name) for name in record.get("lists", [])]
+    whole = {MANIFEST_RECOMMENDATIONS, MANIFEST_SEARCHED, *map(list_file, lists)}
     missing = [s for s in range(shards) if not whole <= set(by_shard.get(s, {}))]
     if missing:
         return users, (f"the manifests of {len(missing)} of its {shards} shards are gone (e.g. "
                        f"{version_shard_prefix(version, missing[0])}), so its items cannot be kept")
-    present, fallback_expires = store.fallback_expiry(table, version, client=dynamodb_client())
-    if not present:
-        return users, "its fallback list is not in the table"
+    fallback_expiries = []
+    for name in (None, *lists):
+        present, fallback_expires = store.fallback_expiry(table, list_version(version, name), client=dynamodb_client())
+        if not present:
+            return users, "its fallback list is not in the table" + ("" if name is None else f" for the list {name}")
+        if fallback_expires is not None:
+            fallback_expiries.append(fallback_expires)
     expiries = [_retired_until(bucket, version_shard_prefix(version, s)) for s in range(shards)
-                if MANIFEST_RETIRED in by_shard[s]] + ([] if fallback_expires is None else [fallback_expires])
+                if MANIFEST_RETIRED in by_shard[s]] + fallback_expiries
     if expiries and min(expiries) < now + ROLLBACK_MARGIN_S:
         when = datetime.fromtimestamp(min(expiries), UTC)
         return users, (f"its items expire{'d' if min(expiries) <= now else ''} at {when:%Y-%m-%d %H:%M} UTC, "
@@ -1038,12 +1123,13 @@ def _keep_version(bucket: str, table: str, version: str) -> int:
     """Keep the live ``version``'s items: every retired manifest's items written again without an expiry,
     listed after the pointer moved (see ``_retire_manifest``); the fallback list's expiry removed. Returns the
     manifests written again."""
-    store.keep_fallback(table, version, client=dynamodb_client())
+    by_shard = _version_objects(bucket, version_prefix(version)).get(version, {})
+    for name in (None, *manifest_lists(by_shard.get(0, {}))):
+        store.keep_fallback(table, list_version(version, name), client=dynamodb_client())
     kept = 0
-    for manifest_shard, files in sorted(_version_objects(bucket, version_prefix(version)).get(version, {}).items(),
-                                        key=lambda item: -1 if item[0] is None else item[0]):
+    for manifest_shard, files in sorted(by_shard.items(), key=lambda item: -1 if item[0] is None else item[0]):
         if manifest_shard is not None and MANIFEST_RETIRED in files:
-            _keep_manifest(bucket, table, version, manifest_shard)
+            _keep_manifest(bucket, table, version, manifest_shard, manifest_lists(files))
             kept += 1
     return kept
 
@@ -1057,16 +1143,25 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
     that raises ``VersionSuperseded``. Once live, the run's record (``version_record_key``) is written.
     """
     run = _get_json(bucket, run_record_key(run_id))
-    written = 0
+    names = _run_lists(run)
+    # The users count is the default list's; each named list must have an item for every one of them too.
+    loaded: dict[str | None, int] = dict.fromkeys((None, *names), 0)
     for shard in range(expected_shards):
         marker = _get_json(bucket, loaded_key(run_id, shard))
-        written += int(marker["written"])
+        loaded[None] += int(marker["written"])
+        for name in names:
+            loaded[name] += int(marker.get("lists", {}).get(name, 0))
     expected_users = int(run["report"]["n_users"])
-    if written != expected_users:
-        raise StoreError(f"run {run_id}: {written} users loaded, expected {expected_users}; not publishing")
-    if not store.has_fallback(table, run_id, client=dynamodb_client()):
-        # Readers get the fallback list for any user without one of their own: never publish without it.
-        raise StoreError(f"run {run_id}: its fallback list is not in the table; not publishing")
+    for name, count in loaded.items():
+        if count != expected_users:
+            what = "users loaded" if name is None else f"users loaded in the list {name}"
+            raise StoreError(f"run {run_id}: {count} {what}, expected {expected_users}; not publishing")
+    for name in (None, *names):
+        if not store.has_fallback(table, list_version(run_id, name), client=dynamodb_client()):
+            # Readers get the fallback list for any user without one of their own: never publish without it.
+            what = "its fallback list" if name is None else f"the fallback list of its list {name}"
+            raise StoreError(f"run {run_id}: {what} is not in the table; not publishing")
+    written = loaded[None]
     # Kept beyond the runs/ lifecycle, for the quality gate to compare later models with this one; with
     # what the search made of the cold users and items, which only the shards know.
     metrics = _get_json(bucket, metrics_key(run_id))
@@ -1094,7 +1189,8 @@ def publish_version(bucket: str, run_id: str, table: str, expected_shards: int) 
             )
     # The pointer names the run (now or after an earlier attempt): what rollback_version needs to make the
     # version live again once it is superseded. Written after the flip, so a version without one was never live.
-    _put_json(bucket, version_record_key(run_id), {"shards": int(expected_shards), "users": written})
+    _put_json(bucket, version_record_key(run_id), {"shards": int(expected_shards), "users": written,
+                                                   "lists": names})
     return {"run_id": run_id, "published": True, "users": written, "already_live": not published,
             "report": _report_uri(bucket, run_id), "quality": published_quality(metrics)}
 

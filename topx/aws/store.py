@@ -9,6 +9,9 @@ One table; its keys, TTL attribute and pointer item are the deploy contract's (t
   written again with one after a newer version went live (``topx.aws.stages.retire_versions``);
 * a fallback item per version, ``pk = "fallback"``, ``sk = "v#<version>"``: the list for a user the
   version has no item for (``topx.steps.fallback_list``), which the reader returns marked as such;
+* a named list of the filter file (``"lists"``) is a version of its own for these keys: each user's item of
+  the list ``summer-books`` has ``sk = "v#<version>#list=summer-books"`` (``topx.contract.list_version``), and
+  so has the list's fallback item (the version's fallback list cut to the list's eligible items);
 * one pointer item ``pk = "pointer"``, ``sk = "active"`` whose ``version`` names the live version, with
   ``users`` and ``published_at``; ``newest``, the newest version it ever named; and ``rolled_back_from``,
   the version ``topx rollback`` moved it back from, while it stays there.
@@ -36,10 +39,14 @@ import numpy as np
 
 from topx.contract import (
     ENV_ENDPOINT_URL,
+    FALLBACK_PARTITION,
+    LIST_VERSION_SEPARATOR,
     PARTITION_KEY,
     POINTER_KEY,
+    SORT_KEY,
     TTL_ATTRIBUTE,
     fallback_item_key,
+    list_version,
     user_item_key,
 )
 from topx.errors import ConfigError, StoreError
@@ -306,21 +313,36 @@ def _put_pointer(ddb: Any, table: str, attributes: dict[str, Any], condition: st
     return True
 
 
-def get_recommendations(table: str, user_id: str, *, client: Any = None,
+class UnknownList(StoreError):
+    """A named list the live version does not make (the filter file it ran with names no such list)."""
+
+
+def get_recommendations(table: str, user_id: str, *, list_name: str | None = None, client: Any = None,
                         pointer: PointerCache | None = None) -> Recommendation | None:
-    """The live recommendations of one user, following the pointer. A user the live version has no item
-    for gets the version's fallback list, marked ``fallback=True``. None only while nothing is live (or
-    the live version predates fallback lists)."""
+    """The live recommendations of one user, following the pointer: the default list, or the named list
+    ``list_name`` (the filter file's ``lists``). A user the live version has no item for (one the model has
+    not seen) gets the version's fallback list, marked ``fallback=True``; in a named list, the fallback list
+    cut to that list's eligible items. A user the version knows always has an item, empty when nothing is
+    left to recommend, and never gets the fallback. None only while nothing is live (or the live version
+    predates fallback lists). Raises ``UnknownList`` when the live version makes no list ``list_name``."""
     ddb = dynamodb_client(client)
     version = active_version(table, client=ddb) if pointer is None else pointer.version(table, ddb)
     if version is None:
         return None
-    item = ddb.get_item(TableName=table, Key=user_key(user_id, version)).get("Item")
+    try:
+        keyed = list_version(version, list_name)
+    except ValueError as exc:
+        raise UnknownList(f"table {table}: {exc}") from exc
+    item = ddb.get_item(TableName=table, Key=user_key(user_id, keyed)).get("Item")
     fallback = item is None
     if fallback:
-        item = ddb.get_item(TableName=table, Key=_typed(fallback_item_key(version))).get("Item")
+        item = ddb.get_item(TableName=table, Key=_typed(fallback_item_key(keyed))).get("Item")
         if item is None:
-            return None
+            if list_name is None:
+                return None
+            known = version_lists(table, version, client=ddb)
+            raise UnknownList(f"table {table}: the live version {version} has no list {list_name!r} (its lists: "
+                              f"{', '.join(known) if known else 'none but the default'})")
     return Recommendation(
         user_id=user_id,
         items=[v["S"] for v in item["items"]["L"]],
@@ -328,6 +350,20 @@ def get_recommendations(table: str, user_id: str, *, client: Any = None,
         fallback=fallback,
         cold_user=bool(item.get("cold_user", {}).get("BOOL", False)),
     )
+
+
+def version_lists(table: str, version: str, *, client: Any = None) -> list[str]:
+    """The named lists ``version`` makes, sorted: those it has a fallback item of."""
+    ddb = dynamodb_client(client)
+    prefix = fallback_item_key(list_version(version, None))[SORT_KEY] + LIST_VERSION_SEPARATOR
+    names = []
+    for page in ddb.get_paginator("query").paginate(
+            TableName=table, KeyConditionExpression="#p = :p AND begins_with(#s, :s)",
+            ExpressionAttributeNames={"#p": PARTITION_KEY, "#s": SORT_KEY},
+            ExpressionAttributeValues={":p": {"S": FALLBACK_PARTITION}, ":s": {"S": prefix}},
+            ProjectionExpression="#s"):
+        names.extend(item[SORT_KEY]["S"][len(prefix):] for item in page.get("Items", []))
+    return sorted(names)
 
 
 def write_fallback(table: str, version: str, items: list[str], scores: list[float], *, client: Any = None) -> None:
