@@ -93,7 +93,7 @@ def run_all(
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
         with reporter.step("fallback", "choosing the list for users the model has not seen") as d:
-            fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x)
+            fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x, eligible)
             pq.write_table(fallback, tmp / FALLBACK)
             d["result"] = f"{metrics['fallback']['source']}."
         metrics.update(_run_summary(ds, hp, run, result))

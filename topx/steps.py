@@ -462,8 +462,10 @@ FALLBACK_SCHEMA = pa.schema(
 )
 
 
-def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: int) -> tuple[pa.Table, dict[str, Any]]:
-    """The best x items for a user the model has not seen, and how they were chosen.
+def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: int,
+                  eligible: np.ndarray | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The best x items for a user the model has not seen, and how they were chosen; with ``eligible``
+    ((n_items,) bool, the filters' items: topx.filters), the best x of those only.
 
     Two candidates: popularity (the items most users interacted with in training, ties by item row) and
     the model's list for an empty user (no features: the FM scores an item by its own term, the last
@@ -475,9 +477,10 @@ def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: i
     counts = np.asarray((train != 0).sum(axis=0)).reshape(-1).astype(np.float64)
     own_term = vectors.item_vectors[:, -1].astype(np.float64)
     n_items = ds.feature_index.n_items
+    allowed = np.arange(n_items) if eligible is None else np.flatnonzero(eligible)
     lists = {
-        "popularity": (np.lexsort((np.arange(n_items), -counts))[:x], counts),
-        "model": (np.lexsort((np.arange(n_items), -own_term))[:x], own_term),
+        "popularity": (allowed[np.lexsort((allowed, -counts[allowed]))][:x], counts),
+        "model": (allowed[np.lexsort((allowed, -own_term[allowed]))][:x], own_term),
     }
     report: dict[str, Any] = {"x": x}
     chosen = "popularity"

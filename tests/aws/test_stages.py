@@ -467,6 +467,9 @@ def test_the_deployed_pipeline_applies_the_filter_file_and_the_responses(aws, tm
         assert max(pd.Series([category[i] for i in rec.items]).value_counts()) <= 2, user
         if user in users[:20]:
             assert items[1] not in rec.items, user
+    # A user the model has not seen gets the fallback list: the best x of the items the filters let through.
+    unknown = store.get_recommendations(TABLE, "nobody", client=ddb)
+    assert unknown.fallback and len(unknown.items) == 5 and not set(unknown.items) & out_of_stock, unknown.items
 
     s3.put_object(Bucket=BUCKET, Key=contract.FILTERS_KEY,
                   Body=json.dumps({"items": {"include": [{"column": "colour", "in": ["red"]}]}}).encode())

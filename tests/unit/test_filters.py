@@ -126,6 +126,9 @@ def test_run_with_filters_recommends_eligible_items_only_and_checks_them_before_
     recs = pd.read_parquet(out / "recommendations.parquet")
     allowed = set(items.loc[items[category_column].isin(kept), "item_id"].astype(str)) - {str(items["item_id"].iloc[0])}
     assert set(recs["item_id"]) <= allowed
+    # The list for users the model has not seen obeys the filters too, and still holds x items.
+    fallback = pd.read_parquet(out / "fallback.parquet")
+    assert set(fallback["item_id"]) <= allowed and len(fallback) == min(10, len(allowed))
     assert json.loads((out / "metrics.json").read_text())["filters"]["eligible_items"] == len(allowed)
 
     # A named list: its own file, the exact top x of its own eligible items, and the default list unchanged.

@@ -497,7 +497,8 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
 
     with _workdir() as work:
         ds, holdout = _load_prepared(bucket, run_id, work)
-        upload_overrides = _get_json(bucket, run_record_key(run_id)).get("hyperparameters") or {}
+        record = _get_json(bucket, run_record_key(run_id))
+        upload_overrides = record.get("hyperparameters") or {}
         hp = training_hyperparameters(ds.implicit, upload_overrides)
         # Ranked by the search that will write the recommendations: metrics.json judges what is served.
         run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False,
@@ -506,7 +507,13 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         params, _, result, ds = train_stage(ds, hp, run, out, Reporter(False))
         vectors = export_vectors(params, ds.feature_index)
         metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
-        fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x)
+        # The fallback list holds only what the filter file lets through (Prepare resolved it: filters.npz).
+        eligible = None
+        if record.get("filters"):
+            s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
+            with np.load(work / "filters.npz") as z:
+                eligible = z["eligible"]
+        fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x, eligible)
         pq.write_table(fallback, work / "fallback.parquet")
         s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
         metrics.update(training_summary(hp, result, ds.report))  # the history and the data, for the run report
@@ -517,8 +524,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
         # The recipe's vectors, which evaluating needed anyway: written here, where every user's already are
         # in memory, each search shard's users apart (repackage_run checks them).
-        shards = int(_get_json(bucket, run_record_key(run_id))["shards"])
-        _write_vectors(bucket, run_id, vectors, ds.feature_index, shards, work / "vectors")
+        _write_vectors(bucket, run_id, vectors, ds.feature_index, int(record["shards"]), work / "vectors")
         _put_json(bucket, metrics_key(run_id), metrics)
     return {"run_id": run_id, "best_epoch": result.best_epoch, "epochs_run": len(result.history), "device": result.device}
 
