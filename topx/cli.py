@@ -232,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-hot-items", metavar="FILE", help="the item ids, one per line, with --one-hot-users")
     p.add_argument("--out", metavar="DIR", help="where to write the vectors (default: RUN/vectors)")
 
-    p = add_command("recommend", help="top-x for every user from the vectors (exact by default)",
-                       description="Search the top-x items of every user by inner product and write recommendations.parquet.")
+    p = add_command("recommend", aliases=["refresh"],
+                       help="top-x for every user from the vectors (exact by default); `refresh` is the same command",
+                       description="Search the top-x items of every user by inner product and write "
+                                   "recommendations.parquet (and lists/<name>.parquet for the filter file's named "
+                                   "lists). With --filters and --responses it refreshes a run's lists for new rules "
+                                   "and new responses without retraining (`topx refresh`).")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory holding vectors/ (and data/ for seen items)")
     _add_ranking_options(p)
     p.add_argument("--filters", metavar="FILE", help="a filter file (JSON): which items may be recommended")
@@ -820,6 +824,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+ALIASES = {"refresh": "recommend"}
 COMMANDS = {"run": cmd_run, "tune": cmd_tune, "train": cmd_train, "vectors": cmd_vectors, "recommend": cmd_recommend,
             "evaluate": cmd_evaluate, "demo": cmd_demo, "recs": cmd_recs, "upload": cmd_upload, "status": cmd_status,
             "rollback": cmd_rollback, "offline": cmd_offline, "report": cmd_report}
@@ -829,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[ALIASES.get(args.command, args.command)](args)
     except TopxError as exc:
         print(f"topx: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

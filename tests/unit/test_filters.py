@@ -210,7 +210,7 @@ def test_responses_leave_items_out_of_the_next_lists_without_retraining(tmp_path
     first.assign(time="2024-05-01").to_csv(responses, index=False)  # every user dismissed their top item
     model = (out / "model" / "model.tar.gz").read_bytes()
 
-    assert main(["recommend", "--run", str(out), "--responses", str(responses), "--quiet"]) == 0
+    assert main(["refresh", "--run", str(out), "--responses", str(responses), "--quiet"]) == 0  # = recommend
     after = pd.read_parquet(out / "recommendations.parquet")
     assert (out / "model" / "model.tar.gz").read_bytes() == model, "nothing was retrained"
     merged = after.merge(first, on=["user_id", "item_id"])
