@@ -15,7 +15,7 @@ from moto import mock_aws
 from reliability_stack import base_ratings
 
 from topx import contract
-from topx.aws import stages, store
+from topx.aws import client, stages, store
 from topx.config import default_hyperparameters
 from topx.dataset import DataOptions
 from topx.errors import ArtifactFormatError, ConfigError, InputDataError, StoreError
@@ -539,9 +539,12 @@ def test_the_deployed_pipeline_serves_named_lists_as_topx_run_writes_them(aws, t
     in_a = [i for i in fallback if category[i] == "a" and i not in set(items[::10])]
     rec = store.get_recommendations(TABLE, "nobody", list_name="cat-a", client=ddb)
     assert rec.fallback and rec.items == in_a
+    with pytest.raises(store.UnknownList, match=rf"the live version {run_id} has no list 'nope'$"):
+        store.get_recommendations(TABLE, users[0], list_name="nope", client=ddb)
+    # The client names the lists there are (a Query the reader's credentials make; no function needs it).
     with pytest.raises(store.UnknownList, match=rf"the live version {run_id} has no list 'nope' \(its lists: "
                                                 r"cat-a, mixed, solo\)"):
-        store.get_recommendations(TABLE, users[0], list_name="nope", client=ddb)
+        client.get_recommendations(users[0], list_name="nope", table=TABLE, client=ddb)
     with pytest.raises(store.UnknownList, match="'Summer Books' is not a list name"):
         store.get_recommendations(TABLE, users[0], list_name="Summer Books", client=ddb)
     # The list's items sit under their own sort key; publish counted the users once, from the default list.

@@ -30,14 +30,20 @@ from topx.contract import (
     ENV_BUCKET,
     ENV_ENDPOINT_URL,
     ENV_TABLE,
+    FALLBACK_PARTITION,
+    LIST_VERSION_SEPARATOR,
     MODE_METADATA,
     OUTPUT_BUCKET,
     OUTPUT_STATE_MACHINE,
     OUTPUT_TABLE,
     OUTPUT_TOPIC,
+    PARTITION_KEY,
+    SORT_KEY,
     STACK_NAME,
     active_data_prefix,
+    fallback_item_key,
     incoming_key,
+    list_version,
     report_key,
     snapshot_label,
     snapshot_prefix,
@@ -182,8 +188,35 @@ def get_recommendations(user_id: str, *, list_name: str | None = None, table: st
     reads the pointer afresh: an application serving many reads uses ``Reader``."""
     name = resolve_table(table, stack=stack, endpoint_url=endpoint_url)
     ddb = client or aws_client("dynamodb", endpoint_url)
-    with _table_errors(name):
+    with _table_errors(name), _naming_lists(name, ddb):
         return store.get_recommendations(name, str(user_id), list_name=list_name, client=ddb)
+
+
+@contextmanager
+def _naming_lists(table: str, ddb: Any) -> Iterator[None]:
+    """An unknown list's error names the lists the live version does make (one Query, on that error only:
+    the reader's own credentials make it; no function needs it)."""
+    try:
+        yield
+    except store.UnknownList as exc:
+        if exc.version is None:
+            raise
+        known = version_lists(table, exc.version, ddb)
+        raise store.UnknownList(f"{exc} (its lists: {', '.join(known) if known else 'none but the default'})",
+                                exc.version) from None
+
+
+def version_lists(table: str, version: str, ddb: Any) -> list[str]:
+    """The named lists ``version`` makes, sorted: those it has a fallback item of."""
+    prefix = fallback_item_key(list_version(version, None))[SORT_KEY] + LIST_VERSION_SEPARATOR
+    names = []
+    for page in ddb.get_paginator("query").paginate(
+            TableName=table, KeyConditionExpression="#p = :p AND begins_with(#s, :s)",
+            ExpressionAttributeNames={"#p": PARTITION_KEY, "#s": SORT_KEY},
+            ExpressionAttributeValues={":p": {"S": FALLBACK_PARTITION}, ":s": {"S": prefix}},
+            ProjectionExpression="#s"):
+        names.extend(item[SORT_KEY]["S"][len(prefix):] for item in page.get("Items", []))
+    return sorted(names)
 
 
 # How long a Reader trusts the live version it read (seconds): a publish reaches its readers within it.
@@ -210,7 +243,7 @@ class Reader:
 
     def get(self, user_id: str, list_name: str | None = None) -> store.Recommendation | None:
         """``get_recommendations`` of ``user_id``: the default list, or the named list ``list_name``."""
-        with _table_errors(self.table):
+        with _table_errors(self.table), _naming_lists(self.table, self._ddb):
             return store.get_recommendations(self.table, str(user_id), list_name=list_name, client=self._ddb,
                                              pointer=self._pointer)
 

@@ -39,11 +39,8 @@ import numpy as np
 
 from topx.contract import (
     ENV_ENDPOINT_URL,
-    FALLBACK_PARTITION,
-    LIST_VERSION_SEPARATOR,
     PARTITION_KEY,
     POINTER_KEY,
-    SORT_KEY,
     TTL_ATTRIBUTE,
     fallback_item_key,
     list_version,
@@ -314,7 +311,12 @@ def _put_pointer(ddb: Any, table: str, attributes: dict[str, Any], condition: st
 
 
 class UnknownList(StoreError):
-    """A named list the live version does not make (the filter file it ran with names no such list)."""
+    """A named list the live version does not make (the filter file it ran with names no such list);
+    ``version``: that live version, when the name was a valid one."""
+
+    def __init__(self, message: str, version: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 def get_recommendations(table: str, user_id: str, *, list_name: str | None = None, client: Any = None,
@@ -340,9 +342,7 @@ def get_recommendations(table: str, user_id: str, *, list_name: str | None = Non
         if item is None:
             if list_name is None:
                 return None
-            known = version_lists(table, version, client=ddb)
-            raise UnknownList(f"table {table}: the live version {version} has no list {list_name!r} (its lists: "
-                              f"{', '.join(known) if known else 'none but the default'})")
+            raise UnknownList(f"table {table}: the live version {version} has no list {list_name!r}", version)
     return Recommendation(
         user_id=user_id,
         items=[v["S"] for v in item["items"]["L"]],
@@ -350,20 +350,6 @@ def get_recommendations(table: str, user_id: str, *, list_name: str | None = Non
         fallback=fallback,
         cold_user=bool(item.get("cold_user", {}).get("BOOL", False)),
     )
-
-
-def version_lists(table: str, version: str, *, client: Any = None) -> list[str]:
-    """The named lists ``version`` makes, sorted: those it has a fallback item of."""
-    ddb = dynamodb_client(client)
-    prefix = fallback_item_key(list_version(version, None))[SORT_KEY] + LIST_VERSION_SEPARATOR
-    names = []
-    for page in ddb.get_paginator("query").paginate(
-            TableName=table, KeyConditionExpression="#p = :p AND begins_with(#s, :s)",
-            ExpressionAttributeNames={"#p": PARTITION_KEY, "#s": SORT_KEY},
-            ExpressionAttributeValues={":p": {"S": FALLBACK_PARTITION}, ":s": {"S": prefix}},
-            ProjectionExpression="#s"):
-        names.extend(item[SORT_KEY]["S"][len(prefix):] for item in page.get("Items", []))
-    return sorted(names)
 
 
 def write_fallback(table: str, version: str, items: list[str], scores: list[float], *, client: Any = None) -> None:
