@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: MovieLens 100k parsing, stage timing, one-line JSON output.
+"""Helpers shared by the benchmarks: MovieLens 100k parsing, stage timing, one-line JSON output, moto's
+server for stages run in child processes, and a process's peak memory.
 
 The MovieLens data may not be redistributed, so nothing here ships any of it: every reader takes
 the directory of an unpacked ``ml-100k`` download (F. Maxwell Harper and Joseph A. Konstan,
@@ -16,7 +17,11 @@ Files read (all described in the download's README):
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import resource
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -160,3 +165,45 @@ def json_line(doc: dict[str, Any]) -> str:
 
 def print_json_line(doc: dict[str, Any]) -> None:
     print(json_line(doc), flush=True)
+
+
+# ----------------------------------------------------------------------------- stages in child processes
+
+
+@contextmanager
+def moto_server(region: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """moto's server in this process on a free local port (its Flask is pinned in requirements.txt). Yields
+    its endpoint and the environment a child process needs to reach it: ``TOPX_ENDPOINT_URL``, stand-in
+    credentials, the region and the repository on the import path."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's one line per request
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "TOPX_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": region, "AWS_REGION": region, "PYTHONPATH": str(REPO_ROOT)}
+    try:
+        yield endpoint, env
+    finally:
+        server.stop()
+
+
+def aws_client(service: str, endpoint: str, region: str) -> Any:
+    """A boto3 client of ``moto_server``'s endpoint."""
+    import boto3
+
+    return boto3.client(service, endpoint_url=endpoint, region_name=region, aws_access_key_id="bench",
+                        aws_secret_access_key="bench")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program: VmHWM, which exec starts afresh
+    (getrusage's ru_maxrss keeps the forking parent's, here the moto server's, across the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

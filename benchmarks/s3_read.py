@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import resource
-import socket
 import subprocess
 import sys
 import time
@@ -55,7 +52,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, log, print_json_line  # noqa: E402
+from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_mb, print_json_line  # noqa: E402
 
 BUCKET, REGION = "topx-s3-read", "us-east-1"
 BAD_ROW = 1234  # 1-based data row of the last part that holds a non-numeric plays value in ``bad_part``
@@ -96,15 +93,6 @@ print(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- the topx child
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program: VmHWM, which exec starts afresh
-    (getrusage's ru_maxrss keeps the forking parent's, here the moto server's, across the exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(spec: dict[str, Any]) -> None:
@@ -239,12 +227,6 @@ def short(message: str | None) -> str | None:
     return message if len(message) <= ERROR_CHARS else message[: ERROR_CHARS - 3] + "..."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # ----------------------------------------------------------------------------- the comparison
 
 
@@ -306,24 +288,10 @@ def compare(fmt: str, s3: Any, endpoint: str, env: dict[str, str], args: argpars
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's one line per request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TOPX_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION,
-           "PYTHONPATH": str(REPO_ROOT)}
-    try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bench",
-                          aws_secret_access_key="bench")
+    with moto_server(REGION) as (endpoint, env):
+        s3 = aws_client("s3", endpoint, REGION)
         s3.create_bucket(Bucket=BUCKET)
         results = {fmt: compare(fmt, s3, endpoint, env, args) for fmt in args.formats}
-    finally:
-        server.stop()
     return {"benchmark": "s3_read", "rows": args.rows, "parts": args.parts, "days": args.days,
             "string_ids": args.string_ids, "bad_row": BAD_ROW, "cpus": os.cpu_count(), "results": results}
 

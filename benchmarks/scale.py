@@ -25,11 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
-import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, log, print_json_line  # noqa: E402
+from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_mb, print_json_line  # noqa: E402
 
 BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
 USERS_PER_SHARD = 100_000  # the default shard size: what one Search child and one LoadShard take on
@@ -64,15 +60,6 @@ def child(spec: dict[str, Any]) -> None:
     reply = function(spec["args"], context) if spec["kind"] == "handler" else function(*spec["args"])
     seconds = time.perf_counter() - start
     print(json.dumps({"reply": reply, "s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}, default=str))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program: VmHWM, which exec starts afresh
-    (getrusage's ru_maxrss keeps the forking parent's, here the moto server's, across the exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_stage(kind: str, name: str, args: Any, env: dict[str, str]) -> dict[str, Any]:
@@ -107,12 +94,6 @@ def write_interactions(path: Path, interactions: int, users: int, items: int, se
             writer.write_table(pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def prefix_bytes(s3: Any, prefix: str) -> int:
     return sum(obj["Size"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
                for obj in page.get("Contents", []))
@@ -122,9 +103,6 @@ def prefix_bytes(s3: Any, prefix: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     from topx.contract import (
         MAX_SHARDS,
         prepared_prefix,
@@ -134,22 +112,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vectors_prefix,
     )
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's one line per request
     shards = args.shards or max(2, min(MAX_SHARDS, math.ceil(args.users / USERS_PER_SHARD)))
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TOPX_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "scale", "AWS_SECRET_ACCESS_KEY": "scale",
-           "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION, "TOPX_BUCKET": BUCKET, "TOPX_TABLE": TABLE,
-           "TOPX_EPOCHS": str(args.epochs), "TOPX_NUM_FACTORS": str(args.factors), "TOPX_SHARDS": str(shards),
-           "TOPX_TOP_X": str(args.top_x), "PYTHONPATH": str(REPO_ROOT)}
-    try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="scale",
-                          aws_secret_access_key="scale")
+    with moto_server(REGION) as (endpoint, server_env):
+        env = {**server_env, "TOPX_BUCKET": BUCKET, "TOPX_TABLE": TABLE, "TOPX_EPOCHS": str(args.epochs),
+               "TOPX_NUM_FACTORS": str(args.factors), "TOPX_SHARDS": str(shards), "TOPX_TOP_X": str(args.top_x)}
+        s3 = aws_client("s3", endpoint, REGION)
         s3.create_bucket(Bucket=BUCKET)
-        boto3.client("dynamodb", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="scale",
-                     aws_secret_access_key="scale").create_table(
+        aws_client("dynamodb", endpoint, REGION).create_table(
             TableName=TABLE, BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
             AttributeDefinitions=table_attribute_definitions())
         with tempfile.TemporaryDirectory(prefix="topx-scale-") as tmp:
@@ -188,8 +157,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timed("publish", "handler", "publish", {**run, "table": TABLE, "expected_shards": prepared["shards"]})
         sizes = {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id)),
                  "vectors": prefix_bytes(s3, vectors_prefix(run_id)), "run": prefix_bytes(s3, run_prefix(run_id))}
-    finally:
-        server.stop()
     return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
             "items": prepared["n_items"], "epochs": args.epochs, "factors": args.factors, "shards": prepared["shards"],
             "users_per_shard": math.ceil(prepared["n_users"] / prepared["shards"]), "shards_run": len(ran),
