@@ -387,7 +387,7 @@ class _ICD:
         grad += reg * theta
         hess += torch.diag_embed(reg)
         step = self._solve(hess, grad)
-        self._apply(side, group, theta, -step)
+        self._apply(side, group.features, group.entities, group.local, group.value, theta, -step)
 
     def _update_block_cg(self, side: _Side, group: _Group, block: _Block, o: torch.Tensor,
                          gram: torch.Tensor) -> None:
@@ -440,9 +440,7 @@ class _ICD:
             return out
 
         step = _conjugate_gradient(times_hessian, grad, self.hp.cg_steps)
-        single = _Group(features, entities, torch.arange(len(features), device=self.dev), x, [], group.reg_scale,
-                        group.has_context, True)
-        self._apply(side, single, theta, -step)
+        self._apply(side, features, entities, torch.arange(len(features), device=self.dev), x, theta, -step)
 
     @staticmethod
     def _solve(hess: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -458,17 +456,19 @@ class _ICD:
             out[bad] = torch.where((info64 == 0)[:, None], again, torch.zeros_like(again))
         return out
 
-    def _apply(self, side: _Side, group: _Group, theta: torch.Tensor, delta: torch.Tensor) -> None:
+    def _apply(self, side: _Side, features: torch.Tensor, entities: torch.Tensor, local: torch.Tensor,
+               value: torch.Tensor, theta: torch.Tensor, delta: torch.Tensor) -> None:
+        """Move ``features``' parameters ``theta`` by ``delta`` and the side's caches with them: entity j has
+        feature local[j] with value[j]."""
         k = self.k
         new = theta + delta
         old_sq, new_sq = theta[:, :k].pow(2).sum(1), new[:, :k].pow(2).sum(1)
-        self.v[group.features] = new[:, :k]
-        self.w[group.features] = new[:, k]
-        x = group.value
+        self.v[features] = new[:, :k]
+        self.w[features] = new[:, k]
         # No entity has two features of one group: each entity's row is updated once, by indexing.
-        side.p[group.entities] += delta[group.local, :k] * x[:, None]
-        side.lin[group.entities] += delta[group.local, k] * x
-        side.sq[group.entities] += (new_sq - old_sq)[group.local] * x * x
+        side.p[entities] += delta[local, :k] * value[:, None]
+        side.lin[entities] += delta[local, k] * value
+        side.sq[entities] += (new_sq - old_sq)[local] * value * value
 
     def _id_blocks(self) -> Iterator[_Block]:
         """Every observed pair exactly once: the blocks of the user group that covers every user."""

@@ -665,6 +665,14 @@ def repackage_run(bucket: str, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "n_users": n_users, "n_items": n_items, "dimension": int(items[1]), "shards": shards}
 
 
+def _download(bucket: str, key: str, path: Path) -> None:
+    """Download s3://bucket/key to ``path``; a missing or unreadable object is a StoreError naming it."""
+    try:
+        s3_client().download_file(bucket, key, str(path))
+    except ClientError as exc:
+        raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+
+
 def _head(bucket: str, key: str) -> None:
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
@@ -692,21 +700,15 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
     method = search_method()
     with _workdir() as work:
         interactions = prepared_prefix(run_id) + INTERACTIONS_FILE
-        try:
-            (work / "prepared").mkdir()
-            s3_client().download_file(bucket, interactions, str(work / "prepared" / INTERACTIONS_FILE))
-        except ClientError as exc:
-            raise StoreError(f"s3://{bucket}/{interactions} cannot be read: {exc}") from exc
+        (work / "prepared").mkdir()
+        _download(bucket, interactions, work / "prepared" / INTERACTIONS_FILE)
         # The items' vectors and ids, and this shard's users' (written per shard by repackage_run), and the
         # seen items of the shard's users only, streamed from the interactions: a shard's memory follows its
         # own users and the items.
         (work / "vectors").mkdir()
         for key in (vectors_prefix(run_id) + ITEM_VECTORS, vectors_prefix(run_id) + ITEM_IDS,
                     *(vectors_shard_prefix(run_id, shard) + name for name in (USER_VECTORS, USER_CONSTANTS, USER_IDS))):
-            try:
-                s3_client().download_file(bucket, key, str(work / "vectors" / key.rsplit("/", 1)[1]))
-            except ClientError as exc:
-                raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+            _download(bucket, key, work / "vectors" / key.rsplit("/", 1)[1])
         part = RecipeVectors(np.load(work / "vectors" / USER_VECTORS), np.load(work / "vectors" / ITEM_VECTORS),
                              np.load(work / "vectors" / USER_CONSTANTS))
         shard_user_ids = np.asarray(_read_ids(work / "vectors" / USER_IDS), object)
@@ -808,19 +810,13 @@ def _load_fallback(bucket: str, run_id: str, table: str, names: list[str]) -> No
     named list's the same list cut to that list's eligible items (in the same order, so it may be shorter)."""
     key = fallback_key(run_id)
     with _workdir() as work:
-        try:
-            s3_client().download_file(bucket, key, str(work / "fallback.parquet"))
-        except ClientError as exc:
-            raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        _download(bucket, key, work / "fallback.parquet")
         frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
         eligible: dict[str, set[str]] = {}
         if names:
             ids_key = vectors_prefix(run_id) + ITEM_IDS
             for source, local in ((run_filters_key(run_id), work / "filters.npz"), (ids_key, work / ITEM_IDS)):
-                try:
-                    s3_client().download_file(bucket, source, str(local))
-                except ClientError as exc:
-                    raise StoreError(f"s3://{bucket}/{source} cannot be read: {exc}") from exc
+                _download(bucket, source, local)
             item_ids = np.asarray(_read_ids(work / ITEM_IDS), object)
             with np.load(work / "filters.npz") as z:
                 eligible = {name: set(item_ids[_read_list_filters(z, name)[0]].tolist()) for name in names}
@@ -857,10 +853,7 @@ def _shard_recommendations(bucket: str, counts_key: str, key: str,
         raise StoreError(f"s3://{bucket}/{counts_key}: no counts of the list {list_name!r}; not loading")
     with _workdir() as work:
         local = work / "part.parquet"
-        try:
-            s3_client().download_file(bucket, key, str(local))
-        except ClientError as exc:
-            raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+        _download(bucket, key, local)
         frame = pd.read_parquet(local)
     without = [str(u) for u in counts.get("users_without_items", [])]
     if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(counts["rows"]):
@@ -1245,10 +1238,7 @@ def report_run(bucket: str, run_id: str, gate: dict[str, Any] | None, *, searche
         for shard in range(shards if searched else 0):
             path = work / f"part-{shard}.parquet"
             key = recommendations_key(run_id, shard)
-            try:
-                s3_client().download_file(bucket, key, str(path))
-            except ClientError as exc:
-                raise StoreError(f"s3://{bucket}/{key} cannot be read: {exc}") from exc
+            _download(bucket, key, path)
             paths.append(path)
         # The items table this run's Prepare read (not whatever lies under features/ now), by its key column.
         items = None if record.get("items") is None else read_feature_table(
