@@ -413,6 +413,42 @@ def test_a_run_whose_fallback_list_is_missing_is_not_published(aws, tmp_path):
     assert store.active_version(TABLE, client=ddb) is None
 
 
+def test_a_shard_is_loaded_a_batch_of_rows_at_a_time_and_every_user_whole(aws, tmp_path, monkeypatch):
+    """Batches of 7 rows cut most users' 5-row lists in two: the load carries a user's first rows over to the
+    next batch, so every list in the table is the search's whole list, in rank order."""
+    s3, ddb = aws
+    monkeypatch.setattr(stages, "LOAD_BATCH_ROWS", 7)
+    base_ratings(90, 50, seed=21).to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+    run_id = run_pipeline("incoming/ratings.csv")
+    searched = pd.concat([pd.read_parquet(io.BytesIO(s3.get_object(
+        Bucket=BUCKET, Key=contract.recommendations_key(run_id, shard))["Body"].read())) for shard in range(3)])
+    assert searched["user_id"].nunique() == 90
+    for user, group in searched.groupby("user_id"):
+        rec = store.get_recommendations(TABLE, user, client=ddb)
+        assert rec is not None and rec.items == group.sort_values("rank")["item_id"].tolist(), user
+
+
+def test_a_shard_file_whose_users_rows_are_apart_is_refused_before_anything_is_written(aws, tmp_path):
+    s3, ddb = aws
+    run_id, shard = "20260101T000000000000Z-abc", 0
+    rows = pd.DataFrame({"user_id": ["a", "a", "b", "a"], "rank": np.array([1, 2, 1, 3], np.int32),
+                         "item_id": ["i1", "i2", "i1", "i3"], "score": np.ones(4, np.float32),
+                         "cold_user": np.zeros(4, bool)})
+    s3.put_object(Bucket=BUCKET, Key=contract.recommendations_key(run_id, shard), Body=_parquet(rows))
+    s3.put_object(Bucket=BUCKET, Key=contract.searched_key(run_id, shard),
+                  Body=json.dumps({"shard": 0, "users": 2, "rows": 4, "users_without_items": []}))
+    with pytest.raises(StoreError, match="a user's rows are not together .3 runs of rows for 2 users.; .*not loading"):
+        stages._write_shard(BUCKET, TABLE, run_id, contract.searched_key(run_id, shard),
+                            contract.recommendations_key(run_id, shard), [], None)
+    # And a count that disagrees with the search's is refused the same way, before any item is written.
+    s3.put_object(Bucket=BUCKET, Key=contract.recommendations_key(run_id, shard), Body=_parquet(rows.iloc[:3]))
+    with pytest.raises(StoreError, match="2 users and 3 rows, but the search wrote 2 users and 4 rows; not loading"):
+        stages._write_shard(BUCKET, TABLE, run_id, contract.searched_key(run_id, shard),
+                            contract.recommendations_key(run_id, shard), [], None)
+    assert ddb.scan(TableName=TABLE)["Count"] == 0
+
+
 def test_the_deployed_pipeline_recommends_cold_items_and_serves_cold_users(aws, tmp_path, monkeypatch):
     """Items and users the feature tables list but the interactions do not reach the table: new items in
     lists, and new users with a list of their own, marked cold_user."""

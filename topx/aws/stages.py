@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import logging
 import os
@@ -843,10 +842,17 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
+# Rows of a shard's recommendations read at a time by the load: its memory follows this, not the shard.
+LOAD_BATCH_ROWS = 100_000
+
+
 def _shard_recommendations(bucket: str, counts_key: str, key: str,
                            list_name: str | None = None) -> Iterator[store.Recommendation]:
-    """One shard's recommendations (``key``) as the search wrote them, checked against the search's
-    counts (``counts_key``; a named list's are under its ``lists``)."""
+    """One shard's recommendations (``key``) as the search wrote them (each user's rows together), checked
+    against the search's counts (``counts_key``; a named list's are under its ``lists``) before the first is
+    given, then streamed ``LOAD_BATCH_ROWS`` rows at a time."""
+    import pyarrow.parquet as pq
+
     searched = _get_json(bucket, counts_key)
     counts = searched if list_name is None else searched.get("lists", {}).get(list_name)
     if counts is None:
@@ -854,17 +860,58 @@ def _shard_recommendations(bucket: str, counts_key: str, key: str,
     with _workdir() as work:
         local = work / "part.parquet"
         _download(bucket, key, local)
-        frame = pd.read_parquet(local)
-    without = [str(u) for u in counts.get("users_without_items", [])]
-    if frame["user_id"].nunique() + len(without) != int(searched["users"]) or len(frame) != int(counts["rows"]):
-        raise StoreError(f"s3://{bucket}/{key}: {frame['user_id'].nunique()} users and {len(frame)} rows, but the "
-                         f"search wrote {searched['users']} users and {counts['rows']} rows; not loading")
+        parquet = pq.ParquetFile(local)
+        users = _grouped_users(parquet, f"s3://{bucket}/{key}")
+        rows = parquet.metadata.num_rows
+        without = [str(u) for u in counts.get("users_without_items", [])]
+        if users + len(without) != int(searched["users"]) or rows != int(counts["rows"]):
+            raise StoreError(f"s3://{bucket}/{key}: {users} users and {rows} rows, but the search wrote "
+                             f"{searched['users']} users and {counts['rows']} rows; not loading")
+        yield from _streamed_recommendations(parquet)
+        parquet.close()
+    for user in without:
+        yield store.Recommendation(user, [], [])
+
+
+def _grouped_users(parquet: Any, where: str) -> int:
+    """The number of users in a shard's file, read a batch of ids at a time, checking that each user's rows
+    are together (as the search writes them): the load streams users and must never split one."""
+    seen: set[str] = set()
+    runs, last = 0, None
+    for batch in parquet.iter_batches(batch_size=LOAD_BATCH_ROWS, columns=["user_id"]):
+        ids = batch.column(0).to_numpy(zero_copy_only=False)
+        if not len(ids):
+            continue
+        starts = np.flatnonzero(np.r_[ids[0] != last, ids[1:] != ids[:-1]])
+        runs += len(starts)
+        seen.update(ids[starts].tolist())
+        last = ids[-1]
+    if runs != len(seen):
+        raise StoreError(f"{where}: a user's rows are not together ({runs} runs of rows for {len(seen)} users); "
+                         "the search writes each user's list in one piece; not loading")
+    return len(seen)
+
+
+def _streamed_recommendations(parquet: Any) -> Iterator[store.Recommendation]:
+    """Per-user records from a shard's file, a batch of rows at a time; the last user of a batch waits for
+    the next batch, which may hold the rest of their rows."""
+    carry = None
+    for batch in parquet.iter_batches(batch_size=LOAD_BATCH_ROWS):
+        if not batch.num_rows:
+            continue
+        frame = batch.to_pandas() if carry is None else pd.concat([carry, batch.to_pandas()], ignore_index=True)
+        user = frame["user_id"].to_numpy()
+        tail = int(np.flatnonzero(user != user[-1])[-1]) + 1 if (user != user[-1]).any() else 0
+        carry = frame.iloc[tail:]
+        yield from _frame_recommendations(frame.iloc[:tail])
+    if carry is not None:
+        yield from _frame_recommendations(carry)
+
+
+def _frame_recommendations(frame: pd.DataFrame) -> Iterator[store.Recommendation]:
     cold = frame["cold_user"].to_numpy() if "cold_user" in frame.columns else None
-    return itertools.chain(
-        store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
-                                           frame["item_id"].to_numpy(), frame["score"].to_numpy(), cold),
-        (store.Recommendation(user, [], []) for user in without),
-    )
+    return store.recommendations_from_columns(frame["user_id"].to_numpy(), frame["rank"].to_numpy(),
+                                              frame["item_id"].to_numpy(), frame["score"].to_numpy(), cold)
 
 
 def retire_versions(bucket: str, table: str, shard: int, shards: int, *, now: float | None = None) -> dict[str, int]:
