@@ -601,30 +601,40 @@ def _external_feature_index(args: argparse.Namespace, feature_index_cls):
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
+    import pyarrow.parquet as pq
 
     from topx.feature_index import FeatureIndex
     from topx.rundir import (
         DATA_DIR,
+        FALLBACK,
         INTERACTIONS_FILE,
+        METRICS,
         MODEL_DIR,
         RECOMMENDATIONS,
         VECTORS_DIR,
+        list_fallback,
         list_recommendations,
         load_ids,
         load_interactions,
     )
-    from topx.steps import write_recommendations_parquet
+    from topx.steps import fallback_list, write_recommendations_parquet
     from topx.vectors import RecipeVectors
 
     run = Path(args.run)
     vectors = RecipeVectors.load(run / VECTORS_DIR)
     user_ids, item_ids = load_ids(run / VECTORS_DIR)
-    seen, cold_users_from = None, None
+    seen, cold_users_from, prepared = None, None, None
     if (run / MODEL_DIR).exists():
         index = FeatureIndex.load(run / MODEL_DIR)
         cold_users_from = index.n_warm_users
-        if not args.include_seen and (run / DATA_DIR / INTERACTIONS_FILE).exists():
-            seen = load_interactions(run, index)[0].matrix()
+        if (run / DATA_DIR / INTERACTIONS_FILE).exists():
+            prepared = load_interactions(run, index)
+            if not args.include_seen:
+                seen = prepared[0].matrix()
+    # The fallback lists follow the new rules too, by the source the run's validation chose (metrics.json).
+    source = None
+    if prepared is not None and (run / METRICS).exists():
+        source = json.loads((run / METRICS).read_text(encoding="utf-8")).get("fallback", {}).get("source")
     if args.responses is not None:
         from topx.filters import exclude_also, read_responses
 
@@ -660,9 +670,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                                           cold_users_from=cold_users_from, eligible=chosen_eligible,
                                           diversity=chosen_diversity)
         written.append((tmp, final, n))
+        if source is not None:
+            fallback, _ = fallback_list(prepared[0], vectors, prepared[1], args.top_x, chosen_eligible,
+                                        chosen_diversity, source=source)
+            final = run / FALLBACK if name is None else list_fallback(run, name)
+            tmp = final.with_name(f".{final.name}.tmp")
+            pq.write_table(fallback, tmp)
+            written.append((tmp, final, None))
     for tmp, final, n in written:
         tmp.replace(final)
-        print(f"wrote {n:,} recommendations to {final.resolve()}")
+        print(f"wrote {n:,} recommendations to {final.resolve()}" if n is not None else
+              f"wrote the fallback list to {final.resolve()}")
     return 0
 
 

@@ -447,9 +447,11 @@ def run_filters_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}filters.npz"
 
 
-def fallback_key(run_id: str) -> str:
-    """The run's fallback list (Parquet: rank, item_id, score, source), for users the model has not seen."""
-    return f"{run_prefix(run_id)}fallback.parquet"
+def fallback_key(run_id: str, list_name: str | None = None) -> str:
+    """The run's fallback list (Parquet: rank, item_id, score, source), for users the model has not seen; with
+    ``list_name``, that named list's (its own items and cap, the same source)."""
+    return f"{run_prefix(run_id)}fallback.parquet" if list_name is None else \
+        f"{run_prefix(run_id)}fallback/{list_file(list_name)}"
 
 
 def _shard(shard: int) -> str:

@@ -22,6 +22,7 @@ from topx.rundir import (
     RECOMMENDATIONS,
     VECTORS_DIR,
     atomic_output_dir,
+    list_fallback,
     list_recommendations,
     write_json,
 )
@@ -93,8 +94,14 @@ def run_all(
         with reporter.step("evaluate", "evaluating on the hold-out against popularity"):
             metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
         with reporter.step("fallback", "choosing the list for users the model has not seen") as d:
-            fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x, eligible)
+            fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x, eligible, diversity)
             pq.write_table(fallback, tmp / FALLBACK)
+            # Each named list's own, from its items and cap, by the source the default list's validation chose.
+            for chosen in named:
+                own, _ = fallback_list(ds, vectors, holdout, run.top_x, chosen.eligible, chosen.diversity,
+                                       source=metrics["fallback"]["source"])
+                pq.write_table(own, list_fallback(tmp, chosen.name))
+                lists[chosen.name]["fallback_file"] = str(list_fallback(tmp, chosen.name).relative_to(tmp))
             d["result"] = f"{metrics['fallback']['source']}."
         metrics.update(_run_summary(ds, hp, run, result))
         if eligible is not None:

@@ -7,6 +7,7 @@ A run directory holds:
     vectors/          user_vectors.npy, item_vectors.npy, user_constants.npy, ids.json
     recommendations.parquet   user_id, rank (1..x), item_id, score
     fallback.parquet          rank (1..x), item_id, score, source: the list for users the model has not seen
+    lists/            <name>.parquet and <name>.fallback.parquet: a named list's (filter file's "lists")
     metrics.json
     report.html               the run report: one self-contained page (topx.report)
 
@@ -50,12 +51,17 @@ RECOMMENDATIONS = "recommendations.parquet"
 METRICS = "metrics.json"
 REPORT = "report.html"  # the run report (topx.report), beside metrics.json
 FALLBACK = "fallback.parquet"  # the list for users the model has not seen (steps.fallback_list)
-LISTS_DIR = "lists"  # a named list's recommendations: lists/<name>.parquet (topx.filters' "lists")
+LISTS_DIR = "lists"  # a named list's recommendations and fallback: lists/<name>[.fallback].parquet
 
 
 def list_recommendations(run_dir: Path, name: str) -> Path:
     """Where a named list's recommendations lie in a run directory (the same columns as RECOMMENDATIONS)."""
     return Path(run_dir) / LISTS_DIR / f"{name}.parquet"
+
+
+def list_fallback(run_dir: Path, name: str) -> Path:
+    """Where a named list's fallback list lies in a run directory (the same columns as FALLBACK)."""
+    return Path(run_dir) / LISTS_DIR / f"{name}.fallback.parquet"
 
 
 INTERACTIONS_FILE = "interactions.npz"

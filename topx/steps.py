@@ -463,9 +463,13 @@ FALLBACK_SCHEMA = pa.schema(
 
 
 def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: int,
-                  eligible: np.ndarray | None = None) -> tuple[pa.Table, dict[str, Any]]:
+                  eligible: np.ndarray | None = None, diversity: tuple[np.ndarray, int] | None = None,
+                  source: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The best x items for a user the model has not seen, and how they were chosen; with ``eligible``
-    ((n_items,) bool, the filters' items: topx.filters), the best x of those only.
+    ((n_items,) bool, the filters' items: topx.filters), the best x of those only; with ``diversity`` (each
+    item's group and the cap: topx.filters.item_groups), at most the cap of one group, as the users' lists.
+    ``source`` ("popularity" or "model") takes that candidate without scoring the two (a named list takes
+    the default list's choice).
 
     Two candidates: popularity (the items most users interacted with in training, ties by item row) and
     the model's list for an empty user (no features: the FM scores an item by its own term, the last
@@ -479,14 +483,21 @@ def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: i
     n_items = ds.feature_index.n_items
     allowed = np.arange(n_items) if eligible is None else np.flatnonzero(eligible)
     lists = {
-        "popularity": (allowed[np.lexsort((allowed, -counts[allowed]))][:x], counts),
-        "model": (allowed[np.lexsort((allowed, -own_term[allowed]))][:x], own_term),
+        "popularity": (_capped(allowed[np.lexsort((allowed, -counts[allowed]))], diversity, x), counts),
+        "model": (_capped(allowed[np.lexsort((allowed, -own_term[allowed]))], diversity, x), own_term),
     }
     report: dict[str, Any] = {"x": x}
+    if diversity is not None:
+        report["max_per_group"] = int(diversity[1])
     chosen = "popularity"
     relevant = ds.matrix(holdout)
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    if len(users):
+    if source is not None:
+        if source not in FALLBACK_SOURCES:
+            raise ConfigError(f"fallback source must be one of {', '.join(FALLBACK_SOURCES)}, got {source!r}")
+        chosen = source
+        report["validated_on"] = "nothing: the source the default list's validation chose"
+    elif len(users):
         recall = {name: ev.ranking_metrics(np.broadcast_to(items, (len(users), len(items))), relevant[users],
                                            n_items).recall for name, (items, _) in lists.items()}
         report.update({f"{name}_recall_at_{x}": value for name, value in recall.items()})
@@ -503,3 +514,19 @@ def fallback_list(ds: Dataset, vectors: RecipeVectors, holdout: np.ndarray, x: i
         "source": pa.array([chosen] * len(items), pa.string()),
     }, schema=FALLBACK_SCHEMA)
     return table, report
+
+
+def _capped(ordered: np.ndarray, diversity: tuple[np.ndarray, int] | None, x: int) -> np.ndarray:
+    """The first x of ``ordered`` (item rows, best first) that keep at most the cap of each group; an item of
+    no group (-1) is never held back."""
+    if diversity is None:
+        return ordered[:x]
+    groups, cap = diversity
+    group = groups[ordered]
+    by_group = np.argsort(group, kind="stable")
+    sorted_group = group[by_group]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    first_of_run = np.repeat(starts, np.diff(np.r_[starts, len(sorted_group)]))
+    occurrence = np.empty(len(ordered), dtype=np.int64)
+    occurrence[by_group] = np.arange(len(ordered)) - first_of_run
+    return ordered[(group < 0) | (occurrence < cap)][:x]

@@ -569,12 +569,19 @@ def test_the_deployed_pipeline_serves_named_lists_as_topx_run_writes_them(aws, t
     category = dict(zip(table["item_id"], table["category"], strict=True))
     assert all(category[i] == "a" for u in users
                for i in store.get_recommendations(TABLE, u, list_name="cat-a", client=ddb).items)
-    # An unknown user: the fallback list, cut in a named list to the items that list may recommend.
+    # An unknown user: the fallback list; in a named list, that list's own, x long, of the items it may
+    # recommend and at most its cap per category, as `topx run` writes it (lists/<name>.fallback.parquet).
     fallback = pd.read_parquet(local / "fallback.parquet").sort_values("rank")["item_id"].tolist()
     assert store.get_recommendations(TABLE, "nobody", client=ddb).items == fallback
-    in_a = [i for i in fallback if category[i] == "a" and i not in set(items[::10])]
-    rec = store.get_recommendations(TABLE, "nobody", list_name="cat-a", client=ddb)
-    assert rec.fallback and rec.items == in_a
+    for name in ("cat-a", "mixed", "solo"):
+        own = pd.read_parquet(local / "lists" / f"{name}.fallback.parquet").sort_values("rank")["item_id"].tolist()
+        rec = store.get_recommendations(TABLE, "nobody", list_name=name, client=ddb)
+        assert rec.fallback and rec.items == own, name
+    in_a = store.get_recommendations(TABLE, "nobody", list_name="cat-a", client=ddb).items
+    assert len(in_a) == 5 and all(category[i] == "a" and i not in set(items[::10]) for i in in_a)
+    mixed = store.get_recommendations(TABLE, "nobody", list_name="mixed", client=ddb).items
+    assert sorted(category[i] for i in mixed) == ["a", "b", "c"]
+    assert store.get_recommendations(TABLE, "nobody", list_name="solo", client=ddb).items == [items[3]]
     with pytest.raises(store.UnknownList, match=rf"the live version {run_id} has no list 'nope'$"):
         store.get_recommendations(TABLE, users[0], list_name="nope", client=ddb)
     # The client names the lists there are (a Query the reader's credentials make; no function needs it).

@@ -53,3 +53,24 @@ def test_without_a_hold_out_popularity_is_the_fallback_and_the_report_says_why()
     # Most-taken first (items 0, 1 and 4 by six users each: ties by item row), scored by their counts.
     assert table.column("item_id").to_pylist() == ["i0", "i1", "i4"]
     assert table.column("score").to_pylist() == [6.0, 6.0, 6.0]
+
+
+def test_a_cap_per_group_holds_the_fallback_list_to_it_and_takes_the_next_best_instead():
+    """Items 0, 1 and 4 share a group capped at 1; items 2 and 3 have none (-1, never held back)."""
+    ds, _ = dataset()
+    groups = np.array([0, 0, -1, -1, 0])
+    table, report = fallback_list(ds, vectors([0.1, 0.2, 0.3, 0.0, 0.9]), np.zeros(len(ds.user_rows), bool), 3,
+                                  diversity=(groups, 1))
+    # Popularity orders i0, i1, i4, i2, i3: one of the group (i0), then the ungrouped i2 and i3.
+    assert table.column("item_id").to_pylist() == ["i0", "i2", "i3"] and report["max_per_group"] == 1
+    eligible = np.array([False, True, True, True, True])
+    table, _ = fallback_list(ds, vectors([0.1, 0.2, 0.3, 0.0, 0.9]), np.zeros(len(ds.user_rows), bool), 2,
+                             eligible, (groups, 2))
+    assert table.column("item_id").to_pylist() == ["i1", "i4"]
+
+
+def test_a_named_list_takes_the_source_it_is_given_without_scoring_the_candidates():
+    ds, holdout = dataset()
+    table, report = fallback_list(ds, vectors([0.1, 0.2, 0.3, 0.0, 0.9]), holdout, 2, source="popularity")
+    assert report["source"] == "popularity" and "model_recall_at_2" not in report
+    assert table.column("item_id").to_pylist() == ["i0", "i1"]

@@ -149,7 +149,11 @@ def test_run_with_filters_recommends_eligible_items_only_and_checks_them_before_
     default = pd.read_parquet(tmp_path / "named" / "recommendations.parquet")
     assert not set(default["item_id"]) <= in_other
     listed = json.loads((tmp_path / "named" / "metrics.json").read_text())["filters"]["lists"]
-    assert listed == {"other": {"eligible_items": len(in_other), "rows": len(named), "file": "lists/other.parquet"}}
+    assert listed == {"other": {"eligible_items": len(in_other), "rows": len(named), "file": "lists/other.parquet",
+                                "fallback_file": "lists/other.fallback.parquet"}}
+    # Its own fallback list: x of its own items (not the default's cut to them), by the default's source.
+    own = pd.read_parquet(tmp_path / "named" / "lists" / "other.fallback.parquet")
+    assert set(own["item_id"]) <= in_other and len(own) == min(10, len(in_other))
 
     filters.write_text(json.dumps({"items": {"exclude": [{"column": "no_such_column", "equals": 1}]}}))
     assert main([*common, "--filters", str(filters), "--out", str(tmp_path / "bad")]) == 2
@@ -244,4 +248,8 @@ def test_recommend_writes_each_named_list_beside_the_default_one(tmp_path) -> No
     assert set(named["item_id"]) <= in_category and named.groupby("user_id").size().max() == 3
     default = pd.read_parquet(out / "recommendations.parquet")
     assert default.groupby("user_id").size().max() == 5 and not set(default["item_id"]) <= in_category
+    # The fallback lists follow the new rules too: the named list's holds its category, 3 at most of it.
+    own = pd.read_parquet(out / "lists" / "first-category.fallback.parquet")
+    assert set(own["item_id"]) <= in_category and len(own) == 3
+    assert len(pd.read_parquet(out / "fallback.parquet")) == 5
     assert not list(out.glob("**/.*.tmp"))

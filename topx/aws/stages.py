@@ -506,15 +506,20 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         params, _, result, ds = train_stage(ds, hp, run, out, Reporter(False))
         vectors = export_vectors(params, ds.feature_index)
         metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
-        # The fallback list holds only what the filter file lets through (Prepare resolved it: filters.npz).
-        eligible = None
+        # The fallback list holds only what the filter file lets through, and its cap per group (Prepare resolved
+        # them: filters.npz); each named list has its own, by the source the default list's validation chose.
+        lists: list[tuple[str | None, np.ndarray | None, tuple[np.ndarray, int] | None]] = [(None, None, None)]
         if record.get("filters"):
             s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
             with np.load(work / "filters.npz") as z:
-                eligible = z["eligible"]
-        fallback, metrics["fallback"] = fallback_list(ds, vectors, holdout, run.top_x, eligible)
-        pq.write_table(fallback, work / "fallback.parquet")
-        s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
+                lists = [(name, *_read_list_filters(z, name)) for name in (None, *_run_lists(record))]
+        for name, eligible, diversity in lists:
+            fallback, report = fallback_list(ds, vectors, holdout, run.top_x, eligible, diversity,
+                                             source=None if name is None else metrics["fallback"]["source"])
+            if name is None:
+                metrics["fallback"] = report
+            pq.write_table(fallback, work / "fallback.parquet")
+            s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id, name))
         metrics.update(training_summary(hp, result, ds.report))  # the history and the data, for the run report
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
@@ -805,26 +810,15 @@ def _write_shard(bucket: str, table: str, version: str, counts_key: str, key: st
 
 
 def _load_fallback(bucket: str, run_id: str, table: str, names: list[str]) -> None:
-    """Write the run's fallback list (``fallback_key``) to the table under the run's version, and under each
-    named list's the same list cut to that list's eligible items (in the same order, so it may be shorter)."""
-    key = fallback_key(run_id)
+    """Write the run's fallback list (``fallback_key``) to the table under the run's version, and each named
+    list's own (``fallback_key(run_id, name)``: its items and cap) under that list's version."""
     with _workdir() as work:
-        _download(bucket, key, work / "fallback.parquet")
-        frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
-        eligible: dict[str, set[str]] = {}
-        if names:
-            ids_key = vectors_prefix(run_id) + ITEM_IDS
-            for source, local in ((run_filters_key(run_id), work / "filters.npz"), (ids_key, work / ITEM_IDS)):
-                _download(bucket, source, local)
-            item_ids = np.asarray(_read_ids(work / ITEM_IDS), object)
-            with np.load(work / "filters.npz") as z:
-                eligible = {name: set(item_ids[_read_list_filters(z, name)[0]].tolist()) for name in names}
-    items, scores = frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist()
-    store.write_fallback(table, run_id, items, scores, client=dynamodb_client())
-    for name in names:
-        kept = [(item, score) for item, score in zip(items, scores, strict=True) if item in eligible[name]]
-        store.write_fallback(table, list_version(run_id, name), [i for i, _ in kept], [s for _, s in kept],
-                             client=dynamodb_client())
+        for name in (None, *names):
+            _download(bucket, fallback_key(run_id, name), work / "fallback.parquet")
+            frame = pd.read_parquet(work / "fallback.parquet").sort_values("rank")
+            store.write_fallback(table, run_id if name is None else list_version(run_id, name),
+                                 frame["item_id"].astype(str).tolist(), frame["score"].astype(float).tolist(),
+                                 client=dynamodb_client())
 
 
 # Beside the deployed vectors (repackage_run): the items' ids, and each shard's users' ids.
