@@ -31,9 +31,11 @@ from topx.config import env_or
 from topx.contract import (
     DEFAULT_SERVICE_NAME,
     ENV_BUCKET,
+    ENV_COMPUTE_ENVIRONMENTS,
     ENV_SERVICE_NAME,
     ENV_STATE_MACHINE_ARN,
     ENV_TABLE,
+    METRIC_COMPUTE_UNHEALTHY,
     METRIC_LIFT,
     METRIC_RECALL,
     METRIC_STAGE_FAILURES,
@@ -357,3 +359,24 @@ def starter(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     outcome = trigger.start_runs(batch, bucket=parsed.bucket, table=parsed.table,
                                  state_machine_arn=parsed.state_machine_arn)
     return {"batchItemFailures": [], **outcome.as_dict()}
+
+
+@_stage
+def compute_health(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """A schedule's tick -> ``{"unhealthy", "invalid", "missing", "disabled", "healthy"}``: the stack's Batch
+    compute environments (``TOPX_COMPUTE_ENVIRONMENTS``) that cannot run jobs, counted as the metric
+    ``ComputeEnvironmentsUnhealthy`` that an alarm watches, each INVALID one's reason logged as an error."""
+    import os
+
+    import boto3
+
+    from topx.aws import health
+
+    names = health.compute_environments(os.environ.get(ENV_COMPUTE_ENVIRONMENTS))
+    checked = health.check_compute_environments(names, boto3.client("batch"))
+    metrics.add_metric(name=METRIC_COMPUTE_UNHEALTHY, unit=MetricUnit.Count, value=checked.unhealthy)
+    for environment in checked.invalid:
+        logger.error("compute environment %s is INVALID: %s", environment["name"], environment["reason"])
+    for name in checked.missing:
+        logger.error("compute environment %s does not exist", name)
+    return checked.as_dict()

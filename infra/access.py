@@ -43,6 +43,10 @@ UNSCOPED_ACTIONS: Mapping[str, str] = {
         "Returns the account's registry login token and has no resource-level permissions; the image pulls "
         "themselves (BatchGetImage, GetDownloadUrlForLayer) are limited to the CDK assets repository."
     ),
+    "batch:DescribeComputeEnvironments": (
+        "Read by the compute health check for the stack's own environments; AWS Batch has no resource-level "
+        "permissions for DescribeComputeEnvironments."
+    ),
     "batch:DescribeJobs": (
         "Polled by submitJob.sync to follow the job it started; AWS Batch has no resource-level permissions "
         "for DescribeJobs."

@@ -125,6 +125,8 @@ class Compute(Construct):
             spot=settings.spot,
         )
 
+        # What the compute health check asks Batch about (topx.aws.health).
+        self.environments: tuple[batch.IComputeEnvironment, ...] = (gpu_environment, cpu_environment)
         job_role = self._job_role(bucket)
         self.train = Job(
             queue=self._queue("TrainQueue", gpu_environment),

@@ -66,6 +66,8 @@ class FunctionSpec:
     writes_runs: bool = True
     table: tuple[TableAccess, ...] = ()
     versions: tuple[str, ...] = ()  # S3 object actions under versions/
+    state_machine: bool = True  # a task of the state machine (the starter and the health check are not)
+    unscoped: tuple[str, ...] = ()  # actions without resource-level permissions (infra/access.py)
 
 
 SPECS: tuple[FunctionSpec, ...] = (
@@ -143,10 +145,23 @@ SPECS: tuple[FunctionSpec, ...] = (
         # topx.aws.trigger: the one trigger item, read and conditionally written. The queue, and the state
         # machine's StartExecution, ListExecutions and DescribeExecution, are granted by infra/pipeline.py.
         table=(TableAccess(("dynamodb:GetItem", "dynamodb:PutItem"), (TRIGGER_PARTITION,)),),
+        state_machine=False,
+    ),
+    FunctionSpec(
+        "compute_health",
+        "Count the stack's Batch compute environments that are INVALID or gone, for the alarm",
+        # One Batch API call on a schedule (infra/notifications.py); its environments come from the stack.
+        memory_mb=256,
+        timeout=Duration.minutes(1),
+        reads_runs=False,
+        writes_runs=False,
+        state_machine=False,
+        unscoped=("batch:DescribeComputeEnvironments",),
     ),
 )
-# The handlers the state machine invokes (the starter is invoked by its queue, and invokes the state machine).
-STATE_MACHINE_HANDLERS = tuple(spec.handler for spec in SPECS if spec.handler != "starter")
+# The handlers the state machine invokes (the starter is invoked by its queue, and invokes the state machine;
+# the compute health check by a schedule).
+STATE_MACHINE_HANDLERS = tuple(spec.handler for spec in SPECS if spec.state_machine)
 
 
 class Functions(Construct):
@@ -168,7 +183,7 @@ class Functions(Construct):
         self.by_handler: dict[str, lambda_.DockerImageFunction] = {}
         for spec in SPECS:
             self.by_handler[spec.handler] = self._function(spec, bucket, table, environment, logs_key)
-        acknowledge_unscoped(self, TRACING_ACTIONS)
+        acknowledge_unscoped(self, (*TRACING_ACTIONS, *(action for spec in SPECS for action in spec.unscoped)))
 
     def _function(
         self,
@@ -215,6 +230,8 @@ class Functions(Construct):
             acknowledge_run_objects(role, bucket, inputs=spec.reads_inputs, versions=bool(spec.versions))
         for access in spec.table:
             role.add_to_policy(table_items(table, access.actions, access.leading_keys))
+        if spec.unscoped:
+            role.add_to_policy(iam.PolicyStatement(actions=list(spec.unscoped), resources=["*"]))
         checkov.skip_checks(
             function,
             {

@@ -1,11 +1,13 @@
 """Operations: the SNS topic for successes and failures, and the alarms and event rules that feed it.
 
 Alarms: executions failed or timed out, trigger events undelivered, Lambda throttles (all the pipeline's
-functions summed). Event rules: a failed Batch job of our queues, and a queue of ours blocked, which is how
-AWS Batch reports a compute environment gone INVALID to EventBridge (it sends no compute environment
-state change event): the job at the head of the queue stays RUNNABLE with the reason
-"ACTION_REQUIRED - CE(s) associated with the job queue are invalid", and a "Batch Job Queue Blocked" event
-carries it. The other blocking reasons (no instance type fits, capacity) come the same way.
+functions summed), and a compute environment INVALID or gone. AWS Batch sends EventBridge no compute
+environment state change event, so a schedule runs the compute health function every HEALTH_CHECK_EVERY,
+which asks Batch for each environment's state and emits the count of bad ones (topx.aws.health): an
+INVALID environment raises the alarm before any run needs it. Event rules: a failed Batch job of our
+queues, and a queue of ours blocked: the job at the head of the queue stays RUNNABLE with a reason such as
+"ACTION_REQUIRED - CE(s) associated with the job queue are invalid", no instance type that fits, or no
+capacity, and a "Batch Job Queue Blocked" event carries it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aws_cdk import aws_batch as batch
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
@@ -27,7 +30,18 @@ from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
+from topx.contract import (
+    ENV_COMPUTE_ENVIRONMENTS,
+    METRIC_COMPUTE_UNHEALTHY,
+    METRICS_NAMESPACE,
+    SERVICE_DIMENSION,
+    STAGE_DIMENSION,
+)
+
 ALARM_PERIOD = Duration.minutes(5)
+# How often the compute health check asks Batch for the environments' state (topx.aws.health).
+HEALTH_CHECK_EVERY = Duration.minutes(10)
+COMPUTE_HEALTH_STAGE = "compute_health"  # its handler's name: the metric's stage dimension
 EVENTS = "events.amazonaws.com"
 # A CloudWatch alarm on a metric math expression may use at most this many metrics.
 ALARM_MATH_METRICS = 10
@@ -171,6 +185,36 @@ class Notifications(Construct):
             )
         )
         return created
+
+    def add_compute_health(self, function: lambda_.Function, environments: Sequence[batch.IComputeEnvironment],
+                           dead_letters: sqs.IQueue, service: str) -> cloudwatch.Alarm:
+        """Run ``function`` (the compute health check) on a schedule over ``environments``, and alarm when it
+        counts one INVALID or gone: AWS Batch sends no event for that. -> the alarm."""
+        function.add_environment(ENV_COMPUTE_ENVIRONMENTS,
+                                 ",".join(environment.compute_environment_arn for environment in environments))
+        events.Rule(
+            self,
+            "ComputeHealthSchedule",
+            description="Check the topx Batch compute environments' state (an INVALID one sends no event)",
+            schedule=events.Schedule.rate(HEALTH_CHECK_EVERY),
+            targets=[targets.LambdaFunction(function, dead_letter_queue=dead_letters, retry_attempts=2,
+                                            max_event_age=HEALTH_CHECK_EVERY)],
+        )
+        alarm = cloudwatch.Alarm(
+            self,
+            "ComputeEnvironmentsUnhealthyAlarm",
+            alarm_description=("topx pipeline: a Batch compute environment is INVALID or gone (the compute health "
+                               "function's log names it and Batch's reason; docs/DEPLOY.md, Operations)"),
+            metric=cloudwatch.Metric(namespace=METRICS_NAMESPACE, metric_name=METRIC_COMPUTE_UNHEALTHY,
+                                     dimensions_map={SERVICE_DIMENSION: service, STAGE_DIMENSION: COMPUTE_HEALTH_STAGE},
+                                     statistic="Maximum", period=HEALTH_CHECK_EVERY),
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.topic))
+        return alarm
 
 
 def throttles(functions: Sequence[lambda_.IFunction]) -> cloudwatch.MathExpression:

@@ -11,7 +11,7 @@ from infra.compute import Compute
 from infra.dashboard import Dashboard
 from infra.lambdas import Functions
 from infra.logs import logs_key
-from infra.notifications import Notifications
+from infra.notifications import COMPUTE_HEALTH_STAGE, Notifications
 from infra.pipeline import Pipeline
 from infra.settings import DeploySettings
 from infra.storage import Storage
@@ -68,6 +68,9 @@ class TopxStack(Stack):
         )
         alarms = notifications.add_alarms(pipeline.state_machine, [job.queue for job in compute.jobs],
                                           pipeline.trigger_dead_letters, list(functions.by_handler.values()))
+        alarms.append(notifications.add_compute_health(functions.by_handler[COMPUTE_HEALTH_STAGE],
+                                                       compute.environments, pipeline.trigger_dead_letters,
+                                                       self.stack_name))
         Dashboard(
             self,
             "Dashboard",

@@ -627,3 +627,7 @@ METRIC_SEARCHED_USERS = "SearchedUsers"  # users one search shard wrote lists fo
 METRIC_USERS_PUBLISHED = "UsersPublished"
 METRIC_RECALL = "RecallAtX"  # recall@x on the hold-out (x = TOPX_TOP_X)
 METRIC_LIFT = "LiftOverPopularity"  # recall@x over recommending the most popular items' recall@x (1 = no better)
+# From the compute health check (a schedule, topx.aws.health): the stack's Batch compute environments that
+# cannot run jobs, INVALID or gone. AWS Batch sends no event when an environment becomes INVALID.
+METRIC_COMPUTE_UNHEALTHY = "ComputeEnvironmentsUnhealthy"
+ENV_COMPUTE_ENVIRONMENTS = "TOPX_COMPUTE_ENVIRONMENTS"  # the stack's compute environments' ARNs, comma-separated

@@ -35,7 +35,7 @@ from infra.settings import ASL_PATH, REPO_ROOT, DeploySettings, SettingsError
 from topx import contract
 from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
-HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report", "starter")
+HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report", "starter", "compute_health")
 MAIN_PATH = [
     "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
@@ -559,9 +559,11 @@ def test_state_machine_role_is_granted_each_integration(default: Synth) -> None:
         )
         for action in actions:
             by_action.setdefault(action, []).extend(resources)
-    # Every function but the starter, which its queue invokes and which itself starts the state machine.
-    functions = {k for k in default.resources("AWS::Lambda::Function") if not k.startswith("FunctionsStarter")}
-    assert len(functions) == len(HANDLERS) - 1
+    # Every function but the starter, which its queue invokes and which itself starts the state machine, and
+    # the compute health check, which a schedule invokes.
+    functions = {k for k in default.resources("AWS::Lambda::Function")
+                 if not k.startswith(("FunctionsStarter", "FunctionsComputeHealth"))}
+    assert len(functions) == len(HANDLERS) - 2
     assert {r["Fn::GetAtt"][0] for r in by_action["lambda:InvokeFunction"]} == functions
     submit = json.dumps(by_action["batch:SubmitJob"])
     for logical_id in [
@@ -636,7 +638,7 @@ def test_schedule_rule_exists_only_when_context_sets_it_and_goes_through_the_sta
         return [
             r["Properties"]
             for r in synth.resources("AWS::Events::Rule").values()
-            if "ScheduleExpression" in r["Properties"]
+            if "ScheduleExpression" in r["Properties"] and _upload_queue(synth) in json.dumps(r["Properties"])
         ]
 
     assert scheduled(default) == []
@@ -738,11 +740,11 @@ def test_lambda_throttles_of_every_function_sum_into_one_alarm(default: Synth) -
 
 
 def test_a_blocked_batch_queue_of_ours_reaches_the_topic_with_its_reason(default: Synth) -> None:
-    """AWS Batch sends no compute environment state change event: a compute environment gone INVALID shows
+    """A job that cannot start (its compute environment INVALID, no instance type that fits, no capacity) shows
     as the queue's head job blocked ("Batch Job Queue Blocked", with the reason), on our queues only."""
     queues = sorted(default.resources("AWS::Batch::JobQueue"))
     (rule,) = [r["Properties"] for r in default.resources("AWS::Events::Rule").values()
-               if r["Properties"]["EventPattern"].get("detail-type") == ["Batch Job Queue Blocked"]]
+               if r["Properties"].get("EventPattern", {}).get("detail-type") == ["Batch Job Queue Blocked"]]
     assert rule["EventPattern"]["source"] == ["aws.batch"]
     assert sorted(q["Fn::GetAtt"][0] for q in rule["EventPattern"]["detail"]["jobQueue"]) == queues
     (target,) = rule["Targets"]
@@ -750,6 +752,35 @@ def test_a_blocked_batch_queue_of_ours_reaches_the_topic_with_its_reason(default
     transformer = target["InputTransformer"]
     assert transformer["InputPathsMap"]["detail-statusReason"] == "$.detail.statusReason"
     assert "<detail-statusReason>" in transformer["InputTemplate"]
+
+
+def test_a_schedule_checks_the_compute_environments_and_an_alarm_watches_what_it_counts(default: Synth) -> None:
+    """AWS Batch sends no event when a compute environment becomes INVALID: the compute health function, on
+    a schedule, asks Batch about both of the stack's environments and emits the count of bad ones."""
+    from infra.notifications import HEALTH_CHECK_EVERY
+
+    (function_id,) = [k for k in default.resources("AWS::Lambda::Function") if k.startswith("FunctionsComputeHealth")]
+    function = default.resources("AWS::Lambda::Function")[function_id]["Properties"]
+    assert function["ImageConfig"]["Command"] == ["functions.handlers.compute_health"]
+    checked = json.dumps(_env(function)[contract.ENV_COMPUTE_ENVIRONMENTS])
+    environments = sorted(default.resources("AWS::Batch::ComputeEnvironment"))
+    assert len(environments) == 2 and all(environment in checked for environment in environments)
+    (rule,) = [r["Properties"] for r in default.resources("AWS::Events::Rule").values()
+               if function_id in json.dumps(r["Properties"].get("Targets", []))]
+    assert rule["ScheduleExpression"] == f"rate({HEALTH_CHECK_EVERY.to_minutes()} minutes)"
+    (target,) = rule["Targets"]
+    assert target["RetryPolicy"]["MaximumRetryAttempts"] == 2 and "DeadLetterConfig" in target
+    (alarm,) = [a["Properties"] for a in default.resources("AWS::CloudWatch::Alarm").values()
+                if a["Properties"].get("MetricName") == contract.METRIC_COMPUTE_UNHEALTHY]
+    assert alarm["Namespace"] == contract.METRICS_NAMESPACE and alarm["Statistic"] == "Maximum"
+    assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {
+        contract.SERVICE_DIMENSION: "Topx", contract.STAGE_DIMENSION: "compute_health"}
+    assert alarm["Threshold"] == 1 and alarm["AlarmActions"] == [{"Ref": _topic(default)}]
+    # Its role: DescribeComputeEnvironments (no resource-level permissions), and no S3 or table access.
+    role = function["Role"]["Fn::GetAtt"][0]
+    granted = json.dumps([p["Properties"]["PolicyDocument"] for p in default.resources("AWS::IAM::Policy").values()
+                          if {"Ref": role} in p["Properties"]["Roles"]])
+    assert "batch:DescribeComputeEnvironments" in granted and "s3:" not in granted and "dynamodb:" not in granted
 
 
 def _topic(synth: Synth) -> str:

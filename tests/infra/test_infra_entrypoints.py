@@ -361,3 +361,60 @@ def test_a_search_shard_emits_its_users_and_a_crash_counts_as_a_failure(
     assert [d["stage"] for d in documents] == ["search", "search"]
     assert done["SearchedUsers"] == ([4.0], "Count") and set(done) == {"SearchedUsers", "StageSeconds"}
     assert crashed == {"StageFailures": ([1.0], "Count")}
+
+
+# --- the compute health check ----------------------------------------------------------------------
+
+
+class _Batch:
+    """DescribeComputeEnvironments as AWS Batch answers it, for environments in given states."""
+
+    def __init__(self, environments: list[dict[str, str]]) -> None:
+        self.environments = environments
+        self.asked: list[list[str]] = []
+
+    def describe_compute_environments(self, computeEnvironments: list[str]) -> dict[str, Any]:  # noqa: N803
+        self.asked.append(computeEnvironments)
+        return {"computeEnvironments": [e for e in self.environments
+                                        if {e["computeEnvironmentArn"], e["computeEnvironmentName"]} & set(computeEnvironments)]}
+
+
+def _environment(name: str, status: str = "VALID", state: str = "ENABLED", reason: str = "") -> dict[str, str]:
+    return {"computeEnvironmentName": name, "status": status, "state": state, "statusReason": reason,
+            "computeEnvironmentArn": f"arn:aws:batch:us-east-1:123456789012:compute-environment/{name}"}
+
+
+def test_the_health_check_counts_invalid_and_missing_environments_and_reports_disabled_ones_apart() -> None:
+    from topx.aws import health
+
+    batch = _Batch([_environment("gpu", "INVALID", reason="CLIENT_ERROR - the service role is gone"),
+                    _environment("cpu"), _environment("spare", state="DISABLED")])
+    checked = health.check_compute_environments(
+        [_environment("gpu")["computeEnvironmentArn"], "cpu", "spare", "deleted"], batch)
+    assert checked.as_dict() == {"unhealthy": 2, "healthy": ["cpu"], "disabled": ["spare"], "missing": ["deleted"],
+                                 "invalid": [{"name": "gpu", "reason": "CLIENT_ERROR - the service role is gone"}]}
+    assert len(batch.asked) == 1  # one call for all of them
+    with pytest.raises(health.ConfigError, match="names no compute environment"):
+        health.compute_environments(" , ")
+
+
+def test_the_compute_health_handler_emits_the_count_and_logs_each_bad_environment(
+        stages: FakeStages, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    batch = _Batch([_environment("gpu", "INVALID", reason="CLIENT_ERROR - no such subnet"), _environment("cpu")])
+    monkeypatch.setattr(boto3, "client", lambda service, *a, **k: batch if service == "batch" else None)
+    monkeypatch.setenv("TOPX_COMPUTE_ENVIRONMENTS", ",".join(e["computeEnvironmentArn"] for e in batch.environments))
+    reply = _handlers().compute_health({"source": "aws.events", "detail-type": "Scheduled Event"}, CONTEXT)
+    assert reply["unhealthy"] == 1 and reply["healthy"] == ["cpu"]
+    logs, (document,) = _lines(capsys.readouterr().out)
+    assert _metrics(document)["ComputeEnvironmentsUnhealthy"] == ([1.0], "Count")
+    assert document["stage"] == "compute_health"
+    (error,) = [record for record in logs if record["level"] == "ERROR"]
+    assert error["message"] == "compute environment gpu is INVALID: CLIENT_ERROR - no such subnet"
+    # All well: the count is 0 (the alarm sees a value, not missing data), and nothing is logged as an error.
+    batch.environments[0] = _environment("gpu")
+    assert _handlers().compute_health({}, CONTEXT)["unhealthy"] == 0
+    logs, (document,) = _lines(capsys.readouterr().out)
+    assert _metrics(document)["ComputeEnvironmentsUnhealthy"] == ([0.0], "Count")
+    assert not [record for record in logs if record["level"] == "ERROR"]

@@ -105,7 +105,8 @@ print(json.dumps({"replies": replies, "loaded": sorted(m for m in watched if m i
 """
 BUCKET, TABLE = "topx-probe-bucket", "topx-probe-table"
 # Every function of infra/lambdas.py, in the order the state machine runs them.
-LAMBDA_HANDLERS = ("starter", "prepare", "quality_gate", "repackage", "report", "load_shard", "publish")
+LAMBDA_HANDLERS = ("starter", "prepare", "quality_gate", "repackage", "report", "load_shard", "publish",
+                   "compute_health")
 PROBE_STATE_MACHINE = "arn:aws:states:us-east-1:123456789012:stateMachine:probe"
 # tqdm: the trainers' progress bars, which the functions image leaves out too.
 WATCHED = (*HEAVY, "matplotlib", "tqdm")
@@ -169,3 +170,8 @@ def test_no_lambda_function_loads_torch_faiss_or_tqdm_and_no_batch_job_matplotli
         ("handler", "starter", {"Records": [], "bucket": BUCKET, "table": TABLE,
                                 "state_machine_arn": PROBE_STATE_MACHINE})])
     assert started["started"] is None and loaded == [], (started, loaded)
+
+    # The compute health check, asking moto's Batch about an environment it does not have.
+    monkeypatch.setenv("TOPX_COMPUTE_ENVIRONMENTS", "topx-gone")
+    (health,), loaded = _run_stages(tmp_path / "6", tmp_path / "7", [("handler", "compute_health", {})])
+    assert health["missing"] == ["topx-gone"] and loaded == [], (health, loaded)
