@@ -13,6 +13,8 @@ this machine's CPU), QualityGate, Repackage, one Search child per shard, Report,
 (into moto's DynamoDB), Publish. The stage functions are the deployed ones (``functions.handlers`` for the
 Lambda functions, ``topx.aws.stages`` for the Batch jobs' work).
 
+``--prepare-only`` runs Prepare alone (the other stages are left out and said so), to measure the ingest.
+
 ``--run-shards N`` runs only the first N shards' Search children and loads (every shard holds about as
 many users, so one shard's figures are every shard's); Publish then needs every shard, so it is left out
 and said so. Keys: ``stages`` maps each stage to ``s`` (wall seconds; for the per-shard stages the sum over
@@ -40,6 +42,7 @@ from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_
 
 BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
 USERS_PER_SHARD = 100_000  # the default shard size: what one Search child and one LoadShard take on
+LATER_STAGES = ["train", "quality_gate", "repackage", "search", "report", "load_shard", "publish"]
 CHUNK = 5_000_000  # interactions generated (and written as one Parquet row group) at a time
 
 
@@ -142,6 +145,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         prepared = timed("prepare", "handler", "prepare", {"bucket": BUCKET, "key": None, "uploads": None})
         run_id = prepared["run_id"]
+        if args.prepare_only:
+            return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
+                    "items": prepared["n_items"], "shards": prepared["shards"], "left_out": LATER_STAGES,
+                    "bytes": {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id))},
+                    "stages": stages}
         run = {"bucket": BUCKET, "run_id": run_id}
         timed("train", "stage", "train_run", [BUCKET, run_id])
         gate = timed("quality_gate", "handler", "quality_gate", {**run, "table": TABLE})
@@ -175,6 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-x", type=int, default=10)
     parser.add_argument("--shards", type=int, help=f"search and load shards (default: {USERS_PER_SHARD:,} users each)")
     parser.add_argument("--run-shards", type=int, help="run only the first N shards' search and load (see above)")
+    parser.add_argument("--prepare-only", action="store_true", help="run Prepare alone (see above)")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 

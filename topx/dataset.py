@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from topx import evaluate as ev
@@ -31,7 +33,7 @@ from topx.contract import (
 from topx.encode import encode_features
 from topx.errors import ConfigError, InputDataError
 from topx.feature_index import FeatureIndex
-from topx.ingest import read_feature_table, read_interactions
+from topx.ingest import InteractionCodes, read_feature_table, read_interaction_codes
 
 MIN_DISTINCT_IDS = 2  # users and items an interactions file must name
 
@@ -184,9 +186,14 @@ def read_dataset_config(path: str) -> dict[str, Any]:
 
 
 def load_dataset(opts: DataOptions) -> Dataset:
-    """Read, validate and index the interactions and the optional feature tables."""
+    """Read, validate and index the interactions and the optional feature tables.
+
+    The interactions are read part by part into integer codes (``topx.ingest.read_interaction_codes``); the
+    window, the thresholds and the merging of repeated pairs work on those arrays. Ids are numbered in sorted
+    order (of their text), and rows keep file order, a merged pair standing where it first occurs.
+    """
     header = opts.header
-    frame = read_interactions(
+    codes = read_interaction_codes(
         opts.interactions,
         user_col=opts.user_col,
         item_col=opts.item_col,
@@ -198,35 +205,19 @@ def load_dataset(opts: DataOptions) -> Dataset:
         time_col=opts.time_col,
         max_bytes=opts.max_bytes,
     )
-    report: dict[str, Any] = {"rows_read": int(len(frame))}
-    if opts.since is not None:
-        start = _window_start(opts.since, int(frame["time"].max()))
-        old = frame["time"].to_numpy() < start
-        report["window_start"] = datetime.fromtimestamp(start, UTC).isoformat()
-        report["rows_before_window_dropped"] = int(old.sum())
-        frame = frame.loc[~old]
-        if frame.empty:
-            raise InputDataError(f"no row is at or after --since {opts.since}: there are no interactions",
-                                 source=opts.interactions)
-    if opts.min_rating is not None:
-        low = frame["rating"].to_numpy() < opts.min_rating
-        report["rows_below_min_rating_dropped"] = int(low.sum())
-        frame = frame.loc[~low]
-        if frame.empty:
-            raise InputDataError(f"no row has a rating >= --min-rating {opts.min_rating:g}: there are no interactions",
-                                 source=opts.interactions)
-    if opts.implicit:
-        zero = frame["rating"].to_numpy() <= 0
-        report["zero_strength_rows_dropped"] = int(zero.sum())
-        frame = frame.loc[~zero]
-        if frame.empty:
-            raise InputDataError("every row has strength 0: there are no interactions", source=opts.interactions)
-    frame, duplicates = _aggregate(frame, opts.implicit)
+    report: dict[str, Any] = {"rows_read": len(codes.rating)}
+    keep = _kept_rows(codes, opts, report)
+    user, item, rating, time = codes.user_codes, codes.item_codes, codes.rating, codes.time
+    if not keep.all():
+        user, item, rating = user[keep], item[keep], rating[keep]
+        time = None if time is None else time[keep]
+    del keep
+    user, item, rating, time, duplicates = _merge_pairs(user, item, rating, time, len(codes.item_ids), opts.implicit)
     report["duplicate_pairs_merged"] = duplicates
-    user_codes, user_ids = pd.factorize(frame["user_id"], sort=True)
-    item_codes, item_ids = pd.factorize(frame["item_id"], sort=True)
-    user_ids = [str(u) for u in user_ids]
-    item_ids = [str(i) for i in item_ids]
+    user_rows, user_ids = _sorted_codes(user, codes.user_ids)
+    del user
+    item_rows, item_ids = _sorted_codes(item, codes.item_ids)
+    del item
     _check_enough_ids(user_ids, "user", opts.interactions, opts.user_col)
     _check_enough_ids(item_ids, "item", opts.interactions, opts.item_col)
     user_matrix, user_names, cold_users = _side_features(opts.users, opts.user_key, opts.user_col, header, opts.sep,
@@ -235,20 +226,92 @@ def load_dataset(opts: DataOptions) -> Dataset:
                                                          item_ids, report, "items", opts.cold_items)
     feature_index = FeatureIndex.build(user_ids + cold_users, item_ids + cold_items, user_matrix, user_names,
                                        item_matrix, item_names, cold_users=len(cold_users), cold_items=len(cold_items))
-    report.update(n_users=feature_index.n_users, n_items=feature_index.n_items, n_interactions=int(len(frame)),
+    report.update(n_users=feature_index.n_users, n_items=feature_index.n_items, n_interactions=len(rating),
                   n_features=feature_index.n_features, cold_users=len(cold_users), cold_items=len(cold_items))
-    if opts.time_col is not None:
-        report.update(time_first=_iso(int(frame["time"].min())), time_last=_iso(int(frame["time"].max())))
+    if time is not None:
+        report.update(time_first=_iso(int(time.min())), time_last=_iso(int(time.max())))
     return Dataset(
         feature_index=feature_index,
-        user_rows=user_codes.astype(np.int64),
-        item_rows=item_codes.astype(np.int64),
-        rating=frame["rating"].to_numpy(dtype=np.float32),
+        user_rows=user_rows,
+        item_rows=item_rows,
+        rating=rating,
         implicit=opts.implicit,
         report=report,
-        time=None if opts.time_col is None else frame["time"].to_numpy(dtype=np.int64),
+        time=time,
         half_life_days=opts.half_life_days,
     )
+
+
+def _kept_rows(codes: InteractionCodes, opts: DataOptions, report: dict[str, Any]) -> np.ndarray:
+    """(n,) bool: the rows the window (``since``), ``min_rating`` and, for implicit data, a strength above 0 keep,
+    applied in that order; ``report`` gets how many each dropped of the rows the one before kept. Refuses data
+    that one of them leaves empty."""
+    keep = np.ones(len(codes.rating), dtype=bool)
+    if opts.since is not None:
+        assert codes.time is not None  # DataOptions refuses --since without a time column
+        start = _window_start(opts.since, int(codes.time.max()))
+        old = codes.time < start
+        report["window_start"] = datetime.fromtimestamp(start, UTC).isoformat()
+        report["rows_before_window_dropped"] = int(old.sum())
+        keep &= ~old
+        if not keep.any():
+            raise InputDataError(f"no row is at or after --since {opts.since}: there are no interactions",
+                                 source=opts.interactions)
+    if opts.min_rating is not None:
+        low = codes.rating < opts.min_rating
+        report["rows_below_min_rating_dropped"] = int(np.count_nonzero(low & keep))
+        keep &= ~low
+        if not keep.any():
+            raise InputDataError(f"no row has a rating >= --min-rating {opts.min_rating:g}: there are no interactions",
+                                 source=opts.interactions)
+    if opts.implicit:
+        zero = codes.rating <= 0
+        report["zero_strength_rows_dropped"] = int(np.count_nonzero(zero & keep))
+        keep &= ~zero
+        if not keep.any():
+            raise InputDataError("every row has strength 0: there are no interactions", source=opts.interactions)
+    return keep
+
+
+def _merge_pairs(
+    user: np.ndarray, item: np.ndarray, rating: np.ndarray, time: np.ndarray | None, n_item_codes: int, implicit: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """One row per (user, item) code pair: strengths add up in implicit mode; repeated ratings average; the time of
+    a repeated pair is its latest. A merged pair stands where it first occurs; with no repeats the arrays are
+    returned as they are. Sums are taken in float64 and rounded to float32 once. Also returns how many rows
+    merged away.
+
+    user, item: (n,) int32 codes (item codes < ``n_item_codes``); rating: (n,) float32; time: (n,) int64 or None.
+    """
+    key = user.astype(np.int64) * n_item_codes + item
+    order = np.argsort(key, kind="stable")  # stable: the first row of each pair comes first among its rows
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    del key
+    duplicates = len(rating) - len(starts)
+    if duplicates == 0:
+        return user, item, rating, time, 0
+    totals = np.add.reduceat(rating[order].astype(np.float64), starts)
+    if not implicit:
+        totals /= np.diff(np.append(starts, len(rating)))
+    latest = None if time is None else np.maximum.reduceat(time[order], starts)
+    first_rows = order[starts]
+    del order
+    by_first_row = np.argsort(first_rows)
+    rows = first_rows[by_first_row]
+    return (user[rows], item[rows], totals[by_first_row].astype(np.float32),
+            None if latest is None else latest[by_first_row], duplicates)
+
+
+def _sorted_codes(codes: np.ndarray, ids: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """The ids that ``codes`` (n,) uses, in sorted order of their text, and (n,) int64 positions in that list.
+
+    Arrow orders text by its UTF-8 bytes, which is the order of code points, as Python's ``sorted`` is."""
+    used = np.flatnonzero(np.bincount(codes, minlength=len(ids)))
+    order = pc.sort_indices(ids.take(pa.array(used))).to_numpy()
+    position = np.empty(len(ids), dtype=np.int64)
+    position[used[order]] = np.arange(len(used), dtype=np.int64)
+    return position[codes], ids.take(pa.array(used[order])).to_pylist()
 
 
 def _iso(seconds: int) -> str:
@@ -284,21 +347,6 @@ def _check_enough_ids(ids: list[str], role: str, source: str, column: str | int)
             source=source,
             column=str(column),
         )
-
-
-def _aggregate(frame: pd.DataFrame, implicit: bool) -> tuple[pd.DataFrame, int]:
-    """One row per (user, item): strengths add up in implicit mode; repeated ratings average; the time
-    of a repeated pair is its latest."""
-    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)
-    merged = grouped["rating"].sum() if implicit else grouped["rating"].mean()
-    duplicates = int(len(frame) - len(merged))
-    if duplicates == 0:
-        return frame.reset_index(drop=True), 0
-    out = merged.reset_index()
-    out["rating"] = out["rating"].astype(np.float32)
-    if "time" in frame.columns:
-        out["time"] = grouped["time"].max().to_numpy()
-    return out, duplicates
 
 
 def items_table(opts: DataOptions) -> pd.DataFrame | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,6 +135,131 @@ def read_interactions(
     have the same columns, of the same kinds (``_schema_difference``). ``max_bytes``: the parts' sizes as
     stored, summed from the listing, may not exceed it; a larger dataset is refused before any is read.
     """
+    parts = _interaction_parts(source, user_col=user_col, item_col=item_col, rating_col=rating_col, header=header,
+                               sep=sep, implicit=implicit, time_col=time_col, max_bytes=max_bytes, s3_client=s3_client)
+    frames, sources, row_offset = [], [], 0
+    for part in parts:
+        frame = pd.DataFrame({USER_ID: pd.Series(part.users.to_pandas(), dtype="str"),
+                              ITEM_ID: pd.Series(part.items.to_pandas(), dtype="str"), RATING: part.rating})
+        if part.time is not None:
+            frame[TIME] = part.time
+        frames.append(frame)
+        sources.append(part.source)
+        row_offset = part.row_offset
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    frame.attrs["source"] = source
+    frame.attrs["row_offset"] = row_offset if len(frames) == 1 else 0
+    frame.attrs["parts"] = sources
+    return frame
+
+
+@dataclass(frozen=True)
+class InteractionCodes:
+    """Interactions as integer codes, every row in file order (parts in path order; nothing merged or dropped).
+
+    user_codes, item_codes: (n,) int32 positions in ``user_ids`` / ``item_ids``, which hold each distinct id
+    (stripped text) once, in the order of its first row; rating: (n,) float32; time: (n,) int64 seconds since
+    the epoch, or None without a time column; parts: the files read, in order.
+    """
+
+    user_codes: np.ndarray
+    item_codes: np.ndarray
+    rating: np.ndarray
+    time: np.ndarray | None
+    user_ids: pa.Array
+    item_ids: pa.Array
+    parts: list[str]
+
+
+def read_interaction_codes(
+    source: str,
+    *,
+    user_col: str | int = USER_ID,
+    item_col: str | int = ITEM_ID,
+    rating_col: str | int | None = RATING,
+    header: bool = True,
+    sep: str | None = None,
+    implicit: bool = False,
+    time_col: str | int | None = None,
+    max_bytes: int | None = None,
+    s3_client: Any = None,
+) -> InteractionCodes:
+    """The rows :func:`read_interactions` reads (same arguments, same checks and errors), kept as integer codes.
+
+    Each part is read, checked and turned into codes before the next is read, and only its codes stay: memory
+    holds one part's table at a time beside about 12 bytes a row (20 with a time column) and the distinct ids,
+    where a frame of string ids takes over a hundred bytes a row.
+    """
+    users, items = _Vocabulary(), _Vocabulary()
+    user_codes, item_codes, ratings, times, sources = [], [], [], [], []
+    for part in _interaction_parts(source, user_col=user_col, item_col=item_col, rating_col=rating_col, header=header,
+                                   sep=sep, implicit=implicit, time_col=time_col, max_bytes=max_bytes,
+                                   s3_client=s3_client):
+        user_codes.append(users.encode(part.users))
+        item_codes.append(items.encode(part.items))
+        ratings.append(part.rating)
+        if part.time is not None:
+            times.append(part.time)
+        sources.append(part.source)
+        del part  # the part's table goes before the next is read
+    return InteractionCodes(
+        user_codes=_concatenate(user_codes, np.int32), item_codes=_concatenate(item_codes, np.int32),
+        rating=_concatenate(ratings, np.float32), time=_concatenate(times, np.int64) if time_col is not None else None,
+        user_ids=users.ids(), item_ids=items.ids(), parts=sources)
+
+
+def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    """One array of ``arrays`` in order, the list emptied as it goes so that each piece is freed once copied."""
+    out = np.empty(sum(len(a) for a in arrays), dtype=dtype)
+    position = 0
+    while arrays:
+        piece = arrays.pop(0)
+        out[position:position + len(piece)] = piece
+        position += len(piece)
+    return out
+
+
+class _Vocabulary:
+    """Distinct ids in the order they are first met; an id's code is its position."""
+
+    def __init__(self) -> None:
+        self._ids: pa.Array = pa.array([], pa.large_string())
+
+    def encode(self, ids: pa.ChunkedArray) -> np.ndarray:
+        """(n,) int32 codes of ``ids`` (no nulls), adding the ids not met before."""
+        encoded = pc.dictionary_encode(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
+        distinct = encoded.dictionary.cast(pa.large_string())  # this part's ids, in the order of their first row
+        known = pc.index_in(distinct, value_set=self._ids)
+        new = known.is_null().to_numpy(zero_copy_only=False)
+        codes = known.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+        codes[new] = np.arange(len(self._ids), len(self._ids) + int(new.sum()), dtype=np.int32)
+        if new.any():
+            self._ids = pa.concat_arrays([self._ids, distinct.filter(pa.array(new))])
+        return codes[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def ids(self) -> pa.Array:
+        """(n_ids,) large_string: every id met, by code."""
+        return self._ids
+
+
+@dataclass(frozen=True)
+class _InteractionPart:
+    """One part's checked rows: ids as stripped text, rating (n,) float32, time (n,) int64 or None."""
+
+    source: str
+    row_offset: int
+    users: pa.ChunkedArray
+    items: pa.ChunkedArray
+    rating: np.ndarray
+    time: np.ndarray | None
+
+
+def _interaction_parts(
+    source: str, *, user_col: str | int, item_col: str | int, rating_col: str | int | None, header: bool,
+    sep: str | None, implicit: bool, time_col: str | int | None, max_bytes: int | None, s3_client: Any,
+) -> Iterator[_InteractionPart]:
+    """The parts of ``source``, read and checked one at a time (``read_interactions`` says how): each part's
+    table is dropped once its columns are taken, before the next part is read."""
     if rating_col is None and not implicit:
         raise ConfigError("explicit ratings need a rating column; pass rating_col or implicit=True")
     # Only the default rating column may be absent (implicit mode): a name the caller chose must exist.
@@ -146,27 +271,32 @@ def read_interactions(
         s3_client = default_s3_client()  # one client for listing and reading every part
     parts = dataset_parts(source, s3_client=s3_client)
     _check_size(parts, source, max_bytes)
-    frames, first = [], None
+    shapes: list[_Table] = []
     for part in parts:
-        table = _with_partitions(_load_table(part.source, header=header, sep=sep, s3_client=s3_client), part)
-        if first is None:
-            first = table
-        elif table.columns != first.columns:
-            raise InputDataError(
-                f"its columns {table.columns} differ from those of {first.source} ({first.columns}); the parts "
-                "of one dataset must have the same columns", source=part.source)
-        else:
-            difference = _schema_difference(table, first)
-            if difference is not None:
-                raise InputDataError(f"{difference}; the parts of one dataset must have the same schema",
-                                     source=part.source)
-        frames.append(_interactions_frame(table, user_col, item_col, rating_col, time_col, implicit=implicit,
-                                          rating_optional=rating_optional))
-    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    frame.attrs["source"] = source
-    frame.attrs["row_offset"] = first.row_offset if len(frames) == 1 else 0
-    frame.attrs["parts"] = [part.source for part in parts]
-    return frame
+        # Yielded unnamed: nothing in this frame holds a part while the next one is read.
+        yield _interaction_part(part, shapes, header=header, sep=sep, s3_client=s3_client, user_col=user_col,
+                                item_col=item_col, rating_col=rating_col, time_col=time_col, implicit=implicit,
+                                rating_optional=rating_optional)
+
+
+def _interaction_part(part: Part, shapes: list[_Table], *, header: bool, sep: str | None, s3_client: Any,
+                      user_col: str | int, item_col: str | int, rating_col: str | int | None,
+                      time_col: str | int | None, implicit: bool, rating_optional: bool) -> _InteractionPart:
+    """One part read and checked against the first part's columns and schema (``shapes``: empty, or the first
+    part's table without its rows, which this call puts there when it reads the first part)."""
+    table = _with_partitions(_load_table(part.source, header=header, sep=sep, s3_client=s3_client), part)
+    if not shapes:
+        shapes.append(replace(table, data=table.data.schema.empty_table()))
+    first = shapes[0]
+    if table.columns != first.columns:
+        raise InputDataError(
+            f"its columns {table.columns} differ from those of {first.source} ({first.columns}); the parts "
+            "of one dataset must have the same columns", source=part.source)
+    difference = _schema_difference(table, first)  # None for the first part, compared with its own schema
+    if difference is not None:
+        raise InputDataError(f"{difference}; the parts of one dataset must have the same schema", source=part.source)
+    return _interaction_columns(table, user_col, item_col, rating_col, time_col, implicit=implicit,
+                                rating_optional=rating_optional)
 
 
 def _check_size(parts: list[Part], source: str, max_bytes: int | None) -> None:
@@ -221,9 +351,9 @@ def _with_partitions(table: _Table, part: Part) -> _Table:
     return replace(table, data=data)
 
 
-def _interactions_frame(table: _Table, user_col: str | int, item_col: str | int, rating_col: str | int | None,
-                        time_col: str | int | None, *, implicit: bool, rating_optional: bool) -> pd.DataFrame:
-    """One file's (user, item, rating[, time]) rows, checked (``read_interactions``)."""
+def _interaction_columns(table: _Table, user_col: str | int, item_col: str | int, rating_col: str | int | None,
+                         time_col: str | int | None, *, implicit: bool, rating_optional: bool) -> _InteractionPart:
+    """One file's (user, item, rating[, time]) columns, checked (``read_interactions``)."""
     user_name = _resolve_column(table, user_col, "user id")
     item_name = _resolve_column(table, item_col, "item id")
     if user_name == item_name:
@@ -243,17 +373,9 @@ def _interactions_frame(table: _Table, user_col: str | int, item_col: str | int,
         # A column named rating is called a rating, whatever the objective reads it as.
         what = "interaction strength" if implicit and "rating" not in str(rating_name).lower() else "rating"
         ratings = _rating_column(table, rating_name, what, allow_negative=not implicit)
-
-    frame = pd.DataFrame(
-        {
-            USER_ID: pd.Series(users.to_pandas(), dtype="str"),
-            ITEM_ID: pd.Series(items.to_pandas(), dtype="str"),
-            RATING: ratings,
-        }
-    )
-    if time_name is not None:
-        frame[TIME] = _time_column(table, time_name)
-    return frame
+    times = None if time_name is None else _time_column(table, time_name)
+    return _InteractionPart(source=table.source, row_offset=table.row_offset, users=users, items=items,
+                            rating=ratings, time=times)
 
 
 def read_feature_table(

@@ -1,0 +1,168 @@
+"""load_dataset's lean path (part by part, integer codes, numpy merging) gives exactly the Dataset that reading
+every row into a frame of string ids and merging with pandas gave: same ids in the same order, same rows in the
+same order, same ratings, times and report, so that seeded hold-outs and every figure stay as they were."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from topx.dataset import DataOptions, _window_start, load_dataset
+from topx.errors import InputDataError
+from topx.ingest import read_interaction_codes, read_interactions
+
+# --------------------------------------------------------------------------- the former path, as the reference
+
+
+def reference(opts: DataOptions) -> dict[str, Any]:
+    """What load_dataset computed before it read part by part: a frame of string ids, filtered with pandas,
+    merged with groupby(sort=False) and numbered with factorize(sort=True)."""
+    frame = read_interactions(opts.interactions, user_col=opts.user_col, item_col=opts.item_col,
+                              rating_col=opts.rating_col, header=opts.header, sep=opts.sep,
+                              implicit=opts.implicit and opts.min_rating is None, time_col=opts.time_col)
+    report: dict[str, Any] = {"rows_read": int(len(frame))}
+    if opts.since is not None:
+        start = _window_start(opts.since, int(frame["time"].max()))
+        old = frame["time"].to_numpy() < start
+        report["window_start"] = datetime.fromtimestamp(start, UTC).isoformat()
+        report["rows_before_window_dropped"] = int(old.sum())
+        frame = frame.loc[~old]
+    if opts.min_rating is not None:
+        low = frame["rating"].to_numpy() < opts.min_rating
+        report["rows_below_min_rating_dropped"] = int(low.sum())
+        frame = frame.loc[~low]
+    if opts.implicit:
+        zero = frame["rating"].to_numpy() <= 0
+        report["zero_strength_rows_dropped"] = int(zero.sum())
+        frame = frame.loc[~zero]
+    grouped = frame.groupby(["user_id", "item_id"], sort=False, observed=True)
+    merged = grouped["rating"].sum() if opts.implicit else grouped["rating"].mean()
+    report["duplicate_pairs_merged"] = int(len(frame) - len(merged))
+    if report["duplicate_pairs_merged"]:
+        out = merged.reset_index()
+        out["rating"] = out["rating"].astype(np.float32)
+        if "time" in frame.columns:
+            out["time"] = grouped["time"].max().to_numpy()
+        frame = out
+    else:
+        frame = frame.reset_index(drop=True)
+    user_rows, user_ids = pd.factorize(frame["user_id"], sort=True)
+    item_rows, item_ids = pd.factorize(frame["item_id"], sort=True)
+    if opts.time_col is not None:
+        report["time_first"] = datetime.fromtimestamp(int(frame["time"].min()), UTC).isoformat().replace("+00:00", "Z")
+        report["time_last"] = datetime.fromtimestamp(int(frame["time"].max()), UTC).isoformat().replace("+00:00", "Z")
+    return {"user_ids": tuple(str(u) for u in user_ids), "item_ids": tuple(str(i) for i in item_ids),
+            "user_rows": user_rows.astype(np.int64), "item_rows": item_rows.astype(np.int64),
+            "rating": frame["rating"].to_numpy(dtype=np.float32),
+            "time": None if opts.time_col is None else frame["time"].to_numpy(dtype=np.int64), "report": report}
+
+
+def assert_same_as_reference(opts: DataOptions) -> None:
+    expected = reference(opts)
+    ds = load_dataset(opts)
+    assert ds.user_ids == expected["user_ids"]
+    assert ds.item_ids == expected["item_ids"]
+    for name in ("user_rows", "item_rows", "rating", "time"):
+        got, want = getattr(ds, name), expected[name]
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    assert {k: v for k, v in ds.report.items() if k in expected["report"]} == expected["report"]
+    assert ds.report["n_interactions"] == len(expected["rating"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+# Text ids that sort differently as text and as numbers, with leading zeros, spaces to strip and non-ASCII.
+USERS = ["u10", "u9", "007", "7", " u2 ", "zoë", "Zoe", "émile", "u1", "日本"]
+ITEMS = ["i1", "i10", "i2", "0042", "42", "ä", "b", "B"]
+
+
+def interactions(seed: int, n: int) -> pd.DataFrame:
+    """(n,) rows with many repeated (user, item) pairs, ratings in quarters (their sums and means are exact in
+    float32, as with any counts or star ratings), times a few days apart."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "user": rng.choice(USERS, n), "item": rng.choice(ITEMS, n),
+        "stars": rng.integers(-4, 21, n) / 4.0,
+        "when": 1_700_000_000 + rng.integers(0, 40 * 86400, n),
+    })
+
+
+def write_parts(root: Path, frame: pd.DataFrame, cuts: list[int]) -> str:
+    """``frame`` cut at ``cuts`` into CSV parts under ``root`` (in path order)."""
+    root.mkdir()
+    for number, (start, stop) in enumerate(zip([0, *cuts], [*cuts, len(frame)], strict=True)):
+        frame.iloc[start:stop].to_csv(root / f"part-{number:03d}.csv", index=False)
+    return str(root)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("since,min_rating", [(None, None), ("20", None), (None, 2.0), ("2023-11-25", 1.5)])
+def test_parts_with_repeats_a_window_and_a_threshold_give_the_former_dataset(tmp_path, implicit, since, min_rating):
+    frame = interactions(seed=7, n=400)
+    if implicit and min_rating is None:
+        frame["stars"] = frame["stars"].abs()  # strengths may not be negative unless a threshold drops them
+    source = write_parts(tmp_path / "export", frame, [1, 150, 151, 330])
+    opts = DataOptions(source, user_col="user", item_col="item", rating_col="stars", time_col="when",
+                       implicit=implicit, since=since, min_rating=min_rating)
+    ds = load_dataset(opts)
+    assert ds.report["duplicate_pairs_merged"] > 0
+    assert_same_as_reference(opts)
+
+
+def test_without_repeats_or_a_time_column_rows_keep_file_order(tmp_path):
+    pairs = [(u, i) for u in USERS for i in ITEMS]
+    order = np.random.default_rng(3).permutation(len(pairs))
+    frame = pd.DataFrame({"user": [pairs[k][0] for k in order], "item": [pairs[k][1] for k in order],
+                          "stars": np.arange(len(pairs)) % 5 + 1.0})
+    opts = DataOptions(write_parts(tmp_path / "export", frame, [17, 40]), user_col="user", item_col="item",
+                       rating_col="stars")
+    assert_same_as_reference(opts)
+    assert load_dataset(opts).report["duplicate_pairs_merged"] == 0
+
+
+def test_parquet_parts_with_integer_ids_sort_their_ids_as_text(tmp_path):
+    rng = np.random.default_rng(11)
+    root = tmp_path / "export"
+    root.mkdir()
+    for number in range(3):
+        pq.write_table(pa.table({"user_id": rng.integers(0, 30, 200), "item_id": rng.integers(0, 120, 200),
+                                 "plays": rng.integers(0, 4, 200)}), root / f"part-{number}.parquet")
+    opts = DataOptions(str(root), rating_col="plays", implicit=True)
+    assert_same_as_reference(opts)
+    # "10" sorts before "9": ids are text, numbered in text order.
+    assert list(load_dataset(opts).user_ids) == sorted(load_dataset(opts).user_ids)
+
+
+def test_codes_keep_every_row_in_file_order_with_ids_in_order_of_first_row(tmp_path):
+    root = tmp_path / "export"
+    root.mkdir()
+    (root / "a.csv").write_text("user_id,item_id,rating\nb,x,1\na,y,2\nb,x,3\n", encoding="utf-8")
+    (root / "b.csv").write_text("user_id,item_id,rating\nc,y,4\na,z,5\n", encoding="utf-8")
+    codes = read_interaction_codes(str(root))
+    assert codes.user_ids.to_pylist() == ["b", "a", "c"] and codes.item_ids.to_pylist() == ["x", "y", "z"]
+    assert codes.user_codes.tolist() == [0, 1, 0, 2, 1] and codes.item_codes.tolist() == [0, 1, 0, 1, 2]
+    assert codes.rating.tolist() == [1, 2, 3, 4, 5] and codes.time is None
+    assert (codes.user_codes.dtype, codes.rating.dtype) == (np.int32, np.float32)
+    assert codes.parts == [str(root / "a.csv"), str(root / "b.csv")]
+
+
+def test_a_bad_row_in_a_later_part_is_named_by_its_part_and_row(tmp_path):
+    root = tmp_path / "export"
+    root.mkdir()
+    (root / "a.csv").write_text("user_id,item_id,rating\nb,x,1\n", encoding="utf-8")
+    (root / "b.csv").write_text("user_id,item_id,rating\nc,y,4\na,z,lots\n", encoding="utf-8")
+    with pytest.raises(InputDataError) as info:
+        load_dataset(DataOptions(str(root)))
+    assert str(root / "b.csv") in str(info.value) and "row 3" in str(info.value) and "rating" in str(info.value)
