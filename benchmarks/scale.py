@@ -1,11 +1,11 @@
 """Every stage of the deployed pipeline at scale, each in a process of its own: seconds and peak memory.
 
     .venv/bin/python -m benchmarks.scale --interactions 1000000 --users 200000 --items 20000 --epochs 1
-    .venv/bin/python -m benchmarks.scale --interactions 50000000 --users 2000000 --items 100000 --epochs 1 \\
-        --run-shards 2
+    .venv/bin/python -m benchmarks.scale --interactions 50000000 --users 2500000 --items 100000 --epochs 1 \\
+        --load-shards 2
 
 Generated implicit data (integer user and item ids, item popularity falling as a power law, 1 + a Poisson
-play count) goes to ``incoming/`` of a bucket in moto's server (its Flask is pinned in requirements.txt),
+play count), as part files of 5M rows and a ``_SUCCESS`` marker, goes to ``incoming/export/`` of a bucket in moto's server (its Flask is pinned in requirements.txt),
 which runs in this process; the stages then run in order as the state machine runs them, each in a fresh
 Python process that reaches the server through ``TOPX_ENDPOINT_URL``, so that a stage's peak resident memory
 is its own (interpreter and imports included) and not the bucket's: Prepare, Train (1 epoch by default, on
@@ -16,8 +16,9 @@ Lambda functions, ``topx.aws.stages`` for the Batch jobs' work).
 ``--prepare-only`` runs Prepare alone (the other stages are left out and said so), to measure the ingest.
 
 ``--run-shards N`` runs only the first N shards' Search children and loads (every shard holds about as
-many users, so one shard's figures are every shard's); Publish then needs every shard, so it is left out
-and said so. Keys: ``stages`` maps each stage to ``s`` (wall seconds; for the per-shard stages the sum over
+many users, so one shard's figures are every shard's); Report and Publish then need every shard, so they
+are left out and said so. ``--load-shards N`` searches every shard (so Report runs) and loads only the first
+N: loading into moto's DynamoDB over HTTP is the slow part, and Publish, left out, is a few reads. Keys: ``stages`` maps each stage to ``s`` (wall seconds; for the per-shard stages the sum over
 the shards run, and ``max_s``), ``peak_rss_mb`` (the largest of its processes), and ``processes``;
 ``shards``, ``users_per_shard``; the sizes of what the stages read and wrote (``bytes``). One JSON line on
 stdout; progress on stderr.
@@ -43,7 +44,8 @@ from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_
 BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
 USERS_PER_SHARD = 100_000  # the default shard size: what one Search child and one LoadShard take on
 LATER_STAGES = ["train", "quality_gate", "repackage", "search", "report", "load_shard", "publish"]
-CHUNK = 5_000_000  # interactions generated (and written as one Parquet row group) at a time
+CHUNK = 5_000_000  # interactions generated (and written as one Parquet part file) at a time
+UPLOAD_PREFIX = "incoming/export/"  # where the parts go, as a Spark or Glue job writes them
 
 
 # ----------------------------------------------------------------------------- one stage, in its own process
@@ -77,9 +79,10 @@ def run_stage(kind: str, name: str, args: Any, env: dict[str, str]) -> dict[str,
 # ----------------------------------------------------------------------------- data
 
 
-def write_interactions(path: Path, interactions: int, users: int, items: int, seed: int) -> None:
-    """Parquet, ``CHUNK`` rows per row group: user_id (int64, uniform), item_id (int64, popularity ~ 1/rank),
-    plays (int64, 1 + Poisson(1)). Every user and item id below the counts is likely to occur."""
+def write_interactions(folder: Path, interactions: int, users: int, items: int, seed: int) -> list[Path]:
+    """Parquet part files of ``CHUNK`` rows each (``part-NNNNN.parquet`` in ``folder``): user_id (int64,
+    uniform), item_id (int64, popularity ~ 1/rank), plays (int64, 1 + Poisson(1)). Every user and item id
+    below the counts is likely to occur. -> the parts' paths."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -88,13 +91,15 @@ def write_interactions(path: Path, interactions: int, users: int, items: int, se
     weights = 1.0 / np.arange(1, items + 1) ** 0.9
     cdf = np.cumsum(weights / weights.sum())
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("plays", pa.int64())])
-    with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, interactions, CHUNK):
-            n = min(CHUNK, interactions - start)
-            user = rng.integers(0, users, n)
-            item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
-            plays = 1 + rng.poisson(1.0, n)
-            writer.write_table(pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema))
+    paths = []
+    for start in range(0, interactions, CHUNK):
+        n = min(CHUNK, interactions - start)
+        user = rng.integers(0, users, n)
+        item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
+        plays = 1 + rng.poisson(1.0, n)
+        paths.append(folder / f"part-{len(paths):05d}.parquet")
+        pq.write_table(pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema), paths[-1])
+    return paths
 
 
 def prefix_bytes(s3: Any, prefix: str) -> int:
@@ -125,11 +130,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             TableName=TABLE, BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
             AttributeDefinitions=table_attribute_definitions())
         with tempfile.TemporaryDirectory(prefix="topx-scale-") as tmp:
-            data = Path(tmp) / "interactions.parquet"
             log(f"generating {args.interactions:,} interactions ({args.users:,} users, {args.items:,} items)")
-            write_interactions(data, args.interactions, args.users, args.items, args.seed)
-            s3.upload_file(str(data), BUCKET, "incoming/interactions.parquet")
-            upload_bytes = data.stat().st_size
+            files = write_interactions(Path(tmp), args.interactions, args.users, args.items, args.seed)
+            # As a warehouse exports it: part files, then the commit marker.
+            for path in files:
+                s3.upload_file(str(path), BUCKET, f"{UPLOAD_PREFIX}{path.name}")
+            s3.put_object(Bucket=BUCKET, Key=f"{UPLOAD_PREFIX}_SUCCESS", Body=b"")
+            upload_bytes = sum(path.stat().st_size for path in files)
         stages: dict[str, dict[str, Any]] = {}
 
         def timed(stage: str, kind: str, name: str, call_args: Any) -> Any:
@@ -159,16 +166,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timed("search", "stage", "search_shard", [BUCKET, run_id, shard, prepared["shards"]])
         if len(ran) == prepared["shards"]:
             timed("report", "handler", "report", {**run, "gate": gate})
-        for shard in ran:
+        loaded = ran[: args.load_shards] if args.load_shards else ran
+        for shard in loaded:
             timed("load_shard", "handler", "load_shard", {**run, "table": TABLE, "shard": shard})
-        if len(ran) == prepared["shards"]:
+        if len(loaded) == prepared["shards"]:
             timed("publish", "handler", "publish", {**run, "table": TABLE, "expected_shards": prepared["shards"]})
         sizes = {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id)),
                  "vectors": prefix_bytes(s3, vectors_prefix(run_id)), "run": prefix_bytes(s3, run_prefix(run_id))}
     return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
             "items": prepared["n_items"], "epochs": args.epochs, "factors": args.factors, "shards": prepared["shards"],
             "users_per_shard": math.ceil(prepared["n_users"] / prepared["shards"]), "shards_run": len(ran),
-            "left_out": [] if len(ran) == prepared["shards"] else ["report", "publish"],
+            "shards_loaded": len(loaded),
+            "left_out": ([] if len(ran) == prepared["shards"] else ["report"])
+            + ([] if len(loaded) == prepared["shards"] else ["publish"]),
             "gate_passed": gate.get("passed"), "bytes": sizes, "stages": stages}
 
 
@@ -183,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-x", type=int, default=10)
     parser.add_argument("--shards", type=int, help=f"search and load shards (default: {USERS_PER_SHARD:,} users each)")
     parser.add_argument("--run-shards", type=int, help="run only the first N shards' search and load (see above)")
+    parser.add_argument("--load-shards", type=int, help="of the shards searched, load only the first N (see above)")
     parser.add_argument("--prepare-only", action="store_true", help="run Prepare alone (see above)")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
