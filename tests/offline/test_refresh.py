@@ -18,6 +18,7 @@ from reliability_stack import base_ratings
 
 from topx import offline
 from topx.aws import client, stages, store
+from topx.cli import main
 from topx.contract import run_record_key, vectors_prefix
 
 TOP_X, SHARDS = 4, 2
@@ -84,7 +85,8 @@ def published(deployed: Deployed) -> str:
     return json.loads(run["output"])["prepare"]["run_id"]
 
 
-def test_responses_alone_refresh_the_live_model_without_training_and_rollback_still_works(deployed: Deployed) -> None:
+def test_responses_alone_refresh_the_live_model_without_training_and_rollback_still_works(
+        deployed: Deployed, capsys: pytest.CaptureFixture[str]) -> None:
     model_run = published(deployed)
     before = deployed.lists()
     user, dismissed = sorted(before.items())[0][0], sorted(before.items())[0][1][0]
@@ -112,6 +114,12 @@ def test_responses_alone_refresh_the_live_model_without_training_and_rollback_st
                                                                      if u != user}
     (_, note) = offline.notifications(deployed.pipeline)
     assert note.subject == "topx: new recommendations published" and run_id in note.message
+
+    assert main(["status", "--state-machine-arn", deployed.pipeline.state_machine_arn,
+                 "--table", deployed.pipeline.table]) == 0
+    shown = capsys.readouterr().out
+    assert f"{refresh['name']}  (refresh: the live model with the current filters and responses)" in shown
+    assert "covers responses/2024-05-02.csv" in shown and f"live version: {run_id}" in shown
 
     # A refresh is a version as any other: rolling back returns to the trained run's lists.
     back = stages.rollback_version(deployed.pipeline.bucket, deployed.pipeline.table)
