@@ -143,6 +143,22 @@ class PrepareEvent:
 
 
 @dataclass(frozen=True)
+class RefreshEvent:
+    """``{"bucket": str, "table": str, "uploads": [...] | null}``: the refresh path's Prepare (the state machine
+    sends ``"mode": "refresh"`` to the prepare function)."""
+
+    bucket: str
+    table: str
+    uploads: list[dict[str, Any]] | None
+
+    @classmethod
+    def parse(cls, event: Mapping[str, Any]) -> RefreshEvent:
+        uploads = PrepareEvent.parse({**event, "key": None}).uploads
+        return cls(bucket=_named(event, "bucket", ENV_BUCKET), table=_named(event, "table", ENV_TABLE),
+                   uploads=uploads)
+
+
+@dataclass(frozen=True)
 class QueueBatch:
     """An SQS batch, as Lambda's event source mapping hands it over: ``{"Records": [{"body": str, ...}]}``."""
 
@@ -289,7 +305,24 @@ def _publish_metrics(result: Mapping[str, Any]) -> None:
 
 @_stage
 def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
-    """-> ``{"run_id", "bucket", "shards" (>= 2), "shard_ids" [0..shards-1], "n_users", "n_items", "n_interactions"}``."""
+    """-> ``{"run_id", "bucket", "shards" (>= 2), "shard_ids" [0..shards-1], "n_users", "n_items", "n_interactions"}``.
+
+    With ``"mode": "refresh"`` (``RefreshEvent``): a refresh of the live model (``stages.refresh_run``) ->
+    ``{"refreshed": false, "reason"}`` (nothing to refresh: the state machine runs a full Prepare), or
+    ``{"refreshed": true, "prepare": <the reply above>, "gate", "model_run", "live"}``."""
+    mode = _object(event).get("mode", "full")
+    if mode not in ("full", "refresh"):
+        raise EventError(f"event field 'mode' must be \"full\" or \"refresh\", got {mode!r}")
+    if mode == "refresh":
+        refresh = RefreshEvent.parse(event)
+        _log("prepare", refresh)
+        result = dict(stages.refresh_run(refresh.bucket, refresh.table, refresh.uploads))
+        if not isinstance(_field(result, "refreshed"), bool):
+            raise EventError(f"refresh returned refreshed={result['refreshed']!r}; expected true or false")
+        if result["refreshed"]:
+            result["prepare"] = _check_prepared(_field(result, "prepare"))
+            result["run_id"] = result["prepare"]["run_id"]  # the log lines' correlation id
+        return result
     parsed = PrepareEvent.parse(event)
     _log("prepare", parsed)
     return _check_prepared(stages.prepare_run(parsed.bucket, parsed.key, parsed.uploads))

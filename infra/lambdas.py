@@ -78,6 +78,8 @@ SPECS: tuple[FunctionSpec, ...] = (
         timeout=Duration.minutes(15),
         ephemeral_gib=4,
         reads_inputs=True,
+        # A refresh (stages.refresh_run) reads which version is live: store.active_version, the pointer only.
+        table=(TableAccess(("dynamodb:GetItem",), (POINTER_PARTITION,)),),
     ),
     FunctionSpec(
         "quality_gate",

@@ -236,13 +236,13 @@ class Pipeline(Construct):
         on_upload = events.Rule(
             self,
             "OnUpload",
-            description=f"Queue each object created under {trigger['key_prefix']} for the topx starter",
+            description=f"Queue each object created under {', '.join(trigger['key_prefixes'])} for the topx starter",
             event_pattern=events.EventPattern(
                 source=[trigger["source"]],
                 detail_type=[trigger["detail_type"]],
                 detail={
                     "bucket": {"name": [bucket.bucket_name]},
-                    "object": {"key": [{"prefix": trigger["key_prefix"]}]},
+                    "object": {"key": [{"prefix": prefix} for prefix in trigger["key_prefixes"]]},
                 },
             ),
         )

@@ -821,7 +821,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no executions yet: upload data with `topx upload FILE`")
     for execution in found:
         took = "" if execution.duration_s is None else f"{execution.duration_s:8.1f} s"
-        print(f"  {execution.started:%Y-%m-%d %H:%M:%S}  {execution.status:<10} {took:>10}  {execution.name}")
+        refresh = "  (refresh: the live model with the current filters and responses)" \
+            if execution.mode == "refresh" else ""
+        print(f"  {execution.started:%Y-%m-%d %H:%M:%S}  {execution.status:<10} {took:>10}  {execution.name}{refresh}")
         if execution.uploads:
             shown = ", ".join(f"{u['path']}" + (f" ({u['objects']} objects)" if u["objects"] != 1 else "")
                               for u in execution.uploads[:5])

@@ -76,7 +76,7 @@ def test_a_burst_is_one_execution_named_by_its_claim_with_the_uploads_as_input(e
     assert outcome.started == execution["executionArn"]
     assert execution["name"] == "uploads-000001-20240501T104000Z"
     described = env.sfn.describe_execution(executionArn=outcome.started)
-    assert json.loads(described["input"]) == {"bucket": BUCKET, "key": None,
+    assert json.loads(described["input"]) == {"bucket": BUCKET, "key": None, "mode": "full",
                                               "uploads": [{"path": "incoming/orders/day=1/", "objects": 501}]}
 
 
@@ -193,3 +193,65 @@ def test_a_name_an_older_execution_took_is_passed_over(env: Env) -> None:
     assert outcome.started is not None and outcome.started != first
     assert outcome.started.endswith(":uploads-000002-20240501T104000Z")
     assert env.sfn.describe_execution(executionArn=outcome.started)["status"] == "RUNNING"
+
+
+# --------------------------------------------------------------------------- refresh or full run
+
+
+def waiting(*keys: str) -> dict[str, trigger.Upload]:
+    return trigger.merge_uploads({}, {trigger.upload_folder(k): trigger.Upload(1, T0, k) for k in keys})
+
+
+@pytest.mark.parametrize(("keys", "scheduled", "mode"), [
+    (("responses/2024-05-01.csv",), False, "refresh"),
+    (("responses/day=1/part-0.csv", "responses/day=2/part-0.csv", "config/filters.json"), False, "refresh"),
+    (("config/filters.json",), False, "refresh"),
+    # The dataset configuration changes how the data is read: only a full run reads it.
+    (("config/dataset.json",), False, "full"),
+    (("config/filters.json", "config/dataset.json"), False, "full"),
+    (("config/other.json",), False, "full"),
+    (("responses/r.csv", "incoming/day2/part-0.csv"), False, "full"),
+    (("responses/r.csv",), True, "full"),  # the schedule retrains
+    ((), True, "full"),
+])
+def test_only_filter_and_response_uploads_make_a_refresh(keys: tuple[str, ...], scheduled: bool, mode: str) -> None:
+    assert trigger.run_mode(waiting(*keys), scheduled) == mode
+
+
+def test_config_files_are_recorded_one_by_one_so_the_dataset_configuration_is_not_hidden(env: Env) -> None:
+    assert trigger.upload_folder("config/dataset.json") == "config/dataset.json"
+    assert trigger.upload_folder("responses/day=1/part-0.csv") == "responses/day=1/"
+    outcome = env.start([upload("config/filters.json", T0 - 5), upload("config/dataset.json", T0 - 4)])
+    execution = json.loads(env.sfn.describe_execution(executionArn=outcome.started)["input"])
+    assert execution["mode"] == "full" and execution["uploads"] == [
+        {"path": "config/dataset.json", "objects": 1}, {"path": "config/filters.json", "objects": 1}]
+
+
+def test_responses_alone_start_one_refresh_named_as_such(env: Env) -> None:
+    outcome = env.start([upload(f"responses/day=1/part-{i}.csv", T0 - 10) for i in range(3)]
+                        + [upload("config/filters.json", T0 - 9), upload("features/items.csv", T0 - 9)])
+    (execution,) = env.executions()
+    assert outcome.started == execution["executionArn"]
+    assert execution["name"] == "refresh-000001-20240501T104000Z"
+    assert json.loads(env.sfn.describe_execution(executionArn=outcome.started)["input"]) == {
+        "bucket": BUCKET, "key": None, "mode": "refresh",
+        "uploads": [{"path": "config/filters.json", "objects": 1}, {"path": "responses/day=1/", "objects": 3}]}
+
+
+def test_data_that_arrives_during_a_refresh_gives_a_full_run_after_it_even_when_reported_before_its_claim(
+        env: Env) -> None:
+    first = env.start([upload("responses/a.csv", T0 - 10)]).started
+    assert first is not None and "refresh-" in first
+    # Reported before the claim, delivered after it: a full run would have read them, a refresh did not.
+    env.now = T0 + 60
+    late = [upload("incoming/day2.csv", T0 - 30), upload("responses/b/r.csv", T0 - 30),
+            upload("responses/c/r.csv", T0 + 30)]
+    assert env.start(late).waiting_for == first
+
+    env.now = T0 + 600
+    after = env.start([env.end(first)])
+    assert after.started is not None and after.dropped_uploads == 1  # responses/b/: the refresh read it
+    described = json.loads(env.sfn.describe_execution(executionArn=after.started)["input"])
+    assert described["mode"] == "full" and after.started.rsplit(":", 1)[1].startswith("uploads-")
+    assert described["uploads"] == [{"path": "incoming/day2.csv", "objects": 1},
+                                    {"path": "responses/c/r.csv", "objects": 1}]

@@ -37,7 +37,12 @@ from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
 HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report", "starter", "compute_health")
 MAIN_PATH = [
-    "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
+    "Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
+    "NotifySuccess", "Succeed",
+]  # fmt: skip
+# Only the filter file or the responses changed: the live model, searched and loaded again, no training.
+REFRESH_PATH = [
+    "Mode", "PrepareRefresh", "RefreshChoice", "UseLiveModel", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
 ]  # fmt: skip
 CUSTOM_CONTEXT = {
@@ -433,19 +438,37 @@ def test_infra_imports_nothing_of_topx_but_the_contract() -> None:
 def test_state_machine_runs_the_states_in_order(default: Synth) -> None:
     states = _states(default)
     definition = json.loads(_definition(default)[0])
-    path, name = [], definition["StartAt"]
-    while name:
-        path.append(name)
-        state = states[name]
-        if state["Type"] == "Choice":
-            assert state["Choices"] == [
-                {"Variable": "$.gate.passed", "BooleanEquals": True, "Next": "Repackage"}
-            ]
-            assert state["Default"] == "ReportRejected"
-            name = state["Choices"][0]["Next"]
-        else:
-            name = state.get("Next")
-    assert path == MAIN_PATH
+    assert states["GateChoice"]["Choices"] == [
+        {"Variable": "$.gate.passed", "BooleanEquals": True, "Next": "Repackage"}
+    ]
+    assert states["GateChoice"]["Default"] == "ReportRejected"
+    assert states["Mode"]["Choices"] == [
+        {"And": [{"Variable": "$.mode", "IsPresent": True}, {"Variable": "$.mode", "StringEquals": "refresh"}],
+         "Next": "PrepareRefresh"}
+    ]
+    assert states["Mode"]["Default"] == "Prepare"  # no mode (started by hand), or "full"
+    assert states["RefreshChoice"]["Choices"] == [
+        {"Variable": "$.refresh.result.refreshed", "BooleanEquals": True, "Next": "UseLiveModel"}
+    ]
+    assert states["RefreshChoice"]["Default"] == "Prepare"  # nothing live: a full run
+
+    def walk(refresh: bool) -> list[str]:
+        path, name = [], definition["StartAt"]
+        while name:
+            path.append(name)
+            state = states[name]
+            if state["Type"] == "Choice":
+                name = state["Choices"][0]["Next"] if refresh or name == "GateChoice" else state["Default"]
+            else:
+                name = state.get("Next")
+        return path
+
+    assert walk(refresh=False) == MAIN_PATH
+    assert walk(refresh=True) == REFRESH_PATH
+    refresh = states["PrepareRefresh"]
+    assert refresh["Parameters"]["FunctionName"] == states["Prepare"]["Parameters"]["FunctionName"]
+    assert refresh["Parameters"]["Payload"]["mode"] == "refresh"
+    assert refresh["Catch"][0]["Next"] == "NotifyFailure"  # a bad filter file: notified, nothing searched
     assert (
         states["Train"]["Resource"] == states["Search"]["Resource"] == "arn:aws:states:::batch:submitJob.sync"
     )
@@ -593,10 +616,11 @@ def _rule(synth: Synth, source: str) -> dict[str, Any]:
 
 def test_upload_rule_is_built_from_the_shared_trigger_file_and_queues_the_raw_event(default: Synth) -> None:
     trigger = load_trigger()
-    assert trigger["key_prefix"] == "incoming/"
+    assert trigger["key_prefixes"] == ["incoming/", "config/", "responses/"]
     rule = _rule(default, "aws.s3")
     assert rule["EventPattern"]["detail-type"] == [trigger["detail_type"]]
-    assert rule["EventPattern"]["detail"]["object"] == {"key": [{"prefix": trigger["key_prefix"]}]}
+    assert rule["EventPattern"]["detail"]["object"] == {"key": [{"prefix": "incoming/"}, {"prefix": "config/"},
+                                                                {"prefix": "responses/"}]}
     (target,) = rule["Targets"]
     # The starter reads bucket and key from the S3 event itself.
     assert "InputTransformer" not in target and "Input" not in target

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from infra.access import INPUT_PREFIXES
 from infra.pipeline import load_trigger
 from infra.settings import ASL_PATH
-from topx.contract import INCOMING_PREFIX, SEARCH_COMMAND, TRAIN_COMMAND
+from topx.aws import trigger as trigger_module
+from topx.contract import CONFIG_PREFIX, INCOMING_PREFIX, RESPONSES_PREFIX, SEARCH_COMMAND, TRAIN_COMMAND
 
 PATH_RE = re.compile(r"\$\.([a-z_]+)(?:\.([a-z_]+))?")
 
@@ -43,7 +45,7 @@ def test_paths_read_only_fields_an_earlier_state_wrote(asl: dict[str, Any]) -> N
     states = asl["States"]
     # What each ResultPath holds: the keys of the state's ResultSelector.
     # The execution input: what the starter gives (topx/aws/trigger.py).
-    produced: dict[str, set[str]] = {"bucket": set(), "key": set(), "uploads": set(), "error": set()}
+    produced: dict[str, set[str]] = {"bucket": set(), "key": set(), "uploads": set(), "mode": set(), "error": set()}
     for state in states.values():
         if isinstance(state.get("ResultPath"), str):
             namespace = state["ResultPath"].removeprefix("$.")
@@ -92,6 +94,8 @@ def test_trigger_file_holds_the_rule_constants() -> None:
     trigger = load_trigger()
     assert trigger["source"] == "aws.s3"
     assert trigger["detail_type"] == "Object Created"
-    # The prefix the stages read uploads from and the prepare role may read.
-    assert trigger["key_prefix"] == INCOMING_PREFIX == "incoming/"
-    assert set(trigger) == {"description", "source", "detail_type", "key_prefix"}
+    # The prefixes the starter takes uploads from: data, settings and responses, each one the prepare role reads.
+    assert trigger["key_prefixes"] == list(trigger_module.UPLOAD_PREFIXES) == [INCOMING_PREFIX, CONFIG_PREFIX,
+                                                                               RESPONSES_PREFIX]
+    assert set(trigger["key_prefixes"]) <= set(INPUT_PREFIXES)
+    assert set(trigger) == {"description", "source", "detail_type", "key_prefixes"}

@@ -25,7 +25,7 @@ from topx.aws import client, stages, store
 from topx.cli import main
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
-MAIN_PATH = ["Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
+MAIN_PATH = ["Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
              "NotifySuccess", "Succeed"]
 
 
@@ -110,7 +110,7 @@ def test_an_upload_becomes_the_recommendations_topx_run_computes(stack: Offline,
     execution = stack.upload("incoming/ratings.csv", ratings.read_bytes())
 
     assert execution is not None and execution["status"] == "SUCCEEDED", execution
-    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None,
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None, "mode": "full",
                                                  "uploads": [{"path": "incoming/ratings.csv", "objects": 1}]}
     assert exited_states(execution["history"]) == MAIN_PATH
     run_id = json.loads(execution["output"])["prepare"]["run_id"]
@@ -306,7 +306,7 @@ def test_a_failing_training_job_runs_once_is_notified_and_the_live_version_stays
     cause = json.loads(failure["cause"])  # the job as Batch describes it: one attempt, exit status 1
     assert cause["Status"] == "FAILED" and [a["Container"]["ExitCode"] for a in cause["Attempts"]] == [1]
     assert len(attempts) == 1
-    assert exited_states(execution["history"]) == ["Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
+    assert exited_states(execution["history"]) == ["Mode", "Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
 
     (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
@@ -349,13 +349,13 @@ def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(
     execution = stack.upload("incoming/bad.csv", b"user_id,item_id,rating\nu1,i1,5\nu1,i2,lots\n")
 
     assert execution is not None and execution["status"] == "FAILED"
-    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None,
+    assert json.loads(execution["input"]) == {"bucket": stack.pipeline.bucket, "key": None, "mode": "full",
                                                  "uploads": [{"path": "incoming/bad.csv", "objects": 1}]}
     prepare = task_events(execution["history"], "Prepare")
     assert [e["type"] for e in prepare].count("TaskScheduled") == 1  # InputDataError is not retried
     (failure,) = [e["taskFailedEventDetails"] for e in prepare if e["type"] == "TaskFailed"]
     assert failure["error"] == "InputDataError"
-    assert exited_states(execution["history"]) == ["Prepare", "NotifyFailure"]
+    assert exited_states(execution["history"]) == ["Mode", "Prepare", "NotifyFailure"]
     (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
     assert "incoming/bad.csv, row 3, column 'rating'" in note.message

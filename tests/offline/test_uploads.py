@@ -107,11 +107,14 @@ def test_an_export_is_one_run_and_an_increment_one_more_on_history_and_increment
     assert uploads.executions() == []  # queued until the batching window closes
 
     first = offline.deliver_uploads(uploads.pipeline)
-    assert first is not None and first.messages == 13  # 6 parts, 6 checksums, 1 marker: one batch
+    # 6 parts, 6 checksums, 1 marker and the dataset configuration: one batch, one full run.
+    assert first is not None and first.messages == 14
     (execution,) = uploads.executions()
     assert first.started == execution["executionArn"]
     described = uploads.finish(execution["executionArn"])
+    assert json.loads(described["input"])["mode"] == "full"
     assert json.loads(described["input"])["uploads"] == [
+        {"path": "config/dataset.json", "objects": 1},
         {"path": "incoming/orders/dt=2024-05-01/_SUCCESS", "objects": 1},
         {"path": "incoming/orders/dt=2024-05-01/region=eu/", "objects": 6},
         {"path": "incoming/orders/dt=2024-05-01/region=us/", "objects": 6},

@@ -75,6 +75,9 @@ class ExecutionSummary:
     # What the starter started the run for ({"path", "objects"} per folder; the run record keeps it too);
     # None for an execution started another way.
     uploads: list[dict[str, Any]] | None = None
+    # "refresh" (the live model served again with the current filters and responses), "full", or None for an
+    # execution started another way (a full run).
+    mode: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -382,13 +385,15 @@ def latest_executions(*, state_machine_arn: str | None = None, stack: str | None
             described = sfn.describe_execution(executionArn=e["executionArn"])
         summaries.append(ExecutionSummary(name=e["name"], status=e["status"], started=e["startDate"],
                                           stopped=e.get("stopDate"), arn=e["executionArn"],
-                                          uploads=_uploads(described.get("input"))))
+                                          uploads=_input_field(described.get("input"), "uploads", list),
+                                          mode=_input_field(described.get("input"), "mode", str)))
     return summaries
 
 
-def _uploads(execution_input: str | None) -> list[dict[str, Any]] | None:
+def _input_field(execution_input: str | None, name: str, kind: type) -> Any:
+    """One field of an execution's input, when it is there and of the kind the starter gives it."""
     try:
-        uploads = json.loads(execution_input or "{}").get("uploads")
+        value = json.loads(execution_input or "{}").get(name)
     except (ValueError, AttributeError):
         return None
-    return uploads if isinstance(uploads, list) else None
+    return value if isinstance(value, kind) else None

@@ -293,19 +293,107 @@ def prepare_run(bucket: str, key: str | None, uploads: list[dict[str, Any]] | No
                                                "n_items": int(ds.feature_index.n_items),
                                                "report": ds.report,
                                                "hyperparameters": overrides,
-                                               "filters": None if filters is None else {
-                                                   "eligible_items": int(filters["eligible"].sum()),
-                                                   "max_per": int(filters["cap"]) or None,
-                                                   "responses": int(len(filters["response_users"])),
-                                                   "lists": [{"name": name,
-                                                              "eligible_items": int(filters[f"eligible.{name}"].sum()),
-                                                              "max_per": int(filters[f"cap.{name}"]) or None}
-                                                             for name in _npz_lists(filters)]}})
+                                               "filters": _filters_summary(filters)})
     return {
         "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
         "n_users": int(ds.feature_index.n_users), "n_items": int(ds.feature_index.n_items),
         "n_interactions": int(len(ds.rating)),
     }
+
+
+def _filters_summary(filters: Mapping[str, np.ndarray] | None) -> dict[str, Any] | None:
+    """What the run record says of ``filters.npz``: the eligible items, the cap, the responses and each named
+    list (the stages after Prepare read the lists' names from it)."""
+    if filters is None:
+        return None
+    return {"eligible_items": int(filters["eligible"].sum()), "max_per": int(filters["cap"]) or None,
+            "responses": int(len(filters["response_users"])),
+            "lists": [{"name": name, "eligible_items": int(filters[f"eligible.{name}"].sum()),
+                       "max_per": int(filters[f"cap.{name}"]) or None} for name in _npz_lists(filters)]}
+
+
+def refresh_run(bucket: str, table: str, uploads: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Prepare a refresh: a new run that serves the live model again, with the filter file and the responses
+    as they are now, and is searched, loaded and published as any run (statemachine/pipeline.asl.json's
+    refresh path). Nothing is trained: the model passed the quality gate when it was.
+
+    The live run's prepared data, model and vectors are copied under the new run (server-side copies, so
+    the new run is whole, outlives the live run's runs/ lifecycle, and every later stage reads its own
+    prefix); ``filters.npz`` is made again against the live run's items and users and the items table it
+    read, and so is the fallback list, as training made it (``topx.steps.fallback_list``) over the new
+    eligible items. A bad filter file raises ``ConfigError`` naming the rule before anything is written.
+    Memory: the live run's prepared interactions and feature index, less than Prepare holds.
+
+    Returns ``{"refreshed": False, "reason"}`` when there is no model to refresh (no version is live, or the
+    live run's files under runs/ have expired): the state machine then makes the run a full one. Otherwise
+    ``{"refreshed": True, "prepare": <prepare_run's reply>, "gate": <a passed gate naming the model>,
+    "model_run", "live"}``; the run record's ``refresh`` names the trained run and the version refreshed.
+    """
+    import pyarrow.parquet as pq
+
+    from topx.dataset import data_options
+    from topx.steps import fallback_list
+    from topx.vectors import ITEM_VECTORS, RecipeVectors
+
+    live = store.active_version(table, client=dynamodb_client())
+    if live is None:
+        return {"refreshed": False, "reason": f"table {table}: no version is live, so there is no model to "
+                                              f"refresh; a full run trains one"}
+    try:
+        record = _get_json(bucket, run_record_key(live))
+    except StoreError:
+        return {"refreshed": False, "reason": f"s3://{bucket}/{run_record_key(live)} is gone (the runs/ lifecycle "
+                                              f"expired the live version's run): a full run trains a model again"}
+    model_run = str((record.get("refresh") or {}).get("model_run", live))
+    shards = int(record["shards"])
+    digest = hashlib.sha256(f"refresh:{bucket}/{live}:{json.dumps(uploads, sort_keys=True)}".encode()).hexdigest()[:10]
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{digest}"
+    with _workdir() as work:
+        ds, holdout = _load_prepared(bucket, live, work)
+        options = data_options({**(record.get("dataset") or {}), "objective": record.get("objective"),
+                                "interactions": record["source"], "users": None, "items": record.get("items")})
+        # The filter file and responses against the live run's items and users: a bad rule fails here.
+        filters = _prepared_filters(bucket, options, ds)
+        _download(bucket, vectors_prefix(live) + ITEM_VECTORS, work / ITEM_VECTORS)
+        item_vectors = np.load(work / ITEM_VECTORS, mmap_mode="r")  # the fallback reads one column of it
+        model = RecipeVectors(np.zeros((0, item_vectors.shape[1]), np.float32), item_vectors,
+                              np.zeros(0, np.float32))
+        metrics = _get_json(bucket, metrics_key(live))
+        top_x = int(metrics.get("top_x", env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)))
+        fallback, metrics["fallback"] = fallback_list(ds, model, holdout, top_x,
+                                                      None if filters is None else filters["eligible"])
+        pq.write_table(fallback, work / "fallback.parquet")
+        for prefix in (prepared_prefix, model_prefix, vectors_prefix):
+            _copy_prefix(bucket, prefix(live), prefix(run_id))
+        s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
+        if filters is not None:
+            np.savez_compressed(work / "filters.npz", **filters)
+            s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
+        n_interactions = int(len(ds.rating))
+    refresh = {"model_run": model_run, "live": live}
+    metrics["refresh"] = refresh
+    _put_json(bucket, metrics_key(run_id), metrics)
+    _put_json(bucket, run_record_key(run_id), {**record, "uploads": uploads, "refresh": refresh,
+                                               "filters": _filters_summary(filters)})
+    gate = {"passed": True, "metrics": {},
+            "reason": f"a refresh of the live version {live}: the model trained by run {model_run}, which passed "
+                      f"the quality gate then, with the filter file and the responses as they are now"}
+    return {"refreshed": True, "model_run": model_run, "live": live, "gate": gate, "prepare": {
+        "run_id": run_id, "bucket": bucket, "shards": shards, "shard_ids": list(range(shards)),
+        "n_users": int(record["n_users"]), "n_items": int(record["n_items"]), "n_interactions": n_interactions}}
+
+
+def _copy_prefix(bucket: str, source: str, target: str) -> int:
+    """Copy every object under ``source`` to the same name under ``target`` (server-side); the count."""
+    count = 0
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=source):
+        for obj in page.get("Contents", []):
+            # The managed copy goes multipart beyond 5 GB, where a single CopyObject is refused.
+            s3_client().copy({"Bucket": bucket, "Key": obj["Key"]}, bucket, target + obj["Key"][len(source):])
+            count += 1
+    if count == 0:
+        raise StoreError(f"s3://{bucket}/{source} holds nothing: the live run's files are gone")
+    return count
 
 
 def _prepared_filters(bucket: str, options: Any, ds: Any) -> dict[str, np.ndarray] | None:

@@ -1,7 +1,7 @@
 """The upload starter: a burst of uploads starts one execution of the pipeline, and never two run at once.
 
-EventBridge puts every S3 "Object Created" event under ``incoming/``, every end of an execution and the
-schedule's ticks on one SQS queue; Lambda hands the queue's messages to ``start_runs`` in batches, after a
+EventBridge puts every S3 "Object Created" event under ``incoming/``, ``config/`` and ``responses/``, every
+end of an execution and the schedule's ticks on one SQS queue; Lambda hands the queue's messages to ``start_runs`` in batches, after a
 batching window (infra/pipeline.py). One DynamoDB item (``TRIGGER_PARTITION``) holds the run in progress
 and the uploads waiting for the next. Every change to it is a conditional write on its sequence number, so
 two starters working at once cannot both start a run: the loser reads the item again and tries again.
@@ -14,9 +14,18 @@ starts the execution under that name. A batch retried after a crash finds the cl
 name again, which Step Functions answers with the same execution (a name is unique per state machine):
 no batch starts two.
 
+Each run has a mode (``run_mode``), in its execution input and its name. A *refresh* reuses the live model
+and only applies the filters and responses again (no training): it is chosen when every waiting upload is
+refresh-only, that is the filter file (``config/filters.json``) or a file under ``responses/``. Anything
+else waiting (data under ``incoming/``, ``config/dataset.json``, which changes how the data is read) and the
+schedule's tick make a *full* run, which reads the current filters and responses too. The starter does not
+look at what is live: the state machine's refresh Prepare does, and makes the run a full one when nothing is.
+
 When a run ends, waiting uploads that S3 reported at least ``COVERED_MARGIN_S`` before the run was
-claimed are dropped: that run's Prepare listed ``incoming/`` after the claim, so it read them (a burst that
-Lambda split over two batches gives one run, not two). The others start the next run.
+claimed, and that the run read, are dropped: that run's Prepare listed them after the claim (a burst that
+Lambda split over two batches gives one run, not two). A full run reads every kind of upload; a refresh
+only the refresh-only ones, so data that arrived during a refresh always gives a full run after it. The
+others start the next run.
 
 boto3-level code only (no numpy, torch or faiss): the starter's Lambda imports this and the contract.
 """
@@ -33,9 +42,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from topx.contract import (
+    CONFIG_PREFIX,
     ENV_ENDPOINT_URL,
+    FILTERS_KEY,
     INCOMING_PREFIX,
     PARTITION_KEY,
+    RESPONSES_PREFIX,
     RUN_ENDED_DETAIL_TYPE,
     RUN_ENDED_SOURCE,
     RUN_ENDED_STATUSES,
@@ -61,6 +73,10 @@ COVERED_MARGIN_S = 2.0
 MAX_UPLOAD_PATHS = 500
 # Conditional writes lost to another starter before giving up (the batch is then retried by Lambda).
 MAX_CLAIM_ATTEMPTS = 8
+# The prefixes whose uploads reach the starter (statemachine/trigger.json's key_prefixes).
+UPLOAD_PREFIXES = (INCOMING_PREFIX, CONFIG_PREFIX, RESPONSES_PREFIX)
+# Run modes, in the execution input's "mode" (statemachine/pipeline.asl.json's first Choice reads it).
+FULL, REFRESH = "full", "refresh"
 
 
 class TriggerConflict(StoreError):
@@ -88,9 +104,36 @@ class Batch:
 
 
 def upload_folder(key: str) -> str:
-    """The folder an upload is recorded under: its parent folder (``incoming/`` for a loose file)."""
+    """The folder an upload is recorded under: its parent folder (``incoming/`` for a loose file); a file
+    under ``config/`` by its own key, since the filter file and the dataset configuration ask for different
+    runs."""
+    if key.startswith(CONFIG_PREFIX):
+        return key
     parent, slash, _ = key.rpartition("/")
     return parent + slash if slash else INCOMING_PREFIX
+
+
+def refresh_only(folder: str) -> bool:
+    """Whether uploads recorded under ``folder`` (``upload_folder``) need only a refresh of the live model:
+    the filter file and responses. Data, the dataset configuration and any other setting need a full run."""
+    return folder == FILTERS_KEY or folder.startswith(RESPONSES_PREFIX)
+
+
+def run_mode(pending: Mapping[str, Upload], scheduled: bool) -> str:
+    """The mode of the run that starts for what waits: ``REFRESH`` when every waiting upload is refresh-only
+    (and the schedule did not tick), else ``FULL``."""
+    if pending and not scheduled and all(refresh_only(folder) for folder in pending):
+        return REFRESH
+    return FULL
+
+
+def _claimed_mode(execution_input: str | None) -> str:
+    """The mode a claimed run was started in, from its execution input (full when it names none)."""
+    try:
+        doc = json.loads(execution_input or "{}")
+    except json.JSONDecodeError:
+        return FULL
+    return REFRESH if isinstance(doc, Mapping) and doc.get("mode") == REFRESH else FULL
 
 
 def _event_time(value: Any) -> float:
@@ -122,7 +165,7 @@ def read_batch(records: Iterable[Mapping[str, Any]], bucket: str) -> Batch:
         if kind == UPLOAD_EVENT:
             key = (detail.get("object") or {}).get("key")
             if (detail.get("bucket") or {}).get("name") != bucket or not isinstance(key, str) \
-                    or not key.startswith(INCOMING_PREFIX):
+                    or not key.startswith(UPLOAD_PREFIXES):
                 batch.ignored += 1
                 continue
             batch.uploads = merge_uploads(batch.uploads, {upload_folder(key): Upload(1, _event_time(event.get("time")),
@@ -252,10 +295,12 @@ def execution_arn(state_machine_arn: str, name: str) -> str:
     return state_machine_arn.replace(":stateMachine:", ":execution:", 1) + ":" + name
 
 
-def execution_name(seq: int, claimed_at: float, scheduled_only: bool) -> str:
-    """Unique per claim: the sequence number, and the claim's time against a trigger item made anew."""
+def execution_name(seq: int, claimed_at: float, scheduled_only: bool, mode: str = FULL) -> str:
+    """Unique per claim: the sequence number, and the claim's time against a trigger item made anew; led by
+    what the run is (``refresh``, ``scheduled`` or ``uploads``), so that a list of executions shows it."""
     stamp = datetime.fromtimestamp(claimed_at, UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{'scheduled' if scheduled_only else 'uploads'}-{seq:06d}-{stamp}"
+    kind = REFRESH if mode == REFRESH else "scheduled" if scheduled_only else "uploads"
+    return f"{kind}-{seq:06d}-{stamp}"
 
 
 def _status(sfn: Any, arn: str) -> str | None:
@@ -306,9 +351,11 @@ def start_runs(batch: Batch, *, bucket: str, table: str, state_machine_arn: str,
                 if write_state(table, ddb, state, read=read):
                     return Outcome(None, state.running, _count(state.pending), 0)
                 continue
-            # The run has ended: what it read needs no other run.
+            # The run has ended: what it read needs no other run (a refresh read only refresh-only uploads).
+            refreshed = _claimed_mode(state.execution_input) == REFRESH
             kept = {folder: u for folder, u in state.pending.items()
-                    if state.claimed_at is None or u.last > state.claimed_at - COVERED_MARGIN_S}
+                    if state.claimed_at is None or u.last > state.claimed_at - COVERED_MARGIN_S
+                    or (refreshed and not refresh_only(folder))}
             dropped = _count(state.pending) - _count(kept)
             state = TriggerState(state.seq, None, None, None, kept, False, True)
         elsewhere = _running_elsewhere(sfn, state_machine_arn)
@@ -324,9 +371,10 @@ def start_runs(batch: Batch, *, bucket: str, table: str, state_machine_arn: str,
             continue
         claimed_at = clock()
         seq = state.seq + 1
-        arn = execution_arn(state_machine_arn, execution_name(seq, claimed_at, not state.pending))
-        execution_input = json.dumps({"bucket": bucket, "key": None, "uploads": describe_uploads(state.pending)},
-                                     separators=(",", ":"))
+        mode = run_mode(state.pending, state.scheduled)
+        arn = execution_arn(state_machine_arn, execution_name(seq, claimed_at, not state.pending, mode))
+        execution_input = json.dumps({"bucket": bucket, "key": None, "uploads": describe_uploads(state.pending),
+                                      "mode": mode}, separators=(",", ":"))
         claim = TriggerState(seq, arn, claimed_at, execution_input, {}, False, True)
         if not write_state(table, ddb, claim, read=read):
             continue
@@ -337,7 +385,7 @@ def start_runs(batch: Batch, *, bucket: str, table: str, state_machine_arn: str,
             write_state(table, ddb, TriggerState(seq, None, None, None, state.pending, state.scheduled, True),
                         read=claim)
             continue
-        logger.info("started %s for %d upload(s)", arn, _count(state.pending))
+        logger.info("started %s (%s) for %d upload(s)", arn, mode, _count(state.pending))
         return Outcome(arn, None, 0, dropped)
     raise TriggerConflict(f"the trigger item in {table} kept changing under {MAX_CLAIM_ATTEMPTS} tries; "
                           "the batch is retried")
@@ -355,6 +403,8 @@ def _client(service: str) -> Any:
 
 __all__ = [
     "COVERED_MARGIN_S",
+    "FULL",
+    "REFRESH",
     "Batch",
     "Outcome",
     "TriggerConflict",
@@ -364,5 +414,7 @@ __all__ = [
     "execution_arn",
     "read_batch",
     "read_state",
+    "refresh_only",
+    "run_mode",
     "start_runs",
 ]

@@ -76,7 +76,7 @@ def upload_event_pattern(trigger: Mapping[str, Any], bucket: str) -> dict[str, A
     return {
         "source": [trigger["source"]],
         "detail-type": [trigger["detail_type"]],
-        "detail": {"bucket": {"name": [bucket]}, "object": {"key": [{"prefix": trigger["key_prefix"]}]}},
+        "detail": {"bucket": {"name": [bucket]}, "object": {"key": [{"prefix": prefix} for prefix in trigger["key_prefixes"]]}},
     }
 
 
