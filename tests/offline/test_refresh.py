@@ -144,6 +144,29 @@ def test_a_bad_filter_rule_fails_the_refresh_before_any_search_and_nothing_live_
     assert [p["Prefix"] for p in runs["CommonPrefixes"]] == [f"runs/{model_run}/"]  # nothing of the refresh written
 
 
+def test_a_new_filter_file_refreshes_every_list_and_each_list_s_fallback(deployed: Deployed) -> None:
+    """A filter file with a named list, after a run that had none: the refresh serves the default list and
+    the new one, and a user the model has not seen gets each list's own fallback list, x long."""
+    published(deployed)
+    before = deployed.lists()
+    popular = client.get_recommendations("nobody", table=deployed.pipeline.table).items
+    deployed.put("config/filters.json", json.dumps({"items": {"exclude_ids": [popular[0]]},
+                                                    "lists": {"no-top": {"exclude_ids": popular[:3]}}}).encode())
+    (refresh,) = deployed.deliver()
+
+    assert refresh["status"] == "SUCCEEDED", (refresh.get("error"), refresh.get("cause", "")[:800])
+    assert exited_states(refresh["history"]) == REFRESH_PATH
+    after = deployed.lists()
+    assert all(popular[0] not in items for items in after.values()) and after != before
+    unknown = client.get_recommendations("nobody", table=deployed.pipeline.table)
+    assert unknown.fallback and len(unknown.items) == TOP_X and popular[0] not in unknown.items
+    named = client.get_recommendations("nobody", table=deployed.pipeline.table, list_name="no-top")
+    assert named.fallback and len(named.items) == TOP_X and not set(named.items) & set(popular[:3])
+    user = sorted(after)[0]
+    assert not set(client.get_recommendations(user, table=deployed.pipeline.table, list_name="no-top").items) & set(
+        popular[:3])
+
+
 def test_responses_with_data_in_the_same_burst_make_a_full_run(deployed: Deployed) -> None:
     published(deployed)
     for day in range(3):

@@ -360,12 +360,20 @@ def refresh_run(bucket: str, table: str, uploads: list[dict[str, Any]] | None = 
                               np.zeros(0, np.float32))
         metrics = _get_json(bucket, metrics_key(live))
         top_x = int(metrics.get("top_x", env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)))
-        fallback, metrics["fallback"] = fallback_list(ds, model, holdout, top_x,
-                                                      None if filters is None else filters["eligible"])
-        pq.write_table(fallback, work / "fallback.parquet")
+        # Every list's fallback under the new rules, by the source the trained run's validation chose.
+        source = (metrics.get("fallback") or {}).get("source")
+        fallbacks = {}
+        for name in (None, *([] if filters is None else _npz_lists(filters))):
+            eligible, diversity = (None, None) if filters is None else _read_list_filters(filters, name)
+            fallback, report = fallback_list(ds, model, holdout, top_x, eligible, diversity, source=source)
+            fallbacks[name] = work / f"fallback-{len(fallbacks)}.parquet"
+            pq.write_table(fallback, fallbacks[name])
+            if name is None:
+                metrics["fallback"] = report
         for prefix in (prepared_prefix, model_prefix, vectors_prefix):
             _copy_prefix(bucket, prefix(live), prefix(run_id))
-        s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id))
+        for name, path in fallbacks.items():
+            s3_client().upload_file(str(path), bucket, fallback_key(run_id, name))
         if filters is not None:
             np.savez_compressed(work / "filters.npz", **filters)
             s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
