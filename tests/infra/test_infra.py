@@ -37,12 +37,12 @@ from topx.contract import SEARCH_COMMAND, TRAIN_COMMAND
 
 HANDLERS = ("prepare", "quality_gate", "repackage", "load_shard", "publish", "report", "starter", "compute_health")
 MAIN_PATH = [
-    "Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
+    "Defaults", "Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
 ]  # fmt: skip
 # Only the filter file or the responses changed: the live model, searched and loaded again, no training.
 REFRESH_PATH = [
-    "Mode", "PrepareRefresh", "RefreshChoice", "UseLiveModel", "Repackage", "Search", "Load", "Report", "Publish",
+    "Defaults", "Mode", "PrepareRefresh", "RefreshChoice", "UseLiveModel", "Repackage", "Search", "Load", "Report", "Publish",
     "NotifySuccess", "Succeed",
 ]  # fmt: skip
 CUSTOM_CONTEXT = {

@@ -319,7 +319,7 @@ def test_an_upload_is_refused_in_prepare_or_published_whole(stack: Stack, case: 
     assert run.status == "FAILED" and run.error == "PipelineFailed"
     assert [(e.state, e.error) for e in run.failures()] == [("Prepare", case.error)]
     assert run.attempts("Prepare") == 1, "a data error must not be retried"
-    assert run.exited_states() == ["Mode", "Prepare", "NotifyFailure"]
+    assert run.exited_states() == ["Defaults", "Mode", "Prepare", "NotifyFailure"]
     (note,) = run.notes
     assert note.subject == "topx: pipeline run failed"
     for expected in case.expect:

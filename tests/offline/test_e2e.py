@@ -25,7 +25,7 @@ from topx.aws import client, stages, store
 from topx.cli import main
 
 TOP_X, FACTORS, EPOCHS, SHARDS, RETENTION_DAYS = 5, 8, 3, 3, 30
-MAIN_PATH = ["Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
+MAIN_PATH = ["Defaults", "Mode", "Prepare", "Train", "QualityGate", "GateChoice", "Repackage", "Search", "Load", "Report", "Publish",
              "NotifySuccess", "Succeed"]
 
 
@@ -306,7 +306,7 @@ def test_a_failing_training_job_runs_once_is_notified_and_the_live_version_stays
     cause = json.loads(failure["cause"])  # the job as Batch describes it: one attempt, exit status 1
     assert cause["Status"] == "FAILED" and [a["Container"]["ExitCode"] for a in cause["Attempts"]] == [1]
     assert len(attempts) == 1
-    assert exited_states(execution["history"]) == ["Mode", "Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
+    assert exited_states(execution["history"]) == ["Defaults", "Mode", "Prepare", "Train", "NotifyFailure"]  # Train left by its Catch
 
     (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
@@ -355,7 +355,7 @@ def test_only_uploads_under_incoming_start_a_run_and_a_bad_one_fails_in_prepare(
     assert [e["type"] for e in prepare].count("TaskScheduled") == 1  # InputDataError is not retried
     (failure,) = [e["taskFailedEventDetails"] for e in prepare if e["type"] == "TaskFailed"]
     assert failure["error"] == "InputDataError"
-    assert exited_states(execution["history"]) == ["Mode", "Prepare", "NotifyFailure"]
+    assert exited_states(execution["history"]) == ["Defaults", "Mode", "Prepare", "NotifyFailure"]
     (note,) = offline.notifications(stack.pipeline)
     assert note.subject == "topx: pipeline run failed"
     assert "incoming/bad.csv, row 3, column 'rating'" in note.message

@@ -22,7 +22,7 @@ from topx.cli import main
 from topx.contract import run_record_key, vectors_prefix
 
 TOP_X, SHARDS = 4, 2
-REFRESH_PATH = ["Mode", "PrepareRefresh", "RefreshChoice", "UseLiveModel", "Repackage", "Search", "Load", "Report",
+REFRESH_PATH = ["Defaults", "Mode", "PrepareRefresh", "RefreshChoice", "UseLiveModel", "Repackage", "Search", "Load", "Report",
                 "Publish", "NotifySuccess", "Succeed"]
 
 
@@ -135,7 +135,7 @@ def test_a_bad_filter_rule_fails_the_refresh_before_any_search_and_nothing_live_
     (refresh,) = deployed.deliver()
 
     assert refresh["status"] == "FAILED" and json.loads(refresh["input"])["mode"] == "refresh"
-    assert exited_states(refresh["history"]) == ["Mode", "PrepareRefresh", "NotifyFailure"]
+    assert exited_states(refresh["history"]) == ["Defaults", "Mode", "PrepareRefresh", "NotifyFailure"]
     (_, note) = offline.notifications(deployed.pipeline)
     assert note.subject == "topx: pipeline run failed"
     assert "config/filters.json: items.exclude[0]: a rule takes exactly one operator" in note.message
@@ -176,7 +176,7 @@ def test_responses_with_data_in_the_same_burst_make_a_full_run(deployed: Deploye
     (run,) = deployed.deliver()
 
     assert run["name"].startswith("uploads-") and json.loads(run["input"])["mode"] == "full"
-    assert exited_states(run["history"])[:3] == ["Mode", "Prepare", "Train"]
+    assert exited_states(run["history"])[:4] == ["Defaults", "Mode", "Prepare", "Train"]
     assert deployed.deliver() == []  # the ended run read every upload: nothing waits
 
 
@@ -187,7 +187,21 @@ def test_a_refresh_with_nothing_live_becomes_a_full_run(deployed: Deployed) -> N
 
     assert json.loads(run["input"])["mode"] == "refresh"
     # No model to refresh: the full Prepare runs, and fails here only because no data was ever uploaded.
-    assert exited_states(run["history"]) == ["Mode", "PrepareRefresh", "RefreshChoice", "Prepare", "NotifyFailure"]
+    assert exited_states(run["history"]) == ["Defaults", "Mode", "PrepareRefresh", "RefreshChoice", "Prepare", "NotifyFailure"]
     assert run["status"] == "FAILED" and deployed.live() is None
     (note,) = offline.notifications(deployed.pipeline)
     assert "holds no data to train on" in note.message
+
+
+def test_an_execution_started_by_hand_with_an_empty_input_is_a_full_run_of_the_data(deployed: Deployed) -> None:
+    """Every field of the input has a default (the Defaults state): {} reads the data under incoming/ of the
+    functions' bucket, as a full run, and Prepare records no uploads."""
+    deployed.put("incoming/ratings.csv", base_ratings(120, 60, seed=5).to_csv(index=False).encode())
+    sfn = boto3.client("stepfunctions")
+    started = sfn.start_execution(stateMachineArn=deployed.pipeline.state_machine_arn, name="by-hand", input="{}")
+    run = offline.wait_for_execution(started["executionArn"], timeout_s=300)
+    assert run["status"] == "SUCCEEDED", (run.get("error"), run.get("cause", "")[:800])
+    states = exited_states(offline.history(started["executionArn"]))
+    assert states[:4] == ["Defaults", "Mode", "Prepare", "Train"] and states[-1] == "Succeed"
+    run_id = json.loads(run["output"])["prepare"]["run_id"]
+    assert deployed.live() == run_id and deployed.record(run_id)["uploads"] is None
