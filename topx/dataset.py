@@ -100,7 +100,10 @@ class Dataset:
     def holdout(self, fraction: float, seed: int, within: np.ndarray | None = None) -> np.ndarray:
         """(n,) bool: per user, ``fraction`` of the rows ``within`` selects (all when None) held out, the
         latest ones with a time column, a seeded random draw without (``self.split``)."""
-        rows = np.arange(len(self.user_rows)) if within is None else np.flatnonzero(within)
+        if within is None:  # every row: no index of them, and no copies (the data may be large)
+            return (ev.holdout_split(self.user_rows, fraction, seed) if self.time is None
+                    else ev.temporal_split(self.user_rows, self.time, fraction))
+        rows = np.flatnonzero(within)
         if self.time is None:
             chosen = ev.holdout_split(self.user_rows[rows], fraction, seed)
         else:
@@ -273,6 +276,11 @@ def _kept_rows(codes: InteractionCodes, opts: DataOptions, report: dict[str, Any
     return keep
 
 
+# Rows sorted at a time when merging repeated pairs: the sort's index and keys follow a block of users of
+# about this many rows, not the whole dataset.
+MERGE_BLOCK_ROWS = 8_000_000
+
+
 def _merge_pairs(
     user: np.ndarray, item: np.ndarray, rating: np.ndarray, time: np.ndarray | None, n_item_codes: int, implicit: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -281,26 +289,39 @@ def _merge_pairs(
     returned as they are. Sums are taken in float64 and rounded to float32 once. Also returns how many rows
     merged away.
 
+    A pair repeats only within its user, so the rows are merged a block of users at a time (users by code modulo
+    the number of blocks, ``MERGE_BLOCK_ROWS`` rows a block on average): the sort's keys and index are a block's,
+    and what is kept whole is one flag and one total per row.
+
     user, item: (n,) int32 codes (item codes < ``n_item_codes``); rating: (n,) float32; time: (n,) int64 or None.
     """
-    key = user.astype(np.int64) * n_item_codes + item
-    order = np.argsort(key, kind="stable")  # stable: the first row of each pair comes first among its rows
-    key = key[order]
-    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    del key
-    duplicates = len(rating) - len(starts)
+    n = len(rating)
+    blocks = max(1, -(-n // MERGE_BLOCK_ROWS))
+    first = np.zeros(n, dtype=bool)  # the row where each pair first occurs
+    total = np.empty(n, dtype=np.float32)  # at those rows: the pair's merged rating
+    latest = None if time is None else np.empty(n, dtype=np.int64)
+    for block in range(blocks):
+        rows = np.flatnonzero(user % blocks == block) if blocks > 1 else np.arange(n)
+        if not len(rows):
+            continue
+        key = user[rows].astype(np.int64) * n_item_codes + item[rows]
+        order = np.argsort(key, kind="stable")  # stable: the first row of each pair comes first among its rows
+        key = key[order]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        del key
+        sums = np.add.reduceat(rating[rows[order]].astype(np.float64), starts)
+        if not implicit:
+            sums /= np.diff(np.append(starts, len(rows)))
+        at = rows[order[starts]]
+        first[at] = True
+        total[at] = sums
+        if latest is not None:
+            latest[at] = np.maximum.reduceat(time[rows[order]], starts)
+        del rows, order, starts, sums, at
+    duplicates = n - int(np.count_nonzero(first))
     if duplicates == 0:
         return user, item, rating, time, 0
-    totals = np.add.reduceat(rating[order].astype(np.float64), starts)
-    if not implicit:
-        totals /= np.diff(np.append(starts, len(rating)))
-    latest = None if time is None else np.maximum.reduceat(time[order], starts)
-    first_rows = order[starts]
-    del order
-    by_first_row = np.argsort(first_rows)
-    rows = first_rows[by_first_row]
-    return (user[rows], item[rows], totals[by_first_row].astype(np.float32),
-            None if latest is None else latest[by_first_row], duplicates)
+    return user[first], item[first], total[first], None if latest is None else latest[first], duplicates
 
 
 def _sorted_codes(codes: np.ndarray, ids: pa.Array) -> tuple[np.ndarray, list[str]]:

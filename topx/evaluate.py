@@ -22,7 +22,9 @@ def holdout_split(user_rows: np.ndarray, fraction: float, seed: int) -> np.ndarr
     if fraction == 0.0 or n == 0:
         return np.zeros(n, dtype=bool)
     keys = np.random.default_rng(seed).random(n)
-    return _first_of_each_user(user_rows, np.lexsort((keys, user_rows)), fraction)  # random order per user
+    order = np.lexsort((keys, user_rows))  # random order per user
+    del keys
+    return _first_of_each_user(user_rows, order, fraction)
 
 
 def temporal_split(user_rows: np.ndarray, times: np.ndarray, fraction: float) -> np.ndarray:
@@ -48,11 +50,16 @@ def _first_of_each_user(user_rows: np.ndarray, order: np.ndarray, fraction: floa
     n = len(user_rows)
     sorted_users = user_rows[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    del sorted_users
     counts = np.diff(np.r_[starts, n])
     n_held = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
-    rank_in_user = np.arange(n) - np.repeat(starts, counts)
+    # Held out, in ``order``: each user's first n_held positions, the ranges [start, start + n_held), marked by
+    # +1 and -1 at their ends and summed (a byte per row, not an index per row: the data may be large).
+    edges = np.zeros(n + 1, dtype=np.int8)
+    edges[starts] += 1
+    np.subtract.at(edges, starts + n_held, 1)
     mask = np.zeros(n, dtype=bool)
-    mask[order] = rank_in_user < np.repeat(n_held, counts)
+    mask[order] = np.cumsum(edges[:n], dtype=np.int8) > 0
     return mask
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import topx.dataset as dataset_module
 from topx.dataset import DataOptions, _window_start, load_dataset
 from topx.errors import InputDataError
 from topx.ingest import read_interaction_codes, read_interactions
@@ -118,6 +119,18 @@ def test_parts_with_repeats_a_window_and_a_threshold_give_the_former_dataset(tmp
                        implicit=implicit, since=since, min_rating=min_rating)
     ds = load_dataset(opts)
     assert ds.report["duplicate_pairs_merged"] > 0
+    assert_same_as_reference(opts)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_repeats_merged_a_block_of_users_at_a_time_give_the_former_dataset(tmp_path, monkeypatch, implicit):
+    """Blocks of about 7 rows: users spread over dozens of blocks, each merged on its own."""
+    monkeypatch.setattr(dataset_module, "MERGE_BLOCK_ROWS", 7)
+    frame = interactions(seed=9, n=400)
+    frame["stars"] = frame["stars"].abs()
+    opts = DataOptions(write_parts(tmp_path / "export", frame, [200]), user_col="user", item_col="item",
+                       rating_col="stars", time_col="when", implicit=implicit)
+    assert load_dataset(opts).report["duplicate_pairs_merged"] > 0
     assert_same_as_reference(opts)
 
 

@@ -26,6 +26,31 @@ def test_holdout_is_per_user_seeded_and_keeps_a_training_row():
         ev.holdout_split(users, 1.0, seed=1)
 
 
+def _held_by_rank(user_rows: np.ndarray, order: np.ndarray, fraction: float) -> np.ndarray:
+    """The hold-out rule written the plain way: each user's rank in ``order`` against their count."""
+    sorted_users = user_rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(user_rows)])
+    n_held = np.minimum(np.floor(fraction * counts + 0.5).astype(np.int64), counts - 1)
+    mask = np.zeros(len(user_rows), dtype=bool)
+    mask[order] = np.arange(len(user_rows)) - np.repeat(starts, counts) < np.repeat(n_held, counts)
+    return mask
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5, 0.9])
+def test_the_hold_outs_mark_the_ranks_the_rule_says_whatever_the_counts(fraction):
+    """Users of 1 to 40 rows, shuffled, some with none held: the splits agree with the rule written plainly."""
+    rng = np.random.default_rng(11)
+    users = rng.permutation(np.repeat(np.arange(300), rng.integers(1, 41, 300)))
+    keys = np.random.default_rng(5).random(len(users))
+    np.testing.assert_array_equal(ev.holdout_split(users, fraction, seed=5),
+                                  _held_by_rank(users, np.lexsort((keys, users)), fraction))
+    times = rng.integers(0, 50, len(users))
+    latest_first = np.lexsort((-np.arange(len(users)), -times, users))
+    np.testing.assert_array_equal(ev.temporal_split(users, times, fraction),
+                                  _held_by_rank(users, latest_first, fraction))
+
+
 def test_rmse_auc_and_log_loss():
     assert ev.rmse(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == pytest.approx(1.0)
     assert ev.auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0])) == pytest.approx(1.0)
