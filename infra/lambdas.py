@@ -11,7 +11,8 @@ topx/contract.py's), nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from aws_cdk import Duration, Size
 from aws_cdk import aws_dynamodb as dynamodb
@@ -179,11 +180,15 @@ class Functions(Construct):
         environment: dict[str, str],
         logs_key: kms.IKey,
         base_digest: str | None = None,
+        memory_mb: Mapping[str, int] | None = None,
     ) -> None:
+        """``memory_mb``: handler -> memory (MB), over its spec's (the data functions, sized by a setting)."""
         super().__init__(scope, construct_id)
         self._base_digest = base_digest  # pins the image's base (infra/images.py)
         self.by_handler: dict[str, lambda_.DockerImageFunction] = {}
         for spec in SPECS:
+            if memory_mb and spec.handler in memory_mb:
+                spec = replace(spec, memory_mb=memory_mb[spec.handler])
             self.by_handler[spec.handler] = self._function(spec, bucket, table, environment, logs_key)
         acknowledge_unscoped(self, (*TRACING_ACTIONS, *(action for spec in SPECS for action in spec.unscoped)))
 

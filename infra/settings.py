@@ -54,6 +54,10 @@ TRIGGER_PATH = REPO_ROOT / "statemachine" / "trigger.json"
 
 # The train job asks for 4 vCPUs (see infra/compute.py); a smaller ceiling would leave it RUNNABLE forever.
 MIN_MAX_VCPUS = 4
+# Lambda's memory bounds (MB); 3008 is the most a new account's default quota allows, 10,240 Lambda's most.
+DEFAULT_DATA_FUNCTION_MEMORY_MB, MAX_FUNCTION_MEMORY_MB = 3008, 10240
+# The functions whose memory follows the data (its interactions, its users): data_function_memory_mb sizes them.
+DATA_FUNCTIONS = ("prepare", "report")
 
 _SCHEDULE_RE = re.compile(r"^(cron|rate)\(.+\)$")
 _INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
@@ -94,6 +98,9 @@ class DeploySettings:
     dataset: str | None = None
     # (image, "sha256:...") pairs: each image's base tag (its Dockerfile's BASE_IMAGE) pinned to that digest.
     base_image_digests: tuple[tuple[str, str], ...] = ()
+    # Memory (MB) of the DATA_FUNCTIONS: Prepare holds about 40 bytes per interaction, Report about
+    # 470 per user (docs/PERFORMANCE.md).
+    data_function_memory_mb: int = DEFAULT_DATA_FUNCTION_MEMORY_MB
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
@@ -103,6 +110,9 @@ class DeploySettings:
             raise SettingsError(
                 f"context shards must be in [{MIN_SHARDS}, {MAX_SHARDS}] (AWS Batch array size), got {self.shards}"
             )
+        if not DEFAULT_DATA_FUNCTION_MEMORY_MB <= self.data_function_memory_mb <= MAX_FUNCTION_MEMORY_MB:
+            raise SettingsError(f"context data_function_memory_mb must be in [{DEFAULT_DATA_FUNCTION_MEMORY_MB}, "
+                                f"{MAX_FUNCTION_MEMORY_MB}] (Lambda's memory), got {self.data_function_memory_mb}")
         if self.max_vcpus < MIN_MAX_VCPUS:
             raise SettingsError(f"context max_vcpus must be at least {MIN_MAX_VCPUS}, got {self.max_vcpus}")
         if not self.gpu_instance_types:
@@ -380,4 +390,5 @@ _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "hyperparameters": _parse_hyperparameters,
     "search_method": _parse_optional_str,
     "base_image_digests": _parse_digests,
+    "data_function_memory_mb": _parse_int,
 }

@@ -13,7 +13,7 @@ from infra.lambdas import Functions
 from infra.logs import logs_key
 from infra.notifications import COMPUTE_HEALTH_STAGE, Notifications
 from infra.pipeline import Pipeline
-from infra.settings import DeploySettings
+from infra.settings import DATA_FUNCTIONS, DeploySettings
 from infra.storage import Storage
 from topx.contract import ENV_SERVICE_NAME, OUTPUT_BUCKET, OUTPUT_STATE_MACHINE, OUTPUT_TABLE, OUTPUT_TOPIC
 
@@ -52,6 +52,7 @@ class TopxStack(Stack):
             environment=environment,
             logs_key=log_key,
             base_digest=settings.base_image_digest("functions"),
+            memory_mb=dict.fromkeys(DATA_FUNCTIONS, settings.data_function_memory_mb),
         )
         pipeline = Pipeline(
             self,

@@ -61,6 +61,7 @@ CUSTOM_CONTEXT = {
     "min_recall": "0.1",
     "hyperparameters": '{"epochs": 40, "factors_wd": 0.1}',
     "search_method": "faiss",
+    "data_function_memory_mb": "6144",
     # The search image is left on its tag.
     "base_image_digests": json.dumps({"train": "sha256:" + "a1" * 32, "functions": "sha256:" + "0f" * 32}),
 }
@@ -306,6 +307,18 @@ def test_functions_are_container_images_one_handler_each(default: Synth) -> None
         assert function["ImageConfig"]["Command"][0].rsplit(".", 1)[1] in defined
         assert function["TracingConfig"] == {"Mode": "Active"}
         assert 128 <= function["MemorySize"] <= 3008 and function["Timeout"] <= 900
+
+
+def test_the_data_functions_take_the_memory_the_context_gives_them(default: Synth, custom: Synth) -> None:
+    """Prepare and Report hold what grows with the data; data_function_memory_mb sizes them, and only them."""
+    def memory(synth: Synth) -> dict[str, int]:
+        return {f["Properties"]["ImageConfig"]["Command"][0].rsplit(".", 1)[1]: f["Properties"]["MemorySize"]
+                for f in synth.resources("AWS::Lambda::Function").values()}
+
+    assert memory(default)["prepare"] == memory(default)["report"] == 3008
+    assert memory(custom)["prepare"] == memory(custom)["report"] == 6144
+    assert {h: m for h, m in memory(custom).items() if h not in ("prepare", "report")} == {
+        h: m for h, m in memory(default).items() if h not in ("prepare", "report")}
 
 
 def test_context_reaches_every_job_and_function_as_environment(default: Synth, custom: Synth) -> None:
@@ -1104,6 +1117,8 @@ def test_settings_defaults_and_command_line_strings() -> None:
         {"hyperparameters": '{"validation_fraction": 0.5}'},
         {"hyperparameters": '{"predictor_type": "binary_classifier"}'},
         {"search_method": "annoy"},
+        {"data_function_memory_mb": "2048"},
+        {"data_function_memory_mb": "10241"},
         {"search_method": "FAISS"},
         {"search_method": ["faiss"]},
         {"base_image_digests": '{"train": "sha256:abc"}'},
