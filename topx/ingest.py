@@ -16,6 +16,7 @@ counts as one row. For Parquet, rows are the 1-based data row numbers.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -171,30 +172,19 @@ class InteractionCodes:
     parts: list[str]
 
 
-def read_interaction_codes(
-    source: str,
-    *,
-    user_col: str | int = USER_ID,
-    item_col: str | int = ITEM_ID,
-    rating_col: str | int | None = RATING,
-    header: bool = True,
-    sep: str | None = None,
-    implicit: bool = False,
-    time_col: str | int | None = None,
-    max_bytes: int | None = None,
-    s3_client: Any = None,
-) -> InteractionCodes:
-    """The rows :func:`read_interactions` reads (same arguments, same checks and errors), kept as integer codes.
+def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
+    """The rows :func:`read_interactions` reads (the same keyword arguments, defaults, checks and errors), kept
+    as integer codes.
 
     Each part is read, checked and turned into codes before the next is read, and only its codes stay: memory
     holds one part's table at a time beside about 12 bytes a row (20 with a time column) and the distinct ids,
     where a frame of string ids takes over a hundred bytes a row.
     """
+    arguments = inspect.signature(read_interactions).bind(source, **options)
+    arguments.apply_defaults()
     users, items = _Vocabulary(), _Vocabulary()
     user_codes, item_codes, ratings, times, sources = [], [], [], [], []
-    for part in _interaction_parts(source, user_col=user_col, item_col=item_col, rating_col=rating_col, header=header,
-                                   sep=sep, implicit=implicit, time_col=time_col, max_bytes=max_bytes,
-                                   s3_client=s3_client):
+    for part in _interaction_parts(**arguments.arguments):
         user_codes.append(users.encode(part.users))
         item_codes.append(items.encode(part.items))
         ratings.append(part.rating)
@@ -204,7 +194,8 @@ def read_interaction_codes(
         del part  # the part's table goes before the next is read
     return InteractionCodes(
         user_codes=_concatenate(user_codes, np.int32), item_codes=_concatenate(item_codes, np.int32),
-        rating=_concatenate(ratings, np.float32), time=_concatenate(times, np.int64) if time_col is not None else None,
+        rating=_concatenate(ratings, np.float32),
+        time=_concatenate(times, np.int64) if arguments.arguments["time_col"] is not None else None,
         user_ids=users.ids(), item_ids=items.ids(), parts=sources)
 
 

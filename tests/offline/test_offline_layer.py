@@ -131,7 +131,8 @@ SETTINGS_ENV = (
 
 
 def test_local_settings_have_every_deploy_setting_that_reaches_the_environment() -> None:
-    not_environment = {"gpu_instance_types", "spot", "max_vcpus", "schedule", "notification_email", "base_image_digests"}
+    not_environment = {"gpu_instance_types", "spot", "max_vcpus", "schedule", "notification_email", "base_image_digests",
+                       "data_function_memory_mb"}
     # The dataset shorthands are context parameters folded into DeploySettings.dataset; LocalSettings takes them too.
     assert set(offline.LocalSettings.__dataclass_fields__) == (
         set(DeploySettings.__dataclass_fields__) - not_environment | set(DATASET_SHORTHANDS))
