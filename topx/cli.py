@@ -164,6 +164,23 @@ def _add_stack_options(p: argparse.ArgumentParser, *, table: bool = False, bucke
                    help="AWS endpoint, e.g. moto server or LocalStack (default: $TOPX_ENDPOINT_URL, else AWS)")
 
 
+# What `topx upload --as` puts where: data under incoming/, the filter file at config/filters.json, responses
+# under responses/.
+UPLOAD_KINDS = ("data", "filters", "responses")
+
+
+class _Burst(argparse.Action):
+    """``topx offline``'s --upload, --filters and --responses: each a burst (kind, path), kept in the order given."""
+
+    KINDS = {"--upload": "data", "--filters": "filters", "--responses": "responses"}
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        bursts = list(getattr(namespace, self.dest, None) or [])
+        bursts.append((self.KINDS[option_string or "--upload"], values))
+        setattr(namespace, self.dest, bursts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="topx",
@@ -281,20 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command("offline", help="try the deployed pipeline on your own export before deploying",
                        description="Start the offline AWS stand-ins in this process, deploy the stack's resources and "
-                                   "the state machine into them, and upload each --upload PATH (a file, or a folder "
-                                   "of part files) under incoming/ as one burst, in order: the upload queue's starter "
-                                   "starts a run for each, after the one before has ended, as on AWS. Progress goes "
-                                   "to stderr; the last line of stdout is one JSON object: {\"executions\": "
-                                   "[{\"status\", \"uploads\"}, ...], \"users_published\": N}. TOPX_EPOCHS, "
+                                   "the state machine into them, and upload each burst in the order given: --upload "
+                                   "PATH (a file, or a folder of part files) under incoming/, --filters FILE to "
+                                   "config/filters.json, --responses PATH under responses/. The upload queue's "
+                                   "starter starts a run for each, after the one before has ended, as on AWS: a "
+                                   "full run for data, a refresh of the live model's lists for filters or responses "
+                                   "alone. Progress goes to stderr; the last line of stdout is one JSON object: "
+                                   "{\"executions\": [{\"status\", \"mode\", \"uploads\"}, ...], "
+                                   "\"users_published\": N}. TOPX_EPOCHS, "
                                    "TOPX_NUM_FACTORS and the other TOPX_* deploy settings apply. Needs the offline "
                                    "extra: pip install 'topx[offline]'.")
-    p.add_argument("--upload", action="append", required=True, metavar="PATH",
-                   help="a file or a folder to upload as one burst (repeat for later bursts, in order)")
+    p.add_argument("--upload", action=_Burst, dest="bursts", metavar="PATH",
+                   help="a file or a folder of data to upload under incoming/ as one burst (repeat for later "
+                        "bursts, in order)")
+    p.add_argument("--filters", action=_Burst, dest="bursts", metavar="FILE",
+                   help="a filter file to upload to config/filters.json as one burst, in order with the others: "
+                        "after a published run, a refresh")
+    p.add_argument("--responses", action=_Burst, dest="bursts", metavar="PATH",
+                   help="a responses table (or folder) to upload under responses/ as one burst, in order with the "
+                        "others: after a published run, a refresh")
     p.add_argument("--dataset", metavar="FILE",
                    help="the dataset configuration (JSON) to deploy with, as CDK context dataset takes it: "
                         "column names, objective, time column and window")
     p.add_argument("--snapshot", metavar="LABEL",
-                   help="upload the first PATH as a snapshot (incoming/snapshot=LABEL/), the others on top of it")
+                   help="upload the first --upload PATH as a snapshot (incoming/snapshot=LABEL/), the others on top "
+                        "of it")
 
     p = add_command("recs", help="a user's live recommendations, read from a deployed stack's table",
                        description="Follow the active-version pointer in DynamoDB and print the user's top-x, "
@@ -316,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--bucket, else the --stack's BucketName output, else $TOPX_BUCKET, else the "
                                    "output of the stack Topx.")
     p.add_argument("file", metavar="PATH", help="local file or folder to upload")
+    p.add_argument("--as", dest="kind", choices=UPLOAD_KINDS, default="data",
+                   help="data (the default: under incoming/, a run trains on it); filters (the filter file, checked "
+                        "first, to config/filters.json); responses (a (user_id, item_id) table or a folder of them, "
+                        "under responses/). Filters or responses alone start a refresh: the live model's lists "
+                        "made again under them, without training")
     p.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (metadata topx-mode: implicit); for ranking")
     p.add_argument("--objective", choices=OBJECTIVES,
@@ -785,6 +818,19 @@ def cmd_recs(args: argparse.Namespace) -> int:
 def cmd_upload(args: argparse.Namespace) -> int:
     from topx.aws import client
 
+    if args.kind != "data":
+        given = [flag for flag, value in (("--implicit", args.implicit), ("--objective", args.objective),
+                                          ("--snapshot", args.snapshot)) if value]
+        if given or (args.kind == "filters" and args.key):
+            raise ConfigError(f"{(given or ['--key'])[0]} applies to data uploads, not to --as {args.kind}")
+        if args.kind == "filters":
+            uri = client.upload_filters(args.file, bucket=args.bucket, stack=args.stack, endpoint_url=args.endpoint_url)
+        else:
+            uri = client.upload_responses(args.file, bucket=args.bucket, stack=args.stack, key=args.key,
+                                          endpoint_url=args.endpoint_url)
+        print(f"uploaded {uri}; alone it starts a refresh of the live model's lists (no training), after any run "
+              f"in progress (follow it with `topx status`)")
+        return 0
     uri = client.upload(args.file, bucket=args.bucket, stack=args.stack, key=args.key, implicit=args.implicit,
                         objective=args.objective, snapshot=args.snapshot, endpoint_url=args.endpoint_url)
     print(f"uploaded {uri}{' (implicit feedback)' if args.implicit else ''}; the starter starts one run for the "
@@ -810,7 +856,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_offline(args: argparse.Namespace) -> int:
     from topx.offline.trial import run_trial
 
-    return run_trial(args.upload, dataset=args.dataset, snapshot=args.snapshot, quiet=args.quiet)
+    if not args.bursts:
+        raise ConfigError("topx offline needs at least one --upload (or --filters, --responses) to upload")
+    return run_trial(args.bursts, dataset=args.dataset, snapshot=args.snapshot, quiet=args.quiet)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -113,6 +113,33 @@ def test_upload_marks_the_objective_as_prepare_reads_it(tmp_path: Path, monkeypa
         client.upload(tmp_path / "missing.csv", bucket="data")
 
 
+def test_upload_as_filters_checks_the_file_first_and_as_responses_keeps_a_folder_s_paths(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"items": {"exclude": [{"column": "in_stock", "equals": False}]}}))
+    (tmp_path / "dismissed" / "day=1").mkdir(parents=True)
+    (tmp_path / "dismissed" / "day=1" / "part-0.csv").write_text("user_id,item_id\nu1,i1\n")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="data")
+        assert main(["upload", str(rules), "--as", "filters", "--bucket", "data"]) == 0
+        assert json.loads(s3.get_object(Bucket="data", Key="config/filters.json")["Body"].read()) == json.loads(
+            rules.read_text())
+        assert "starts a refresh" in capsys.readouterr().out
+        assert client.upload_responses(tmp_path / "dismissed", bucket="data") == "s3://data/responses/dismissed/"
+        assert s3.get_object(Bucket="data", Key="responses/dismissed/day=1/part-0.csv")["Body"].read() == \
+            b"user_id,item_id\nu1,i1\n"
+        # A malformed filter file is refused before it is uploaded: the one there stays.
+        rules.write_text(json.dumps({"items": {"exclude": [{"column": "in_stock", "like": "x"}]}}))
+        assert main(["upload", str(rules), "--as", "filters", "--bucket", "data"]) == 2
+        assert "rules.json: items.exclude[0]: a rule takes exactly one operator" in capsys.readouterr().err
+        assert b"equals" in s3.get_object(Bucket="data", Key="config/filters.json")["Body"].read()
+        # Flags of data uploads are refused with the other kinds.
+        assert main(["upload", str(rules), "--as", "responses", "--implicit", "--bucket", "data"]) == 2
+        assert "--implicit applies to data uploads, not to --as responses" in capsys.readouterr().err
+
+
 def test_reading_a_table_that_does_not_exist_is_a_store_error(monkeypatch) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with mock_aws(), pytest.raises(StoreError, match="table 'nope' does not exist"):

@@ -261,6 +261,29 @@ def test_topx_offline_runs_the_deployed_pipeline_on_a_users_own_export(tmp_path:
     assert summary["users_published"] == 90
 
 
+def test_topx_offline_runs_responses_and_a_filter_file_after_the_data_as_refreshes(tmp_path: Path, capsys,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bursts in the order given: the data (a full run), then responses, then a filter file (a refresh each)."""
+    monkeypatch.setenv("TOPX_EPOCHS", "2")
+    monkeypatch.setenv("TOPX_NUM_FACTORS", "8")
+    base_ratings(60, 30, seed=8).to_csv(tmp_path / "ratings.csv", index=False)
+    (tmp_path / "dismissed.csv").write_text("user_id,item_id\nu00001,i00001\n")
+    (tmp_path / "filters.json").write_text(json.dumps({"items": {"exclude_ids": ["i00002"]}}))
+    code = main(["--quiet", "offline", "--upload", str(tmp_path / "ratings.csv"), "--responses",
+                 str(tmp_path / "dismissed.csv"), "--filters", str(tmp_path / "filters.json")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0, summary
+    assert [(e["mode"], e["status"]) for e in summary["executions"]] == [
+        ("full", "SUCCEEDED"), ("refresh", "SUCCEEDED"), ("refresh", "SUCCEEDED")]
+    assert [e["uploads"] for e in summary["executions"]][1:] == [
+        [{"path": "responses/dismissed.csv", "objects": 1}], [{"path": "config/filters.json", "objects": 1}]]
+    # A malformed filter file is refused before anything is deployed.
+    (tmp_path / "filters.json").write_text("{")
+    assert main(["--quiet", "offline", "--upload", str(tmp_path / "ratings.csv"), "--filters",
+                 str(tmp_path / "filters.json")]) == 2
+    assert "filters.json: the filter file is not valid JSON" in capsys.readouterr().err
+
+
 def test_topx_offline_shows_why_an_export_would_fail_before_it_is_deployed(tmp_path: Path, capsys,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A loose file beside a partitioned export lacks the partition column: refused, and the JSON says why."""

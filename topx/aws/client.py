@@ -31,6 +31,7 @@ from topx.contract import (
     ENV_ENDPOINT_URL,
     ENV_TABLE,
     FALLBACK_PARTITION,
+    FILTERS_KEY,
     LIST_VERSION_SEPARATOR,
     MODE_METADATA,
     OUTPUT_BUCKET,
@@ -38,6 +39,7 @@ from topx.contract import (
     OUTPUT_TABLE,
     OUTPUT_TOPIC,
     PARTITION_KEY,
+    RESPONSES_PREFIX,
     SORT_KEY,
     STACK_NAME,
     active_data_prefix,
@@ -322,6 +324,41 @@ def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = N
         extra = {"Metadata": {MODE_METADATA: mode}} if mode else {}
         for relative, file in files:
             s3.upload_file(str(file), name, target + relative if relative else target, ExtraArgs=extra)
+    return f"s3://{name}/{target}"
+
+
+def upload_filters(path: str | Path, *, bucket: str | None = None, stack: str | None = None,
+                   endpoint_url: str | None = None, client: Any = None) -> str:
+    """Put a filter file at ``config/filters.json``, which the next run applies (alone, it starts a refresh:
+    the live model's lists made again under it, without training); returns its ``s3://`` URI. The file's
+    JSON and rules are checked first, so a malformed one is refused here, before it is uploaded; its columns
+    are checked against the items table by the run, which fails naming the rule and leaves the live lists."""
+    from topx.filters import load_filters
+
+    load_filters(path)
+    name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
+    s3 = client or aws_client("s3", endpoint_url)
+    with aws_errors():
+        s3.upload_file(str(path), name, FILTERS_KEY, ExtraArgs={"ContentType": "application/json"})
+    return f"s3://{name}/{FILTERS_KEY}"
+
+
+def upload_responses(path: str | Path, *, bucket: str | None = None, stack: str | None = None, key: str | None = None,
+                     endpoint_url: str | None = None, client: Any = None) -> str:
+    """Put a responses table (a file, or a folder of parts) under ``responses/`` (``key`` names it; default the
+    file's or folder's name): its (user_id, item_id) pairs leave the next lists, and alone it starts a
+    refresh. Returns the ``s3://`` URI of the object or the folder."""
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(f"{source}: no such file or folder")
+    files = _upload_files(source)
+    name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
+    s3 = client or aws_client("s3", endpoint_url)
+    target = RESPONSES_PREFIX + (key or source.name).removeprefix(RESPONSES_PREFIX)
+    target = target.rstrip("/") + "/" if source.is_dir() else target
+    with aws_errors():
+        for relative, file in files:
+            s3.upload_file(str(file), name, target + relative if relative else target)
     return f"s3://{name}/{target}"
 
 

@@ -1,8 +1,9 @@
 """``topx offline``: the deployed pipeline on the user's own files, before ``cdk deploy``.
 
 As ``topx demo`` does with generated data: moto in this process, the stack's resources and the state
-machine deployed into it (``topx.offline.deploy``), and then each ``--upload`` PATH put under ``incoming/``
-as one burst, in order, as ``topx upload`` puts it. After each burst the upload queue's batching window
+machine deployed into it (``topx.offline.deploy``), and then each burst uploaded in the order given, as
+``topx upload`` puts it: ``--upload`` PATH under ``incoming/``, ``--filters`` FILE at ``config/filters.json``,
+``--responses`` PATH under ``responses/`` (the last two, after a published run, make a refresh). After each burst the upload queue's batching window
 closes (``topx.offline.deliver``) and the starter starts a run, or lets the burst wait for the run in
 progress; each run is followed to its end, whose event brings the starter back for what waited. Progress
 goes to stderr; stdout ends with one JSON line, ``{"executions": [{"status", "uploads", ...}],
@@ -37,21 +38,30 @@ def _dataset_text(path: str | None) -> str | None:
         raise ConfigError(f"{path}: cannot read the dataset configuration: {exc.strerror or exc}") from exc
 
 
-def run_trial(uploads: Sequence[str], *, dataset: str | None = None, snapshot: str | None = None,
+# The option that names each kind of burst (topx.cli's _Burst).
+BURST_OPTIONS = {"data": "--upload", "filters": "--filters", "responses": "--responses"}
+
+
+def run_trial(bursts: Sequence[tuple[str, str]], *, dataset: str | None = None, snapshot: str | None = None,
               quiet: bool = False) -> int:
+    """``bursts``: (kind, path) in upload order, kind "data", "filters" or "responses"."""
     from topx.offline.patches import check_offline_extra
 
     check_offline_extra()
-    missing = [path for path in uploads if not Path(path).exists()]
-    if missing:
-        raise ConfigError(f"--upload {missing[0]}: no such file or folder")
+    for kind, path in bursts:
+        if not Path(path).exists():
+            raise ConfigError(f"{BURST_OPTIONS[kind]} {path}: no such file or folder")
+        if kind == "filters":
+            from topx.filters import load_filters
+
+            load_filters(path)  # a malformed filter file is refused before anything starts
     settings_dataset = _dataset_text(dataset)
-    summary = _trial(list(uploads), settings_dataset, snapshot, quiet)
+    summary = _trial(list(bursts), settings_dataset, snapshot, quiet)
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary["executions"] and all(e["status"] == "SUCCEEDED" for e in summary["executions"]) else 1
 
 
-def _trial(uploads: list[str], dataset: str | None, snapshot: str | None, quiet: bool) -> dict[str, Any]:
+def _trial(bursts: list[tuple[str, str]], dataset: str | None, snapshot: str | None, quiet: bool) -> dict[str, Any]:
     import boto3
 
     from topx import offline
@@ -63,9 +73,16 @@ def _trial(uploads: list[str], dataset: str | None, snapshot: str | None, quiet:
              f"{pipeline.state_machine_arn.rsplit(':', 1)[-1]}", quiet)
         s3 = boto3.client("s3", region_name=pipeline.region)
         sfn = boto3.client("stepfunctions", region_name=pipeline.region)
-        for position, path in enumerate(uploads):
-            uri = client.upload(path, bucket=pipeline.bucket, snapshot=snapshot if position == 0 else None,
-                                client=s3)
+        data_bursts = 0
+        for position, (kind, path) in enumerate(bursts):
+            if kind == "filters":
+                uri = client.upload_filters(path, bucket=pipeline.bucket, client=s3)
+            elif kind == "responses":
+                uri = client.upload_responses(path, bucket=pipeline.bucket, client=s3)
+            else:
+                uri = client.upload(path, bucket=pipeline.bucket, snapshot=snapshot if data_bursts == 0 else None,
+                                    client=s3)
+                data_bursts += 1
             _say(f"burst {position + 1}: uploaded {path} to {uri}", quiet)
             _deliver(pipeline, quiet)
         # Every burst is in; what still waits starts once the run in progress ends, one run at a time.
@@ -79,8 +96,9 @@ def _trial(uploads: list[str], dataset: str | None, snapshot: str | None, quiet:
         executions = []
         for execution in ran:
             described = sfn.describe_execution(executionArn=execution["executionArn"])
+            given = json.loads(described["input"])
             entry: dict[str, Any] = {"name": execution["name"], "status": described["status"],
-                                     "uploads": json.loads(described["input"]).get("uploads")}
+                                     "mode": given.get("mode", "full"), "uploads": given.get("uploads")}
             if described["status"] != "SUCCEEDED":
                 entry["error"] = described.get("error")
                 # The failure notification names the step, the object, the row and the column at fault.
