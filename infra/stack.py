@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import CfnOutput, Stack, Tags
+from aws_cdk import Annotations, CfnOutput, Stack, Tags
 from constructs import Construct
 
 from infra.compute import Compute
@@ -13,7 +13,7 @@ from infra.lambdas import Functions
 from infra.logs import logs_key
 from infra.notifications import COMPUTE_HEALTH_STAGE, Notifications
 from infra.pipeline import Pipeline
-from infra.settings import DATA_FUNCTIONS, DeploySettings
+from infra.settings import BASE_IMAGES, DATA_FUNCTIONS, DeploySettings
 from infra.storage import Storage
 from topx.contract import ENV_SERVICE_NAME, OUTPUT_BUCKET, OUTPUT_STATE_MACHINE, OUTPUT_TABLE, OUTPUT_TOPIC
 
@@ -25,6 +25,14 @@ class TopxStack(Stack):
         super().__init__(scope, construct_id, **kwargs)
         Tags.of(self).add("project", "topx")
 
+        # An image built FROM a tag gets whatever the tag names on the day of the build: said at synth.
+        for image in BASE_IMAGES:
+            if settings.base_image_digest(image) is None:
+                Annotations.of(self).add_warning_v2(
+                    f"topx:base-image-tag-{image}",
+                    f"the {image} image builds FROM its base image's tag, which may name another image on the next "
+                    f"build; pin it with -c 'base_image_digests={{\"{image}\": \"sha256:...\"}}' (docs/DEPLOY.md, "
+                    f"Building the images by hand)")
         storage = Storage(self, "Storage", retention_days=settings.retention_days)
         log_key = logs_key(self, "LogsKey")
         notifications = Notifications(self, "Notifications", email=settings.notification_email)

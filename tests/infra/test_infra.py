@@ -1090,6 +1090,16 @@ def test_settings_defaults_and_command_line_strings() -> None:
     assert "TOPX_SEARCH_METHOD" not in DeploySettings().job_environment(bucket="b", table="t", topic_arn="a")
 
 
+def test_synth_warns_of_each_image_built_from_a_tag_and_not_of_one_pinned_by_digest(default: Synth,
+                                                                                    custom: Synth) -> None:
+    def warned(synth: Synth) -> set[str]:
+        found = Annotations.from_stack(synth.stack).find_warning("*", Match.string_like_regexp("builds FROM"))
+        return {w.entry.data.split(" image builds")[0].removeprefix("the ") for w in found}
+
+    assert warned(default) == {"functions", "train", "search"}
+    assert warned(custom) == {"search"}  # the custom context pins train and functions
+
+
 @pytest.mark.parametrize(
     "context",
     [
