@@ -15,6 +15,7 @@ counts as one row. For Parquet, rows are the 1-based data row numbers.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import inspect
 import io
@@ -497,19 +498,37 @@ def _check_utf8(raw: bytes, source: str, *, header: bool, sep: str | None) -> No
     for magic, what in NOT_TEXT_MAGIC.items():
         if raw.startswith(magic):
             raise InputDataError(f"is {what}", source=source)
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        bad = raw[exc.start:exc.start + 1].hex()
+    offset = _first_invalid_utf8(raw)
+    if offset is not None:
+        line = raw.count(b"\n", 0, offset) + 1
+        line_start = raw.rfind(b"\n", 0, offset) + 1
+        bad = raw[offset:offset + 1].hex()
         raise InputDataError(
-            f"not valid UTF-8 (byte 0x{bad} at line {line}, character {exc.start - line_start + 1}); "
+            f"not valid UTF-8 (byte 0x{bad} at line {line}, character {offset - line_start + 1}); "
             f"save the file as UTF-8",
             source=source,
             row=line,
-            column=None if header and line == 1 else _column_at(raw, line_start, exc.start, header=header, sep=sep),
-        ) from exc
+            column=None if header and line == 1 else _column_at(raw, line_start, offset, header=header, sep=sep),
+        )
+
+
+# Bytes checked as UTF-8 at a time: the check holds this much text, not the whole file's.
+UTF8_CHECK_BYTES = 16 * 1024 * 1024
+
+
+def _first_invalid_utf8(raw: bytes) -> int | None:
+    """The offset of the first byte of ``raw`` that is not valid UTF-8 (a sequence cut off at the end
+    included), or None; decoded ``UTF8_CHECK_BYTES`` at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(raw)
+    for start in range(0, len(raw), UTF8_CHECK_BYTES):
+        pending = len(decoder.getstate()[0])  # the bytes of a sequence the last block cut
+        chunk = view[start:start + UTF8_CHECK_BYTES]
+        try:
+            decoder.decode(chunk, final=start + UTF8_CHECK_BYTES >= len(raw))
+        except UnicodeDecodeError as exc:
+            return start - pending + exc.start
+    return None
 
 
 def _column_at(raw: bytes, line_start: int, offset: int, *, header: bool, sep: str | None) -> str | None:

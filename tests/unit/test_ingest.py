@@ -806,3 +806,24 @@ def test_an_s3_prefix_over_max_bytes_is_refused_from_its_listing(s3, tmp_path):
         read_interactions("s3://bkt/incoming/export/", max_bytes=2 * len(body), s3_client=s3)
     with pytest.raises(InputDataError, match=rf"s3://bkt/incoming/export/part-0.csv: the dataset holds {len(body):,} "):
         read_interactions("s3://bkt/incoming/export/part-0.csv", max_bytes=len(body) - 1, s3_client=s3)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64])
+def test_the_utf8_check_a_block_at_a_time_finds_the_byte_a_whole_decode_finds(monkeypatch, block):
+    """Blocks that cut multi-byte sequences anywhere: the first bad byte is where decoding it whole says."""
+    from topx import ingest
+
+    monkeypatch.setattr(ingest, "UTF8_CHECK_BYTES", block)
+    rng = np.random.default_rng(block)
+    texts = ["plain ascii,1\n", "café,2\n", "日本語,3\n", "emoji 🎧,4\n"]
+    for trial in range(200):
+        raw = "".join(rng.choice(texts, 5)).encode()
+        if trial % 3:  # a stray byte, a cut sequence or a bad continuation, somewhere
+            at = int(rng.integers(0, len(raw)))
+            raw = raw[:at] + bytes([int(rng.choice([0xE9, 0xE6, 0x80, 0xF0]))]) + raw[at + int(trial % 2):]
+        try:
+            raw.decode("utf-8")
+            expected = None
+        except UnicodeDecodeError as exc:
+            expected = exc.start
+        assert ingest._first_invalid_utf8(raw) == expected, raw
