@@ -13,7 +13,8 @@ this machine's CPU), QualityGate, Repackage, one Search child per shard, Report,
 (into moto's DynamoDB), Publish. The stage functions are the deployed ones (``functions.handlers`` for the
 Lambda functions, ``topx.aws.stages`` for the Batch jobs' work).
 
-``--prepare-only`` runs Prepare alone (the other stages are left out and said so), to measure the ingest.
+``--prepare-only`` runs Prepare alone (the other stages are left out and said so), to measure the ingest;
+``--one-file`` uploads the same rows as one Parquet file of 5M-row row groups.
 
 ``--run-shards N`` runs only the first N shards' Search children and loads (every shard holds about as
 many users, so one shard's figures are every shard's); Report and Publish then need every shard, so they
@@ -79,10 +80,12 @@ def run_stage(kind: str, name: str, args: Any, env: dict[str, str]) -> dict[str,
 # ----------------------------------------------------------------------------- data
 
 
-def write_interactions(folder: Path, interactions: int, users: int, items: int, seed: int) -> list[Path]:
-    """Parquet part files of ``CHUNK`` rows each (``part-NNNNN.parquet`` in ``folder``): user_id (int64,
-    uniform), item_id (int64, popularity ~ 1/rank), plays (int64, 1 + Poisson(1)). Every user and item id
-    below the counts is likely to occur. -> the parts' paths."""
+def write_interactions(folder: Path, interactions: int, users: int, items: int, seed: int,
+                       one_file: bool = False) -> list[Path]:
+    """Parquet part files of ``CHUNK`` rows each (``part-NNNNN.parquet`` in ``folder``), or with ``one_file``
+    one file of ``CHUNK``-row row groups (the same rows): user_id (int64, uniform), item_id (int64,
+    popularity ~ 1/rank), plays (int64, 1 + Poisson(1)). Every user and item id below the counts is likely to
+    occur. -> the files' paths."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -91,14 +94,22 @@ def write_interactions(folder: Path, interactions: int, users: int, items: int, 
     weights = 1.0 / np.arange(1, items + 1) ** 0.9
     cdf = np.cumsum(weights / weights.sum())
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("plays", pa.int64())])
-    paths = []
+    paths: list[Path] = []
+    writer = pq.ParquetWriter(folder / "interactions.parquet", schema) if one_file else None
     for start in range(0, interactions, CHUNK):
         n = min(CHUNK, interactions - start)
         user = rng.integers(0, users, n)
         item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
         plays = 1 + rng.poisson(1.0, n)
-        paths.append(folder / f"part-{len(paths):05d}.parquet")
-        pq.write_table(pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema), paths[-1])
+        table = pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema)
+        if writer is not None:
+            writer.write_table(table, row_group_size=CHUNK)
+        else:
+            paths.append(folder / f"part-{len(paths):05d}.parquet")
+            pq.write_table(table, paths[-1])
+    if writer is not None:
+        writer.close()
+        paths.append(folder / "interactions.parquet")
     return paths
 
 
@@ -131,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             AttributeDefinitions=table_attribute_definitions())
         with tempfile.TemporaryDirectory(prefix="topx-scale-") as tmp:
             log(f"generating {args.interactions:,} interactions ({args.users:,} users, {args.items:,} items)")
-            files = write_interactions(Path(tmp), args.interactions, args.users, args.items, args.seed)
+            files = write_interactions(Path(tmp), args.interactions, args.users, args.items, args.seed,
+                                       one_file=args.one_file)
             # As a warehouse exports it: part files, then the commit marker.
             for path in files:
                 s3.upload_file(str(path), BUCKET, f"{UPLOAD_PREFIX}{path.name}")
@@ -154,7 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_id = prepared["run_id"]
         if args.prepare_only:
             return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
-                    "items": prepared["n_items"], "shards": prepared["shards"], "left_out": LATER_STAGES,
+                    "items": prepared["n_items"], "one_file": args.one_file, "shards": prepared["shards"],
+                    "left_out": LATER_STAGES,
                     "bytes": {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id))},
                     "stages": stages}
         run = {"bucket": BUCKET, "run_id": run_id}
@@ -195,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-shards", type=int, help="run only the first N shards' search and load (see above)")
     parser.add_argument("--load-shards", type=int, help="of the shards searched, load only the first N (see above)")
     parser.add_argument("--prepare-only", action="store_true", help="run Prepare alone (see above)")
+    parser.add_argument("--one-file", action="store_true",
+                        help="upload one Parquet file of 5M-row row groups instead of 5M-row part files")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 

@@ -265,18 +265,26 @@ def _interaction_parts(
     _check_size(parts, source, max_bytes)
     shapes: list[_Table] = []
     for part in parts:
-        # Yielded unnamed: nothing in this frame holds a part while the next one is read.
-        yield _interaction_part(part, shapes, header=header, sep=sep, s3_client=s3_client, user_col=user_col,
-                                item_col=item_col, rating_col=rating_col, time_col=time_col, implicit=implicit,
-                                rating_optional=rating_optional)
+        yield from _interaction_part(part, shapes, header=header, sep=sep, s3_client=s3_client, user_col=user_col,
+                                     item_col=item_col, rating_col=rating_col, time_col=time_col, implicit=implicit,
+                                     rating_optional=rating_optional)
 
 
 def _interaction_part(part: Part, shapes: list[_Table], *, header: bool, sep: str | None, s3_client: Any,
                       user_col: str | int, item_col: str | int, rating_col: str | int | None,
-                      time_col: str | int | None, implicit: bool, rating_optional: bool) -> _InteractionPart:
+                      time_col: str | int | None, implicit: bool, rating_optional: bool) -> Iterator[_InteractionPart]:
     """One part read and checked against the first part's columns and schema (``shapes``: empty, or the first
-    part's table without its rows, which this call puts there when it reads the first part)."""
-    table = _with_partitions(_load_table(part.source, header=header, sep=sep, s3_client=s3_client), part)
+    part's table without its rows, which this call puts there when it reads the first part); a Parquet file a
+    row group at a time (``_load_tables``). Nothing here holds one piece's table while the next is read."""
+    for loaded in _load_tables(part.source, header=header, sep=sep, s3_client=s3_client):
+        checked = _checked_part(_with_partitions(loaded, part), shapes, part)
+        del loaded
+        yield _interaction_columns(checked, user_col, item_col, rating_col, time_col, implicit=implicit,
+                                   rating_optional=rating_optional)
+        del checked
+
+
+def _checked_part(table: _Table, shapes: list[_Table], part: Part) -> _Table:
     if not shapes:
         shapes.append(replace(table, data=table.data.schema.empty_table()))
     first = shapes[0]
@@ -287,8 +295,7 @@ def _interaction_part(part: Part, shapes: list[_Table], *, header: bool, sep: st
     difference = _schema_difference(table, first)  # None for the first part, compared with its own schema
     if difference is not None:
         raise InputDataError(f"{difference}; the parts of one dataset must have the same schema", source=part.source)
-    return _interaction_columns(table, user_col, item_col, rating_col, time_col, implicit=implicit,
-                                rating_optional=rating_optional)
+    return table
 
 
 def _check_size(parts: list[Part], source: str, max_bytes: int | None) -> None:
@@ -416,7 +423,48 @@ def read_feature_table(
 
 def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -> _Table:
     separator = _check_separator(sep)
+    return _table_of(read_bytes(source, s3_client=s3_client), source, header=header, sep=separator)
+
+
+def _load_tables(source: str, *, header: bool, sep: str | None, s3_client: Any) -> Iterator[_Table]:
+    """``_load_table``'s rows, a Parquet file's a row group at a time (its rows numbered through the file), so
+    that a large single file is held as its bytes and one row group's table, not as one table."""
+    separator = _check_separator(sep)
     raw = read_bytes(source, s3_client=s3_client)
+    if _looks_like_parquet(raw):
+        yield from _parquet_row_groups(raw, source)
+    else:
+        yield _table_of(raw, source, header=header, sep=separator)
+
+
+def _parquet_row_groups(raw: bytes, source: str) -> Iterator[_Table]:
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(raw), page_checksum_verification=True)
+        groups = parquet.num_row_groups
+    except (pa.ArrowException, OSError) as exc:
+        raise InputDataError(f"not a readable Parquet file ({exc})", source=source) from exc
+    if groups <= 1:
+        yield _parquet_table(raw, source)
+        return
+    try:
+        parquet.schema_arrow.names  # noqa: B018 (as _parquet_table: a name that is not UTF-8 is this file's error)
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"not a readable Parquet file (a column name is not UTF-8 text: {exc})",
+                             source=source) from exc
+    row_offset = 1
+    for group in range(groups):
+        try:
+            data = parquet.read_row_group(group)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputDataError(f"not a readable Parquet file (row group {group}: {exc})", source=source) from exc
+        if data.num_rows:
+            yield _Table(data=data, source=source, row_offset=row_offset, positional=False, delimited=False)
+        row_offset += data.num_rows
+    if row_offset == 1:
+        raise InputDataError("Parquet file has no data rows", source=source)
+
+
+def _table_of(raw: bytes, source: str, *, header: bool, sep: str | None) -> _Table:
     if not raw:
         raise InputDataError("file is empty", source=source)
     if _looks_like_parquet(raw):
@@ -424,7 +472,7 @@ def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -
     if _named_parquet(source):
         raise InputDataError("is named .parquet but is not a Parquet file (no PAR1 magic at both ends)",
                              source=source)
-    return _text_table(raw, source, header=header, sep=separator)
+    return _text_table(raw, source, header=header, sep=sep)
 
 
 def _check_separator(sep: str | None) -> str | None:

@@ -158,6 +158,28 @@ def test_parquet_parts_with_integer_ids_sort_their_ids_as_text(tmp_path):
     assert list(load_dataset(opts).user_ids) == sorted(load_dataset(opts).user_ids)
 
 
+def test_one_parquet_file_is_read_a_row_group_at_a_time_with_its_rows_numbered_through_the_file(tmp_path):
+    rng = np.random.default_rng(12)
+    table = pa.table({"user_id": rng.integers(0, 30, 300), "item_id": rng.integers(0, 120, 300),
+                      "plays": rng.integers(1, 4, 300)})
+    pq.write_table(table, tmp_path / "one-group.parquet")
+    pq.write_table(table, tmp_path / "groups.parquet", row_group_size=7)
+    assert pq.ParquetFile(tmp_path / "groups.parquet").num_row_groups == 43
+    whole, grouped = (load_dataset(DataOptions(str(tmp_path / name), rating_col="plays", implicit=True))
+                      for name in ("one-group.parquet", "groups.parquet"))
+    assert whole.user_ids == grouped.user_ids and whole.item_ids == grouped.item_ids
+    for name in ("user_rows", "item_rows", "rating"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(grouped, name))
+    assert whole.report == grouped.report
+    # A bad value in the sixth row group is named by its row in the file (row 40 is position 39).
+    plays = table["plays"].to_numpy().copy()
+    plays[39] = -2
+    pq.write_table(table.set_column(2, "plays", pa.array(plays)), tmp_path / "bad.parquet", row_group_size=7)
+    with pytest.raises(InputDataError) as caught:
+        load_dataset(DataOptions(str(tmp_path / "bad.parquet"), rating_col="plays", implicit=True))
+    assert caught.value.row == 40 and "bad.parquet" in str(caught.value) and "-2" in str(caught.value)
+
+
 def test_codes_keep_every_row_in_file_order_with_ids_in_order_of_first_row(tmp_path):
     root = tmp_path / "export"
     root.mkdir()
