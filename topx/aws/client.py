@@ -310,6 +310,20 @@ def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = N
         raise ConfigError(f"unknown objective {objective!r}: use ranking or rating")
     if implicit and objective == RATING_MODE:
         raise ConfigError("implicit feedback trains for ranking, not for objective rating")
+    def target(s3: Any, name: str, source: Path) -> str:
+        base = upload_base(s3, name, snapshot)
+        return base + (key or source.name).removeprefix(base).removeprefix(incoming_key(""))
+
+    mode = IMPLICIT_MODE if implicit else objective
+    return _put(path, target, {"Metadata": {MODE_METADATA: mode}} if mode else {}, bucket=bucket, stack=stack,
+                endpoint_url=endpoint_url, client=client)
+
+
+def _put(path: str | Path, target: Callable[[Any, str, Path], str], extra: dict[str, Any], *, bucket: str | None,
+         stack: str | None, endpoint_url: str | None, client: Any) -> str:
+    """Upload a file to the key ``target(s3, bucket, source)`` names, or a folder's files under it (relative
+    paths kept, markers last), with ``extra`` as each upload's ExtraArgs; the ``s3://`` URI of the object or
+    the folder."""
     source = Path(path)
     if not source.exists():
         raise ConfigError(f"{source}: no such file or folder")
@@ -317,14 +331,11 @@ def upload(path: str | Path, *, bucket: str | None = None, stack: str | None = N
     name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
     s3 = client or aws_client("s3", endpoint_url)
     with aws_errors():
-        base = upload_base(s3, name, snapshot)
-        target = base + (key or source.name).removeprefix(base).removeprefix(incoming_key(""))
-        target = target.rstrip("/") + "/" if source.is_dir() else target
-        mode = IMPLICIT_MODE if implicit else objective
-        extra = {"Metadata": {MODE_METADATA: mode}} if mode else {}
+        key = target(s3, name, source)
+        key = key.rstrip("/") + "/" if source.is_dir() else key
         for relative, file in files:
-            s3.upload_file(str(file), name, target + relative if relative else target, ExtraArgs=extra)
-    return f"s3://{name}/{target}"
+            s3.upload_file(str(file), name, key + relative if relative else key, ExtraArgs=extra)
+    return f"s3://{name}/{key}"
 
 
 def upload_filters(path: str | Path, *, bucket: str | None = None, stack: str | None = None,
@@ -348,18 +359,8 @@ def upload_responses(path: str | Path, *, bucket: str | None = None, stack: str 
     """Put a responses table (a file, or a folder of parts) under ``responses/`` (``key`` names it; default the
     file's or folder's name): its (user_id, item_id) pairs leave the next lists, and alone it starts a
     refresh. Returns the ``s3://`` URI of the object or the folder."""
-    source = Path(path)
-    if not source.exists():
-        raise ConfigError(f"{source}: no such file or folder")
-    files = _upload_files(source)
-    name = resolve_bucket(bucket, stack=stack, endpoint_url=endpoint_url)
-    s3 = client or aws_client("s3", endpoint_url)
-    target = RESPONSES_PREFIX + (key or source.name).removeprefix(RESPONSES_PREFIX)
-    target = target.rstrip("/") + "/" if source.is_dir() else target
-    with aws_errors():
-        for relative, file in files:
-            s3.upload_file(str(file), name, target + relative if relative else target)
-    return f"s3://{name}/{target}"
+    return _put(path, lambda s3, name, source: RESPONSES_PREFIX + (key or source.name).removeprefix(RESPONSES_PREFIX),
+                {}, bucket=bucket, stack=stack, endpoint_url=endpoint_url, client=client)
 
 
 def upload_base(s3: Any, bucket: str, snapshot: str | None = None) -> str:
