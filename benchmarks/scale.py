@@ -14,7 +14,7 @@ this machine's CPU), QualityGate, Repackage, one Search child per shard, Report,
 Lambda functions, ``topx.aws.stages`` for the Batch jobs' work).
 
 ``--prepare-only`` runs Prepare alone (the other stages are left out and said so), to measure the ingest;
-``--one-file`` uploads the same rows as one Parquet file of 5M-row row groups.
+``--one-file`` uploads the same rows as one Parquet file of 5M-row row groups; ``--csv`` uploads CSV.
 
 ``--run-shards N`` runs only the first N shards' Search children and loads (every shard holds about as
 many users, so one shard's figures are every shard's); Report and Publish then need every shard, so they
@@ -81,13 +81,14 @@ def run_stage(kind: str, name: str, args: Any, env: dict[str, str]) -> dict[str,
 
 
 def write_interactions(folder: Path, interactions: int, users: int, items: int, seed: int,
-                       one_file: bool = False) -> list[Path]:
+                       one_file: bool = False, csv: bool = False) -> list[Path]:
     """Parquet part files of ``CHUNK`` rows each (``part-NNNNN.parquet`` in ``folder``), or with ``one_file``
-    one file of ``CHUNK``-row row groups (the same rows): user_id (int64, uniform), item_id (int64,
-    popularity ~ 1/rank), plays (int64, 1 + Poisson(1)). Every user and item id below the counts is likely to
-    occur. -> the files' paths."""
+    one file of ``CHUNK``-row row groups (the same rows); with ``csv``, CSV instead (one file: the parts one
+    after the other): user_id (int64, uniform), item_id (int64, popularity ~ 1/rank), plays (int64, 1 +
+    Poisson(1)). Every user and item id below the counts is likely to occur. -> the files' paths."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
@@ -95,21 +96,29 @@ def write_interactions(folder: Path, interactions: int, users: int, items: int, 
     cdf = np.cumsum(weights / weights.sum())
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("plays", pa.int64())])
     paths: list[Path] = []
-    writer = pq.ParquetWriter(folder / "interactions.parquet", schema) if one_file else None
+    writer: Any = None
+    if one_file:
+        writer = (pa_csv.CSVWriter(folder / "interactions.csv", schema) if csv
+                  else pq.ParquetWriter(folder / "interactions.parquet", schema))
     for start in range(0, interactions, CHUNK):
         n = min(CHUNK, interactions - start)
         user = rng.integers(0, users, n)
         item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
         plays = 1 + rng.poisson(1.0, n)
         table = pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema)
-        if writer is not None:
+        if writer is not None and csv:
+            writer.write_table(table)
+        elif writer is not None:
             writer.write_table(table, row_group_size=CHUNK)
+        elif csv:
+            paths.append(folder / f"part-{len(paths):05d}.csv")
+            pa_csv.write_csv(table, paths[-1])
         else:
             paths.append(folder / f"part-{len(paths):05d}.parquet")
             pq.write_table(table, paths[-1])
     if writer is not None:
         writer.close()
-        paths.append(folder / "interactions.parquet")
+        paths.append(folder / ("interactions.csv" if csv else "interactions.parquet"))
     return paths
 
 
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="topx-scale-") as tmp:
             log(f"generating {args.interactions:,} interactions ({args.users:,} users, {args.items:,} items)")
             files = write_interactions(Path(tmp), args.interactions, args.users, args.items, args.seed,
-                                       one_file=args.one_file)
+                                       one_file=args.one_file, csv=args.csv)
             # As a warehouse exports it: part files, then the commit marker.
             for path in files:
                 s3.upload_file(str(path), BUCKET, f"{UPLOAD_PREFIX}{path.name}")
@@ -166,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_id = prepared["run_id"]
         if args.prepare_only:
             return {"benchmark": "scale", "interactions": args.interactions, "users": prepared["n_users"],
-                    "items": prepared["n_items"], "one_file": args.one_file, "shards": prepared["shards"],
+                    "items": prepared["n_items"], "one_file": args.one_file, "csv": args.csv,
+                    "shards": prepared["shards"],
                     "left_out": LATER_STAGES,
                     "bytes": {"upload": upload_bytes, "prepared": prefix_bytes(s3, prepared_prefix(run_id))},
                     "stages": stages}
@@ -210,6 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prepare-only", action="store_true", help="run Prepare alone (see above)")
     parser.add_argument("--one-file", action="store_true",
                         help="upload one Parquet file of 5M-row row groups instead of 5M-row part files")
+    parser.add_argument("--csv", action="store_true", help="upload CSV instead of Parquet")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 
