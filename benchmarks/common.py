@@ -24,7 +24,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,16 @@ def json_line(doc: dict[str, Any]) -> str:
 
 def print_json_line(doc: dict[str, Any]) -> None:
     print(json_line(doc), flush=True)
+
+
+def main_with_children(args: Any, run: Callable[[Any], dict[str, Any]], child: Callable[[Any], None]) -> int:
+    """A benchmark whose measured steps run in processes of their own: the parsed ``args`` with ``--child``
+    set (a JSON spec) run that one step (``child``); otherwise ``run`` prints the benchmark's JSON line."""
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    print_json_line(run(args))
+    return 0
 
 
 # ----------------------------------------------------------------------------- stages in child processes

@@ -52,7 +52,14 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_mb, print_json_line  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    aws_client,
+    log,
+    main_with_children,
+    moto_server,
+    peak_rss_mb,
+)
 
 BUCKET, REGION = "topx-s3-read", "us-east-1"
 BAD_ROW = 1234  # 1-based data row of the last part that holds a non-numeric plays value in ``bad_part``
@@ -317,12 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
-    print_json_line(run(args))
-    return 0
+    return main_with_children(parse_args(argv), run, child)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,14 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, aws_client, log, moto_server, peak_rss_mb, print_json_line  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    aws_client,
+    log,
+    main_with_children,
+    moto_server,
+    peak_rss_mb,
+)
 
 BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
 USERS_PER_SHARD = 100_000  # the default shard size: what one Search child and one LoadShard take on
@@ -226,12 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
-    print_json_line(run(args))
-    return 0
+    return main_with_children(parse_args(argv), run, child)
 
 
 if __name__ == "__main__":

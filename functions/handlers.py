@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +44,9 @@ from topx.contract import (
     METRIC_USERS_PUBLISHED,
     METRICS_NAMESPACE,
     MIN_SHARDS,
+    RUN_MODE_FULL,
+    RUN_MODE_REFRESH,
+    RUN_MODES,
     STAGE_DIMENSION,
 )
 from topx.errors import TopxError
@@ -133,13 +137,18 @@ class PrepareEvent:
 
     @classmethod
     def parse(cls, event: Mapping[str, Any]) -> PrepareEvent:
-        uploads = _object(event).get("uploads")
-        if uploads is not None and not (isinstance(uploads, list) and all(
-                isinstance(u, Mapping) and isinstance(u.get("path"), str) and isinstance(u.get("objects"), int)
-                for u in uploads)):
-            raise EventError(f"event field 'uploads' must be a list of {{\"path\", \"objects\"}} or null, got {uploads!r}")
-        return cls(bucket=_named(event, "bucket", ENV_BUCKET), key=_optional_str(event, "key"),
-                   uploads=None if uploads is None else [dict(u) for u in uploads])
+        uploads = _uploads(event)
+        return cls(bucket=_named(event, "bucket", ENV_BUCKET), key=_optional_str(event, "key"), uploads=uploads)
+
+
+def _uploads(event: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The event's ``uploads``: a list of ``{"path", "objects"}`` (what the starter started the run for), or null."""
+    uploads = _object(event).get("uploads")
+    if uploads is not None and not (isinstance(uploads, list) and all(
+            isinstance(u, Mapping) and isinstance(u.get("path"), str) and isinstance(u.get("objects"), int)
+            for u in uploads)):
+        raise EventError(f"event field 'uploads' must be a list of {{\"path\", \"objects\"}} or null, got {uploads!r}")
+    return None if uploads is None else [dict(u) for u in uploads]
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,7 @@ class RefreshEvent:
 
     @classmethod
     def parse(cls, event: Mapping[str, Any]) -> RefreshEvent:
-        uploads = PrepareEvent.parse({**event, "key": None}).uploads
+        uploads = _uploads(event)
         return cls(bucket=_named(event, "bucket", ENV_BUCKET), table=_named(event, "table", ENV_TABLE),
                    uploads=uploads)
 
@@ -310,10 +319,10 @@ def prepare(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     With ``"mode": "refresh"`` (``RefreshEvent``): a refresh of the live model (``stages.refresh_run``) ->
     ``{"refreshed": false, "reason"}`` (nothing to refresh: the state machine runs a full Prepare), or
     ``{"refreshed": true, "prepare": <the reply above>, "gate", "model_run", "live"}``."""
-    mode = _object(event).get("mode", "full")
-    if mode not in ("full", "refresh"):
-        raise EventError(f"event field 'mode' must be \"full\" or \"refresh\", got {mode!r}")
-    if mode == "refresh":
+    mode = _object(event).get("mode", RUN_MODE_FULL)
+    if mode not in RUN_MODES:
+        raise EventError(f"event field 'mode' must be \"{RUN_MODE_FULL}\" or \"{RUN_MODE_REFRESH}\", got {mode!r}")
+    if mode == RUN_MODE_REFRESH:
         refresh = RefreshEvent.parse(event)
         _log("prepare", refresh)
         result = dict(stages.refresh_run(refresh.bucket, refresh.table, refresh.uploads))
@@ -399,8 +408,6 @@ def compute_health(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """A schedule's tick -> ``{"unhealthy", "invalid", "missing", "disabled", "healthy"}``: the stack's Batch
     compute environments (``TOPX_COMPUTE_ENVIRONMENTS``) that cannot run jobs, counted as the metric
     ``ComputeEnvironmentsUnhealthy`` that an alarm watches, each INVALID one's reason logged as an error."""
-    import os
-
     import boto3
 
     from topx.aws import health

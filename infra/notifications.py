@@ -99,7 +99,6 @@ class Notifications(Construct):
                    functions: Sequence[lambda_.IFunction] = ()) -> list[cloudwatch.Alarm]:
         """Alarm on failed or timed-out executions, on undelivered trigger events and on throttled
         ``functions``; forward failed Batch jobs of our queues, and our queues blocked. -> the alarms."""
-        action = cloudwatch_actions.SnsAction(self.topic)
         alarms: list[tuple[str, cloudwatch.IMetric]] = [
             ("ExecutionsFailed", state_machine.metric_failed(period=ALARM_PERIOD)),
             ("ExecutionsTimedOut", state_machine.metric_timed_out(period=ALARM_PERIOD)),
@@ -109,20 +108,8 @@ class Notifications(Construct):
                            dead_letters.metric_approximate_number_of_messages_visible(period=ALARM_PERIOD)))
         if functions:
             alarms.append(("LambdaThrottles", throttles(functions)))
-        created = []
-        for name, metric in alarms:
-            alarm = cloudwatch.Alarm(
-                self,
-                f"{name}Alarm",
-                alarm_description=f"topx pipeline: {name} >= 1 in {ALARM_PERIOD.to_minutes()} minutes",
-                metric=metric,
-                threshold=1,
-                evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            )
-            alarm.add_alarm_action(action)
-            created.append(alarm)
+        created = [self._alarm(name, f"topx pipeline: {name} >= 1 in {ALARM_PERIOD.to_minutes()} minutes", metric)
+                   for name, metric in alarms]
 
         rule = events.Rule(
             self,
@@ -200,14 +187,21 @@ class Notifications(Construct):
             targets=[targets.LambdaFunction(function, dead_letter_queue=dead_letters, retry_attempts=2,
                                             max_event_age=HEALTH_CHECK_EVERY)],
         )
+        return self._alarm(
+            "ComputeEnvironmentsUnhealthy",
+            "topx pipeline: a Batch compute environment is INVALID or gone (the compute health function's log names "
+            "it and Batch's reason; docs/DEPLOY.md, Operations)",
+            cloudwatch.Metric(namespace=METRICS_NAMESPACE, metric_name=METRIC_COMPUTE_UNHEALTHY,
+                              dimensions_map={SERVICE_DIMENSION: service, STAGE_DIMENSION: COMPUTE_HEALTH_STAGE},
+                              statistic="Maximum", period=HEALTH_CHECK_EVERY))
+
+    def _alarm(self, name: str, description: str, metric: cloudwatch.IMetric) -> cloudwatch.Alarm:
+        """An alarm ``<name>Alarm`` to the topic when ``metric`` is 1 or more in one period; no data is no alarm."""
         alarm = cloudwatch.Alarm(
             self,
-            "ComputeEnvironmentsUnhealthyAlarm",
-            alarm_description=("topx pipeline: a Batch compute environment is INVALID or gone (the compute health "
-                               "function's log names it and Batch's reason; docs/DEPLOY.md, Operations)"),
-            metric=cloudwatch.Metric(namespace=METRICS_NAMESPACE, metric_name=METRIC_COMPUTE_UNHEALTHY,
-                                     dimensions_map={SERVICE_DIMENSION: service, STAGE_DIMENSION: COMPUTE_HEALTH_STAGE},
-                                     statistic="Maximum", period=HEALTH_CHECK_EVERY),
+            f"{name}Alarm",
+            alarm_description=description,
+            metric=metric,
             threshold=1,
             evaluation_periods=1,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,

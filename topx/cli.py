@@ -23,6 +23,7 @@ from topx.contract import (
     DEFAULT_TOP_X,
     HISTORY_FEATURES,
     LEARNERS,
+    RUN_MODE_REFRESH,
     SEARCH_METHODS,
 )
 from topx.errors import ConfigError, TopxError
@@ -870,7 +871,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for execution in found:
         took = "" if execution.duration_s is None else f"{execution.duration_s:8.1f} s"
         refresh = "  (refresh: the live model with the current filters and responses)" \
-            if execution.mode == "refresh" else ""
+            if execution.mode == RUN_MODE_REFRESH else ""
         print(f"  {execution.started:%Y-%m-%d %H:%M:%S}  {execution.status:<10} {took:>10}  {execution.name}{refresh}")
         if execution.uploads:
             shown = ", ".join(f"{u['path']}" + (f" ({u['objects']} objects)" if u["objects"] != 1 else "")

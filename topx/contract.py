@@ -322,6 +322,10 @@ INCOMING_PREFIX = "incoming/"  # uploads; the trigger's key prefix (statemachine
 FEATURES_PREFIX = "features/"  # side tables every run reads
 RUNS_PREFIX = "runs/"  # one prefix per run, expired by lifecycle after the retention days
 VERSIONS_PREFIX = "versions/"  # what live and not yet retired versions keep beyond runs/' lifecycle
+# A run's mode, in its execution input's "mode" (the state machine's first Choice reads it): a full run trains;
+# a refresh serves the live model again under the current filter file and responses (topx.aws.trigger).
+RUN_MODE_FULL, RUN_MODE_REFRESH = "full", "refresh"
+RUN_MODES = (RUN_MODE_FULL, RUN_MODE_REFRESH)
 CONFIG_PREFIX = "config/"  # settings a run reads: FILTERS_KEY, DATASET_KEY
 FILTERS_KEY = f"{CONFIG_PREFIX}filters.json"  # the filter file (topx.filters) every run applies
 DATASET_KEY = f"{CONFIG_PREFIX}dataset.json"  # the dataset configuration, over the deployed one (ENV_DATASET)

@@ -189,50 +189,9 @@ def test_upload_recs_and_status_commands_on_the_offline_stack(tmp_path: Path, ca
         assert len(unknown.items) == len(rec.items)
 
 
-def test_recs_reads_a_named_list_by_name(monkeypatch, capsys) -> None:
-    from topx.contract import list_version, table_attribute_definitions, table_key_schema
-
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        ddb = boto3.client("dynamodb")
-        ddb.create_table(TableName="t", BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
-                         AttributeDefinitions=table_attribute_definitions())
-        store.write_recommendations("t", "v1", [store.Recommendation("u1", ["a", "b"], [2.0, 1.0]),
-                                                store.Recommendation("u2", ["b"], [1.5])], expires_at=None, client=ddb)
-        store.write_fallback("t", "v1", ["top", "book-1"], [9.0, 8.0], client=ddb)
-        books = list_version("v1", "summer-books")
-        store.write_recommendations("t", books, [store.Recommendation("u1", ["book-2"], [0.5]),
-                                                 store.Recommendation("u2", [], [])], expires_at=None, client=ddb)
-        store.write_fallback("t", books, ["book-1"], [8.0], client=ddb)
-        store.publish_version("t", "v1", users=2, client=ddb)
-
-        assert main(["recs", "u1", "--table", "t", "--list", "summer-books"]) == 0
-        assert capsys.readouterr().out.splitlines() == ["recommendations for u1 (t, list summer-books):",
-                                                         "    1. book-2  +0.5000"]
-        # A user the version knows, with nothing left in the list: an empty list of their own, not the fallback.
-        assert main(["recs", "u2", "--table", "t", "--list", "summer-books", "--json"]) == 0
-        assert json.loads(capsys.readouterr().out) == {"user_id": "u2", "list": "summer-books", "items": [],
-                                                       "scores": [], "fallback": False, "cold_user": False}
-        assert main(["recs", "u2", "--table", "t", "--list", "summer-books"]) == 0
-        assert "the user has already had every item this list may recommend" in capsys.readouterr().out
-        # A user it does not know: the list's fallback, the version's fallback list cut to the list's items.
-        assert main(["recs", "nobody", "--table", "t", "--list", "summer-books"]) == 0
-        printed = capsys.readouterr().out.splitlines()
-        assert printed[0].startswith("fallback list for nobody (t, list summer-books)") and printed[1:] == [
-            "    1. book-1  +8.0000"]
-        assert client.Reader(table="t", client=ddb).get("u1", "summer-books").items == ["book-2"]
-        assert client.get_recommendations("u1", table="t", client=ddb).items == ["a", "b"]
-        # A list the live version does not make, or a name no list can have: one line naming the lists it has.
-        assert main(["recs", "u1", "--table", "t", "--list", "winter"]) == 2
-        assert "the live version v1 has no list 'winter' (its lists: summer-books)" in capsys.readouterr().err
-        assert main(["recs", "u1", "--table", "t", "--list", "Winter Sale"]) == 2
-        assert "'Winter Sale' is not a list name" in capsys.readouterr().err
-
-
-def test_a_reader_reads_the_pointer_once_per_cache_period_and_each_list_in_one_get(monkeypatch) -> None:
-    from topx.aws import store as store_module
+@pytest.fixture()
+def table_t(monkeypatch) -> Any:
+    """A recommendations table "t" in moto's DynamoDB; its client."""
     from topx.contract import table_attribute_definitions, table_key_schema
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -242,31 +201,74 @@ def test_a_reader_reads_the_pointer_once_per_cache_period_and_each_list_in_one_g
         ddb = boto3.client("dynamodb")
         ddb.create_table(TableName="t", BillingMode="PAY_PER_REQUEST", KeySchema=table_key_schema(),
                          AttributeDefinitions=table_attribute_definitions())
-        for version, item in (("v1", "old"), ("v2", "new")):
-            store_module.write_recommendations("t", version, [store_module.Recommendation("u1", [item], [1.0])],
-                                               expires_at=None, client=ddb)
-            store_module.write_fallback("t", version, ["top"], [9.0], client=ddb)
-        store_module.publish_version("t", "v1", users=1, client=ddb)
+        yield ddb
 
-        calls: list[tuple[str, bool]] = []
 
-        class Counting:
-            def get_item(self, **kwargs):
-                calls.append((kwargs["Key"]["pk"]["S"], kwargs.get("ConsistentRead", False)))
-                return ddb.get_item(**kwargs)
+def test_recs_reads_a_named_list_by_name(table_t, capsys) -> None:
+    from topx.contract import list_version
 
-        now = [100.0]
-        reader = client.Reader(table="t", client=Counting(), pointer_cache_s=5.0, clock=lambda: now[0])
-        assert reader.get("u1").items == ["old"]
-        assert reader.get("u1").items == ["old"] and reader.get("nobody").fallback
-        # One eventually consistent pointer read, then one GetItem per list (two for the fallback).
-        assert calls == [("pointer", False), ("user#u1", False), ("user#u1", False), ("user#nobody", False),
-                         ("fallback", False)]
-        store_module.publish_version("t", "v2", users=1, client=ddb)
-        now[0] += 4.9
-        assert reader.get("u1").items == ["old"], "within the cache period the reader keeps its version"
-        now[0] += 0.2
-        assert reader.get("u1").items == ["new"]
-        assert calls[-2:] == [("pointer", False), ("user#u1", False)]
+    ddb = table_t
+    store.write_recommendations("t", "v1", [store.Recommendation("u1", ["a", "b"], [2.0, 1.0]),
+                                            store.Recommendation("u2", ["b"], [1.5])], expires_at=None, client=ddb)
+    store.write_fallback("t", "v1", ["top", "book-1"], [9.0, 8.0], client=ddb)
+    books = list_version("v1", "summer-books")
+    store.write_recommendations("t", books, [store.Recommendation("u1", ["book-2"], [0.5]),
+                                             store.Recommendation("u2", [], [])], expires_at=None, client=ddb)
+    store.write_fallback("t", books, ["book-1"], [8.0], client=ddb)
+    store.publish_version("t", "v1", users=2, client=ddb)
+
+    assert main(["recs", "u1", "--table", "t", "--list", "summer-books"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["recommendations for u1 (t, list summer-books):",
+                                                     "    1. book-2  +0.5000"]
+    # A user the version knows, with nothing left in the list: an empty list of their own, not the fallback.
+    assert main(["recs", "u2", "--table", "t", "--list", "summer-books", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"user_id": "u2", "list": "summer-books", "items": [],
+                                                   "scores": [], "fallback": False, "cold_user": False}
+    assert main(["recs", "u2", "--table", "t", "--list", "summer-books"]) == 0
+    assert "the user has already had every item this list may recommend" in capsys.readouterr().out
+    # A user it does not know: the list's own fallback list.
+    assert main(["recs", "nobody", "--table", "t", "--list", "summer-books"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("fallback list for nobody (t, list summer-books)") and printed[1:] == [
+        "    1. book-1  +8.0000"]
+    assert client.Reader(table="t", client=ddb).get("u1", "summer-books").items == ["book-2"]
+    assert client.get_recommendations("u1", table="t", client=ddb).items == ["a", "b"]
+    # A list the live version does not make, or a name no list can have: one line naming the lists it has.
+    assert main(["recs", "u1", "--table", "t", "--list", "winter"]) == 2
+    assert "the live version v1 has no list 'winter' (its lists: summer-books)" in capsys.readouterr().err
+    assert main(["recs", "u1", "--table", "t", "--list", "Winter Sale"]) == 2
+    assert "'Winter Sale' is not a list name" in capsys.readouterr().err
+
+
+def test_a_reader_reads_the_pointer_once_per_cache_period_and_each_list_in_one_get(table_t) -> None:
+    from topx.aws import store as store_module
+
+    ddb = table_t
+    for version, item in (("v1", "old"), ("v2", "new")):
+        store_module.write_recommendations("t", version, [store_module.Recommendation("u1", [item], [1.0])],
+                                           expires_at=None, client=ddb)
+        store_module.write_fallback("t", version, ["top"], [9.0], client=ddb)
+    store_module.publish_version("t", "v1", users=1, client=ddb)
+
+    calls: list[tuple[str, bool]] = []
+
+    class Counting:
+        def get_item(self, **kwargs):
+            calls.append((kwargs["Key"]["pk"]["S"], kwargs.get("ConsistentRead", False)))
+            return ddb.get_item(**kwargs)
+
+    now = [100.0]
+    reader = client.Reader(table="t", client=Counting(), pointer_cache_s=5.0, clock=lambda: now[0])
+    assert reader.get("u1").items == ["old"]
+    assert reader.get("u1").items == ["old"] and reader.get("nobody").fallback
+    # One eventually consistent pointer read, then one GetItem per list (two for the fallback).
+    assert calls == [("pointer", False), ("user#u1", False), ("user#u1", False), ("user#nobody", False),
+                     ("fallback", False)]
+    store_module.publish_version("t", "v2", users=1, client=ddb)
+    now[0] += 4.9
+    assert reader.get("u1").items == ["old"], "within the cache period the reader keeps its version"
+    now[0] += 0.2
+    assert reader.get("u1").items == ["new"]
+    assert calls[-2:] == [("pointer", False), ("user#u1", False)]
     with pytest.raises(ConfigError, match="pointer_cache_s must be >= 0"):
         client.Reader(table="t", client=object(), pointer_cache_s=-1)

@@ -329,10 +329,8 @@ def refresh_run(bucket: str, table: str, uploads: list[dict[str, Any]] | None = 
     ``{"refreshed": True, "prepare": <prepare_run's reply>, "gate": <a passed gate naming the model>,
     "model_run", "live"}``; the run record's ``refresh`` names the trained run and the version refreshed.
     """
-    import pyarrow.parquet as pq
 
     from topx.dataset import data_options
-    from topx.steps import fallback_list
     from topx.vectors import ITEM_VECTORS, RecipeVectors
 
     live = store.active_version(table, client=dynamodb_client())
@@ -361,19 +359,11 @@ def refresh_run(bucket: str, table: str, uploads: list[dict[str, Any]] | None = 
         metrics = _get_json(bucket, metrics_key(live))
         top_x = int(metrics.get("top_x", env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)))
         # Every list's fallback under the new rules, by the source the trained run's validation chose.
-        source = (metrics.get("fallback") or {}).get("source")
-        fallbacks = {}
-        for name in (None, *([] if filters is None else _npz_lists(filters))):
-            eligible, diversity = (None, None) if filters is None else _read_list_filters(filters, name)
-            fallback, report = fallback_list(ds, model, holdout, top_x, eligible, diversity, source=source)
-            fallbacks[name] = work / f"fallback-{len(fallbacks)}.parquet"
-            pq.write_table(fallback, fallbacks[name])
-            if name is None:
-                metrics["fallback"] = report
+        lists = _all_lists(filters, [] if filters is None else _npz_lists(filters))
+        metrics["fallback"] = _upload_fallbacks(bucket, run_id, ds, model, holdout, top_x, lists,
+                                                (metrics.get("fallback") or {}).get("source"), work)
         for prefix in (prepared_prefix, model_prefix, vectors_prefix):
             _copy_prefix(bucket, prefix(live), prefix(run_id))
-        for name, path in fallbacks.items():
-            s3_client().upload_file(str(path), bucket, fallback_key(run_id, name))
         if filters is not None:
             np.savez_compressed(work / "filters.npz", **filters)
             s3_client().upload_file(str(work / "filters.npz"), bucket, run_filters_key(run_id))
@@ -459,6 +449,37 @@ def _read_list_filters(z: Any, name: str | None) -> tuple[np.ndarray, tuple[np.n
     suffix = "" if name is None else f".{name}"
     cap = int(z[f"cap{suffix}"])
     return z[f"eligible{suffix}"], (z[f"groups{suffix}"], cap) if cap > 0 else None
+
+
+# A list of a run: its name (None: the default list), its eligible items (None: every item) and its diversity.
+RunList = tuple[str | None, np.ndarray | None, tuple[np.ndarray, int] | None]
+
+
+def _all_lists(filters: Any, names: list[str]) -> list[RunList]:
+    """The default list, then the named lists ``names``, from an open ``filters.npz`` or its arrays
+    (``filters``; None: a run without a filter file, whose one list takes every item)."""
+    if filters is None:
+        return [(None, None, None)]
+    return [(name, *_read_list_filters(filters, name)) for name in (None, *names)]
+
+
+def _upload_fallbacks(bucket: str, run_id: str, ds: Any, vectors: Any, holdout: np.ndarray, top_x: int,
+                      lists: list[RunList], source: str | None, work: Path) -> dict[str, Any]:
+    """Each list's fallback list (``topx.steps.fallback_list``: its eligible items and cap) to
+    ``fallback_key(run_id, name)``. The default list's takes ``source`` (None: the better on the hold-out),
+    each named list's the default's. -> the default list's report."""
+    import pyarrow.parquet as pq
+
+    from topx.steps import fallback_list
+
+    report: dict[str, Any] = {}
+    for name, eligible, diversity in lists:
+        fallback, got = fallback_list(ds, vectors, holdout, top_x, eligible, diversity,
+                                      source=source if name is None else report["source"])
+        report = got if name is None else report
+        pq.write_table(fallback, work / "fallback.parquet")
+        s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id, name))
+    return report
 
 
 def _run_lists(record: Mapping[str, Any]) -> list[str]:
@@ -584,10 +605,9 @@ def _load_prepared(bucket: str, run_id: str, work: Path):
 
 def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
-    import pyarrow.parquet as pq
 
     from topx.rundir import MODEL_DIR
-    from topx.steps import Reporter, RunOptions, evaluate_model, fallback_list, train_stage, training_summary
+    from topx.steps import Reporter, RunOptions, evaluate_model, train_stage, training_summary
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -604,18 +624,12 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         metrics = evaluate_model(params, vectors, ds, holdout, run, hp.seed, hp.learner)
         # The fallback list holds only what the filter file lets through, and its cap per group (Prepare resolved
         # them: filters.npz); each named list has its own, by the source the default list's validation chose.
-        lists: list[tuple[str | None, np.ndarray | None, tuple[np.ndarray, int] | None]] = [(None, None, None)]
+        lists = _all_lists(None, [])
         if record.get("filters"):
             s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
             with np.load(work / "filters.npz") as z:
-                lists = [(name, *_read_list_filters(z, name)) for name in (None, *_run_lists(record))]
-        for name, eligible, diversity in lists:
-            fallback, report = fallback_list(ds, vectors, holdout, run.top_x, eligible, diversity,
-                                             source=None if name is None else metrics["fallback"]["source"])
-            if name is None:
-                metrics["fallback"] = report
-            pq.write_table(fallback, work / "fallback.parquet")
-            s3_client().upload_file(str(work / "fallback.parquet"), bucket, fallback_key(run_id, name))
+                lists = _all_lists(z, _run_lists(record))
+        metrics["fallback"] = _upload_fallbacks(bucket, run_id, ds, vectors, holdout, run.top_x, lists, None, work)
         metrics.update(training_summary(hp, result, ds.report))  # the history and the data, for the run report
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
@@ -822,11 +836,11 @@ def search_shard(bucket: str, run_id: str, shard: int, shards: int) -> dict[str,
         start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         seen = user_range_interactions(work / "prepared", start, stop, len(item_ids), data_dir="")
         # (list name, eligible, diversity): the default list (None), then the filter file's named lists.
-        lists: list[tuple[str | None, np.ndarray | None, tuple[np.ndarray, int] | None]] = [(None, None, None)]
+        lists = _all_lists(None, [])
         if record.get("filters"):
             s3_client().download_file(bucket, run_filters_key(run_id), str(work / "filters.npz"))
             with np.load(work / "filters.npz") as z:
-                lists = [(name, *_read_list_filters(z, name)) for name in (None, *_run_lists(record))]
+                lists = _all_lists(z, _run_lists(record))
                 mine = (z["response_users"] >= start) & (z["response_users"] < stop)
                 dismissed = sp.csr_matrix((np.ones(int(mine.sum()), np.float32),
                                            (z["response_users"][mine] - start, z["response_items"][mine])),
@@ -991,7 +1005,8 @@ def _streamed_recommendations(parquet: Any) -> Iterator[store.Recommendation]:
             continue
         frame = batch.to_pandas() if carry is None else pd.concat([carry, batch.to_pandas()], ignore_index=True)
         user = frame["user_id"].to_numpy()
-        tail = int(np.flatnonzero(user != user[-1])[-1]) + 1 if (user != user[-1]).any() else 0
+        others = np.flatnonzero(user != user[-1])  # rows of users before the batch's last
+        tail = int(others[-1]) + 1 if len(others) else 0
         carry = frame.iloc[tail:]
         yield from _frame_recommendations(frame.iloc[:tail])
     if carry is not None:

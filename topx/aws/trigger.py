@@ -51,6 +51,8 @@ from topx.contract import (
     RUN_ENDED_DETAIL_TYPE,
     RUN_ENDED_SOURCE,
     RUN_ENDED_STATUSES,
+    RUN_MODE_FULL,
+    RUN_MODE_REFRESH,
     SORT_KEY,
     TRIGGER_PARTITION,
     TRIGGER_SORT,
@@ -75,8 +77,8 @@ MAX_UPLOAD_PATHS = 500
 MAX_CLAIM_ATTEMPTS = 8
 # The prefixes whose uploads reach the starter (statemachine/trigger.json's key_prefixes).
 UPLOAD_PREFIXES = (INCOMING_PREFIX, CONFIG_PREFIX, RESPONSES_PREFIX)
-# Run modes, in the execution input's "mode" (statemachine/pipeline.asl.json's first Choice reads it).
-FULL, REFRESH = "full", "refresh"
+# Run modes (topx.contract), in the execution input's "mode".
+FULL, REFRESH = RUN_MODE_FULL, RUN_MODE_REFRESH
 
 
 class TriggerConflict(StoreError):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from topx.contract import RUN_MODE_FULL
 from topx.errors import ConfigError
 
 # How long one execution may take offline before the trial gives up on it.
@@ -98,7 +99,7 @@ def _trial(bursts: list[tuple[str, str]], dataset: str | None, snapshot: str | N
             described = sfn.describe_execution(executionArn=execution["executionArn"])
             given = json.loads(described["input"])
             entry: dict[str, Any] = {"name": execution["name"], "status": described["status"],
-                                     "mode": given.get("mode", "full"), "uploads": given.get("uploads")}
+                                     "mode": given.get("mode", RUN_MODE_FULL), "uploads": given.get("uploads")}
             if described["status"] != "SUCCEEDED":
                 entry["error"] = described.get("error")
                 # The failure notification names the step, the object, the row and the column at fault.
