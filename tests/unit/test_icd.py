@@ -229,3 +229,21 @@ def test_a_run_records_hold_out_recall_per_epoch_the_last_equal_to_its_metrics(t
     assert metrics["ranking_users"] <= 2000  # every hold-out user is in the per-epoch sample
     assert history[-1]["holdout_recall_at_5"] == pytest.approx(metrics["recall_at_5"], abs=1e-12)
     assert metrics["timings_s"]["holdout_per_epoch"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("history", "cg_steps"), [(False, 0), (True, 0), (False, 3)])
+def test_icd_on_cuda_matches_cpu(history: bool, cg_steps: int) -> None:
+    """The same epochs on CUDA give the CPU's model: side features, history features (many groups),
+    the exact solve and conjugate gradients. Sums on the GPU run in another order, hence a tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    fi, data = small_problem(seed=3, history=history)
+    hp = hyper(epochs=3, cg_steps=cg_steps)
+    cpu = train_icd(data, fi.n_features, hp, device="cpu", progress=False)
+    gpu = train_icd(data, fi.n_features, hp, device="cuda", progress=False)
+    assert gpu.device.startswith("cuda")
+    np.testing.assert_allclose(gpu.params.factors, cpu.params.factors, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(gpu.params.linear, cpu.params.linear, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(gpu.params.bias, cpu.params.bias, rtol=0, atol=1e-4)
+    assert [h["train_loss"] for h in gpu.history] == pytest.approx([h["train_loss"] for h in cpu.history], rel=1e-4)
