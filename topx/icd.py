@@ -106,14 +106,15 @@ def feature_groups(x: sp.csr_matrix) -> list[np.ndarray]:
     rows, cols = rows[live], cols[live]
     n_cols = csr.shape[1]
     groups = []
-    big = np.int64(n_cols)
     while len(cols):
-        first = np.full(csr.shape[0], big, dtype=np.int64)
-        np.minimum.at(first, rows, cols)
+        # Rows stay in order and each row's columns ascending, so a row's first remaining column is
+        # the one where its run of entries starts.
+        starts = np.r_[True, rows[1:] != rows[:-1]]
         blocked = np.zeros(n_cols, dtype=bool)
-        blocked[cols[first[rows] != cols]] = True
-        chosen = np.unique(cols[~blocked[cols]])
-        groups.append(chosen)
+        blocked[cols[~starts]] = True
+        chosen = np.zeros(n_cols, dtype=bool)
+        chosen[cols[~blocked[cols]]] = True
+        groups.append(np.flatnonzero(chosen))
         keep = blocked[cols]
         rows, cols = rows[keep], cols[keep]
     return groups
@@ -160,7 +161,9 @@ class _Side:
         self.x = sp.csr_matrix(x, dtype=np.float32)
         self.n = self.x.shape[0]
         self.dev = dev
-        order = np.lexsort((other, own))
+        # By entity, then by the other side's row: one sort of a combined key (five times faster than
+        # lexsort at millions of pairs; no pair occurs twice, so the order is the same).
+        order = np.argsort(own.astype(np.int64) * np.int64(max(n_other, 1)) + other)
         own, other, weight = own[order], other[order], weight[order]
         indptr = np.zeros(self.n + 1, dtype=np.int64)
         np.cumsum(np.bincount(own, minlength=self.n), out=indptr[1:])
@@ -205,14 +208,14 @@ class _Side:
             entities=torch.as_tensor(entities, device=self.dev),
             local=torch.as_tensor(local, device=self.dev),
             value=torch.as_tensor(value, device=self.dev),
-            blocks=list(self._blocks(entities, local, k)),
+            blocks=list(self._blocks(entities, local, k, one_to_one)),
             reg_scale=torch.as_tensor(scale, dtype=torch.float32, device=self.dev),
             has_context=bool((self.row_nnz[entities] > 1).any()),
             one_to_one=one_to_one,
             blockwise=one_to_one and bool(degree[entities].max() <= _block_pairs(k)),
         )
 
-    def _blocks(self, entities: np.ndarray, local: np.ndarray, k: int) -> Iterator[_Block]:
+    def _blocks(self, entities: np.ndarray, local: np.ndarray, k: int, one_to_one: bool) -> Iterator[_Block]:
         """The group's entities by degree, cut into padded blocks of at most _BLOCK_BYTES of gathered
         (k+2)-vectors; an entity with more pairs than one block holds is split over several blocks."""
         start, stop = self.pairs_indptr[entities], self.pairs_indptr[entities + 1]
@@ -236,19 +239,20 @@ class _Side:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if mid * sorted_degree[i + mid - 1] <= budget else (lo, mid - 1)
             members = small[i:i + lo]
-            yield self._block(members, start[members], degree[members], int(sorted_degree[i + lo - 1]), local)
+            yield self._block(members, start[members], degree[members], int(sorted_degree[i + lo - 1]), local,
+                              one_to_one)
             i += lo
         for pos, s, count in pieces:
-            yield self._block(np.array([pos]), np.array([s]), np.array([count]), count, local)
+            yield self._block(np.array([pos]), np.array([s]), np.array([count]), count, local, one_to_one)
 
     def _block(self, members: np.ndarray, first: np.ndarray, count: np.ndarray, width: int,
-               local: np.ndarray) -> _Block:
+               local: np.ndarray, one_to_one: bool) -> _Block:
         offsets = np.arange(width)
         valid = offsets[None, :] < count[:, None]
         index = np.where(valid, first[:, None] + offsets[None, :], 0)
         other = np.where(valid, self.pairs_other[index], self.n_other)  # the padding row: zeros
         weight = np.where(valid, self.pairs_weight[index], 0.0).astype(np.float32)
-        distinct = len(np.unique(local[members])) == len(members)
+        distinct = one_to_one or len(np.unique(local[members])) == len(members)
         return _Block(torch.as_tensor(members.astype(np.int64), device=self.dev),
                       torch.as_tensor(other.astype(np.int64), device=self.dev),
                       torch.as_tensor(weight, device=self.dev), distinct)
