@@ -182,8 +182,7 @@ def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
     train_rows = ~ds.holdout(run.holdout, hp.seed)
     with reporter.step("tune", "tuning on a validation carve of the training rows") as d:
         result = tune_hyperparameters(ds, train_rows, hp, run)
-        chosen = ", ".join(f"{k}={v:g}" for k, v in result.chosen.items())
-        d["result"] = f"chose {chosen}: {result.metric} {result.best:.4f} on the carve ({result.gain:+.1%})."
+        d["result"] = result.summary()
     return replace(hp, **result.chosen), result.as_dict()
 
 

@@ -333,7 +333,14 @@ def test_tune_reports_its_grid_and_run_tune_trains_with_the_winner(explicit_csv,
     assert len(report["trials"]) == 18 and report["metric"] == "recall_at_10"
     assert report["best_score"] == max([report["given_score"], *(t["recall_at_10"] for t in report["trials"])])
     assert set(report["chosen"]) == {"factors_wd", "unobserved_weight", "linear_wd"}
-    assert "chosen: --factors-wd" in printed
+    best_trial = max(report["trials"], key=lambda t: t["recall_at_10"])
+    assert report["best_point"] == {k: v for k, v in best_trial.items() if k != "recall_at_10"} or \
+        report["best_score"] == report["given_score"]
+    if report["changed"]:
+        assert report["chosen"] == report["best_point"] and report["gain"] >= report["min_gain"]
+        assert "chosen: --factors-wd" in printed
+    else:
+        assert report["gain"] < report["min_gain"] and "kept the given settings: --factors-wd" in printed
 
     out = tmp_path / "out"
     assert main(["run", *columns, "--tune", "--out", str(out)]) == 0

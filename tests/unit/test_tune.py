@@ -1,0 +1,41 @@
+"""topx.tune's choice: the best point replaces the given settings only when it beats them by MIN_GAIN."""
+
+from __future__ import annotations
+
+import pytest
+
+from topx.tune import MIN_GAIN, _points, pick
+
+GIVEN = {"factors_wd": 0.3, "unobserved_weight": 5.0}
+METRIC = "recall_at_10"
+
+
+def trials(*scores: float) -> list[dict]:
+    points = _points({"factors_wd": (0.1, 1.0), "unobserved_weight": (1.0, 10.0)})
+    return [{**point, METRIC: score} for point, score in zip(points, scores, strict=True)]
+
+
+def test_a_gain_under_min_gain_keeps_the_given_settings_and_says_so() -> None:
+    result = pick(GIVEN, 0.20, trials(0.19, 0.204, 0.18, 0.20), METRIC)
+    assert result.chosen == GIVEN and not result.changed
+    assert result.best_point == {"factors_wd": 0.1, "unobserved_weight": 10.0} and result.best == 0.204
+    assert result.gain == pytest.approx(0.02)
+    assert "kept the given settings" in result.summary() and "+2.0%" in result.summary()
+    assert result.as_dict()["changed"] is False and result.as_dict()["min_gain"] == MIN_GAIN
+
+
+def test_a_gain_of_min_gain_or_more_takes_the_best_point() -> None:
+    exactly = pick(GIVEN, 0.20, trials(0.19, 0.20 * (1 + MIN_GAIN), 0.18, 0.20), METRIC)
+    assert exactly.changed and exactly.chosen == {"factors_wd": 0.1, "unobserved_weight": 10.0}
+    larger = pick(GIVEN, 0.20, trials(0.19, 0.21, 0.23, 0.22), METRIC)
+    assert larger.chosen == {"factors_wd": 1.0, "unobserved_weight": 1.0} and larger.best == 0.23
+    assert larger.summary().startswith("chose factors_wd=1, unobserved_weight=1")
+
+
+def test_equal_best_scores_take_the_first_and_a_given_score_of_zero_takes_any_gain() -> None:
+    tied = pick(GIVEN, 0.10, trials(0.2, 0.2, 0.1, 0.2), METRIC)
+    assert tied.chosen == {"factors_wd": 0.1, "unobserved_weight": 1.0}
+    from_zero = pick(GIVEN, 0.0, trials(0.0, 0.01, 0.0, 0.0), METRIC)
+    assert from_zero.changed and from_zero.chosen == {"factors_wd": 0.1, "unobserved_weight": 10.0}
+    nothing = pick(GIVEN, 0.0, trials(0.0, 0.0, 0.0, 0.0), METRIC)
+    assert nothing.chosen == GIVEN and not nothing.changed
