@@ -153,8 +153,9 @@ MODE_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("regressor", "sgd"): {"epochs": 60, "linear_lr": 0.1, "factors_lr": 0.02, "linear_wd": 0.1, "factors_wd": 0.1},
     ("binary_classifier", "sgd"): {"epochs": 100, "bias_lr": 0.1, "linear_lr": 0.1, "factors_lr": 0.1,
                                    "linear_wd": 0.01, "factors_wd": 0.01, "negative_samples": 8},
-    ("binary_classifier", "icd"): {"num_factors": 32, "epochs": 6, "unobserved_weight": 3.0, "factors_wd": 0.3,
-                                   "linear_wd": 10.0, "regularization_exponent": 0.5, "factors_init_sigma": 0.01},
+    ("binary_classifier", "icd"): {"num_factors": 32, "epochs": 10, "cg_steps": 3, "unobserved_weight": 5.0,
+                                   "factors_wd": 0.3, "linear_wd": 10.0, "regularization_exponent": 0.5,
+                                   "factors_init_sigma": 0.01},
 }
 
 
