@@ -19,6 +19,7 @@ import codecs
 import csv
 import inspect
 import io
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -69,6 +70,12 @@ CSV_BLOCK_BYTES = 16 * 1024 * 1024
 MAX_ID_BYTES = 1024
 # The largest epoch a time column may hold in seconds (year 5138): a larger number is milliseconds.
 MAX_EPOCH_SECONDS = 1e11
+# In a Lambda function (the deployed Prepare), its memory in MB. One text part is parsed whole, and Prepare's
+# peak measured about 6.9 x the part's bytes (a 408 MB CSV object: 2,802 MB); a text part over the
+# function's memory / TEXT_MEMORY_FACTOR is refused by name once read, before its parse would run the
+# function out of memory, which Lambda reports without naming the object.
+LAMBDA_MEMORY_ENV = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"
+TEXT_MEMORY_FACTOR = 6
 
 
 @dataclass(frozen=True)
@@ -423,7 +430,10 @@ def read_feature_table(
 
 def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -> _Table:
     separator = _check_separator(sep)
-    return _table_of(read_bytes(source, s3_client=s3_client), source, header=header, sep=separator)
+    raw = read_bytes(source, s3_client=s3_client)
+    if not _looks_like_parquet(raw):
+        _check_text_size(len(raw), source)
+    return _table_of(raw, source, header=header, sep=separator)
 
 
 def _load_tables(source: str, *, header: bool, sep: str | None, s3_client: Any) -> Iterator[_Table]:
@@ -434,7 +444,28 @@ def _load_tables(source: str, *, header: bool, sep: str | None, s3_client: Any) 
     if _looks_like_parquet(raw):
         yield from _parquet_row_groups(raw, source)
     else:
+        _check_text_size(len(raw), source)
         yield _table_of(raw, source, header=header, sep=separator)
+
+
+def text_part_limit() -> int | None:
+    """The largest text part this process may parse: inside a Lambda function its memory divided by
+    TEXT_MEMORY_FACTOR, in bytes; None elsewhere (a machine's memory is the user's to judge)."""
+    memory_mb = os.environ.get(LAMBDA_MEMORY_ENV, "").strip()
+    if not memory_mb.isdigit() or int(memory_mb) == 0:
+        return None
+    return int(memory_mb) * 2**20 // TEXT_MEMORY_FACTOR
+
+
+def _check_text_size(size: int, source: str) -> None:
+    limit = text_part_limit()
+    if limit is not None and size > limit:
+        raise InputDataError(
+            f"a text part of {size / 2**20:,.0f} MB is more than this function's memory can parse "
+            f"({limit / 2**20:,.0f} MB: parsing one takes about {TEXT_MEMORY_FACTOR} x its size, and it has "
+            f"{int(limit * TEXT_MEMORY_FACTOR / 2**20):,} MB); nothing was stored. Export it as Parquet or as "
+            "several smaller parts (docs/FORMATS.md), or deploy with a larger data_function_memory_mb "
+            "(docs/DEPLOY.md)", source=source)
 
 
 def _parquet_row_groups(raw: bytes, source: str) -> Iterator[_Table]:

@@ -827,3 +827,29 @@ def test_the_utf8_check_a_block_at_a_time_finds_the_byte_a_whole_decode_finds(mo
         except UnicodeDecodeError as exc:
             expected = exc.start
         assert ingest._first_invalid_utf8(raw) == expected, raw
+
+
+def test_in_a_lambda_function_a_text_part_too_large_for_its_memory_is_refused_by_name(tmp_path, monkeypatch):
+    """Parsing a text part takes several times its size: inside a function of 1 MB (the environment
+    variable Lambda sets), a 300 KB CSV is refused naming the file and the ways out, before its parse; the same
+    rows as Parquet, and the CSV outside a function, are read."""
+    from topx.ingest import TEXT_MEMORY_FACTOR, read_interaction_codes
+
+    n = 30_000
+    users = [f"u{j % 997}" for j in range(n)]
+    items = [f"i{j % 211}" for j in range(n)]
+    csv = write(tmp_path, "big.csv", "user_id,item_id,rating\n" + "".join(
+        f"{u},{i},{1 + j % 5}\n" for j, (u, i) in enumerate(zip(users, items, strict=True))))
+    parquet = write_parquet(tmp_path, "big.parquet", {"user_id": pa.array(users), "item_id": pa.array(items),
+                                                      "rating": pa.array([1.0 + j % 5 for j in range(n)])})
+    assert Path(csv).stat().st_size > 2**20 // TEXT_MEMORY_FACTOR
+    assert len(read_interaction_codes(csv).rating) == n  # no function: no limit
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1")
+    err = error_of(read_interaction_codes, csv)
+    assert err.source == csv and "more than this function's memory can parse" in str(err)
+    assert "Parquet" in str(err) and "data_function_memory_mb" in str(err)
+    assert len(read_interaction_codes(parquet).rating) == n
+    small = write(tmp_path, "small.csv", "user_id,item_id,rating\nu1,i1,5\n")
+    assert len(read_interaction_codes(small).rating) == 1
+    with pytest.raises(InputDataError, match="more than this function's memory"):
+        read_feature_table(csv, key_col="user_id")
