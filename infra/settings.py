@@ -18,8 +18,6 @@ from typing import Any
 
 # Of topx, infra/ imports the contract only: the rest would drag numpy, torch and faiss into `cdk synth`.
 from topx.contract import (
-    DEFAULT_EPOCHS,
-    DEFAULT_NUM_FACTORS,
     DEFAULT_RETENTION_DAYS,
     DEFAULT_SHARDS,
     DEFAULT_TOP_X,
@@ -80,8 +78,9 @@ class DeploySettings:
     variable, so topx's own default holds: no threshold, the exact search) by default."""
 
     top_x: int = DEFAULT_TOP_X
-    num_factors: int = DEFAULT_NUM_FACTORS
-    epochs: int = DEFAULT_EPOCHS
+    # Unset (no variable): the train job takes the objective's own defaults, as `topx run` does.
+    num_factors: int | None = None
+    epochs: int | None = None
     shards: int = DEFAULT_SHARDS
     gpu_instance_types: tuple[str, ...] = ("g5.xlarge", "g6.xlarge")
     spot: bool = False
@@ -104,7 +103,7 @@ class DeploySettings:
 
     def __post_init__(self) -> None:
         for name in ("top_x", "num_factors", "epochs", "retention_days"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingsError(f"context {name} must be at least 1, got {getattr(self, name)}")
         if not MIN_SHARDS <= self.shards <= MAX_SHARDS:
             raise SettingsError(
@@ -183,8 +182,6 @@ class DeploySettings:
             ENV_TABLE: table,
             ENV_TOPIC_ARN: topic_arn,
             ENV_TOP_X: str(self.top_x),
-            ENV_NUM_FACTORS: str(self.num_factors),
-            ENV_EPOCHS: str(self.epochs),
             ENV_SHARDS: str(self.shards),
             ENV_RETENTION_DAYS: str(self.retention_days),
             **self._optional_environment(),
@@ -194,6 +191,8 @@ class DeploySettings:
         """The variables of the options that are set; an unset option emits none, so topx's own default holds."""
         thresholds = {ENV_MAX_RMSE: self.max_rmse, ENV_MIN_AUC: self.min_auc, ENV_MIN_RECALL: self.min_recall}
         environment = {name: str(float(value)) for name, value in thresholds.items() if value is not None}
+        sizes = {ENV_NUM_FACTORS: self.num_factors, ENV_EPOCHS: self.epochs}
+        environment.update({name: str(value) for name, value in sizes.items() if value is not None})
         if self.hyperparameters is not None:
             environment[ENV_HYPERPARAMETERS] = self.hyperparameters
         if self.search_method is not None:
@@ -274,6 +273,13 @@ def _parse_int(raw: Any) -> int:
     if isinstance(raw, str) and re.fullmatch(r"\s*-?\d+\s*", raw):
         return int(raw)
     raise ValueError("expected an integer")
+
+
+def _parse_optional_int(raw: Any) -> int | None:
+    # `-c epochs=` (empty) leaves it unset: the objective's default.
+    if isinstance(raw, str) and not raw.strip():
+        return None
+    return _parse_int(raw)
 
 
 def _parse_bool(raw: Any) -> bool:
@@ -375,8 +381,8 @@ def _parse_digests(raw: Any) -> tuple[tuple[str, str], ...]:
 
 _PARSERS: Mapping[str, Callable[[Any], Any]] = {
     "top_x": _parse_int,
-    "num_factors": _parse_int,
-    "epochs": _parse_int,
+    "num_factors": _parse_optional_int,
+    "epochs": _parse_optional_int,
     "shards": _parse_int,
     "gpu_instance_types": _parse_instance_types,
     "spot": _parse_bool,

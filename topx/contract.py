@@ -45,8 +45,8 @@ ENV_STATE_MACHINE_ARN = "TOPX_STATE_MACHINE_ARN"
 # --------------------------------------------------------------------------- deploy defaults and bounds
 
 DEFAULT_TOP_X = 10  # items per user, when neither an argument nor TOPX_TOP_X says
-DEFAULT_NUM_FACTORS = 64  # what the stack sets TOPX_NUM_FACTORS to unless context says otherwise
-DEFAULT_EPOCHS = 30  # what the stack sets TOPX_EPOCHS to unless context says otherwise
+# TOPX_NUM_FACTORS and TOPX_EPOCHS have no default: unset, the train job uses the objective's own
+# (topx.config.MODE_DEFAULTS), as `topx run` does.
 DEFAULT_SHARDS = 4  # user shards, when neither context nor TOPX_SHARDS says
 DEFAULT_RETENTION_DAYS = 30  # days until runs/ objects expire and a retired version's items do
 # AWS Batch rejects array jobs with fewer than 2 children (and caps them at 10,000). The Load state

@@ -1212,3 +1212,24 @@ def test_hyperparameters_infra_accepts_are_those_topx_accepts(name: str, value: 
     except SettingsError:
         infra_accepts = False
     assert infra_accepts == topx_accepts, text
+
+
+def test_the_model_size_is_unset_by_default_so_the_train_job_uses_the_objectives_defaults(monkeypatch):
+    """No TOPX_NUM_FACTORS / TOPX_EPOCHS unless context sets them: the deployed ranking model is then the one
+    `topx run` trains with no flags; set, they reach the job as given (an empty value leaves them unset)."""
+    from topx.aws.stages import training_hyperparameters
+    from topx.config import default_hyperparameters
+
+    plain = DeploySettings.from_context({}.get).job_environment(bucket="b", table="t", topic_arn="a")
+    assert contract.ENV_NUM_FACTORS not in plain and contract.ENV_EPOCHS not in plain
+    for name in (contract.ENV_NUM_FACTORS, contract.ENV_EPOCHS, contract.ENV_HYPERPARAMETERS):
+        monkeypatch.delenv(name, raising=False)
+    for objective in ("ranking", "rating"):
+        assert training_hyperparameters(objective == "ranking", {}) == default_hyperparameters(objective)
+    sized = DeploySettings.from_context({"num_factors": "48", "epochs": 12}.get).job_environment(
+        bucket="b", table="t", topic_arn="a")
+    assert sized[contract.ENV_NUM_FACTORS] == "48" and sized[contract.ENV_EPOCHS] == "12"
+    empty = DeploySettings.from_context({"epochs": ""}.get)
+    assert empty.epochs is None
+    with pytest.raises(SettingsError, match="epochs must be at least 1"):
+        DeploySettings.from_context({"epochs": "0"}.get)

@@ -18,8 +18,6 @@ from typing import Any
 from topx.config import env_or, search_method
 from topx.contract import (
     BATCH_RETRY_STRATEGIES,
-    DEFAULT_EPOCHS,
-    DEFAULT_NUM_FACTORS,
     DEFAULT_RETENTION_DAYS,
     DEFAULT_SHARDS,
     DEFAULT_TOP_X,
@@ -67,7 +65,8 @@ class LocalSettings:
     """The deploy-time knobs CDK context sets on AWS, baked into the functions' and jobs' environment.
 
     Each is the explicit value, else the ``TOPX_*`` environment variable, else the CDK default. The
-    quality-gate thresholds, ``hyperparameters`` (JSON object text) and ``search_method`` have none:
+    model's size (``num_factors``, ``epochs``: the objective's own defaults), the quality-gate thresholds,
+    ``hyperparameters`` (JSON object text) and ``search_method`` have none:
     unset, they are left out (and the stages search exactly).
     """
 
@@ -93,11 +92,13 @@ class LocalSettings:
 
         resolved: dict[str, int | float | str] = {
             ENV_TOP_X: env_or(ENV_TOP_X, self.top_x, DEFAULT_TOP_X, int),
-            ENV_NUM_FACTORS: env_or(ENV_NUM_FACTORS, self.num_factors, DEFAULT_NUM_FACTORS, int),
-            ENV_EPOCHS: env_or(ENV_EPOCHS, self.epochs, DEFAULT_EPOCHS, int),
             ENV_SHARDS: env_or(ENV_SHARDS, self.shards, DEFAULT_SHARDS, int),
             ENV_RETENTION_DAYS: env_or(ENV_RETENTION_DAYS, self.retention_days, DEFAULT_RETENTION_DAYS, int),
         }
+        for name, explicit in ((ENV_NUM_FACTORS, self.num_factors), (ENV_EPOCHS, self.epochs)):
+            size = env_or(name, explicit, None, int)
+            if size is not None:  # unset: the train job takes the objective's own default
+                resolved[name] = int(size)
         for name, explicit in ((ENV_MAX_RMSE, self.max_rmse), (ENV_MIN_AUC, self.min_auc),
                                (ENV_MIN_RECALL, self.min_recall)):
             threshold = env_or(name, explicit, None, float)
