@@ -26,6 +26,11 @@ Protocol, the same for every method:
   a validation carve of the training part only (random: a further seeded 20 % per user; temporal:
   each user's latest 20 % of the training rows), choosing by recall@10 there, then refitted on the
   whole training part with the chosen values (that fit is timed) and scored once on the test part.
+- Timing, the same for every method: ``train_s`` (``<key>_train_s``) is the final fit alone; the search
+  before it is ``<key>_tune_s`` for a baseline's grid and ``topx_tune_s`` for topx's own (``topx run``
+  searches its settings on a carve of its training rows by default at this size, ``topx.tune``; ``topx_tuned``
+  says whether the search changed them, to what, and its gain on the carve). ``topx_wall_s`` is topx's whole
+  run: reading, searching, training, recommending, writing.
 """
 
 from __future__ import annotations
@@ -178,8 +183,12 @@ def topx_top_items(data: Interactions, train: np.ndarray, extra_args: list[str])
         if code != 0:
             raise RuntimeError(f"topx run exited with status {code} (its error is on stderr above)")
         recs = pd.read_parquet(out / "recommendations.parquet")
-        train_s = float(json.loads((out / "metrics.json").read_text())["timings_s"]["train"])
-    return recommendations_array(data, recs), train_s
+        metrics = json.loads((out / "metrics.json").read_text())
+    tuning = metrics.get("tuning")
+    run = {"train_s": float(metrics["timings_s"]["train"]), "tune_s": float(metrics["timings_s"].get("tune", 0.0)),
+           "tuned": None if tuning is None else {"changed": tuning["changed"], "chosen": tuning["chosen"],
+                                                 "gain": round(tuning["gain"], 4)}}
+    return recommendations_array(data, recs), run
 
 
 def recommendations_array(data: Interactions, recs: pd.DataFrame) -> np.ndarray:
@@ -343,6 +352,7 @@ def tune_and_score(baseline: Baseline, split: SplitData, seed: int, *, quick: bo
     the whole training part (timed) and score it on the test part."""
     n_items = split.train.shape[1]
     best: tuple[float, dict[str, Any]] | None = None
+    tune_start = time.perf_counter()
     for params in baseline.quick_grid if quick else baseline.full_grid:
         top = top_items(baseline.fit(split.fit, params, seed), split.fit)
         recall = ev.ranking_metrics(top, split.validation, n_items).recall
@@ -350,6 +360,7 @@ def tune_and_score(baseline: Baseline, split: SplitData, seed: int, *, quick: bo
         if best is None or recall > best[0]:
             best = (recall, params)
     assert best is not None
+    tune_s = time.perf_counter() - tune_start
     start = time.perf_counter()
     scorer = baseline.fit(split.train, best[1], seed)
     train_s = time.perf_counter() - start
@@ -357,7 +368,7 @@ def tune_and_score(baseline: Baseline, split: SplitData, seed: int, *, quick: bo
     check_unseen(top, split.train, baseline.key)
     metrics = ev.ranking_metrics(top, split.test, n_items)
     log(f"{label} {baseline.key} {best[1]}: test recall@10 {metrics.recall:.4f}, fit {train_s:.1f} s")
-    return {"recall_at_10": metrics.recall, "ndcg_at_10": metrics.ndcg, "train_s": train_s,
+    return {"recall_at_10": metrics.recall, "ndcg_at_10": metrics.ndcg, "train_s": train_s, "tune_s": tune_s,
             "validation_recall_at_10": best[0], "params": best[1]}
 
 
@@ -371,7 +382,7 @@ def baseline_keys(key: str, result: dict[str, Any] | None) -> dict[str, Any]:
     ``ease_lambda``, the others their chosen grid point as ``<key>_params``."""
     result = result or {}
     out = {f"{key}_{name}": result.get(name)
-           for name in ("recall_at_10", "ndcg_at_10", "train_s", "validation_recall_at_10")}
+           for name in ("recall_at_10", "ndcg_at_10", "train_s", "tune_s", "validation_recall_at_10")}
     params = result.get("params")
     if key == "ease":
         out["ease_lambda"] = None if params is None else params["lambda"]
@@ -395,13 +406,14 @@ def evaluate_split(data: Interactions, kind: str, args: argparse.Namespace, skip
 
     topx_args = (QUICK_TOPX_ARGS if args.quick else []) + shlex.split(args.topx_args)
     start = time.perf_counter()
-    top, train_s = topx_top_items(data, train_rows, topx_args)
+    top, run = topx_top_items(data, train_rows, topx_args)
+    train_s = run["train_s"]
     wall_s = time.perf_counter() - start
     check_unseen(top, split.train, "topx")
     topx = ev.ranking_metrics(top, split.test, n_items)
     log(f"{kind} topx: test recall@10 {topx.recall:.4f}, train {train_s:.1f} s")
     out.update(recall_at_10=topx.recall, ndcg_at_10=topx.ndcg, train_s=train_s, topx_wall_s=wall_s,
-               ranking_users=topx.users)
+               topx_tune_s=run["tune_s"], topx_tuned=run["tuned"], ranking_users=topx.users)
 
     if kind == "temporal":
         # Recency weighting on (each half-life) beside off (above): topx as a user runs it with --time-col.

@@ -207,9 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: recommendations.parquet, model/, vectors/, metrics.json")
-    p.add_argument("--tune", action="store_true",
-                   help="first search the ranking learner's weight decay and unobserved weight on a validation "
-                        "carve of the training rows (as `topx tune`), then train with the winner")
+    tuning = p.add_mutually_exclusive_group()
+    tuning.add_argument("--tune", action="store_const", const="on", dest="tune",
+                        help="first search the ranking learner's weight decay and unobserved weight on a validation "
+                             "carve of the training rows (as `topx tune`), then train with the winner if it gains "
+                             "3%% there; by default this runs on 20,000 to 2,000,000 training rows unless you set "
+                             "--factors-wd, --unobserved-weight or --linear-wd")
+    tuning.add_argument("--no-tune", action="store_const", const="off", dest="tune",
+                        help="never search: train with the defaults and the settings given")
     p.add_argument("--filters", metavar="FILE",
                    help="a filter file (JSON, docs/FORMATS.md): which items may be recommended, by the --items "
                         "table's columns and by id; checked before training, applied exactly by the search")
@@ -460,10 +465,18 @@ def _run_options(args: argparse.Namespace):
         eval_users=getattr(args, "eval_users", 20000),
         progress=False if args.quiet else None,
         search_method=getattr(args, "search_method", DEFAULT_SEARCH_METHOD),
-        tune=getattr(args, "tune", False),
+        tune=_tune_mode(args),
         filters=getattr(args, "filters", None),
         responses=getattr(args, "responses", None),
     )
+
+
+def _tune_mode(args: argparse.Namespace) -> str:
+    """--tune ("on"), --no-tune ("off"), or "auto", which is "off" when a setting of the search's grid was given."""
+    from topx.tune import TUNE_GRID, tune_mode
+
+    given = [name for name in TUNE_GRID if getattr(args, name, None) is not None]
+    return tune_mode(getattr(args, "tune", None) or "auto", given)
 
 
 def _print_metrics(metrics: dict[str, Any], x: int) -> None:
@@ -518,7 +531,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reporter = Reporter(not args.quiet)
     with reporter.step("ingest", f"reading {data.interactions}"):
         ds = load_dataset(data)
-    _, report = tuned_hyperparameters(ds, hp, dataclasses.replace(_run_options(args), tune=True), reporter)
+    _, report = tuned_hyperparameters(ds, hp, dataclasses.replace(_run_options(args), tune="on"), reporter)
     print(json.dumps(report, indent=2))
     flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report["chosen"].items())
     if report["changed"]:

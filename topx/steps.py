@@ -76,7 +76,9 @@ class RunOptions:
     search_method: str = DEFAULT_SEARCH_METHOD  # of the recommendations: one of topx.contract.SEARCH_METHODS
     filters: str | None = None  # a filter file (topx.filters): which items may be recommended
     responses: str | None = None  # (user_id, item_id) pairs left out of the lists as seen items are
-    tune: bool = False  # search the ranking learner's settings on a validation carve first (topx.tune)
+    # Search the ranking learner's settings on a validation carve first (topx.tune): "on", "off", or "auto"
+    # (when the data's size makes it pay: topx.tune.auto_tunes).
+    tune: str = "auto"
 
 
 class Reporter:
@@ -173,17 +175,22 @@ def fit(ds: Dataset, mask: np.ndarray | None, hp: HyperParameters, run: RunOptio
 
 def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
                           reporter: Reporter) -> tuple[HyperParameters, dict[str, Any] | None]:
-    """With ``run.tune``, the settings topx.tune finds on a carve of the rows training will see (the
-    hold-out stays unseen) and its report; else ``hp`` as given and None."""
-    if not run.tune:
-        return hp, None
-    from topx.tune import tune_hyperparameters
+    """With ``run.tune`` "on" (or "auto" where topx.tune.auto_tunes says so), the settings topx.tune finds on
+    a carve of the rows training will see (the hold-out stays unseen) and its report, which says which mode
+    ran; else ``hp`` as given and None."""
+    from topx.tune import auto_tunes, tune_hyperparameters, tune_mode
 
+    mode = tune_mode(run.tune, ())
+    if mode == "off":
+        return hp, None
     train_rows = ~ds.holdout(run.holdout, hp.seed)
-    with reporter.step("tune", "tuning on a validation carve of the training rows") as d:
+    if mode == "auto" and not auto_tunes(int(train_rows.sum()), hp):
+        return hp, None
+    with reporter.step("tune", "tuning on a validation carve of the training rows"
+                               + (" (auto: --no-tune skips it)" if mode == "auto" else "")) as d:
         result = tune_hyperparameters(ds, train_rows, hp, run)
         d["result"] = result.summary()
-    return replace(hp, **result.chosen), result.as_dict()
+    return replace(hp, **result.chosen), {**result.as_dict(), "mode": mode}
 
 
 def train_stage(

@@ -17,6 +17,12 @@ What it does, so that a user can judge what it found:
    given settings scored, the best point and its gain, and whether it was taken.
 
 It costs one training per grid point (eighteen by default) on 80 % of the rows.
+
+``topx run`` and the deployed Train job search by default ("auto") when the data is of a size where it
+pays and is cheap: ``AUTO_MIN_ROWS`` to ``AUTO_MAX_ROWS`` training rows (below, a carve is too small to
+judge settings by; above, eighteen trainings cost more than the gain is worth), for the ranking learner,
+and not when the user set one of the grid's settings (their choice stands). ``--tune`` searches whatever
+the size, ``--no-tune`` never.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from topx.errors import ConfigError
 
 VALIDATION_FRACTION = 0.2
 MIN_GAIN = 0.03  # the relative gain on the carve that the best point needs to replace the given settings
+AUTO_MIN_ROWS = 20_000
+AUTO_MAX_ROWS = 2_000_000
+TUNE_MODES = ("auto", "on", "off")
 TUNE_GRID: dict[str, tuple[float, ...]] = {
     "factors_wd": (0.1, 0.3, 1.0),
     "unobserved_weight": (1.0, 3.0, 10.0),
@@ -123,3 +132,18 @@ def _points(grid: dict[str, tuple[float, ...]]) -> list[dict[str, float]]:
     for name, values in grid.items():
         points = [{**point, name: value} for point in points for value in values]
     return points
+
+
+def auto_tunes(n_train_rows: int, hp: HyperParameters) -> bool:
+    """Whether "auto" searches: the ranking learner on AUTO_MIN_ROWS to AUTO_MAX_ROWS training rows."""
+    return hp.learner == "icd" and AUTO_MIN_ROWS <= n_train_rows <= AUTO_MAX_ROWS
+
+
+def tune_mode(requested: str, settings_given: Any) -> str:
+    """The mode to run: ``requested`` (one of TUNE_MODES), except that "auto" is "off" when the user set
+    one of the grid's settings (``settings_given``: the names of the settings they set)."""
+    if requested not in TUNE_MODES:
+        raise ConfigError(f"tune must be one of {', '.join(TUNE_MODES)}, got {requested!r}")
+    if requested == "auto" and set(settings_given) & set(TUNE_GRID):
+        return "off"
+    return requested

@@ -730,3 +730,28 @@ def test_prepare_refuses_parts_of_other_schemas_and_a_dataset_over_max_bytes(aws
     assert _run_prefixes(s3) == []
     s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=json.dumps({"max_bytes": size}).encode())
     assert stages.prepare_run(BUCKET, prefix)["n_interactions"] == len(data)
+
+
+def test_the_train_job_searches_its_settings_where_topx_run_would_unless_they_were_set(aws, tmp_path, monkeypatch):
+    """The deployed default searches as `topx run`'s does (here on a few rows: the size bounds lowered), and
+    says so in metrics.json; a setting of the search's grid in the deployment's hyperparameters leaves it off."""
+    import topx.tune
+
+    s3, _ = aws
+    monkeypatch.setattr(topx.tune, "AUTO_MIN_ROWS", 0)
+    base_ratings(60, 30, seed=4).to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+
+    def trained() -> dict:
+        run_id = stages.prepare_run(BUCKET, "incoming/ratings.csv")["run_id"]
+        stages.train_run(BUCKET, run_id)
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=contract.metrics_key(run_id))["Body"].read())
+
+    metrics = trained()
+    tuning = metrics["tuning"]
+    assert tuning["mode"] == "auto" and len(tuning["trials"]) == 18
+    for name, value in tuning["chosen"].items():
+        assert metrics["hyperparameters"][name] == value
+    monkeypatch.setenv("TOPX_HYPERPARAMETERS", json.dumps({"unobserved_weight": 2.0}))
+    metrics = trained()
+    assert "tuning" not in metrics and metrics["hyperparameters"]["unobserved_weight"] == 2.0

@@ -126,6 +126,12 @@ def test_ranking_benchmark_prints_one_line_with_every_key(capsys):
             assert f"{method}_recall_at_10{suffix}" in doc and f"{method}_ndcg_at_10{suffix}" in doc
     for half_life in ("30", "90", "180"):
         assert isinstance(doc[f"recall_at_10_half_life_{half_life}d_temporal"], float)
+    # ML-100k's 80,000 training rows are a size topx searches its settings at by default: timed apart.
+    for suffix in ("", "_temporal"):
+        tuned = doc["topx_tuned" + suffix]
+        assert set(tuned) == {"changed", "chosen", "gain"} and doc["topx_tune_s" + suffix] > 0
+        assert tuned["changed"] == (tuned["gain"] >= 0.03)
+        assert isinstance(doc["ease_tune_s" + suffix], float) or doc["ease_recall_at_10" + suffix] is None
     # topx ranks well above popularity even in the quick run (2 epochs).
     assert doc["recall_at_10"] > 1.5 * doc["popularity_recall_at_10"]
 

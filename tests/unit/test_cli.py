@@ -540,3 +540,23 @@ def test_the_summary_says_when_the_model_loses_to_popularity_and_what_else_the_r
     assert ("does not beat recommending the most popular items" in printed) == loses
     assert f"fallback list (for users the model has not seen): {metrics['fallback']['source']}" in printed
     assert "metrics (hold-out, random split):" in printed
+
+
+def test_run_searches_by_default_at_its_sizes_and_never_with_no_tune_or_a_grid_setting(explicit_csv, tmp_path,
+                                                                                      monkeypatch):
+    import topx.tune
+
+    columns = ["--interactions", str(explicit_csv), "--user-col", "customer", "--item-col", "sku",
+               "--rating-col", "stars", *FAST]
+
+    def tuning(*extra: str) -> dict | None:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert main(["run", *columns, *extra, "--out", str(out)]) == 0
+        return json.loads((out / "metrics.json").read_text()).get("tuning")
+
+    assert tuning() is None  # a few thousand rows: under topx.tune.AUTO_MIN_ROWS
+    monkeypatch.setattr(topx.tune, "AUTO_MIN_ROWS", 0)
+    auto = tuning()
+    assert auto["mode"] == "auto" and len(auto["trials"]) == 18
+    assert tuning("--no-tune") is None and tuning("--unobserved-weight", "3") is None
+    assert tuning("--tune", "--unobserved-weight", "3")["mode"] == "on"

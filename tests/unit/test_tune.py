@@ -39,3 +39,19 @@ def test_equal_best_scores_take_the_first_and_a_given_score_of_zero_takes_any_ga
     assert from_zero.changed and from_zero.chosen == {"factors_wd": 0.1, "unobserved_weight": 10.0}
     nothing = pick(GIVEN, 0.0, trials(0.0, 0.0, 0.0, 0.0), METRIC)
     assert nothing.chosen == GIVEN and not nothing.changed
+
+
+def test_auto_searches_the_ranking_learner_at_its_sizes_and_not_when_a_grid_setting_was_given() -> None:
+    from topx.config import default_hyperparameters
+    from topx.errors import ConfigError
+    from topx.tune import AUTO_MAX_ROWS, AUTO_MIN_ROWS, auto_tunes, tune_mode
+
+    ranking, rating = default_hyperparameters("ranking"), default_hyperparameters("rating")
+    assert auto_tunes(AUTO_MIN_ROWS, ranking) and auto_tunes(AUTO_MAX_ROWS, ranking)
+    assert not auto_tunes(AUTO_MIN_ROWS - 1, ranking) and not auto_tunes(AUTO_MAX_ROWS + 1, ranking)
+    assert not auto_tunes(AUTO_MIN_ROWS, rating)
+    assert tune_mode("auto", ["epochs", "num_factors"]) == "auto"
+    assert tune_mode("auto", ["unobserved_weight"]) == "off" and tune_mode("on", ["factors_wd"]) == "on"
+    assert tune_mode("off", []) == "off"
+    with pytest.raises(ConfigError, match="tune must be one of auto, on, off"):
+        tune_mode("yes", [])

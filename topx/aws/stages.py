@@ -579,6 +579,12 @@ def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -
         raise ConfigError(f"hyperparameters {chosen}: {exc}") from exc
 
 
+def given_hyperparameters(upload_overrides: dict[str, Any]) -> set[str]:
+    """The names of the settings the deployment (TOPX_HYPERPARAMETERS) or the upload's metadata set."""
+    from_env = env_or(ENV_HYPERPARAMETERS, None, None)
+    return {*(parse_hyperparameters(from_env, ENV_HYPERPARAMETERS) if from_env else {}), *upload_overrides}
+
+
 def _feature_table(bucket: str, name: str, configured: str | None) -> str | None:
     """The ``users`` or ``items`` table: the dataset configuration's key in the bucket (the latest object
     under it when it ends in "/"), else the latest object under ``features/<name>``; None without one."""
@@ -607,7 +613,15 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
     """Train the FM on the prepared data, evaluate on the hold-out, write model/ and metrics.json."""
 
     from topx.rundir import MODEL_DIR
-    from topx.steps import Reporter, RunOptions, evaluate_model, train_stage, training_summary
+    from topx.steps import (
+        Reporter,
+        RunOptions,
+        evaluate_model,
+        train_stage,
+        training_summary,
+        tuned_hyperparameters,
+    )
+    from topx.tune import tune_mode
     from topx.vectors import export_vectors
 
     with _workdir() as work:
@@ -615,9 +629,12 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         record = _get_json(bucket, run_record_key(run_id))
         upload_overrides = record.get("hyperparameters") or {}
         hp = training_hyperparameters(ds.implicit, upload_overrides)
-        # Ranked by the search that will write the recommendations: metrics.json judges what is served.
+        # Ranked by the search that will write the recommendations: metrics.json judges what is served. The
+        # ranking learner's settings are searched first where topx run would search them (topx.tune, "auto"),
+        # unless the deployment or the upload set one of them.
         run = RunOptions(top_x=int(env_or(ENV_TOP_X, None, DEFAULT_TOP_X, int)), progress=False,
-                         search_method=search_method())
+                         search_method=search_method(), tune=tune_mode("auto", given_hyperparameters(upload_overrides)))
+        hp, tuning = tuned_hyperparameters(ds, hp, run, Reporter(False))
         out = work / "out"
         params, _, result, ds = train_stage(ds, hp, run, out, Reporter(False))
         vectors = export_vectors(params, ds.feature_index)
@@ -631,6 +648,8 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
                 lists = _all_lists(z, _run_lists(record))
         metrics["fallback"] = _upload_fallbacks(bucket, run_id, ds, vectors, holdout, run.top_x, lists, None, work)
         metrics.update(training_summary(hp, result, ds.report))  # the history and the data, for the run report
+        if tuning is not None:
+            metrics["tuning"] = tuning
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
