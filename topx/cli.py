@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--tune", action="store_const", const="on", dest="tune",
                         help="first search the ranking learner's weight decay and unobserved weight on a validation "
                              "carve of the training rows (as `topx tune`), then train with the winner if it gains "
-                             "3%% there; by default this runs on 20,000 to 2,000,000 training rows unless you set "
-                             "--factors-wd, --unobserved-weight or --linear-wd")
+                             "3%% there; by default a smaller search (--unobserved-weight x --linear-wd) runs on "
+                             "5,000 to 2,000,000 training rows unless you set --factors-wd, --unobserved-weight or "
+                             "--linear-wd")
     tuning.add_argument("--no-tune", action="store_const", const="off", dest="tune",
                         help="never search: train with the defaults and the settings given")
     p.add_argument("--filters", metavar="FILE",

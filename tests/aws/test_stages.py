@@ -749,7 +749,7 @@ def test_the_train_job_searches_its_settings_where_topx_run_would_unless_they_we
 
     metrics = trained()
     tuning = metrics["tuning"]
-    assert tuning["mode"] == "auto" and len(tuning["trials"]) == 18
+    assert tuning["mode"] == "auto" and len(tuning["trials"]) == 6  # topx.tune.AUTO_GRID
     for name, value in tuning["chosen"].items():
         assert metrics["hyperparameters"][name] == value
     monkeypatch.setenv("TOPX_HYPERPARAMETERS", json.dumps({"unobserved_weight": 2.0}))

@@ -554,9 +554,9 @@ def test_run_searches_by_default_at_its_sizes_and_never_with_no_tune_or_a_grid_s
         assert main(["run", *columns, *extra, "--out", str(out)]) == 0
         return json.loads((out / "metrics.json").read_text()).get("tuning")
 
-    assert tuning() is None  # a few thousand rows: under topx.tune.AUTO_MIN_ROWS
+    assert tuning() is None  # 3,600 training rows: under topx.tune.AUTO_MIN_ROWS
     monkeypatch.setattr(topx.tune, "AUTO_MIN_ROWS", 0)
     auto = tuning()
-    assert auto["mode"] == "auto" and len(auto["trials"]) == 18
+    assert auto["mode"] == "auto" and len(auto["trials"]) == 6  # topx.tune.AUTO_GRID
     assert tuning("--no-tune") is None and tuning("--unobserved-weight", "3") is None
     assert tuning("--tune", "--unobserved-weight", "3")["mode"] == "on"
