@@ -174,3 +174,19 @@ def test_the_page_stays_small_for_a_million_users() -> None:
         assert page.count('class="user"') == 5
     assert sizes[1_000_000] < 2_000_000
     assert sizes[1_000_000] < 1.2 * sizes[1_000]
+
+
+def test_the_training_section_says_what_the_search_of_settings_found() -> None:
+    from topx.report.html import _training_section
+
+    kept = {"mode": "auto", "changed": False, "chosen": {"unobserved_weight": 5.0, "linear_wd": 10.0},
+            "best_point": {"unobserved_weight": 10.0, "linear_wd": 1.0}, "gain": 0.015, "min_gain": 0.03,
+            "trials": [{}] * 6}
+    page = _training_section({"training": {}, "tuning": kept})
+    assert "Before training, 6 settings tried on a carve of the training rows (auto)" in page
+    assert "kept the given settings (unobserved_weight 5, linear_wd 10)" in page
+    assert "unobserved_weight 10, linear_wd 1, was" in page and 'data-metric="tuning.gain"' in page
+    assert "1.5%" in page and "under the 3.0% a change needs" in page
+    chose = {**kept, "changed": True, "chosen": kept["best_point"], "gain": 0.07}
+    assert "chose unobserved_weight 10, linear_wd 1" in _training_section({"training": {}, "tuning": chose})
+    assert "Before training" not in _training_section({"training": {}})

@@ -329,7 +329,25 @@ def _training_section(metrics: dict[str, Any]) -> str:
     if "total" in timings:
         cards += _card("run, seconds", "timings_s.total", timings["total"])
     plot = f'<div class="plots">{_training(history, training.get("best_epoch"))}</div>' if history else ""
-    return f"<h2>Training</h2><div class=\"cards\">{cards}</div>{plot}"
+    return f"<h2>Training</h2><div class=\"cards\">{cards}</div>{_tuning_note(metrics.get('tuning'))}{plot}"
+
+
+def _tuning_note(tuning: dict[str, Any] | None) -> str:
+    """What the search of the settings before training found, and whether it changed them (topx.tune)."""
+    if not tuning:
+        return ""
+
+    def settings(values: dict[str, Any]) -> str:
+        return ", ".join(f"{name} {value:g}" for name, value in values.items())
+    tried = f"{len(tuning.get('trials', []))} settings tried on a carve of the training rows"
+    gain = _num("tuning.gain", tuning.get("gain"), "pct")
+    if tuning.get("changed"):
+        found = f"chose {_esc(settings(tuning['chosen']))}, {gain} better there than the given settings."
+    else:
+        found = (f"kept the given settings ({_esc(settings(tuning['chosen']))}): the best point, "
+                 f"{_esc(settings(tuning.get('best_point', {})))}, was {gain} better there, under the "
+                 f"{_fmt(tuning.get('min_gain'), 'pct')} a change needs.")
+    return f'<p class="note">Before training, {tried} ({_esc(tuning.get("mode", "on"))}): {found}</p>'
 
 
 def _metrics_section(metrics: dict[str, Any], live: dict[str, Any] | None) -> str:
