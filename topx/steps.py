@@ -178,7 +178,7 @@ def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
     """With ``run.tune`` "on" (or "auto" where topx.tune.auto_tunes says so), the settings topx.tune finds on
     a carve of the rows training will see (the hold-out stays unseen) and its report, which says which mode
     ran; else ``hp`` as given and None."""
-    from topx.tune import AUTO_GRID, auto_tunes, tune_hyperparameters, tune_mode
+    from topx.tune import AUTO_GRID, NothingToTune, auto_tunes, tune_hyperparameters, tune_mode
 
     mode = tune_mode(run.tune, ())
     if mode == "off":
@@ -188,7 +188,13 @@ def tuned_hyperparameters(ds: Dataset, hp: HyperParameters, run: RunOptions,
         return hp, None
     with reporter.step("tune", "tuning on a validation carve of the training rows"
                                + (" (auto: --no-tune skips it)" if mode == "auto" else "")) as d:
-        result = tune_hyperparameters(ds, train_rows, hp, run, grid=AUTO_GRID if mode == "auto" else None)
+        try:
+            result = tune_hyperparameters(ds, train_rows, hp, run, grid=AUTO_GRID if mode == "auto" else None)
+        except NothingToTune as exc:
+            if mode != "auto":
+                raise
+            d["result"] = f"skipped: {exc}; training with the settings given."
+            return hp, None
         d["result"] = result.summary()
     return replace(hp, **result.chosen), {**result.as_dict(), "mode": mode}
 

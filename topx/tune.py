@@ -53,6 +53,10 @@ AUTO_GRID: dict[str, tuple[float, ...]] = {
 }
 
 
+class NothingToTune(ConfigError):
+    """The rows leave no validation carve to judge settings by."""
+
+
 @dataclass(frozen=True)
 class TuneResult:
     """chosen: the settings to train with (a subset of HyperParameters fields: the best point's, or the
@@ -104,7 +108,7 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
     sub = ds.rows(rows)
     carve = sub.holdout(VALIDATION_FRACTION, hp.seed + 3)
     if not carve.any():
-        raise ConfigError("too little data to tune: no user has enough interactions for a validation carve")
+        raise NothingToTune("too little data to tune: no user has enough interactions for a validation carve")
     sub = with_history(sub, ~carve, hp)
     quiet = replace(run, progress=False)
     metric = f"recall_at_{run.top_x}"

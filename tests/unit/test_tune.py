@@ -55,3 +55,25 @@ def test_auto_searches_the_ranking_learner_at_its_sizes_and_not_when_a_grid_sett
     assert tune_mode("off", []) == "off"
     with pytest.raises(ConfigError, match="tune must be one of auto, on, off"):
         tune_mode("yes", [])
+
+
+def test_auto_skips_data_that_leaves_no_carve_and_on_says_why(capsys) -> None:
+    """Each user's one interaction leaves nothing to carve: the default search steps aside and training
+    goes on with the given settings; asked for by name, the search refuses with the reason."""
+    import numpy as np
+
+    from topx.config import default_hyperparameters
+    from topx.dataset import Dataset
+    from topx.errors import ConfigError
+    from topx.feature_index import FeatureIndex
+    from topx.steps import Reporter, RunOptions, tuned_hyperparameters
+
+    n = 6_000
+    fi = FeatureIndex.one_hot([f"u{j}" for j in range(n)], [f"i{j}" for j in range(50)])
+    ds = Dataset(fi, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64) % 50, np.ones(n, np.float32),
+                 implicit=True)
+    hp = default_hyperparameters("ranking")
+    assert tuned_hyperparameters(ds, hp, RunOptions(tune="auto", holdout=0.0), Reporter(True)) == (hp, None)
+    assert "skipped: too little data to tune" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="too little data to tune"):
+        tuned_hyperparameters(ds, hp, RunOptions(tune="on", holdout=0.0), Reporter(False))
