@@ -538,6 +538,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if report["changed"]:
         print(f"chosen: {flags} ({report['metric']} {report['best_score']:.4f} on the validation carve, "
               f"{report['gain']:+.1%} over the given settings); `topx run --tune` tunes and trains in one go")
+    elif report["best_score"] <= report["given_score"]:
+        print(f"kept the given settings: {flags} ({report['metric']} {report['given_score']:.4f} on the validation "
+              f"carve, the best of the points tried)")
     else:
         best = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report["best_point"].items())
         print(f"kept the given settings: {flags} ({report['metric']} {report['given_score']:.4f} on the validation "

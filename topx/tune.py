@@ -82,6 +82,8 @@ class TuneResult:
         point = ", ".join(f"{k}={v:g}" for k, v in self.best_point.items())
         if self.changed:
             return f"chose {point}: {self.metric} {self.best:.4f} on the carve ({self.gain:+.1%})."
+        if self.best <= self.given:
+            return f"kept the given settings: they scored best on the carve ({self.metric} {self.given:.4f})."
         return (f"kept the given settings ({self.metric} {self.given:.4f} on the carve): the best point, {point}, "
                 f"gained {self.gain:+.1%}, under the {MIN_GAIN:.0%} a change needs.")
 

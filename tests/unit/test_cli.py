@@ -341,6 +341,7 @@ def test_tune_reports_its_grid_and_run_tune_trains_with_the_winner(explicit_csv,
         assert "chosen: --factors-wd" in printed
     else:
         assert report["gain"] < report["min_gain"] and "kept the given settings: --factors-wd" in printed
+        assert ("the best of the points tried" in printed) == (report["best_score"] <= report["given_score"])
 
     out = tmp_path / "out"
     assert main(["run", *columns, "--tune", "--out", str(out)]) == 0

@@ -190,3 +190,6 @@ def test_the_training_section_says_what_the_search_of_settings_found() -> None:
     chose = {**kept, "changed": True, "chosen": kept["best_point"], "gain": 0.07}
     assert "chose unobserved_weight 10, linear_wd 1" in _training_section({"training": {}, "tuning": chose})
     assert "Before training" not in _training_section({"training": {}})
+    best = {**kept, "best_point": kept["chosen"], "gain": 0.0}
+    assert "kept the given settings (unobserved_weight 5, linear_wd 10), which scored best there" in \
+        _training_section({"training": {}, "tuning": best})

@@ -39,6 +39,9 @@ def test_equal_best_scores_take_the_first_and_a_given_score_of_zero_takes_any_ga
     assert from_zero.changed and from_zero.chosen == {"factors_wd": 0.1, "unobserved_weight": 10.0}
     nothing = pick(GIVEN, 0.0, trials(0.0, 0.0, 0.0, 0.0), METRIC)
     assert nothing.chosen == GIVEN and not nothing.changed
+    best_given = pick(GIVEN, 0.3, trials(0.2, 0.29, 0.1, 0.3), METRIC)
+    assert best_given.best_point == GIVEN and best_given.summary() == (
+        "kept the given settings: they scored best on the carve (recall_at_10 0.3000).")
 
 
 def test_auto_searches_the_ranking_learner_at_its_sizes_and_not_when_a_grid_setting_was_given() -> None:

@@ -343,6 +343,8 @@ def _tuning_note(tuning: dict[str, Any] | None) -> str:
     gain = _num("tuning.gain", tuning.get("gain"), "pct")
     if tuning.get("changed"):
         found = f"chose {_esc(settings(tuning['chosen']))}, {gain} better there than the given settings."
+    elif not tuning.get("gain"):
+        found = f"kept the given settings ({_esc(settings(tuning['chosen']))}), which scored best there."
     else:
         found = (f"kept the given settings ({_esc(settings(tuning['chosen']))}): the best point, "
                  f"{_esc(settings(tuning.get('best_point', {})))}, was {gain} better there, under the "
