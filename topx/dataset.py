@@ -209,6 +209,8 @@ def load_dataset(opts: DataOptions) -> Dataset:
         max_bytes=opts.max_bytes,
     )
     report: dict[str, Any] = {"rows_read": len(codes.rating)}
+    if codes.unused_columns:
+        report["unused_columns"] = list(codes.unused_columns)
     keep = _kept_rows(codes, opts, report)
     user, item, rating, time = codes.user_codes, codes.item_codes, codes.rating, codes.time
     if not keep.all():

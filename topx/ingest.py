@@ -20,6 +20,7 @@ import csv
 import inspect
 import io
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -70,6 +71,7 @@ CSV_BLOCK_BYTES = 16 * 1024 * 1024
 MAX_ID_BYTES = 1024
 # The largest epoch a time column may hold in seconds (year 5138): a larger number is milliseconds.
 MAX_EPOCH_SECONDS = 1e11
+_DATE_START = re.compile(r"\d{4}-\d{2}-\d{2}")
 # In a Lambda function (the deployed Prepare), its memory in MB. One text part is parsed whole, and Prepare's
 # peak measured about 6.9 x the part's bytes (a 408 MB CSV object: 2,802 MB); a text part over the
 # function's memory / TEXT_MEMORY_FACTOR is refused by name once read, before its parse would run the
@@ -178,6 +180,8 @@ class InteractionCodes:
     user_ids: pa.Array
     item_ids: pa.Array
     parts: list[str]
+    # The first part's columns of numbers, times or dates that no column option reads.
+    unused_columns: tuple[str, ...] = ()
 
 
 def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
@@ -192,7 +196,9 @@ def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
     arguments.apply_defaults()
     users, items = _Vocabulary(), _Vocabulary()
     user_codes, item_codes, ratings, times, sources = [], [], [], [], []
+    unused: tuple[str, ...] = ()
     for part in _interaction_parts(**arguments.arguments):
+        unused = unused if sources else part.unused
         user_codes.append(users.encode(part.users))
         item_codes.append(items.encode(part.items))
         ratings.append(part.rating)
@@ -204,7 +210,7 @@ def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
         user_codes=_concatenate(user_codes, np.int32), item_codes=_concatenate(item_codes, np.int32),
         rating=_concatenate(ratings, np.float32),
         time=_concatenate(times, np.int64) if arguments.arguments["time_col"] is not None else None,
-        user_ids=users.ids(), item_ids=items.ids(), parts=sources)
+        user_ids=users.ids(), item_ids=items.ids(), parts=sources, unused_columns=unused)
 
 
 def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -251,6 +257,9 @@ class _InteractionPart:
     items: pa.ChunkedArray
     rating: np.ndarray
     time: np.ndarray | None
+    # Columns of numbers, times or dates that none of the column options reads (a strength or a time the
+    # caller may have meant to name).
+    unused: tuple[str, ...] = ()
 
 
 def _interaction_parts(
@@ -380,8 +389,24 @@ def _interaction_columns(table: _Table, user_col: str | int, item_col: str | int
         what = "interaction strength" if implicit and "rating" not in str(rating_name).lower() else "rating"
         ratings = _rating_column(table, rating_name, what, allow_negative=not implicit)
     times = None if time_name is None else _time_column(table, time_name)
+    read = {user_name, item_name, rating_name, time_name}
+    unused = tuple(str(name) for name in table.data.column_names
+                   if name not in read and _numeric_or_time(table.data.column(name)))
     return _InteractionPart(source=table.source, row_offset=table.row_offset, users=users, items=items,
-                            rating=ratings, time=times)
+                            rating=ratings, time=times, unused=unused)
+
+
+def _numeric_or_time(column: pa.ChunkedArray) -> bool:
+    """Whether a column holds numbers, times or dates: by its type, or for text (delimited files are read as
+    text) by its first values, each a number or a date written as YYYY-MM-DD..."""
+    data_type = column.type
+    if any(test(data_type) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
+                                        pa.types.is_timestamp, pa.types.is_date)):
+        return True
+    if not _is_text(data_type):
+        return False
+    head = [value.strip() for value in pc.drop_null(column.slice(0, 50)).to_pylist() if value.strip()]
+    return bool(head) and all(_is_number(value) or _DATE_START.match(value) for value in head)
 
 
 def read_feature_table(

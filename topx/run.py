@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from topx.fm import TrainResult
 
 
+def unused_columns_note(report: dict[str, Any]) -> str:
+    """A sentence naming the interactions' columns of numbers or times that nothing read, or ""."""
+    unused = report.get("unused_columns")
+    if not unused:
+        return ""
+    return (f" Not read: column{'s' if len(unused) > 1 else ''} {', '.join(unused)} (--rating-col NAME weighs "
+            "the interactions by a rating or count, --time-col NAME gives them times).")
+
+
 def run_all(
     data: DataOptions,
     hp: HyperParameters,
@@ -63,7 +72,8 @@ def run_all(
                 default, *named = resolve_lists(load_filters(run.filters), ds.item_ids, items_table(data))
                 eligible, diversity = default.eligible, default.diversity
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
-                           f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features.")
+                           f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features."
+                           + unused_columns_note(ds.report))
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
         params, holdout, result, ds = train_stage(ds, hp, run, tmp, reporter)
         with reporter.step("vectors", "building the recipe's user and item vectors"):

@@ -561,3 +561,15 @@ def test_run_searches_by_default_at_its_sizes_and_never_with_no_tune_or_a_grid_s
     assert auto["mode"] == "auto" and len(auto["trials"]) == 6  # topx.tune.AUTO_GRID
     assert tuning("--no-tune") is None and tuning("--unobserved-weight", "3") is None
     assert tuning("--tune", "--unobserved-weight", "3")["mode"] == "on"
+
+
+def test_run_names_the_columns_it_did_not_read(tmp_path, capsys):
+    data = generate(120, 60, mean_interactions=8, implicit=True, seed=4).interactions
+    data["ts"] = np.arange(len(data)) + 1_700_000_000
+    data.to_csv(tmp_path / "plays.csv", index=False)
+    assert main(["run", "--interactions", str(tmp_path / "plays.csv"), "--out", str(tmp_path / "out"),
+                 "--epochs", "2", "--num-factors", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "Not read: columns plays, ts (--rating-col NAME weighs the interactions" in err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["data"]["unused_columns"] == ["plays", "ts"]

@@ -853,3 +853,14 @@ def test_in_a_lambda_function_a_text_part_too_large_for_its_memory_is_refused_by
     assert len(read_interaction_codes(small).rating) == 1
     with pytest.raises(InputDataError, match="more than this function's memory"):
         read_feature_table(csv, key_col="user_id")
+
+
+def test_columns_of_numbers_or_times_that_no_option_reads_are_named(tmp_path):
+    """A play count or a timestamp the caller did not name is reported, so a run can say so; the id, rating
+    and time columns that are read, and text columns, are not."""
+    from topx.ingest import read_interaction_codes
+
+    path = write(tmp_path, "plays.csv", "user_id,item_id,plays,ts,title\nu1,i1,3,1700000000,a\nu2,i1,1,1700000500,b\n")
+    assert read_interaction_codes(path, implicit=True).unused_columns == ("plays", "ts")
+    named = read_interaction_codes(path, implicit=True, rating_col="plays", time_col="ts")
+    assert named.unused_columns == () and named.rating.tolist() == [3.0, 1.0]
