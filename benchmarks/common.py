@@ -123,6 +123,20 @@ def load_items(data_dir: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- output
 
 
+def power_law_chunks(interactions: int, users: int, items: int, seed: int,
+                     chunk: int = 5_000_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Generated implicit interactions, ``chunk`` rows at a time: (user, item, plays) int64 arrays, users
+    uniform, item popularity ~ 1/rank^0.9, plays 1 + Poisson(1). Every id below the counts is likely to occur."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** 0.9
+    cdf = np.cumsum(weights / weights.sum())
+    for start in range(0, interactions, chunk):
+        n = min(chunk, interactions - start)
+        user = rng.integers(0, users, n)
+        item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
+        yield user, item, 1 + rng.poisson(1.0, n)
+
+
 def log(message: str) -> None:
     """Progress goes to stderr; stdout carries only the result line."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)

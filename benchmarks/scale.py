@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     main_with_children,
     moto_server,
     peak_rss_mb,
+    power_law_chunks,
 )
 
 BUCKET, TABLE, REGION = "topx-scale", "topx-scale-recommendations", "us-east-1"
@@ -93,25 +94,17 @@ def write_interactions(folder: Path, interactions: int, users: int, items: int, 
     one file of ``CHUNK``-row row groups (the same rows); with ``csv``, CSV instead (one file: the parts one
     after the other): user_id (int64, uniform), item_id (int64, popularity ~ 1/rank), plays (int64, 1 +
     Poisson(1)). Every user and item id below the counts is likely to occur. -> the files' paths."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, items + 1) ** 0.9
-    cdf = np.cumsum(weights / weights.sum())
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("plays", pa.int64())])
     paths: list[Path] = []
     writer: Any = None
     if one_file:
         writer = (pa_csv.CSVWriter(folder / "interactions.csv", schema) if csv
                   else pq.ParquetWriter(folder / "interactions.parquet", schema))
-    for start in range(0, interactions, CHUNK):
-        n = min(CHUNK, interactions - start)
-        user = rng.integers(0, users, n)
-        item = np.minimum(np.searchsorted(cdf, rng.random(n)), items - 1)
-        plays = 1 + rng.poisson(1.0, n)
+    for user, item, plays in power_law_chunks(interactions, users, items, seed, CHUNK):
         table = pa.table({"user_id": user, "item_id": item, "plays": plays}, schema=schema)
         if writer is not None and csv:
             writer.write_table(table)

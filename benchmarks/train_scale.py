@@ -32,25 +32,20 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import log, peak_rss_mb, print_json_line  # noqa: E402
+from benchmarks.common import log, peak_rss_mb, power_law_chunks, print_json_line  # noqa: E402
 
 LEARNERS = ("icd", "sgd")
 
 
 def interactions(n: int, users: int, items: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user rows, item rows, plays) with no pair twice, ordered by user then item."""
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, items + 1) ** 0.9
-    cdf = np.cumsum(weights / weights.sum())
     keys = np.empty(n, dtype=np.int64)
     plays = np.empty(n, dtype=np.float32)
-    step = 5_000_000
-    for start in range(0, n, step):
-        m = min(step, n - start)
-        user = rng.integers(0, users, m)
-        item = np.minimum(np.searchsorted(cdf, rng.random(m)), items - 1)
-        keys[start:start + m] = user * items + item
-        plays[start:start + m] = 1 + rng.poisson(1.0, m)
+    start = 0
+    for user, item, count in power_law_chunks(n, users, items, seed):
+        keys[start:start + len(user)] = user * items + item
+        plays[start:start + len(user)] = count
+        start += len(user)
     order = np.argsort(keys, kind="stable")
     keys, plays = keys[order], plays[order]
     first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])

@@ -455,10 +455,7 @@ def read_feature_table(
 
 def _load_table(source: str, *, header: bool, sep: str | None, s3_client: Any) -> _Table:
     separator = _check_separator(sep)
-    raw = read_bytes(source, s3_client=s3_client)
-    if not _looks_like_parquet(raw):
-        _check_text_size(len(raw), source)
-    return _table_of(raw, source, header=header, sep=separator)
+    return _table_of(read_bytes(source, s3_client=s3_client), source, header=header, sep=separator)
 
 
 def _load_tables(source: str, *, header: bool, sep: str | None, s3_client: Any) -> Iterator[_Table]:
@@ -469,7 +466,6 @@ def _load_tables(source: str, *, header: bool, sep: str | None, s3_client: Any) 
     if _looks_like_parquet(raw):
         yield from _parquet_row_groups(raw, source)
     else:
-        _check_text_size(len(raw), source)
         yield _table_of(raw, source, header=header, sep=separator)
 
 
@@ -528,6 +524,7 @@ def _table_of(raw: bytes, source: str, *, header: bool, sep: str | None) -> _Tab
     if _named_parquet(source):
         raise InputDataError("is named .parquet but is not a Parquet file (no PAR1 magic at both ends)",
                              source=source)
+    _check_text_size(len(raw), source)
     return _text_table(raw, source, header=header, sep=sep)
 
 

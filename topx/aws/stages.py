@@ -571,18 +571,17 @@ def training_hyperparameters(implicit: bool, upload_overrides: dict[str, Any]) -
     hp = default_hyperparameters(
         implicit, num_factors=env_or(ENV_NUM_FACTORS, None, None, int), epochs=env_or(ENV_EPOCHS, None, None, int)
     )
-    from_env = env_or(ENV_HYPERPARAMETERS, None, None)
-    chosen = {**(parse_hyperparameters(from_env, ENV_HYPERPARAMETERS) if from_env else {}), **upload_overrides}
+    chosen = given_hyperparameters(upload_overrides)
     try:
         return replace(hp, **chosen)
     except TypeError as exc:
         raise ConfigError(f"hyperparameters {chosen}: {exc}") from exc
 
 
-def given_hyperparameters(upload_overrides: dict[str, Any]) -> set[str]:
-    """The names of the settings the deployment (TOPX_HYPERPARAMETERS) or the upload's metadata set."""
+def given_hyperparameters(upload_overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings the deployment (TOPX_HYPERPARAMETERS) and, over it, the upload's metadata set."""
     from_env = env_or(ENV_HYPERPARAMETERS, None, None)
-    return {*(parse_hyperparameters(from_env, ENV_HYPERPARAMETERS) if from_env else {}), *upload_overrides}
+    return {**(parse_hyperparameters(from_env, ENV_HYPERPARAMETERS) if from_env else {}), **upload_overrides}
 
 
 def _feature_table(bucket: str, name: str, configured: str | None) -> str | None:
