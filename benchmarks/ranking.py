@@ -20,9 +20,13 @@ Protocol, the same for every method:
 - Every method ranks every item the user has no training interaction with; the top 10 are scored
   by :func:`topx.evaluate.ranking_metrics`. An item without training interactions can be relevant
   (and counts against every method) but only a model that gives it a score can recommend it.
-- topx runs as a user runs it: its CLI on a CSV of the training part, no mode flags (``--topx-args``
-  appends some). Popularity counts the training interactions.
-- The baselines train on the binary user x item matrix of training interactions. Each is tuned on
+- topx runs as a user runs it: its CLI on a CSV of the training part (``user_id``, ``item_id``, ``rating``
+  and, with a time column, ``timestamp``, which topx reads as the time by default), no mode flags
+  (``--topx-args`` appends some). Popularity counts the training interactions.
+- The baselines train on the binary user x item matrix of training interactions. With a time column,
+  ``als_recency`` is ALS again on the weights topx's default recency boost gives the same rows (each
+  user's latest rows weighing more, ``topx.dataset.user_recency``), as its confidences: what the boost
+  brings to another learner. Each is tuned on
   a validation carve of the training part only (random: a further seeded 20 % per user; temporal:
   each user's latest 20 % of the training rows), choosing by recall@10 there, then refitted on the
   whole training part with the chosen values (that fit is timed) and scored once on the test part.
@@ -45,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,14 +340,25 @@ class SplitData:
     validation: sp.csr_matrix
 
 
-def split_matrices(data: Interactions, kind: str, seed: int) -> tuple[SplitData, np.ndarray]:
-    """The ``kind`` split's matrices and its (n,) bool training-row mask."""
+def split_matrices(data: Interactions, kind: str, seed: int) -> tuple[SplitData, np.ndarray, np.ndarray]:
+    """The ``kind`` split's matrices and its (n,) bool training-row and validation-row masks."""
     test = held_out(data, np.ones(len(data.users), dtype=bool), kind, seed)
     train = ~test
     validation = held_out(data, train, kind, seed + 1)  # another seed: the carve is not the test draw
     matrices = SplitData(binary_matrix(data, train), binary_matrix(data, test),
                          binary_matrix(data, train & ~validation), binary_matrix(data, validation))
-    return matrices, train
+    return matrices, train, validation
+
+
+def recency_matrix(data: Interactions, mask: np.ndarray) -> sp.csr_matrix:
+    """The rows ``mask`` selects as a users x items matrix of the weights topx's default recency boost gives
+    them (``topx.dataset.user_recency`` over those rows: each user's mean 1, their latest rows more)."""
+    from topx.contract import DEFAULT_RECENCY_BOOST
+    from topx.dataset import user_recency
+
+    assert data.time is not None
+    weight = user_recency(data.users[mask], data.time[mask], DEFAULT_RECENCY_BOOST)
+    return sp.csr_matrix((weight, (data.users[mask], data.items[mask])), shape=data.shape)
 
 
 def tune_and_score(baseline: Baseline, split: SplitData, seed: int, *, quick: bool,
@@ -397,7 +412,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def evaluate_split(data: Interactions, kind: str, args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     """Every method on the ``kind`` split; keys without the split's suffix."""
-    split, train_rows = split_matrices(data, kind, args.seed)
+    split, train_rows, validation_rows = split_matrices(data, kind, args.seed)
     n_items = data.shape[1]
     cold = int((np.diff(split.train.tocsc().indptr) == 0).sum())
     log(f"{kind} split: {split.train.nnz:,} training, {split.test.nnz:,} held-out interactions, "
@@ -434,6 +449,16 @@ def evaluate_split(data: Interactions, kind: str, args: argparse.Namespace, skip
         else:
             result = tune_and_score(baseline, split, args.seed, quick=args.quick, label=kind)
         out.update(baseline_keys(baseline.key, result))
+
+    # ALS given the weights topx's recency boost gives the rows (as its confidences), tuned and scored as ALS
+    # is: what the boost brings to another learner, beside what it brings topx.
+    result = None
+    if data.time is not None and "implicit" not in skip:
+        weighted = replace(split, train=recency_matrix(data, train_rows),
+                           fit=recency_matrix(data, train_rows & ~validation_rows))
+        als = next(baseline for baseline in BASELINES if baseline.key == "als")
+        result = tune_and_score(replace(als, key="als_recency"), weighted, args.seed, quick=args.quick, label=kind)
+    out.update(baseline_keys("als_recency", result))
 
     out["topx_vs_als_recall"] = ratio(out["recall_at_10"], out["als_recall_at_10"])
     out["topx_vs_popularity_recall"] = ratio(out["recall_at_10"], out["popularity_recall_at_10"])

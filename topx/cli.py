@@ -19,7 +19,9 @@ from topx import __version__
 from topx.config import OBJECTIVES, HyperParameters, default_hyperparameters
 from topx.contract import (
     DEFAULT_MAX_BYTES,
+    DEFAULT_RECENCY_BOOST,
     DEFAULT_SEARCH_METHOD,
+    DEFAULT_TIME_COL,
     DEFAULT_TOP_X,
     HISTORY_FEATURES,
     LEARNERS,
@@ -76,13 +78,21 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-rating", type=float, metavar="R",
                    help="keep only rows rated >= R (as positives, for ranking); default: every row")
     g.add_argument("--time-col", type=_column, metavar="COL",
-                   help="time of each interaction: epoch seconds or milliseconds, or ISO-8601 text. With it the "
-                        "hold-out is each user's latest rows (what a batch recommender faces), not a random draw")
+                   help="time of each interaction: epoch seconds or milliseconds, or ISO-8601 text (default: the "
+                        f"column named {DEFAULT_TIME_COL}, when there is one). With it the hold-out is each user's "
+                        "latest rows (what a batch recommender faces), not a random draw, and the recency boost "
+                        "weighs each user's recent interactions more")
+    g.add_argument("--no-time-col", action="store_true", default=None,
+                   help=f"read no time column, not even one named {DEFAULT_TIME_COL}")
     g.add_argument("--half-life-days", type=float, metavar="DAYS",
-                   help="with --time-col: weigh each interaction by 0.5 ** (age / DAYS), age from the latest one "
+                   help="with a time column: weigh each interaction by 0.5 ** (age / DAYS), age from the latest one "
                         "(default: no recency weighting)")
+    g.add_argument("--recency-boost", type=float, metavar="B",
+                   help="with a time column: within each user's interactions in time order, the latest weighs 1 + B "
+                        "times the earliest, linearly between, each user's total unchanged (default "
+                        f"{DEFAULT_RECENCY_BOOST:g} for ranking, 0 for --objective rating; 0 = off)")
     g.add_argument("--since", metavar="DATE|DAYS",
-                   help="with --time-col: drop interactions before DATE (ISO-8601), or older than DAYS days "
+                   help="with a time column: drop interactions before DATE (ISO-8601), or older than DAYS days "
                         "before the latest one (default: keep all)")
     g.add_argument("--implicit", action="store_true",
                    help="the rating column is interaction strength (play counts, clicks): the same as "

@@ -117,10 +117,15 @@ DEFAULT_OBJECTIVE = "ranking"
 # wrong table, checked from the listing before any part is read. The deployed Prepare holds the data in
 # 3008 MB of memory, so larger data fit the CLI on a larger machine better (docs/DEPLOY.md).
 DEFAULT_MAX_BYTES = 1 << 30
+# The column read as each row's time when the dataset names none (files with a header; no_time_col: none).
+DEFAULT_TIME_COL = "timestamp"
+# With a time column, each user's latest row weighs 1 + this times their earliest, by default
+# (topx.dataset.user_recency; chosen on validation carves, docs/PERFORMANCE.md).
+DEFAULT_RECENCY_BOOST = 1.0
 # Each field's kind: "path" (a file, folder or s3:// URI; in the deployment a key under features/),
-# "column" (a name, or a 0-based position), "objective", "number", "days" (a positive number), "window"
-# (an ISO-8601 date, or a positive number of days before the latest row), "flag" (true or false),
-# "separator" (one character, or \t), "bytes" (a positive integer).
+# "column" (a name, or a 0-based position), "objective", "number", "days" (a positive number), "boost" (a
+# number >= 0), "window" (an ISO-8601 date, or a positive number of days before the latest row), "flag" (true
+# or false), "separator" (one character, or \t), "bytes" (a positive integer).
 DATASET_FIELDS: Mapping[str, str] = MappingProxyType({
     "interactions": "path",
     "users": "path",
@@ -129,11 +134,13 @@ DATASET_FIELDS: Mapping[str, str] = MappingProxyType({
     "item_col": "column",
     "rating_col": "column",
     "time_col": "column",
+    "no_time_col": "flag",
     "user_key": "column",
     "item_key": "column",
     "objective": "objective",
     "min_rating": "number",
     "half_life_days": "days",
+    "recency_boost": "boost",
     "since": "window",
     "no_header": "flag",
     "sep": "separator",
@@ -190,8 +197,10 @@ def check_dataset_config(doc: Any, *, deployed: bool = False, together: bool = T
 
 def check_dataset_fields_together(config: Mapping[str, Any]) -> None:
     """What one field asks of another (null fields count as unset)."""
-    if config.get("time_col") is None:
-        for name in ("half_life_days", "since"):
+    if config.get("no_time_col") and config.get("time_col") is not None:
+        raise DatasetConfigError("no_time_col", "contradicts time_col: leave one of them out")
+    if config.get("time_col") is None and (config.get("no_time_col") or config.get("no_header")):
+        for name in ("half_life_days", "since", "recency_boost"):
             if config.get(name) is not None:
                 raise DatasetConfigError(name, "needs a time column (time_col)")
     columns = {name: config.get(name) for name in ("user_col", "item_col", "rating_col", "time_col")}
@@ -271,6 +280,12 @@ def _days(value: Any) -> float:
     return float(value)
 
 
+def _boost(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError("expected a number >= 0")
+    return float(value)
+
+
 def _window(value: Any) -> str:
     if not is_window(value):
         raise ValueError("expected an ISO-8601 date (e.g. 2024-05-01) or a positive number of days")
@@ -290,7 +305,7 @@ def _bytes(value: Any) -> int:
 
 
 _DATASET_KINDS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({
-    "path": _path, "column": _column, "objective": _objective, "number": _number, "days": _days,
+    "path": _path, "column": _column, "objective": _objective, "number": _number, "days": _days, "boost": _boost,
     "window": _window, "flag": _flag, "separator": check_separator, "bytes": _bytes,
 })
 

@@ -27,6 +27,8 @@ from topx.contract import (
     DATASET_FIELDS,
     DEFAULT_MAX_BYTES,
     DEFAULT_OBJECTIVE,
+    DEFAULT_RECENCY_BOOST,
+    DEFAULT_TIME_COL,
     DatasetConfigError,
     check_dataset_config,
 )
@@ -36,6 +38,7 @@ from topx.feature_index import FeatureIndex
 from topx.ingest import InteractionCodes, read_feature_table, read_interaction_codes
 
 MIN_DISTINCT_IDS = 2  # users and items an interactions file must name
+
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,16 @@ class DataOptions:
     # Rows rated below this are dropped before anything else (ranking: only liked items are positives).
     min_rating: float | None = None
     # The time of each row (topx.ingest reads epoch seconds or milliseconds and ISO-8601): with it the
-    # hold-out is each user's latest rows, and the two options below apply.
+    # hold-out is each user's latest rows, and the options below apply. time_optional: the column is the
+    # default one (DEFAULT_TIME_COL), read when the file has it.
     time_col: str | int | None = None
+    time_optional: bool = False
     # Weigh each row by 0.5 ** (its age / this many days), its age counted from the latest row.
     half_life_days: float | None = None
+    # Within each user's rows in time order, the latest weighs 1 + this times what the earliest weighs
+    # (linearly between; each user's rows keep their mean weight). None: DEFAULT_RECENCY_BOOST for ranking,
+    # 0 for the rating objective.
+    recency_boost: float | None = None
     # Drop rows older than this: an ISO-8601 date, or a number of days before the latest row.
     since: str | None = None
     # Ids of the --items (--users) table with no interactions become cold items (users): recommended
@@ -71,10 +80,14 @@ class DataOptions:
     max_bytes: int | None = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        if self.time_col is None and (self.half_life_days is not None or self.since is not None):
-            raise ConfigError("a half-life and a window (--half-life-days, --since) need a time column (--time-col)")
+        if self.time_col is None and (self.half_life_days is not None or self.since is not None
+                                      or self.recency_boost is not None):
+            raise ConfigError("a half-life, a window and a recency boost (--half-life-days, --since, --recency-boost) "
+                              "need a time column (--time-col)")
         if self.half_life_days is not None and not (self.half_life_days > 0 and math.isfinite(self.half_life_days)):
             raise ConfigError(f"the half-life must be a positive number of days, got {self.half_life_days!r}")
+        if self.recency_boost is not None and not (self.recency_boost >= 0 and math.isfinite(self.recency_boost)):
+            raise ConfigError(f"the recency boost must be a number >= 0, got {self.recency_boost!r}")
 
 
 @dataclass
@@ -91,6 +104,8 @@ class Dataset:
     time: np.ndarray | None = None
     # Recency weighting: each row weighs 0.5 ** (age in days / this), age counted from the latest row.
     half_life_days: float | None = None
+    # Within each user's rows, the latest weighs 1 + this times the earliest (DataOptions.recency_boost).
+    recency_boost: float = 0.0
 
     @property
     def split(self) -> str:
@@ -113,11 +128,17 @@ class Dataset:
         return mask
 
     def recency(self, mask: np.ndarray | slice) -> np.ndarray | None:
-        """(n_selected,) float32 recency weights of the rows ``mask`` selects, None without a half-life."""
-        if self.half_life_days is None or self.time is None:
+        """(n_selected,) float32 weights from the time of the rows ``mask`` selects: the half-life's decay
+        times the recency boost's (``user_recency``); None without a time column or when neither is set."""
+        if self.time is None or (self.half_life_days is None and not self.recency_boost):
             return None
-        age_days = (self.time.max() - self.time[mask]) / 86400.0
-        return np.power(0.5, age_days / self.half_life_days).astype(np.float32)
+        time = self.time[mask]
+        out = np.ones(len(time), dtype=np.float64)
+        if self.half_life_days is not None:
+            out *= np.power(0.5, (self.time.max() - time) / 86400.0 / self.half_life_days)
+        if self.recency_boost:
+            out *= user_recency(self.user_rows[mask], time, self.recency_boost)
+        return out.astype(np.float32)
 
     def rows(self, mask: np.ndarray) -> Dataset:
         """The same dataset over the rows ``mask`` selects (the feature index is shared)."""
@@ -143,14 +164,41 @@ class Dataset:
         return out
 
 
+def user_recency(users: np.ndarray, time: np.ndarray, boost: float) -> np.ndarray:
+    """(n,) float64 weights that rise linearly through each user's rows in time order, the latest weighing
+    ``1 + boost`` times the earliest, each user's weights averaging 1 (so users keep their weight against one
+    another). A row's place is its rank among the user's rows, as a quantile (rank + 1/2) / count, rows of one
+    time sharing their mean rank: a user's one row sits in the middle and weighs 1."""
+    n = len(users)
+    if n == 0:
+        return np.ones(0)
+    order = np.lexsort((time, users))
+    u, t = users[order], time[order]
+    user_start = np.r_[True, u[1:] != u[:-1]]
+    tie_start = user_start | np.r_[True, t[1:] != t[:-1]]
+    position = np.arange(n, dtype=np.float64)
+    first_of_user = np.maximum.accumulate(np.where(user_start, position, 0.0))
+    rank = position - first_of_user                       # 0-based rank within the user
+    tie = np.cumsum(tie_start) - 1                         # tie group of each row
+    tie_rank = np.bincount(tie, weights=rank) / np.bincount(tie)
+    count = np.diff(np.r_[np.flatnonzero(user_start), n])
+    quantile = (tie_rank[tie] + 0.5) / np.repeat(count, count)
+    out = np.empty(n, dtype=np.float64)
+    out[order] = (1.0 + boost * quantile) / (1.0 + 0.5 * boost)
+    return out
+
+
 def data_options(config: Mapping[str, Any]) -> DataOptions:
     """DataOptions from a checked dataset configuration (``topx.contract.check_dataset_config``: fields named
     as the CLI's options); a field absent or null takes the option's default. Without a header the id and
-    rating columns default to positions 0, 1 and 2."""
+    rating columns default to positions 0, 1 and 2; with one, a column named ``timestamp`` is the time column
+    unless ``time_col`` names another or ``no_time_col`` is set."""
     values = {name: value for name, value in config.items() if value is not None}
     if values.get("interactions") is None:
         raise ConfigError("no interactions: give --interactions, or interactions in the dataset configuration")
     header = not values.get("no_header", False)
+    time_col = values.get("time_col")
+    time_optional = time_col is None and header and not values.get("no_time_col", False)
     return DataOptions(
         interactions=values["interactions"], users=values.get("users"), items=values.get("items"),
         user_col=values.get("user_col", "user_id" if header else 0),
@@ -158,7 +206,9 @@ def data_options(config: Mapping[str, Any]) -> DataOptions:
         rating_col=values.get("rating_col", "rating" if header else 2),
         user_key=values.get("user_key"), item_key=values.get("item_key"), header=header, sep=values.get("sep"),
         implicit=values.get("objective", DEFAULT_OBJECTIVE) == "ranking", min_rating=values.get("min_rating"),
-        time_col=values.get("time_col"), half_life_days=values.get("half_life_days"), since=values.get("since"),
+        time_col=DEFAULT_TIME_COL if time_optional else time_col, time_optional=time_optional,
+        half_life_days=values.get("half_life_days"),
+        recency_boost=values.get("recency_boost"), since=values.get("since"),
         cold_items=not values.get("no_cold_items", False), cold_users=not values.get("no_cold_users", False),
         max_bytes=values.get("max_bytes", DEFAULT_MAX_BYTES),
     )
@@ -206,8 +256,17 @@ def load_dataset(opts: DataOptions) -> Dataset:
         # With --min-rating the column holds ratings, negative ones too, until the threshold drops them.
         implicit=opts.implicit and opts.min_rating is None,
         time_col=opts.time_col,
+        time_optional=opts.time_optional,
         max_bytes=opts.max_bytes,
     )
+    if codes.time is None and opts.time_col is not None:  # the default time column, absent
+        needing = [f"{name} (--{name.replace('_', '-')})" for name, value in (
+            ("half_life_days", opts.half_life_days), ("since", opts.since), ("recency_boost", opts.recency_boost))
+            if value is not None]
+        if needing:
+            raise ConfigError(f"{', '.join(needing)} {'needs' if len(needing) == 1 else 'need'} a time column, and "
+                              f"{opts.interactions} has no column {opts.time_col!r}: name the time column with "
+                              "time_col (--time-col)")
     report: dict[str, Any] = {"rows_read": len(codes.rating)}
     if codes.unused_columns:
         report["unused_columns"] = list(codes.unused_columns)
@@ -244,6 +303,9 @@ def load_dataset(opts: DataOptions) -> Dataset:
         report=report,
         time=time,
         half_life_days=opts.half_life_days,
+        # By default for ranking only: the boost was chosen on ranking's validation carves.
+        recency_boost=0.0 if time is None else (opts.recency_boost if opts.recency_boost is not None
+                                               else DEFAULT_RECENCY_BOOST if opts.implicit else 0.0),
     )
 
 

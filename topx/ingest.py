@@ -116,6 +116,7 @@ def read_interactions(
     sep: str | None = None,
     implicit: bool = False,
     time_col: str | int | None = None,
+    time_optional: bool = False,
     max_bytes: int | None = None,
     s3_client: Any = None,
 ) -> pd.DataFrame:
@@ -140,14 +141,17 @@ def read_interactions(
 
     ``time_col``: when given, the frame has a ``time`` column too, int64 seconds since the epoch (UTC),
     read from epoch seconds or milliseconds (numbers; milliseconds when they exceed ``MAX_EPOCH_SECONDS``),
-    ISO-8601 text (a value without an offset is UTC) or a Parquet timestamp or date.
+    ISO-8601 text (a value without an offset is UTC) or a Parquet timestamp or date. ``time_optional``: a
+    ``time_col`` the file does not have (or that names the user, item or rating column) means no time column,
+    as for the default time column ``timestamp``; a name the caller chose must exist.
 
     ``source`` may be a folder or an S3 prefix of part files (``topx.io.dataset_parts``): every part must
     have the same columns, of the same kinds (``_schema_difference``). ``max_bytes``: the parts' sizes as
     stored, summed from the listing, may not exceed it; a larger dataset is refused before any is read.
     """
     parts = _interaction_parts(source, user_col=user_col, item_col=item_col, rating_col=rating_col, header=header,
-                               sep=sep, implicit=implicit, time_col=time_col, max_bytes=max_bytes, s3_client=s3_client)
+                               sep=sep, implicit=implicit, time_col=time_col, time_optional=time_optional,
+                               max_bytes=max_bytes, s3_client=s3_client)
     frames, sources, row_offset = [], [], 0
     for part in parts:
         frame = pd.DataFrame({USER_ID: pd.Series(part.users.to_pandas(), dtype="str"),
@@ -209,7 +213,8 @@ def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
     return InteractionCodes(
         user_codes=_concatenate(user_codes, np.int32), item_codes=_concatenate(item_codes, np.int32),
         rating=_concatenate(ratings, np.float32),
-        time=_concatenate(times, np.int64) if arguments.arguments["time_col"] is not None else None,
+        time=_concatenate(times, np.int64) if times or (arguments.arguments["time_col"] is not None
+                                                        and not arguments.arguments["time_optional"]) else None,
         user_ids=users.ids(), item_ids=items.ids(), parts=sources, unused_columns=unused)
 
 
@@ -264,7 +269,8 @@ class _InteractionPart:
 
 def _interaction_parts(
     source: str, *, user_col: str | int, item_col: str | int, rating_col: str | int | None, header: bool,
-    sep: str | None, implicit: bool, time_col: str | int | None, max_bytes: int | None, s3_client: Any,
+    sep: str | None, implicit: bool, time_col: str | int | None, time_optional: bool, max_bytes: int | None,
+    s3_client: Any,
 ) -> Iterator[_InteractionPart]:
     """The parts of ``source``, read and checked one at a time (``read_interactions`` says how): each part's
     table is dropped once its columns are taken, before the next part is read."""
@@ -283,12 +289,13 @@ def _interaction_parts(
     for part in parts:
         yield from _interaction_part(part, shapes, header=header, sep=sep, s3_client=s3_client, user_col=user_col,
                                      item_col=item_col, rating_col=rating_col, time_col=time_col, implicit=implicit,
-                                     rating_optional=rating_optional)
+                                     rating_optional=rating_optional, time_optional=time_optional)
 
 
 def _interaction_part(part: Part, shapes: list[_Table], *, header: bool, sep: str | None, s3_client: Any,
                       user_col: str | int, item_col: str | int, rating_col: str | int | None,
-                      time_col: str | int | None, implicit: bool, rating_optional: bool) -> Iterator[_InteractionPart]:
+                      time_col: str | int | None, implicit: bool, rating_optional: bool,
+                      time_optional: bool) -> Iterator[_InteractionPart]:
     """One part read and checked against the first part's columns and schema (``shapes``: empty, or the first
     part's table without its rows, which this call puts there when it reads the first part); a Parquet file a
     row group at a time (``_load_tables``). Nothing here holds one piece's table while the next is read."""
@@ -296,7 +303,7 @@ def _interaction_part(part: Part, shapes: list[_Table], *, header: bool, sep: st
         checked = _checked_part(_with_partitions(loaded, part), shapes, part)
         del loaded
         yield _interaction_columns(checked, user_col, item_col, rating_col, time_col, implicit=implicit,
-                                   rating_optional=rating_optional)
+                                   rating_optional=rating_optional, time_optional=time_optional)
         del checked
 
 
@@ -367,7 +374,8 @@ def _with_partitions(table: _Table, part: Part) -> _Table:
 
 
 def _interaction_columns(table: _Table, user_col: str | int, item_col: str | int, rating_col: str | int | None,
-                         time_col: str | int | None, *, implicit: bool, rating_optional: bool) -> _InteractionPart:
+                         time_col: str | int | None, *, implicit: bool, rating_optional: bool,
+                         time_optional: bool = False) -> _InteractionPart:
     """One file's (user, item, rating[, time]) columns, checked (``read_interactions``)."""
     user_name = _resolve_column(table, user_col, "user id")
     item_name = _resolve_column(table, item_col, "item id")
@@ -376,7 +384,10 @@ def _interaction_columns(table: _Table, user_col: str | int, item_col: str | int
     rating_name = _resolve_rating_column(table, rating_col, implicit=implicit, optional=rating_optional)
     if rating_name is not None and rating_name in (user_name, item_name):
         raise ConfigError(f"rating_col names column {rating_name!r}, which is also an id column")
-    time_name = None if time_col is None else _resolve_column(table, time_col, "time")
+    time_name = None if time_col is None or (time_optional and not _has_column(table, time_col)) else (
+        _resolve_column(table, time_col, "time"))
+    if time_optional and time_name in (user_name, item_name, rating_name):
+        time_name = None
     if time_name is not None and time_name in (user_name, item_name, rating_name):
         raise ConfigError(f"time_col names column {time_name!r}, which is also the user, item or rating column")
 
@@ -388,7 +399,7 @@ def _interaction_columns(table: _Table, user_col: str | int, item_col: str | int
         # A column named rating is called a rating, whatever the objective reads it as.
         what = "interaction strength" if implicit and "rating" not in str(rating_name).lower() else "rating"
         ratings = _rating_column(table, rating_name, what, allow_negative=not implicit)
-    times = None if time_name is None else _time_column(table, time_name)
+    times = None if time_name is None else _time_column(table, time_name, default=time_optional)
     read = {user_name, item_name, rating_name, time_name}
     unused = tuple(str(name) for name in table.data.column_names
                    if name not in read and _numeric_or_time(table.data.column(name)))
@@ -926,7 +937,21 @@ def _bad_number_reason(original: Any, value: float, what: str) -> str:
     return f"{what} {original!r} is not a number"
 
 
-def _time_column(table: _Table, name: str) -> np.ndarray:
+def _time_column(table: _Table, name: str, *, default: bool = False) -> np.ndarray:
+    """Column ``name`` as int64 seconds since the epoch (UTC): (n_rows,). ``default``: the column is read
+    because of its name, not because the caller named it; an error then says how to leave it unread.
+    """
+    try:
+        return _time_values(table, name)
+    except InputDataError as exc:
+        if not default:
+            raise
+        raise InputDataError(f"{exc.reason} (a column named {name} is read as the time of each row by default; "
+                             "--no-time-col, or no_time_col in a dataset configuration, leaves it unread)",
+                             source=exc.source, row=exc.row, column=exc.column) from None
+
+
+def _time_values(table: _Table, name: str) -> np.ndarray:
     """Column ``name`` as int64 seconds since the epoch (UTC): (n_rows,).
 
     Numbers are epoch seconds, or milliseconds when the largest exceeds ``MAX_EPOCH_SECONDS`` (one
@@ -946,8 +971,15 @@ def _time_column(table: _Table, name: str) -> np.ndarray:
     if _is_text(data_type):
         text = pc.utf8_trim_whitespace(column)
         numeric = _parse_numbers(text)
-        if np.isfinite(numeric).all():
+        finite = np.isfinite(numeric)
+        if finite.all():
             return _epoch_seconds(table, name, numeric)
+        if finite[0]:  # a column of epoch numbers, with a value that is not one
+            position = int(np.argmin(finite))
+            value = text[position].as_py()
+            reason = "time is empty" if not value else (
+                f"time {value!r} is not epoch seconds or milliseconds, as the column's first values are")
+            raise InputDataError(reason, source=table.source, row=table.row(position), column=name)
         return _iso_seconds(table, name, text)
     if pa.types.is_integer(data_type) or pa.types.is_floating(data_type) or pa.types.is_decimal(data_type):
         return _epoch_seconds(table, name, _number_column(table, name, "time"))

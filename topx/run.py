@@ -140,5 +140,6 @@ def _run_summary(ds: Dataset, hp: HyperParameters, run: RunOptions, result: Trai
         # "temporal": each user's latest rows were held out (a time column); "random": a seeded draw.
         "holdout_split": ds.split,
         "half_life_days": ds.half_life_days,
+        "recency_boost": ds.recency_boost,
         "include_seen": run.include_seen,
     }

@@ -88,6 +88,8 @@ def save_interactions(directory: Path, ds: Dataset, holdout: np.ndarray) -> None
         extra = {} if ds.time is None else {"time": ds.time}
         if ds.half_life_days is not None:
             extra["half_life_days"] = np.array(ds.half_life_days)
+        if ds.recency_boost:
+            extra["recency_boost"] = np.array(ds.recency_boost)
         np.savez_compressed(fh, user_rows=ds.user_rows, item_rows=ds.item_rows, rating=ds.rating,
                             holdout=holdout, implicit=np.array(ds.implicit), **extra)
 
@@ -100,7 +102,8 @@ def load_interactions(
         with np.load(path) as z:
             ds = Dataset(feature_index, z["user_rows"], z["item_rows"], z["rating"], bool(z["implicit"]),
                          time=z["time"] if "time" in z.files else None,
-                         half_life_days=float(z["half_life_days"]) if "half_life_days" in z.files else None)
+                         half_life_days=float(z["half_life_days"]) if "half_life_days" in z.files else None,
+                         recency_boost=float(z["recency_boost"]) if "recency_boost" in z.files else 0.0)
             return ds, z["holdout"]
     # A damaged .npz fails inside zipfile and zlib, with their own exceptions (as in topx.formats.artifact).
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,

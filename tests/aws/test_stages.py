@@ -637,8 +637,11 @@ def test_the_bucket_dataset_configuration_overrides_the_deployed_one_field_by_fi
     ({"interactions": "incoming/x.csv"}, None, "config/dataset.json: interactions: the deployment trains on what "
                                                "arrives under incoming/"),
     ({"max_bytes": "1GB"}, None, "config/dataset.json: max_bytes: expected a positive whole number of bytes"),
-    ({"half_life_days": 30}, None, "config/dataset.json: half_life_days: needs a time column (time_col)"),
-    ({"time_col": None}, {"time_col": "ts", "since": "30"},
+    ({"half_life_days": 30, "no_time_col": True}, None,
+     "config/dataset.json: half_life_days: needs a time column (time_col)"),
+    ({"half_life_days": 30}, None, f"half_life_days (--half-life-days) needs a time column, and s3://{BUCKET}/incoming/"
+                                   "r.csv has no column 'timestamp': name the time column with time_col (--time-col)"),
+    ({"time_col": None, "no_time_col": True}, {"time_col": "ts", "since": "30"},
      "config/dataset.json over TOPX_DATASET: since: needs a time column (time_col)"),
     (None, {"objective": "clicks"}, "TOPX_DATASET: objective: expected one of ranking, rating, got 'clicks'"),
     (b"{not json", None, "config/dataset.json: the dataset configuration is not valid JSON"),

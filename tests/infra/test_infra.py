@@ -404,7 +404,8 @@ def test_the_dataset_configuration_reaches_every_function_and_job_only_when_set(
 
 
 @pytest.mark.parametrize(("context", "message"), [
-    ({"half_life_days": "30"}, "context half_life_days: needs a time column (time_col)"),
+    ({"half_life_days": "30", "dataset": {"no_time_col": True}},
+     "context dataset with context half_life_days: half_life_days: needs a time column (time_col)"),
     ({"time_col": "t", "half_life_days": "-3"}, "context half_life_days: expected a positive number of days"),
     ({"time_col": "t", "since": "last week"}, "context since: expected an ISO-8601 date"),
     ({"dataset": {"user_col": ["a"]}}, "context dataset: user_col: expected a column name, or a 0-based position"),
@@ -414,7 +415,7 @@ def test_the_dataset_configuration_reaches_every_function_and_job_only_when_set(
     ({"dataset": "{oops"}, "context dataset: not valid JSON"),
     ({"dataset": "no/such/dataset.json"}, "context dataset (no/such/dataset.json): cannot read the file"),
     ({"time_col": "t", "dataset": {"time_col": "ts"}}, "context time_col is 't' but context dataset sets time_col 'ts'"),
-    ({"since": "30", "dataset": {"user_col": "u"}},
+    ({"since": "30", "dataset": {"user_col": "u", "no_time_col": True}},
      "context dataset with context since: since: needs a time column (time_col)"),
 ])
 def test_a_bad_dataset_setting_is_refused_at_synth_naming_the_key_and_the_field(context: dict[str, Any],

@@ -122,7 +122,7 @@ def test_ranking_benchmark_prints_one_line_with_every_key(capsys):
     for suffix in ("", "_temporal"):
         for key in ("recall_at_10", "ndcg_at_10", "train_s", "popularity_recall_at_10"):
             assert isinstance(doc[key + suffix], float), key + suffix
-        for method in ("als", "bpr", "ease", "lightfm"):
+        for method in ("als", "bpr", "ease", "lightfm", "als_recency"):
             assert f"{method}_recall_at_10{suffix}" in doc and f"{method}_ndcg_at_10{suffix}" in doc
     for half_life in ("30", "90", "180"):
         assert isinstance(doc[f"recall_at_10_half_life_{half_life}d_temporal"], float)

@@ -433,7 +433,7 @@ def test_with_a_time_column_the_holdout_is_each_users_latest_rows(timed_csv, tmp
 
 
 def test_since_drops_older_rows_and_half_life_weighs_recent_ones(timed_csv, tmp_path):
-    from topx.dataset import DataOptions, load_dataset
+    from topx.dataset import DataOptions, load_dataset, user_recency
     from topx.steps import implicit_data
 
     out = tmp_path / "out"
@@ -445,21 +445,89 @@ def test_since_drops_older_rows_and_half_life_weighs_recent_ones(timed_csv, tmp_
     assert metrics["data"]["rows_before_window_dropped"] == older > 0
     assert metrics["data"]["time_first"] >= "2024-03-01" and metrics["half_life_days"] == 30
 
-    ds = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, half_life_days=30))
+    ds = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, half_life_days=30,
+                                  recency_boost=0))
     weight = implicit_data(ds).weight
     expected = np.log1p(ds.rating) * 0.5 ** ((ds.time.max() - ds.time) / 86400 / 30)
     np.testing.assert_allclose(weight, expected / expected.mean(), rtol=1e-5)
+    # The recency boost (on by default with a time column) multiplies in.
+    boosted = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, half_life_days=30))
+    assert boosted.recency_boost == 1.0
+    expected = expected * user_recency(boosted.user_rows, boosted.time, 1.0)
+    np.testing.assert_allclose(implicit_data(boosted).weight, expected / expected.mean(), rtol=1e-5)
     days = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, since="10"))
     assert (days.time >= days.time.max() - 10 * 86400).all() and len(days.time) < len(ds.time)
 
 
 def test_recency_and_window_without_a_time_column_are_refused_by_name(timed_csv, capsys):
-    assert main(["run", "--interactions", str(timed_csv), "--half-life-days", "30", "--out", "x", *FAST]) == 2
-    assert "topx: error: --half-life-days: needs a time column (time_col)" in capsys.readouterr().err
+    # The file has no column named timestamp (its time is "when"), and none was named.
+    assert main(["run", "--interactions", str(timed_csv), "--half-life-days", "30", "--recency-boost", "2",
+                 "--out", "x", *FAST]) == 2
+    assert (f"topx: error: half_life_days (--half-life-days), recency_boost (--recency-boost) need a time column, "
+            f"and {timed_csv} has no column 'timestamp': name the time column with time_col (--time-col)"
+            ) in capsys.readouterr().err
+    assert main(["run", "--interactions", str(timed_csv), "--no-time-col", "--since", "30", "--out", "x",
+                 *FAST]) == 2
+    assert "topx: error: --since: needs a time column (time_col)" in capsys.readouterr().err
+    assert main(["run", "--interactions", str(timed_csv), "--no-time-col", "--time-col", "when", "--out", "x",
+                 *FAST]) == 2
+    assert "topx: error: --no-time-col: contradicts time_col: leave one of them out" in capsys.readouterr().err
     assert main(["run", "--interactions", str(timed_csv), "--time-col", "when", "--since", "last week",
                  "--out", "x", *FAST]) == 2
     assert "topx: error: --since: expected an ISO-8601 date (e.g. 2024-05-01) or a positive number of days, got " \
            "'last week'" in capsys.readouterr().err
+
+
+def test_a_column_named_timestamp_is_the_time_column_by_default(timed_csv, tmp_path):
+    frame = pd.read_csv(timed_csv)
+    when = pd.to_datetime(frame.pop("when"))
+    frame["timestamp"] = (when - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)  # epoch seconds
+    path = tmp_path / "stamped.csv"
+    frame.to_csv(path, index=False)
+
+    found = tmp_path / "found"
+    assert main(["run", "--interactions", str(path), "--out", str(found), *FAST]) == 0
+    metrics = json.loads((found / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == 1.0
+    assert metrics["data"]["time_first"] == "2024-01-01T00:00:00Z" and "unused_columns" not in metrics["data"]
+    with np.load(found / "data" / "interactions.npz") as z:
+        assert float(z["recency_boost"]) == 1.0 and len(z["time"]) == len(frame)
+
+    ignored = tmp_path / "ignored"
+    assert main(["run", "--interactions", str(path), "--no-time-col", "--out", str(ignored), *FAST]) == 0
+    metrics = json.loads((ignored / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "random" and metrics["recency_boost"] == 0.0
+    assert metrics["data"]["unused_columns"] == ["timestamp"]
+
+    off = tmp_path / "off"
+    assert main(["run", "--interactions", str(path), "--recency-boost", "0", "--out", str(off), *FAST]) == 0
+    metrics = json.loads((off / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == 0.0
+
+    # The boost's default is for ranking, where it was measured; predicting ratings reads the time but no boost.
+    rating = tmp_path / "rating"
+    assert main(["run", "--interactions", str(path), "--objective", "rating", "--out", str(rating), *FAST]) == 0
+    metrics = json.loads((rating / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == 0.0
+
+    # Without a column of that name, nothing is read as time and nothing is refused.
+    plain = tmp_path / "plain"
+    assert main(["run", "--interactions", str(timed_csv), "--out", str(plain), *FAST]) == 0
+    metrics = json.loads((plain / "metrics.json").read_text())
+    assert metrics["holdout_split"] == "random" and metrics["recency_boost"] == 0.0
+
+
+def test_a_bad_default_time_column_names_the_row_and_the_way_to_leave_it_unread(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    for first, reason in (("1700000000", "time 'yesterday' is not epoch seconds or milliseconds, as the column's "
+                                         "first values are"),
+                          ("2023-11-14", "time 'yesterday' is not ISO-8601")):
+        path.write_text(f"user_id,item_id,rating,timestamp\nu1,i1,5,{first}\nu1,i2,3,yesterday\nu2,i1,4,{first}\n")
+        assert main(["run", "--interactions", str(path), "--out", str(tmp_path / "x"), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}, row 3, column 'timestamp': {reason}" in err
+        assert "--no-time-col, or no_time_col in a dataset configuration, leaves it unread" in err
+        assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

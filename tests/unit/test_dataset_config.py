@@ -58,8 +58,13 @@ def test_the_file_sets_the_data_options_and_flags_override_its_fields(tmp_path: 
 
 def test_without_a_file_the_defaults_are_the_options_defaults() -> None:
     opts = options_for("--interactions", "r.csv")
-    assert opts == DataOptions("r.csv", implicit=True)
-    assert options_for("--interactions", "r.csv", "--no-header").user_col == 0
+    # A column named timestamp is the time column, when the file has one.
+    assert opts == DataOptions("r.csv", implicit=True, time_col="timestamp", time_optional=True)
+    assert options_for("--interactions", "r.csv", "--time-col", "ts") == DataOptions("r.csv", implicit=True,
+                                                                                    time_col="ts")
+    assert options_for("--interactions", "r.csv", "--no-time-col") == DataOptions("r.csv", implicit=True)
+    no_header = options_for("--interactions", "r.csv", "--no-header")
+    assert (no_header.user_col, no_header.time_col) == (0, None)
     assert data_options({"interactions": "r.csv", "no_header": True}).rating_col == 2
     assert DataOptions("r.csv").max_bytes == contract.DEFAULT_MAX_BYTES
 
@@ -68,7 +73,10 @@ def test_without_a_file_the_defaults_are_the_options_defaults() -> None:
     ({"user_col": True}, "user_col: expected a column name, or a 0-based position, got True"),
     ({"usercol": "u"}, "usercol: unknown field; the fields are interactions, users, items, user_col"),
     ({"objective": "clicks"}, "objective: expected one of ranking, rating, got 'clicks'"),
-    ({"half_life_days": 30}, "half_life_days: needs a time column (time_col)"),
+    ({"half_life_days": 30, "no_time_col": True}, "half_life_days: needs a time column (time_col)"),
+    ({"recency_boost": 1, "no_header": True}, "recency_boost: needs a time column (time_col)"),
+    ({"recency_boost": -1}, "recency_boost: expected a number >= 0, got -1"),
+    ({"time_col": "t", "no_time_col": True}, "no_time_col: contradicts time_col: leave one of them out"),
     ({"time_col": "t", "since": "last week"}, "since: expected an ISO-8601 date (e.g. 2024-05-01)"),
     ({"max_bytes": 0}, "max_bytes: expected a positive whole number of bytes, got 0"),
     ({"sep": ";;"}, "sep: expected one character other than a quote or newline"),
@@ -109,7 +117,7 @@ def test_the_deployment_refuses_what_only_the_cli_reads() -> None:
                                             {"since": None, "item_col": "i"})
     assert merged == {"time_col": "t", "user_col": "u", "item_col": "i"}
     with pytest.raises(contract.DatasetConfigError, match="since: needs a time column"):
-        contract.merge_dataset_configs({"time_col": "t", "since": "30"}, {"time_col": None})
+        contract.merge_dataset_configs({"time_col": "t", "since": "30"}, {"time_col": None, "no_time_col": True})
 
 
 def test_run_reads_a_single_csv_with_other_column_names_through_the_file(tmp_path: Path) -> None:

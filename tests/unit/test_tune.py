@@ -80,3 +80,32 @@ def test_auto_skips_data_that_leaves_no_carve_and_on_says_why(capsys) -> None:
     assert "skipped: too little data to tune" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too little data to tune"):
         tuned_hyperparameters(ds, hp, RunOptions(tune="on", holdout=0.0), Reporter(False))
+
+
+def test_the_carve_is_a_seeded_draw_even_where_the_data_have_a_time_column() -> None:
+    """A time column changes the evaluation hold-out (each user's latest rows), not the search's carve: with
+    the weights the same (no recency boost), the search scores every point as it does without the column."""
+    import numpy as np
+
+    from topx.config import default_hyperparameters
+    from topx.dataset import Dataset
+    from topx.feature_index import FeatureIndex
+    from topx.steps import RunOptions
+    from topx.synth import generate
+    from topx.tune import tune_hyperparameters
+
+    frame = generate(150, 60, mean_interactions=12, implicit=True, seed=2).interactions
+    users, user_rows = np.unique(frame["user_id"], return_inverse=True)
+    items, item_rows = np.unique(frame["item_id"], return_inverse=True)
+    fi = FeatureIndex.one_hot(list(users), list(items))
+    untimed = Dataset(fi, user_rows.astype(np.int64), item_rows.astype(np.int64),
+                      frame["plays"].to_numpy(np.float32), implicit=True)
+    # Times that run against the seeded draw: a carve of each user's latest rows would differ from it.
+    timed = Dataset(fi, untimed.user_rows, untimed.item_rows, untimed.rating, implicit=True,
+                    time=np.arange(len(frame), 0, -1, dtype=np.int64))
+    hp = default_hyperparameters("ranking", num_factors=8, epochs=3)
+    grid = {"unobserved_weight": (1.0, 10.0)}
+    mask = np.ones(len(frame), dtype=bool)
+    run = RunOptions(holdout=0.0, progress=False)
+    assert tune_hyperparameters(timed, mask, hp, run, grid).trials == tune_hyperparameters(untimed, mask, hp, run,
+                                                                                          grid).trials
