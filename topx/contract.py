@@ -121,7 +121,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_TIME_COL = "timestamp"
 # With a time column, each user's latest row weighs 1 + this times their earliest, by default
 # (topx.dataset.user_recency; chosen on validation carves, docs/PERFORMANCE.md).
-DEFAULT_RECENCY_BOOST = 1.0
+DEFAULT_RECENCY_BOOST = 0.75
 # Each field's kind: "path" (a file, folder or s3:// URI; in the deployment a key under features/),
 # "column" (a name, or a 0-based position), "objective", "number", "days" (a positive number), "boost" (a
 # number >= 0), "window" (an ISO-8601 date, or a positive number of days before the latest row), "flag" (true

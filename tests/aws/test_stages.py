@@ -395,6 +395,25 @@ def test_a_time_column_set_at_deploy_makes_the_deployed_hold_out_temporal(aws, t
     assert record["report"]["rows_before_window_dropped"] == int((~kept).sum()) > 0
 
 
+def test_an_upload_with_a_timestamp_column_trains_with_the_recency_boost_by_default(aws, tmp_path):
+    s3, _ = aws
+    data = base_ratings(150, 80, seed=13)
+    data["timestamp"] = 1_700_000_000 + np.random.default_rng(4).permutation(len(data)) * 3600
+    data.to_csv(tmp_path / "ratings.csv", index=False)
+    s3.upload_file(str(tmp_path / "ratings.csv"), BUCKET, "incoming/ratings.csv")
+
+    run_id = run_pipeline("incoming/ratings.csv")
+    metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
+    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == contract.DEFAULT_RECENCY_BOOST
+    assert stages._get_json(BUCKET, contract.run_record_key(run_id))["report"]["time_first"] == "2023-11-14T22:13:20Z"
+
+    s3.put_object(Bucket=BUCKET, Key=contract.DATASET_KEY, Body=b'{"no_time_col": true}')
+    run_id = run_pipeline("incoming/ratings.csv")
+    metrics = stages._get_json(BUCKET, contract.metrics_key(run_id))
+    assert metrics["holdout_split"] == "random" and metrics["recency_boost"] == 0.0
+    assert stages._get_json(BUCKET, contract.run_record_key(run_id))["report"]["unused_columns"] == ["timestamp"]
+
+
 def test_a_run_whose_fallback_list_is_missing_is_not_published(aws, tmp_path):
     s3, ddb = aws
     base_ratings(60, 40, seed=12).to_csv(tmp_path / "ratings.csv", index=False)

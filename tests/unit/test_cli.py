@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from topx.cli import ALIASES, build_parser, main
+from topx.contract import DEFAULT_RECENCY_BOOST
 from topx.synth import generate
 
 FAST = ["--epochs", "3", "--num-factors", "8", "--quiet"]
@@ -452,8 +453,8 @@ def test_since_drops_older_rows_and_half_life_weighs_recent_ones(timed_csv, tmp_
     np.testing.assert_allclose(weight, expected / expected.mean(), rtol=1e-5)
     # The recency boost (on by default with a time column) multiplies in.
     boosted = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, half_life_days=30))
-    assert boosted.recency_boost == 1.0
-    expected = expected * user_recency(boosted.user_rows, boosted.time, 1.0)
+    assert boosted.recency_boost == DEFAULT_RECENCY_BOOST > 0
+    expected = expected * user_recency(boosted.user_rows, boosted.time, DEFAULT_RECENCY_BOOST)
     np.testing.assert_allclose(implicit_data(boosted).weight, expected / expected.mean(), rtol=1e-5)
     days = load_dataset(DataOptions(str(timed_csv), time_col="when", implicit=True, since="10"))
     assert (days.time >= days.time.max() - 10 * 86400).all() and len(days.time) < len(ds.time)
@@ -488,10 +489,10 @@ def test_a_column_named_timestamp_is_the_time_column_by_default(timed_csv, tmp_p
     found = tmp_path / "found"
     assert main(["run", "--interactions", str(path), "--out", str(found), *FAST]) == 0
     metrics = json.loads((found / "metrics.json").read_text())
-    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == 1.0
+    assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == DEFAULT_RECENCY_BOOST
     assert metrics["data"]["time_first"] == "2024-01-01T00:00:00Z" and "unused_columns" not in metrics["data"]
     with np.load(found / "data" / "interactions.npz") as z:
-        assert float(z["recency_boost"]) == 1.0 and len(z["time"]) == len(frame)
+        assert float(z["recency_boost"]) == DEFAULT_RECENCY_BOOST and len(z["time"]) == len(frame)
 
     ignored = tmp_path / "ignored"
     assert main(["run", "--interactions", str(path), "--no-time-col", "--out", str(ignored), *FAST]) == 0

@@ -193,3 +193,16 @@ def test_the_training_section_says_what_the_search_of_settings_found() -> None:
     best = {**kept, "best_point": kept["chosen"], "gain": 0.0}
     assert "kept the given settings (unobserved_weight 5, linear_wd 10), which scored best there" in \
         _training_section({"training": {}, "tuning": best})
+
+
+def test_the_data_section_says_how_much_more_recent_interactions_weighed(monkeypatch) -> None:
+    from topx.report import html as report_html
+
+    monkeypatch.setattr(report_html, "_long_tail", lambda data: "")  # the plot is not what is tested here
+    _data_section = report_html._data_section
+    data = {"n_users": 3, "n_items": 4, "n_interactions": 9, "density": 0.75, "median_per_user": 3,
+            "median_per_item": 2, "top_10pct_items_share": 0.4, "cold_users": 0, "cold_items": 0}
+    metrics = {"holdout_split": "temporal", "n_holdout": 3, "n_train": 6}
+    page = _data_section(data, {**metrics, "recency_boost": 0.75})
+    assert "(temporal split)" in page and "the latest weighed 1.75 times the earliest" in page
+    assert "Recency boost" not in _data_section(data, {**metrics, "recency_boost": 0.0})

@@ -652,7 +652,7 @@ def train_run(bucket: str, run_id: str) -> dict[str, Any]:
         metrics.update(predictor_type=hp.predictor_type, learner=hp.learner,
                        objective="ranking" if ds.implicit else "rating", top_x=run.top_x, best_epoch=result.best_epoch,
                        epochs_run=len(result.history), device=result.device, hyperparameters=hp.to_dict(),
-                       holdout_split=ds.split)
+                       holdout_split=ds.split, recency_boost=ds.recency_boost)
         _upload_dir(out / MODEL_DIR, bucket, model_prefix(run_id))
         # The recipe's vectors, which evaluating needed anyway: written here, where every user's already are
         # in memory, each search shard's users apart (repackage_run checks them).

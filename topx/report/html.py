@@ -311,6 +311,11 @@ def _data_section(data: dict[str, Any] | None, metrics: dict[str, Any]) -> str:
         held = (f'<p class="note">Hold-out: {_num("n_holdout", metrics["n_holdout"])} interactions '
                 f'({_esc(split or "random")} split) of which training saw none; '
                 f'{_num("n_train", metrics.get("n_train"))} trained on.</p>')
+    boost = metrics.get("recency_boost")
+    if boost:
+        held += (f'<p class="note">Recency boost: within each user\'s interactions in time order, the latest '
+                 f'weighed {_esc(f"{1 + boost:g}")} times the earliest (<code>recency_boost</code> '
+                 f'{_esc(f"{boost:g}")}).</p>')
     return f'<h2>Data</h2><div class="cards">{cards}</div>{held}<div class="plots">{_long_tail(data)}</div>'
 
 
