@@ -16,6 +16,12 @@ epoch's), ``<learner>_rows_per_s`` (training rows over the fastest epoch after t
 when only one ran) and, on CUDA, ``<learner>_gpu_peak_mb`` (torch's peak allocation). Also ``device``,
 ``gpu`` (its name), the data's sizes and the process's ``peak_rss_mb``. Prints one JSON line on stdout;
 progress on stderr.
+
+``--recency-boost B`` gives every interaction a time (seeded, uniform over a year) and the boost B, as a
+run with a time column weighs its rows (``topx.dataset.user_recency``): the learners' first epochs then
+include the weighing, and ``weights_s`` times it alone on the training rows. The hold-out stays the seeded
+draw, so the training rows are the same with and without. Run each setting in its own process to compare
+``peak_rss_mb``.
 """
 
 from __future__ import annotations
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learners", nargs="+", choices=LEARNERS, default=list(LEARNERS))
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--recency-boost", type=float, default=0.0, metavar="B",
+                        help="give the rows times and weigh each user's recent ones more by B (default 0: no times)")
     args = parser.parse_args(argv)
 
     from topx.fm import pick_device
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     ds = dataset(args.interactions, args.users, args.items, args.seed)
     train_rows = ~ds.holdout(0.2, args.seed)
+    if args.recency_boost:
+        year = np.random.default_rng(args.seed + 1).integers(0, 365 * 86400, len(ds.user_rows))
+        ds = replace(ds, time=1_700_000_000 + year, recency_boost=args.recency_boost)
     doc: dict = {"benchmark": "train_scale", "device": device,
                  "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                  "torch": torch.__version__, "generated": args.interactions, "pairs": len(ds.user_rows),
@@ -127,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                  "items": ds.feature_index.n_items, "epochs": args.epochs,
                  "data_s": round(time.perf_counter() - start, 3)}
     log(f"{doc['pairs']:,} distinct pairs in {doc['data_s']:.1f} s")
+    if args.recency_boost:
+        start = time.perf_counter()
+        ds.recency(train_rows)
+        doc.update(recency_boost=args.recency_boost, weights_s=round(time.perf_counter() - start, 3))
+        log(f"weighing the training rows: {doc['weights_s']:.1f} s")
     for learner in args.learners:
         doc.update(train(ds, train_rows, learner, args.epochs, device))
     doc["peak_rss_mb"] = peak_rss_mb()

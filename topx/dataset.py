@@ -165,25 +165,48 @@ class Dataset:
 
 
 def user_recency(users: np.ndarray, time: np.ndarray, boost: float) -> np.ndarray:
-    """(n,) float64 weights that rise linearly through each user's rows in time order, the latest weighing
+    """(n,) float32 weights that rise linearly through each user's rows in time order, the latest weighing
     ``1 + boost`` times the earliest, each user's weights averaging 1 (so users keep their weight against one
     another). A row's place is its rank among the user's rows, as a quantile (rank + 1/2) / count, rows of one
-    time sharing their mean rank: a user's one row sits in the middle and weighs 1."""
+    time sharing their mean rank: a user's one row sits in the middle and weighs 1.
+
+    One sort of a combined (user, time) key, and about 40 bytes a row at the peak (at 100M rows, 4 GB)."""
     n = len(users)
     if n == 0:
-        return np.ones(0)
-    order = np.lexsort((time, users))
-    u, t = users[order], time[order]
-    user_start = np.r_[True, u[1:] != u[:-1]]
-    tie_start = user_start | np.r_[True, t[1:] != t[:-1]]
-    position = np.arange(n, dtype=np.float64)
-    first_of_user = np.maximum.accumulate(np.where(user_start, position, 0.0))
-    rank = position - first_of_user                       # 0-based rank within the user
-    tie = np.cumsum(tie_start) - 1                         # tie group of each row
+        return np.ones(0, dtype=np.float32)
+    t_min = int(time.min())
+    span = int(time.max()) - t_min + 1
+    if (int(users.max()) + 1) * span < 2**62:
+        key = users.astype(np.int64) * np.int64(span) + (time - t_min)
+        order = np.argsort(key)  # rows of one user and one time share a key: their order does not matter
+        key = key[order]
+        user_start = np.empty(n, dtype=bool)
+        user_start[0] = True
+        user_start[1:] = (key[1:] // span) != (key[:-1] // span)
+        tie_start = np.empty(n, dtype=bool)
+        tie_start[0] = True
+        tie_start[1:] = key[1:] != key[:-1]
+        del key
+    else:  # a span of times too wide to combine with the users: sort on both
+        order = np.lexsort((time, users))
+        u, t = users[order], time[order]
+        user_start = np.r_[True, u[1:] != u[:-1]]
+        tie_start = user_start | np.r_[True, t[1:] != t[:-1]]
+        del u, t
+    starts = np.flatnonzero(user_start)
+    count = np.diff(np.append(starts, n))
+    del user_start
+    rank = np.arange(n, dtype=np.int64)
+    rank -= np.repeat(starts, count)                       # 0-based rank within the user
+    tie = np.cumsum(tie_start, dtype=np.int64) - 1         # tie group of each row
+    del tie_start
     tie_rank = np.bincount(tie, weights=rank) / np.bincount(tie)
-    count = np.diff(np.r_[np.flatnonzero(user_start), n])
-    quantile = (tie_rank[tie] + 0.5) / np.repeat(count, count)
-    out = np.empty(n, dtype=np.float64)
+    del rank
+    quantile = tie_rank[tie]
+    del tie, tie_rank
+    quantile += 0.5
+    quantile /= np.repeat(count, count)
+    out = np.empty(n, dtype=np.float32)
     out[order] = (1.0 + boost * quantile) / (1.0 + 0.5 * boost)
     return out
 

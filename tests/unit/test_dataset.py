@@ -210,13 +210,16 @@ def test_the_recency_boost_rises_through_each_users_rows_in_time_order_and_keeps
     time = np.array([40, 5, 10, 30, 9, 7, 20, 1, 1])   # user 3's two rows are at one time
     weight = user_recency(users, time, 2.0)
     # User 0 in time order: rows 2, 6, 3, 0 at quantiles 1/8, 3/8, 5/8, 7/8 of 1 + 2 q, over 1 + 2/2.
-    np.testing.assert_allclose(weight[[2, 6, 3, 0]], (1 + 2 * np.array([1, 3, 5, 7]) / 8) / 2)
-    np.testing.assert_allclose(weight[[1, 4]], (1 + 2 * np.array([1, 3]) / 4) / 2)
+    np.testing.assert_allclose(weight[[2, 6, 3, 0]], (1 + 2 * np.array([1, 3, 5, 7]) / 8) / 2, rtol=1e-6)
+    np.testing.assert_allclose(weight[[1, 4]], (1 + 2 * np.array([1, 3]) / 4) / 2, rtol=1e-6)
     assert weight[5] == 1.0                                  # one row: the middle
     np.testing.assert_allclose(weight[[7, 8]], [1.0, 1.0])   # rows of one time share their place
     for user in range(4):
         assert np.mean(weight[users == user]) == pytest.approx(1.0)
     # The rows' order in the file does not matter; no boost weighs every row 1.
     shuffle = np.random.default_rng(0).permutation(len(users))
-    np.testing.assert_allclose(user_recency(users[shuffle], time[shuffle], 2.0), weight[shuffle])
+    np.testing.assert_allclose(user_recency(users[shuffle], time[shuffle], 2.0), weight[shuffle], rtol=1e-6)
     np.testing.assert_allclose(user_recency(users, time, 0.0), np.ones(len(users)))
+    # Times too far apart to combine with the user in one sort key are sorted on both: the same weights.
+    wide = time * np.int64(2**56)
+    np.testing.assert_allclose(user_recency(users, wide, 2.0), weight, rtol=1e-6)
