@@ -51,6 +51,19 @@ def unused_columns_note(report: dict[str, Any]) -> str:
             "the interactions by a rating or count, --time-col NAME gives them times).")
 
 
+def time_note(data: DataOptions, ds: Dataset, holdout: float) -> str:
+    """A sentence saying which column gave the rows their times and what follows from it, or ""."""
+    if ds.time is None:
+        return ""
+    how = " (read by default: --no-time-col leaves it unread)" if data.time_optional else ""
+    follows = ["the hold-out is each user's latest rows"] if holdout > 0 else []
+    if ds.recency_boost:
+        follows.append(f"each user's recent interactions weigh more, the latest {1 + ds.recency_boost:g} x the "
+                       "earliest (--recency-boost)")
+    return (f" Time: column {data.time_col}{how}, {ds.report['time_first']} to {ds.report['time_last']}"
+            + "".join(f"; {part}" for part in follows) + ".")
+
+
 def run_all(
     data: DataOptions,
     hp: HyperParameters,
@@ -73,7 +86,7 @@ def run_all(
                 eligible, diversity = default.eligible, default.diversity
             d["result"] = (f"{ds.report['n_interactions']:,} interactions, {ds.report['n_users']:,} users, "
                            f"{ds.report['n_items']:,} items, {ds.feature_index.n_features:,} features."
-                           + unused_columns_note(ds.report))
+                           + time_note(data, ds, run.holdout) + unused_columns_note(ds.report))
         hp, tuning = tuned_hyperparameters(ds, hp, run, reporter)
         params, holdout, result, ds = train_stage(ds, hp, run, tmp, reporter)
         with reporter.step("vectors", "building the recipe's user and item vectors"):

@@ -479,7 +479,7 @@ def test_recency_and_window_without_a_time_column_are_refused_by_name(timed_csv,
            "'last week'" in capsys.readouterr().err
 
 
-def test_a_column_named_timestamp_is_the_time_column_by_default(timed_csv, tmp_path):
+def test_a_column_named_timestamp_is_the_time_column_by_default(timed_csv, tmp_path, capsys):
     frame = pd.read_csv(timed_csv)
     when = pd.to_datetime(frame.pop("when"))
     frame["timestamp"] = (when - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)  # epoch seconds
@@ -487,7 +487,11 @@ def test_a_column_named_timestamp_is_the_time_column_by_default(timed_csv, tmp_p
     frame.to_csv(path, index=False)
 
     found = tmp_path / "found"
-    assert main(["run", "--interactions", str(path), "--out", str(found), *FAST]) == 0
+    assert main(["run", "--interactions", str(path), "--out", str(found), *FAST[:-1]]) == 0
+    err = capsys.readouterr().err
+    assert "Time: column timestamp (read by default: --no-time-col leaves it unread), 2024-01-01T00:00:00Z to " in err
+    assert (f"; the hold-out is each user's latest rows; each user's recent interactions weigh more, the latest "
+            f"{1 + DEFAULT_RECENCY_BOOST:g} x the earliest (--recency-boost).") in err
     metrics = json.loads((found / "metrics.json").read_text())
     assert metrics["holdout_split"] == "temporal" and metrics["recency_boost"] == DEFAULT_RECENCY_BOOST
     assert metrics["data"]["time_first"] == "2024-01-01T00:00:00Z" and "unused_columns" not in metrics["data"]
