@@ -210,12 +210,13 @@ def read_interaction_codes(source: str, **options: Any) -> InteractionCodes:
             times.append(part.time)
         sources.append(part.source)
         del part  # the part's table goes before the next is read
+    user_ids, item_ids = users.ids(), items.ids()  # the codes handed out are final only now
     return InteractionCodes(
         user_codes=_concatenate(user_codes, np.int32), item_codes=_concatenate(item_codes, np.int32),
         rating=_concatenate(ratings, np.float32),
         time=_concatenate(times, np.int64) if times or (arguments.arguments["time_col"] is not None
                                                         and not arguments.arguments["time_optional"]) else None,
-        user_ids=users.ids(), item_ids=items.ids(), parts=sources, unused_columns=unused)
+        user_ids=user_ids, item_ids=item_ids, parts=sources, unused_columns=unused)
 
 
 def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -230,25 +231,57 @@ def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
 
 
 class _Vocabulary:
-    """Distinct ids in the order they are first met; an id's code is its position."""
+    """Distinct ids in the order they are first met; an id's code is its position.
+
+    Each part is encoded against its own ids first (one hash of the part), and those parts are merged into
+    the vocabulary in batches, once they hold as many ids as it does: one hash of the vocabulary per batch,
+    not per part, so that a dataset of many parts costs about what one part of its size would (a hash of
+    every id met, per part, took 18 s for 200 parts of 20,000 rows). The codes ``encode`` returns are the
+    part's own until then, and are renumbered in place when their batch is merged; ``ids`` merges what is
+    left, after which every code handed out is final.
+    """
+
+    # Parts are merged once they hold this many ids, or as many as the vocabulary, whichever is more.
+    MIN_BATCH = 1 << 16
 
     def __init__(self) -> None:
         self._ids: pa.Array = pa.array([], pa.large_string())
+        self._pending: list[tuple[pa.Array, np.ndarray]] = []  # each part's distinct ids, and its codes into them
+        self._pending_ids = 0
 
     def encode(self, ids: pa.ChunkedArray) -> np.ndarray:
-        """(n,) int32 codes of ``ids`` (no nulls), adding the ids not met before."""
+        """(n,) int32 codes of ``ids`` (no nulls), final once ``ids()`` has been called."""
         encoded = pc.dictionary_encode(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
         distinct = encoded.dictionary.cast(pa.large_string())  # this part's ids, in the order of their first row
-        known = pc.index_in(distinct, value_set=self._ids)
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        self._pending.append((distinct, codes))
+        self._pending_ids += len(distinct)
+        if self._pending_ids >= max(len(self._ids), self.MIN_BATCH):
+            self._merge()
+        return codes
+
+    def _merge(self) -> None:
+        """Add the pending parts' ids not met before, in order, and renumber their codes in place."""
+        if not self._pending:
+            return
+        met = pa.concat_arrays([distinct for distinct, _ in self._pending])
+        known = pc.index_in(met, value_set=self._ids)
         new = known.is_null().to_numpy(zero_copy_only=False)
-        codes = known.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
-        codes[new] = np.arange(len(self._ids), len(self._ids) + int(new.sum()), dtype=np.int32)
+        code = known.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
         if new.any():
-            self._ids = pa.concat_arrays([self._ids, distinct.filter(pa.array(new))])
-        return codes[encoded.indices.to_numpy(zero_copy_only=False)]
+            # An id new to the vocabulary may be in several pending parts: one code, by its first.
+            fresh = pc.dictionary_encode(met.filter(pa.array(new)))
+            code[new] = len(self._ids) + fresh.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+            self._ids = pa.concat_arrays([self._ids, fresh.dictionary.cast(pa.large_string())])
+        start = 0
+        for distinct, codes in self._pending:
+            codes[:] = code[start:start + len(distinct)][codes]
+            start += len(distinct)
+        self._pending, self._pending_ids = [], 0
 
     def ids(self) -> pa.Array:
-        """(n_ids,) large_string: every id met, by code."""
+        """(n_ids,) large_string: every id met, by code; the codes ``encode`` returned are final from now on."""
+        self._merge()
         return self._ids
 
 

@@ -223,3 +223,24 @@ def test_the_recency_boost_rises_through_each_users_rows_in_time_order_and_keeps
     # Times too far apart to combine with the user in one sort key are sorted on both: the same weights.
     wide = time * np.int64(2**56)
     np.testing.assert_allclose(user_recency(users, wide, 2.0), weight, rtol=1e-6)
+
+
+def test_many_parts_merged_in_batches_code_ids_as_one_pass_over_every_row_would(tmp_path, monkeypatch):
+    """Parts are merged into the vocabulary a batch at a time (here every few ids, so that every kind of
+    batch occurs: ids new to it, met in an earlier batch, repeated across one batch's parts)."""
+    from topx.ingest import _Vocabulary
+
+    monkeypatch.setattr(_Vocabulary, "MIN_BATCH", 3)
+    root = tmp_path / "export"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    users = [f"u{x}" for x in rng.integers(0, 40, 600)]
+    items = [f"i{x}" for x in rng.zipf(1.5, 600) % 90]
+    for part in range(30):
+        rows = slice(part * 20, part * 20 + 20)
+        pd.DataFrame({"user_id": users[rows], "item_id": items[rows], "rating": 1}).to_csv(
+            root / f"part-{part:03d}.csv", index=False)
+    codes = read_interaction_codes(str(root))
+    for got, ids, wanted in ((codes.user_codes, codes.user_ids, users), (codes.item_codes, codes.item_ids, items)):
+        expected_codes, expected_ids = pd.factorize(pd.Series(wanted))
+        assert got.tolist() == expected_codes.tolist() and ids.to_pylist() == list(expected_ids)
