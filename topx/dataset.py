@@ -40,7 +40,6 @@ from topx.ingest import InteractionCodes, read_feature_table, read_interaction_c
 MIN_DISTINCT_IDS = 2  # users and items an interactions file must name
 
 
-
 @dataclass(frozen=True)
 class DataOptions:
     """Where the data are and how to read them (the CLI's data options)."""
@@ -170,7 +169,8 @@ def user_recency(users: np.ndarray, time: np.ndarray, boost: float) -> np.ndarra
     another). A row's place is its rank among the user's rows, as a quantile (rank + 1/2) / count, rows of one
     time sharing their mean rank: a user's one row sits in the middle and weighs 1.
 
-    One sort of a combined (user, time) key, and about 40 bytes a row at the peak (at 100M rows, 4 GB)."""
+    One sort of a combined (user, time) key, and about 33 bytes a row at the peak (330 MB at 10M rows,
+    docs/PERFORMANCE.md)."""
     n = len(users)
     if n == 0:
         return np.ones(0, dtype=np.float32)
