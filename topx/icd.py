@@ -365,9 +365,9 @@ class _ICD:
 
         # The observed pairs, block by block: their share beyond alpha_0 of the Hessian, and the gradient.
         for block in group.blocks:
-            ob = o[block.other]                                      # (n_b, L, k+2)
+            ob = _gather_rows(o, block.other)                        # (n_b, L, k+2)
             tb = t[block.members]                                    # (n_b, k+2)
-            pred = torch.bmm(ob, tb[:, :, None])[:, :, 0]            # (n_b, L)
+            pred = _rows_times(ob, tb)                               # (n_b, L)
             c = block.weight
             real = (c > 0).to(c.dtype)
             resid = c * (pred - 1.0) - a0 * pred * real              # (n_b, L): 0 on padding
@@ -411,9 +411,9 @@ class _ICD:
         t = self._this_vectors(side, entities)                                              # (n_b, k+2)
         e = torch.zeros_like(theta)
         e[:, :k] = side.p[entities] - theta[:, :k] * x[:, None]
-        ob = o[block.other]                                                                 # (n_b, L, k+2)
+        ob = _gather_rows(o, block.other)                                                   # (n_b, L, k+2)
         os = ob[:, :, :k + 1]
-        pred = torch.bmm(ob, t[:, :, None])[:, :, 0]
+        pred = _rows_times(ob, t)
         c = block.weight
         real = (c > 0).to(c.dtype)
         resid = c * (pred - 1.0) - a0 * pred * real
@@ -434,7 +434,7 @@ class _ICD:
             mv = torch.bmm(cw[:, None, :], os)[:, 0]
 
         def times_hessian(p: torch.Tensor) -> torch.Tensor:
-            q = torch.bmm(os, p[:, :, None])[:, :, 0] * cw                                  # (n_b, L)
+            q = _rows_times(os, p) * cw                                                      # (n_b, L)
             out = torch.bmm(q[:, None, :], os)[:, 0] + a0x2 * (p @ gram_s) + reg * p
             if group.has_context:
                 ep = (e * p).sum(1, keepdim=True)
@@ -491,7 +491,7 @@ class _ICD:
     def _block_predictions(self, block: _Block, o: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pair scores (n_b, L) of a block whose members are user rows, its weights and its padding mask."""
         t = self._this_vectors(self.users, block.members)
-        pred = torch.bmm(o[block.other], t[:, :, None])[:, :, 0]
+        pred = _rows_times(_gather_rows(o, block.other), t)
         c = block.weight
         return pred, c, (c > 0).to(c.dtype)
 
@@ -532,6 +532,19 @@ def _conjugate_gradient(times: Callable[[torch.Tensor], torch.Tensor], rhs: torc
         direction = resid + beta[:, None] * direction
         norm = new_norm
     return out
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a (n, d) table and an index of any shape: (*index.shape, d). One index_select of the
+    flattened index, which gathers the rows 3-4 x faster on CPU than indexing by a 2-D tensor does."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
+def _rows_times(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n, L): each of the n (L, d) matrices ``rows`` times its own d-vector of ``v`` (n, d). Written as
+    v^T rows^T, a row vector times the transposed view, which batched matrix products run about 5 x faster
+    on CPU than the matrix-vector orientation at these shapes (L pairs by k + 2 slots)."""
+    return torch.bmm(v[:, None, :], rows.transpose(1, 2))[:, 0]
 
 
 def _segment_sum(group: _Group, values: torch.Tensor) -> torch.Tensor:
