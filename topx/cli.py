@@ -536,6 +536,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from topx.dataset import load_dataset
     from topx.steps import Reporter, tuned_hyperparameters
+    from topx.tune import outcome
 
     data = _data_options(args)
     hp = _hyperparameters(args, data.implicit)
@@ -545,10 +546,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _, report = tuned_hyperparameters(ds, hp, dataclasses.replace(_run_options(args), tune="on"), reporter)
     print(json.dumps(report, indent=2))
     flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report["chosen"].items())
-    if report["changed"]:
+    ended = outcome(report)
+    if ended == "changed":
         print(f"chosen: {flags} ({report['metric']} {report['best_score']:.4f} on the validation carve, "
               f"{report['gain']:+.1%} over the given settings); `topx run --tune` tunes and trains in one go")
-    elif report["best_score"] <= report["given_score"]:
+    elif ended == "given_best":
         print(f"kept the given settings: {flags} ({report['metric']} {report['given_score']:.4f} on the validation "
               f"carve, the best of the points tried)")
     else:

@@ -81,9 +81,10 @@ class TuneResult:
     def summary(self) -> str:
         """One line: what was chosen and why."""
         point = ", ".join(f"{k}={v:g}" for k, v in self.best_point.items())
-        if self.changed:
+        ended = outcome(self.as_dict())
+        if ended == "changed":
             return f"chose {point}: {self.metric} {self.best:.4f} on the carve ({self.gain:+.1%})."
-        if self.best <= self.given:
+        if ended == "given_best":
             return f"kept the given settings: they scored best on the carve ({self.metric} {self.given:.4f})."
         return (f"kept the given settings ({self.metric} {self.given:.4f} on the carve): the best point, {point}, "
                 f"gained {self.gain:+.1%}, under the {MIN_GAIN:.0%} a change needs.")
@@ -131,6 +132,15 @@ def tune_hyperparameters(ds: Any, train_mask: np.ndarray, hp: HyperParameters, r
     given = score(given_values)
     trials = [{**point, metric: given if point == given_values else score(point)} for point in _points(grid)]
     return pick(given_values, given, trials, metric)
+
+
+def outcome(report: dict[str, Any]) -> str:
+    """How a search ended, from its report (``TuneResult.as_dict``, as metrics.json keeps it): "changed" (the
+    best point replaced the given settings), "given_best" (the given settings scored best) or
+    "under_min_gain" (a point scored better, by less than MIN_GAIN, and the given settings stayed)."""
+    if report.get("changed"):
+        return "changed"
+    return "under_min_gain" if report.get("gain") else "given_best"
 
 
 def pick(given_values: dict[str, float], given: float, trials: list[dict[str, Any]], metric: str) -> TuneResult:

@@ -345,10 +345,13 @@ def _tuning_note(tuning: dict[str, Any] | None) -> str:
     def settings(values: dict[str, Any]) -> str:
         return ", ".join(f"{name} {value:g}" for name, value in values.items())
     tried = f"{len(tuning.get('trials', []))} settings tried on a carve of the training rows"
+    from topx.tune import outcome
+
     gain = _num("tuning.gain", tuning.get("gain"), "pct")
-    if tuning.get("changed"):
+    ended = outcome(tuning)
+    if ended == "changed":
         found = f"chose {_esc(settings(tuning['chosen']))}, {gain} better there than the given settings."
-    elif not tuning.get("gain"):
+    elif ended == "given_best":
         found = f"kept the given settings ({_esc(settings(tuning['chosen']))}), which scored best there."
     else:
         found = (f"kept the given settings ({_esc(settings(tuning['chosen']))}): the best point, "
